@@ -1,0 +1,173 @@
+#!/usr/bin/env python3
+"""Recall audit: every file YARA matches must be a candidate.
+
+Builds (or reuses) a forest from a corpus, scans the corpus once with yara-python using every rule file
+(each in its own namespace) for the ground truth, searches each rule file, and reports per rule the true
+matches, candidates, false negatives and false positives. Exits 1 if any false negative is found.
+
+  scripts/recall_audit.py --corpus DIR [DIR ...] --rules DIR [--root DIR] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import yara
+from tqdm import tqdm
+
+from sspry.features.extract import walk
+from sspry.indexing import index_paths
+from sspry.policy import Policy
+from sspry.query.rules import RuleError
+from sspry.query.search import search_rule_file
+from sspry.store.forest import Forest, is_forest
+
+
+def rule_files(directory: str) -> list[str]:
+    found = [str(p) for p in Path(directory).rglob("*") if p.suffix in (".yar", ".yara") and p.is_file()]
+    return sorted(found)
+
+
+def compile_all(paths: list[str]) -> tuple[yara.Rules, dict[str, str], dict[str, str]]:
+    """One yara.Rules with every compilable file in its own namespace; returns (rules, ns->path, errors)."""
+    good, errors = {}, {}
+    for index, path in enumerate(paths):
+        try:
+            yara.compile(filepath=path)
+            good[f"f{index}"] = path
+        except yara.Error as exc:
+            errors[path] = str(exc)
+    return yara.compile(filepaths=good), good, errors
+
+
+def ground_truth(rules: yara.Rules, files: list[str], workers: int) -> tuple[dict, list[str]]:
+    """(namespace, rule) -> set of sha256 of the matching files, and the files YARA failed on."""
+    truth: dict[tuple[str, str], set[bytes]] = {}
+    failed: list[str] = []
+
+    def scan(path: str):
+        data = Path(path).read_bytes()
+        digest = hashlib.sha256(data).digest()
+        try:
+            return path, digest, rules.match(data=data, timeout=120), None
+        except yara.Error as exc:
+            return path, digest, [], str(exc)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for path, digest, matches, error in tqdm(
+            pool.map(scan, files), total=len(files), desc="yara ground truth", file=sys.stderr
+        ):
+            if error:
+                failed.append(f"{path}: {error}")
+            for match in matches:
+                truth.setdefault((match.namespace, match.rule), set()).add(digest)
+    return truth, failed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--corpus", nargs="+", required=True, help="files or directories to index and scan")
+    parser.add_argument("--rules", required=True, help="directory of rule files (.yar/.yara, recursive)")
+    parser.add_argument("--root", help="forest root (reused if it exists; default: a temporary directory)")
+    parser.add_argument("--json", dest="json_out", help="write the per-rule report here")
+    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--gram-sizes", default="3,4")
+    args = parser.parse_args()
+
+    scratch = None
+    root = args.root
+    if root is None:
+        scratch = tempfile.TemporaryDirectory(prefix="sspry-audit-")
+        root = os.path.join(scratch.name, "forest")
+    if not is_forest(Path(root)):
+        pair = tuple(int(x) for x in args.gram_sizes.split(","))
+        Forest.init(Path(root), Policy(store_path=True, gram_sizes=pair))
+        with Forest.open(root, writable=True) as forest:
+            started = time.perf_counter()
+            summary = index_paths(forest, args.corpus, workers=args.workers)
+            print(
+                f"indexed {summary.inserted_documents} documents in {time.perf_counter() - started:.1f}s",
+                file=sys.stderr,
+            )
+
+    files = walk(args.corpus).files
+    paths = rule_files(args.rules)
+    compiled, namespaces, compile_errors = compile_all(paths)
+    truth, scan_failures = ground_truth(compiled, files, args.workers)
+
+    rows = []
+    plan_failures = {}
+    search_ms = []
+    with Forest.open(root) as forest:
+        documents = forest.snapshot().documents
+        for namespace, path in tqdm(sorted(namespaces.items()), desc="searching", file=sys.stderr):
+            try:
+                started = time.perf_counter()
+                result, _ = search_rule_file(forest, path)
+                search_ms.append((time.perf_counter() - started) * 1000)
+            except RuleError as exc:
+                plan_failures[path] = str(exc)
+                continue
+            for rule in result.rules:
+                candidates = {c.source_id for c in rule.candidates}
+                true = truth.get((namespace, rule.rule), set())
+                missed = true - candidates
+                rows.append(
+                    {
+                        "file": os.path.relpath(path, args.rules),
+                        "rule": rule.rule,
+                        "true_matches": len(true),
+                        "candidates": len(candidates),
+                        "false_negatives": len(missed),
+                        "false_positives": len(candidates - true),
+                        "unsearchable": len(candidates) == documents and documents > 0,
+                        "missed": sorted(m.hex() for m in missed),
+                    }
+                )
+    fn_rules = [r for r in rows if r["false_negatives"]]
+    fp_share = [100.0 * r["false_positives"] / documents for r in rows] if documents else [0.0]
+    fp_share.sort()
+    report = {
+        "documents": documents,
+        "rule_files": len(paths),
+        "rule_files_not_compiling": len(compile_errors),
+        "rules": len(rows),
+        "rules_with_matches": sum(1 for r in rows if r["true_matches"]),
+        "true_match_pairs": sum(r["true_matches"] for r in rows),
+        "false_negative_rules": len(fn_rules),
+        "false_negatives": sum(r["false_negatives"] for r in rows),
+        "unsearchable_rules": sum(1 for r in rows if r["unsearchable"]),
+        "fp_percent_median": statistics.median(fp_share),
+        "fp_percent_p90": fp_share[int(0.9 * (len(fp_share) - 1))],
+        "search_ms_per_file_median": statistics.median(search_ms) if search_ms else 0.0,
+        "search_ms_total": sum(search_ms),
+        "yara_scan_failures": scan_failures,
+        "plan_failures": plan_failures,
+        "compile_errors": compile_errors,
+    }
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"summary": report, "rules": rows}, indent=1))
+    for key, value in report.items():
+        if not isinstance(value, dict | list):
+            print(f"{key}: {value:.3f}" if isinstance(value, float) else f"{key}: {value}")
+    for row in fn_rules[:50]:
+        missed = ", ".join(row["missed"][:3])
+        print(f"FALSE NEGATIVE: {row['file']}:{row['rule']} missed {row['false_negatives']}: {missed}")
+    if scratch is not None:
+        scratch.cleanup()
+    return 1 if fn_rules else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

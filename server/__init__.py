@@ -1,0 +1,1 @@
+"""gRPC service over a Forest (`sspry serve`). Importable as `sspry.server`."""

@@ -1,0 +1,1 @@
+"""sspry: a YARA prefilter database."""

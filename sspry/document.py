@@ -1,0 +1,85 @@
+"""A Document: one file's Source ID, its Tier 1 and Tier 2 blooms and its metadata sidecar.
+
+The same structure travels from the extractor to the store (in process) or over the wire and into the
+ingest log as a `sspry.v1.DocumentRow` protobuf message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from sspry.policy import BLOCK_BITS, Policy, PolicyError
+from sspry.v1 import sspry_pb2
+
+
+@dataclass(eq=False)
+class Document:
+    source_id: bytes
+    filesize: int
+    tier1: np.ndarray  # uint8 bloom bytes, a multiple of 64
+    tier2: np.ndarray
+    tier1_estimate: int
+    tier2_estimate: int
+    entropy: float
+    prefix: bytes
+    path: str | None = None
+
+    def bloom(self, tier: int) -> np.ndarray:
+        return self.tier1 if tier == 1 else self.tier2
+
+    def blocks(self, tier: int) -> int:
+        return len(self.bloom(tier)) * 8 // BLOCK_BITS
+
+    def to_row(self) -> sspry_pb2.DocumentRow:
+        row = sspry_pb2.DocumentRow(
+            source_id=self.source_id,
+            filesize=self.filesize,
+            tier1=sspry_pb2.Bloom(estimate=self.tier1_estimate, bits=self.tier1.tobytes()),
+            tier2=sspry_pb2.Bloom(estimate=self.tier2_estimate, bits=self.tier2.tobytes()),
+            entropy=self.entropy,
+            prefix=self.prefix,
+        )
+        if self.path is not None:
+            row.path = self.path
+        return row
+
+    @classmethod
+    def from_row(cls, row: sspry_pb2.DocumentRow, policy: Policy) -> Document:
+        """Decode and validate a row against the policy; raise PolicyError on anything malformed."""
+        from sspry.features.sizing import is_class
+
+        if len(row.source_id) != policy.id_bytes:
+            raise PolicyError(
+                f"source id of {len(row.source_id)} bytes, but this forest uses {policy.id_source} "
+                f"({policy.id_bytes} bytes)"
+            )
+        blooms = []
+        for tier, bloom in ((1, row.tier1), (2, row.tier2)):
+            size = len(bloom.bits)
+            if (
+                size == 0
+                or size % (BLOCK_BITS // 8)
+                or not is_class(size * 8 // BLOCK_BITS, policy.ladder_steps)
+            ):
+                raise PolicyError(f"tier {tier} bloom of {size} bytes is not a size class of this forest")
+            blooms.append(np.frombuffer(bloom.bits, dtype=np.uint8))
+        if len(row.prefix) > policy.prefix_bytes or len(row.prefix) > row.filesize:
+            raise PolicyError(f"prefix of {len(row.prefix)} bytes is longer than allowed")
+        if not 0.0 <= row.entropy <= 8.0:
+            raise PolicyError(f"entropy {row.entropy} is outside [0, 8]")
+        path = row.path if row.HasField("path") else None
+        if path is not None and not policy.store_path:
+            path = None
+        return cls(
+            source_id=bytes(row.source_id),
+            filesize=row.filesize,
+            tier1=blooms[0],
+            tier2=blooms[1],
+            tier1_estimate=row.tier1.estimate,
+            tier2_estimate=row.tier2.estimate,
+            entropy=row.entropy,
+            prefix=bytes(row.prefix),
+            path=path,
+        )

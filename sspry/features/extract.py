@@ -1,0 +1,214 @@
+"""File -> Document: every feature of a file, reading it once.
+
+Per file: the Source ID, a byte histogram (entropy), HyperLogLog estimates of distinct Tier 1 and Tier 2
+grams, then the two blooms sized from those estimates. Files up to IN_MEMORY_BYTES are read into memory
+once and scanned twice (estimate, then insert); larger files are streamed twice and the second read must
+hash to the same Source ID, so a file that changes underneath us is reported instead of indexed wrong.
+The compiled kernels release the GIL, so a thread pool gives real parallelism.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import stat
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+from datasketch.hyperloglog import HyperLogLogPlusPlus
+
+from sspry.document import Document
+from sspry.features import kernels
+from sspry.features.sizing import HLL_PRECISION, bloom_blocks
+from sspry.policy import BLOCK_BITS, Policy
+
+IN_MEMORY_BYTES = 256 << 20
+STREAM_CHUNK = 16 << 20
+
+
+class SkippedFile(Exception):
+    """A file that could not be indexed (unreadable, vanished, changed while read); the run goes on."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+def shannon_entropy(hist: np.ndarray) -> float:
+    """Entropy in bits per byte, computed as YARA's math.entropy does (double precision)."""
+    total = int(hist.sum())
+    if total == 0:
+        return 0.0
+    entropy = 0.0
+    for count in hist[hist > 0].tolist():
+        x = count / total
+        entropy -= x * math.log2(x)
+    return entropy
+
+
+def _estimate(reg: np.ndarray) -> int:
+    return round(HyperLogLogPlusPlus(p=HLL_PRECISION, reg=reg).count())
+
+
+class _Reader:
+    """Yields a file's bytes as uint8 arrays: once from memory, or streamed again on each call."""
+
+    def __init__(self, path: str, handle, size: int):
+        self.path = path
+        self.handle = handle
+        self.size = size
+        self.whole: np.ndarray | None = None
+        if size <= IN_MEMORY_BYTES:
+            buffer = bytearray(size)
+            got = handle.readinto(buffer)
+            if got != size or handle.read(1):
+                raise SkippedFile(path, "file changed size while being read")
+            self.whole = np.frombuffer(buffer, dtype=np.uint8)
+
+    def chunks(self) -> Iterator[np.ndarray]:
+        if self.whole is not None:
+            yield self.whole
+            return
+        self.handle.seek(0)
+        total = 0
+        while True:
+            block = self.handle.read(STREAM_CHUNK)
+            if not block:
+                break
+            total += len(block)
+            yield np.frombuffer(block, dtype=np.uint8)
+        if total != self.size:
+            raise SkippedFile(self.path, "file changed size while being read")
+
+
+def extract_file(path: str, policy: Policy) -> Document:
+    """Compute the Document of one file. Raises SkippedFile for anything that prevents it."""
+    n1, n2 = policy.gram_sizes
+    try:
+        handle = open(path, "rb")  # noqa: SIM115 - closed below, with the reader's lifetime
+    except OSError as exc:
+        raise SkippedFile(path, exc.strerror or str(exc)) from exc
+    try:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise SkippedFile(path, "not a regular file")
+        reader = _Reader(path, handle, info.st_size)
+        hasher = policy.new_id_hasher()
+        hist = np.zeros(256, dtype=np.int64)
+        regs = (np.zeros(1 << HLL_PRECISION, np.int8), np.zeros(1 << HLL_PRECISION, np.int8))
+        states = (kernels.new_state(), kernels.new_state())
+        prefix = b""
+        for chunk in reader.chunks():
+            if len(prefix) < policy.prefix_bytes:
+                prefix += chunk[: policy.prefix_bytes - len(prefix)].tobytes()
+            hasher.update(chunk)
+            kernels.byte_histogram(chunk, hist)
+            kernels.hll_update(chunk, n1, states[0], regs[0])
+            kernels.hll_update(chunk, n2, states[1], regs[1])
+        source_id = hasher.digest()
+        estimates = (_estimate(regs[0]), _estimate(regs[1]))
+        blooms = []
+        for tier in (1, 2):
+            blocks = bloom_blocks(estimates[tier - 1], policy, tier)
+            blooms.append(np.zeros(blocks * BLOCK_BITS // 8, dtype=np.uint8))
+        states = (kernels.new_state(), kernels.new_state())
+        rehash = policy.new_id_hasher() if reader.whole is None else None
+        for chunk in reader.chunks():
+            if rehash is not None:
+                rehash.update(chunk)
+            for tier, gram in ((1, n1), (2, n2)):
+                bloom = blooms[tier - 1]
+                k = policy.tier_k(tier)
+                kernels.bloom_insert(chunk, gram, k, len(bloom) * 8 // BLOCK_BITS, bloom, states[tier - 1])
+        if rehash is not None and rehash.digest() != source_id:
+            raise SkippedFile(path, "file changed while being read")
+    except OSError as exc:
+        raise SkippedFile(path, exc.strerror or str(exc)) from exc
+    finally:
+        handle.close()
+    return Document(
+        source_id=source_id,
+        filesize=info.st_size,
+        tier1=blooms[0],
+        tier2=blooms[1],
+        tier1_estimate=estimates[0],
+        tier2_estimate=estimates[1],
+        entropy=shannon_entropy(hist),
+        prefix=prefix,
+        path=os.path.realpath(path) if policy.store_path else None,
+    )
+
+
+@dataclass
+class WalkResult:
+    files: list[str]
+    problems: list[SkippedFile]
+
+
+def walk(paths: Iterable[str], path_list: bool = False) -> WalkResult:
+    """Expand PATHS (files, directories walked recursively, or with `path_list` manifests of paths)
+    into a sorted, de-duplicated file list, collecting what could not be read instead of failing."""
+    files: set[str] = set()
+    problems: list[SkippedFile] = []
+    roots: list[str] = []
+    for given in paths:
+        if not path_list:
+            roots.append(given)
+            continue
+        try:
+            with open(given, encoding="utf-8", errors="surrogateescape") as manifest:
+                base = os.path.dirname(os.path.abspath(given))
+                for line in manifest:
+                    entry = line.rstrip("\r\n")
+                    if entry.strip():
+                        roots.append(entry if os.path.isabs(entry) else os.path.join(base, entry))
+        except OSError as exc:
+            problems.append(SkippedFile(given, f"cannot read path list: {exc.strerror}"))
+
+    def on_error(exc: OSError) -> None:
+        problems.append(SkippedFile(exc.filename or "?", exc.strerror or str(exc)))
+
+    for root in roots:
+        if os.path.isdir(root):
+            for directory, subdirs, names in os.walk(root, onerror=on_error):
+                subdirs.sort()
+                for name in names:
+                    full = os.path.join(directory, name)
+                    if os.path.isfile(full):
+                        files.add(os.path.abspath(full))
+        elif os.path.isfile(root):
+            files.add(os.path.abspath(root))
+        elif os.path.lexists(root):
+            problems.append(SkippedFile(root, "not a regular file or directory"))
+        else:
+            problems.append(SkippedFile(root, "no such file or directory"))
+    return WalkResult(sorted(files), problems)
+
+
+def default_workers() -> int:
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+def extract_many(
+    files: Iterable[str], policy: Policy, workers: int
+) -> Iterator[tuple[str, Document | None, SkippedFile | None]]:
+    """Extract files on `workers` threads, yielding (path, document, problem) in input order."""
+    pending: list[tuple[str, Future]] = []
+    window = max(2, workers * 2)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sspry-extract") as pool:
+        for path in files:
+            pending.append((path, pool.submit(extract_file, path, policy)))
+            if len(pending) >= window:
+                yield _collect(*pending.pop(0))
+        while pending:
+            yield _collect(*pending.pop(0))
+
+
+def _collect(path: str, future: Future) -> tuple[str, Document | None, SkippedFile | None]:
+    try:
+        return path, future.result(), None
+    except SkippedFile as problem:
+        return path, None, problem

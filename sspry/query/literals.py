@@ -1,0 +1,274 @@
+"""What a pattern forces into every file it matches, as a plan over grams.
+
+Text strings, hex strings and regular expressions are first lowered to one small IR (`Lit`, `Cat`, `Alt`,
+`Rep`) over *byte sets*: a position may be one byte (`A`), a few (`[aA]` for nocase, `4?` for a nibble)
+or any (`??`, `.`). A `Seq` is a sequence of byte sets, each set an int bitmask over the 256 byte values.
+
+`analyze` then computes, bottom-up, the facts of Russ Cox's "Regular Expression Matching with a Trigram
+Index": the exact set of Seqs the node matches (while small), sets of prefixes and suffixes every match
+starts/ends with, and a `match` formula of what every match must contain. Concatenation adds the Seqs that
+cross the boundary (suffix x prefix); alternation ORs; repetition keeps one copy (`a+`) or nothing (`a*`,
+`a?`, `a{0,n}`). Every step only forgets, never invents, so the result is implied by every match: that is
+what makes search recall 100%.
+
+A Seq becomes grams window by window: each window of n positions expands to the product of its byte sets
+(OR of those grams) when that product is small, and is skipped otherwise; the windows kept are ANDed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache
+from itertools import product
+
+from sspry.query.plan import TRUE, Gram, Node, and_, or_
+
+ALL = (1 << 256) - 1
+MAX_SET = 16  # exact / prefix / suffix sets larger than this are abandoned
+MAX_SEQ = 32  # prefixes and suffixes are trimmed to this many positions
+MAX_VARIANTS = 16  # a window expanding to more grams than this tells us nothing worth reading
+MAX_COPIES = 3  # `x{n,m}` contributes at most this many leading copies of x
+
+Seq = tuple[int, ...]
+
+
+def byte(value: int) -> int:
+    return 1 << value
+
+
+def byte_range(lo: int, hi: int) -> int:
+    return ((1 << (hi + 1)) - 1) ^ ((1 << lo) - 1)
+
+
+@cache
+def members(mask: int) -> tuple[int, ...]:
+    return tuple(b for b in range(256) if mask >> b & 1)
+
+
+def fold_case(mask: int) -> int:
+    """Add the other case of every ASCII letter in the set."""
+    upper = (mask >> ord("a")) & ((1 << 26) - 1)
+    lower = (mask >> ord("A")) & ((1 << 26) - 1)
+    return mask | (upper << ord("A")) | (lower << ord("a"))
+
+
+# --- IR -------------------------------------------------------------------------------------------
+class Pattern:
+    """IR node base."""
+
+
+@dataclass(frozen=True)
+class Lit(Pattern):
+    seq: Seq
+
+
+@dataclass(frozen=True)
+class Cat(Pattern):
+    items: tuple[Pattern, ...]
+
+
+@dataclass(frozen=True)
+class Alt(Pattern):
+    items: tuple[Pattern, ...]
+
+
+@dataclass(frozen=True)
+class Rep(Pattern):
+    item: Pattern
+    lo: int
+    hi: int | None  # None: unbounded
+
+
+EMPTY = Lit(())
+ANY = Lit((ALL,))
+
+
+def literal(data: bytes) -> Lit:
+    return Lit(tuple(byte(b) for b in data))
+
+
+def map_sets(pattern: Pattern, fn) -> Pattern:
+    """Apply fn to every byte set of the pattern (case folding, xor keys, ...)."""
+    if isinstance(pattern, Lit):
+        return Lit(tuple(fn(s) for s in pattern.seq))
+    if isinstance(pattern, Cat):
+        return Cat(tuple(map_sets(p, fn) for p in pattern.items))
+    if isinstance(pattern, Alt):
+        return Alt(tuple(map_sets(p, fn) for p in pattern.items))
+    assert isinstance(pattern, Rep)
+    return Rep(map_sets(pattern.item, fn), pattern.lo, pattern.hi)
+
+
+def widen(pattern: Pattern) -> Pattern:
+    """UTF-16LE as YARA's `wide` does it: every byte followed by a zero byte."""
+    if isinstance(pattern, Lit):
+        return Lit(tuple(x for s in pattern.seq for x in (s, byte(0))))
+    if isinstance(pattern, Cat):
+        return Cat(tuple(widen(p) for p in pattern.items))
+    if isinstance(pattern, Alt):
+        return Alt(tuple(widen(p) for p in pattern.items))
+    assert isinstance(pattern, Rep)
+    return Rep(widen(pattern.item), pattern.lo, pattern.hi)
+
+
+# --- analysis -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Info:
+    exact: frozenset[Seq] | None
+    prefix: frozenset[Seq]
+    suffix: frozenset[Seq]
+    match: Node
+
+
+class GramMapper:
+    """Turns Seqs into gram formulas for the two tiers, within an anchor budget per Seq."""
+
+    def __init__(self, gram_sizes: Sequence[int], max_anchors: int):
+        self.gram_sizes = tuple(gram_sizes)
+        self.max_anchors = max_anchors
+        self._memo: dict[Seq, Node] = {}
+
+    def seq(self, seq: Seq) -> Node:
+        node = self._memo.get(seq)
+        if node is None:
+            node = and_(*(self._tier(seq, tier, n) for tier, n in enumerate(self.gram_sizes, start=1)))
+            self._memo[seq] = node
+        return node
+
+    def any_of(self, seqs: frozenset[Seq]) -> Node:
+        return or_(*(self.seq(s) for s in sorted(seqs)))
+
+    def _tier(self, seq: Seq, tier: int, n: int) -> Node:
+        windows = []
+        for start in range(len(seq) - n + 1):
+            window = seq[start : start + n]
+            variants = math.prod(s.bit_count() for s in window)
+            if variants <= MAX_VARIANTS:
+                windows.append((variants, -_rarity(window), start, window))
+        windows.sort()
+        chosen = sorted(windows[: self.max_anchors], key=lambda w: w[2])
+        return and_(
+            *(or_(*(Gram(tier, bytes(v)) for v in product(*(members(s) for s in w[3])))) for w in chosen)
+        )
+
+
+def _rarity(window: Seq) -> float:
+    """How unusual a window's bytes are in files (higher = fewer files contain it, heuristically)."""
+    score = 0.0
+    for mask in window:
+        b = members(mask)[0]
+        if b in (0x00, 0xFF):
+            score += 0.0
+        elif b in (0x20, 0xCC, 0x90, 0x01):
+            score += 1.0
+        elif 0x61 <= b <= 0x7A or 0x30 <= b <= 0x39:
+            score += 2.0
+        else:
+            score += 3.0
+    distinct = len({members(m)[0] for m in window})
+    return score + distinct
+
+
+def _limit(seqs: frozenset[Seq], keep_start: bool) -> frozenset[Seq]:
+    """Trim a prefix (keep_start) or suffix set until it is small; () means "no information"."""
+    length = max((len(s) for s in seqs), default=0)
+    if length > MAX_SEQ:
+        length = MAX_SEQ
+        seqs = frozenset(s[:length] if keep_start else s[-length:] for s in seqs)
+    while len(seqs) > MAX_SET and length > 0:
+        length -= 1
+        seqs = frozenset((s[:length] if keep_start else s[len(s) - length :]) if length else () for s in seqs)
+    return seqs if len(seqs) <= MAX_SET else frozenset({()})
+
+
+def _product(a: frozenset[Seq], b: frozenset[Seq]) -> frozenset[Seq] | None:
+    if len(a) * len(b) > MAX_SET:
+        return None
+    return frozenset(x + y for x in a for y in b)
+
+
+class Analyzer:
+    def __init__(self, mapper: GramMapper):
+        self.mapper = mapper
+
+    def required(self, info: Info) -> Node:
+        """Everything known to hold for every match of the node."""
+        if info.exact is not None:
+            return and_(info.match, self.mapper.any_of(info.exact))
+        return and_(info.match, self.mapper.any_of(info.prefix), self.mapper.any_of(info.suffix))
+
+    def analyze(self, pattern: Pattern) -> Info:
+        if isinstance(pattern, Lit):
+            exact = frozenset({pattern.seq})
+            return Info(exact, exact, exact, TRUE)
+        if isinstance(pattern, Cat):
+            info = self.analyze(EMPTY)
+            for item in pattern.items:
+                info = self._cat(info, self.analyze(item))
+            return info
+        if isinstance(pattern, Alt):
+            infos = [self.analyze(item) for item in pattern.items]
+            info = infos[0]
+            for other in infos[1:]:
+                info = self._alt(info, other)
+            return info
+        assert isinstance(pattern, Rep)
+        return self._rep(pattern)
+
+    def _cat(self, a: Info, b: Info) -> Info:
+        if a.exact is not None and b.exact is not None:
+            exact = _product(a.exact, b.exact)
+            if exact is not None:
+                return Info(exact, exact, exact, and_(a.match, b.match))
+        a_end = a.exact if a.exact is not None else a.suffix
+        b_start = b.exact if b.exact is not None else b.prefix
+        crossing = _product(a_end, b_start)
+        if crossing is not None:
+            join = self.mapper.any_of(crossing)
+        else:
+            join = and_(self.mapper.any_of(a_end), self.mapper.any_of(b_start))
+        prefix = (a.exact is not None and _product(a.exact, b.prefix)) or a.prefix
+        suffix = (b.exact is not None and _product(a.suffix, b.exact)) or b.suffix
+        return Info(None, _limit(prefix, True), _limit(suffix, False), and_(a.match, b.match, join))
+
+    def _alt(self, a: Info, b: Info) -> Info:
+        if a.exact is not None and b.exact is not None and len(a.exact | b.exact) <= MAX_SET:
+            exact = a.exact | b.exact
+            return Info(exact, exact, exact, TRUE)
+        prefix = (a.exact if a.exact is not None else a.prefix) | (
+            b.exact if b.exact is not None else b.prefix
+        )
+        suffix = (a.exact if a.exact is not None else a.suffix) | (
+            b.exact if b.exact is not None else b.suffix
+        )
+        return Info(
+            None, _limit(prefix, True), _limit(suffix, False), or_(self.required(a), self.required(b))
+        )
+
+    def _rep(self, rep: Rep) -> Info:
+        if rep.hi == 0:
+            return self.analyze(EMPTY)
+        if rep.lo == 0:
+            if rep.hi == 1:
+                return self._alt(self.analyze(EMPTY), self.analyze(rep.item))
+            nothing = frozenset({()})
+            return Info(None, nothing, nothing, TRUE)
+        item = self.analyze(rep.item)
+        info = item
+        for _ in range(min(rep.lo, MAX_COPIES) - 1):
+            info = self._cat(info, item)
+        if rep.hi == rep.lo and rep.lo <= MAX_COPIES:
+            return info
+        # More copies may follow (or were not expanded): keep what the leading copies force, and that
+        # every match ends with a whole copy of the item.
+        item_end = item.exact if item.exact is not None else item.suffix
+        prefix = info.exact if info.exact is not None else info.prefix
+        return Info(None, prefix, item_end, self.required(info))
+
+
+def pattern_plan(pattern: Pattern, mapper: GramMapper) -> Node:
+    """The gram formula every match of `pattern` satisfies."""
+    analyzer = Analyzer(mapper)
+    return analyzer.required(analyzer.analyze(pattern))

@@ -1,0 +1,230 @@
+"""Plan nodes: the boolean formula a rule becomes, over facts a segment can evaluate per document.
+
+Leaves are bloom facts (`Gram`: this n-gram is in the Tier 1 or Tier 2 bloom) and exact facts from the
+metadata sidecar (`Filesize`, ...). Nodes are interned: structurally equal nodes are the same object, so
+the plans of a bundle share subtrees, a gram row is read once, and memoised evaluation is by identity.
+The constructors simplify (constant folding, flattening, de-duplication) as they build.
+
+A rule condition is planned as an `Approx(upper, lower)` pair, three-valued logic in two formulas:
+`upper` holds for every document the condition may match (the candidates), `lower` only for documents it
+surely matches. Negation swaps them, so `not $a` gives upper = not(lower($a)) = TRUE: a bloom can prove a
+string absent but never present. Anything the planner does not understand is (TRUE, FALSE).
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+_INTERN: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+OPS = ("==", "!=", "<", "<=", ">", ">=")
+
+
+class Node:
+    __slots__ = ("__weakref__", "key")
+    key: tuple
+
+    def __new__(cls, *key):
+        full = (cls, *key)
+        node = _INTERN.get(full)
+        if node is None:
+            node = object.__new__(cls)
+            node.key = full
+            _INTERN[full] = node
+        return node
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}{self.key[1:]!r}"
+
+    def __reduce__(self):
+        return (type(self), self.key[1:])
+
+
+class Const(Node):
+    __slots__ = ()
+
+    @property
+    def value(self) -> bool:
+        return self.key[1]
+
+
+TRUE = Const(True)
+FALSE = Const(False)
+
+
+class Gram(Node):
+    """The n-gram `gram` (n = the tier's gram size) is present in the tier's bloom."""
+
+    __slots__ = ()
+
+    @property
+    def tier(self) -> int:
+        return self.key[1]
+
+    @property
+    def gram(self) -> bytes:
+        return self.key[2]
+
+
+class Filesize(Node):
+    """filesize OP value (exact, from the document row)."""
+
+    __slots__ = ()
+
+    @property
+    def op(self) -> str:
+        return self.key[1]
+
+    @property
+    def value(self) -> int:
+        return self.key[2]
+
+
+class And(Node):
+    __slots__ = ()
+
+    @property
+    def children(self) -> tuple[Node, ...]:
+        return self.key[1:]
+
+
+class Or(Node):
+    __slots__ = ()
+
+    @property
+    def children(self) -> tuple[Node, ...]:
+        return self.key[1:]
+
+
+class AtLeast(Node):
+    """At least k of the children hold (children may repeat: each occurrence counts)."""
+
+    __slots__ = ()
+
+    @property
+    def k(self) -> int:
+        return self.key[1]
+
+    @property
+    def children(self) -> tuple[Node, ...]:
+        return self.key[2:]
+
+
+class Not(Node):
+    """Only ever over exact facts: see Approx."""
+
+    __slots__ = ()
+
+    @property
+    def child(self) -> Node:
+        return self.key[1]
+
+
+def _flatten(kind: type, items) -> list[Node]:
+    out: list[Node] = []
+    seen: set[int] = set()
+    for item in items:
+        for child in item.children if isinstance(item, kind) else (item,):
+            if id(child) not in seen:
+                seen.add(id(child))
+                out.append(child)
+    return out
+
+
+def and_(*items: Node) -> Node:
+    children = []
+    for child in _flatten(And, items):
+        if child is FALSE:
+            return FALSE
+        if child is not TRUE:
+            children.append(child)
+    if not children:
+        return TRUE
+    return children[0] if len(children) == 1 else And(*children)
+
+
+def or_(*items: Node) -> Node:
+    children = []
+    for child in _flatten(Or, items):
+        if child is TRUE:
+            return TRUE
+        if child is not FALSE:
+            children.append(child)
+    if not children:
+        return FALSE
+    return children[0] if len(children) == 1 else Or(*children)
+
+
+def at_least(k: int, items: list[Node]) -> Node:
+    children = [c for c in items if c is not FALSE]
+    k -= sum(1 for c in children if c is TRUE)
+    children = [c for c in children if c is not TRUE]
+    if k <= 0:
+        return TRUE
+    if k > len(children):
+        return FALSE
+    if k == 1:
+        return or_(*children)
+    if k == len(children):
+        return and_(*children)
+    return AtLeast(k, *children)
+
+
+def not_(item: Node) -> Node:
+    if isinstance(item, Const):
+        return FALSE if item.value else TRUE
+    if isinstance(item, Not):
+        return item.child
+    return Not(item)
+
+
+@dataclass(frozen=True)
+class Approx:
+    """A condition as (upper, lower) bounds: lower => condition => upper, per document."""
+
+    upper: Node
+    lower: Node
+
+    @staticmethod
+    def exact(node: Node) -> Approx:
+        return Approx(node, node)
+
+    @staticmethod
+    def maybe(upper: Node = TRUE) -> Approx:
+        """Something only verification can decide; `upper` is what must hold if it is true."""
+        return Approx(upper, FALSE)
+
+    def __and__(self, other: Approx) -> Approx:
+        return Approx(and_(self.upper, other.upper), and_(self.lower, other.lower))
+
+    def __or__(self, other: Approx) -> Approx:
+        return Approx(or_(self.upper, other.upper), or_(self.lower, other.lower))
+
+    def __invert__(self) -> Approx:
+        return Approx(not_(self.lower), not_(self.upper))
+
+    @staticmethod
+    def at_least(k: int, items: list[Approx]) -> Approx:
+        return Approx(at_least(k, [i.upper for i in items]), at_least(k, [i.lower for i in items]))
+
+
+UNKNOWN = Approx.maybe()
+
+
+def leaves(node: Node, kind: type) -> set[Node]:
+    """Every leaf of type `kind` under node (iterative: plans can be deep)."""
+    found: set[Node] = set()
+    stack, seen = [node], set()
+    while stack:
+        item = stack.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, kind):
+            found.add(item)
+        elif isinstance(item, And | Or | AtLeast):
+            stack.extend(item.children)
+        elif isinstance(item, Not):
+            stack.append(item.child)
+    return found

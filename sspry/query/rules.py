@@ -1,0 +1,55 @@
+"""Loading a rule file: compiled by yara-python (the judge of what is valid), parsed by yaramod (the AST).
+
+yara-python compiles the file with its includes and names its rules; yaramod parses the same file and
+gives back the whole source with includes inlined (`text`), which is what a server receives, so a server
+never opens a path named in a rule. A file yaramod refuses is still searched: every rule plans as TRUE.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import yara
+import yaramod
+
+
+class RuleError(Exception):
+    """A rule file that cannot be used: missing, unreadable, not valid YARA, or without rules."""
+
+
+@dataclass(frozen=True)
+class RuleSource:
+    """What a search needs of a rule file, independent of where it came from."""
+
+    name: str  # the file's path, for messages
+    text: str | None  # the source with includes inlined; None when yaramod could not parse it
+    targets: tuple[str, ...]  # rules to report: the public ones, in file order
+    parse_error: str | None = None
+
+
+def compile_rules(path: str) -> yara.Rules:
+    """yara-python's compilation of the file, or RuleError naming the file and line."""
+    if not os.path.isfile(path):
+        raise RuleError(f"{path}: rule file not found")
+    try:
+        return yara.compile(filepath=path)
+    except yara.SyntaxError as exc:
+        raise RuleError(f"invalid YARA rule: {exc}") from exc
+    except yara.Error as exc:
+        raise RuleError(f"{path}: cannot compile: {exc}") from exc
+
+
+def load_rule_file(path: str) -> tuple[RuleSource, yara.Rules]:
+    compiled = compile_rules(path)
+    all_rules = list(compiled)
+    if not all_rules:
+        raise RuleError(f"{path}: no rules in file")
+    public = tuple(r.identifier for r in all_rules if not r.is_private)
+    targets = public or tuple(r.identifier for r in all_rules)
+    try:
+        text = yaramod.Yaramod().parse_file(path).text
+        error = None
+    except Exception as exc:  # yaramod raises its own ParserError and sometimes RuntimeError
+        text, error = None, str(exc)
+    return RuleSource(path, text, targets, error), compiled

@@ -1,0 +1,153 @@
+"""A search: plans of a rule file, evaluated over every segment of a snapshot, capped and reported.
+
+Segments are independent, so they are evaluated on a thread pool (numpy and the memory maps release the
+GIL). Rules of a big bundle go in batches so the per-segment leaf vectors stay bounded; within a batch a
+gram shared by several rules is read once.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sspry.policy import Policy
+from sspry.query.condition import RulePlan
+from sspry.query.evaluate import GramTable, SegmentEvaluator
+from sspry.query.plan import Gram, leaves
+from sspry.store.forest import Snapshot
+
+MAX_GRAMS_PER_BATCH = 4096
+
+
+@dataclass
+class Candidate:
+    source_id: bytes
+    path: str | None
+    verified: bool | None = None  # None: not verified (or could not be: see skipped)
+    skipped: str | None = None
+
+    def to_json(self) -> dict:
+        return {"source_id": self.source_id.hex(), "path": self.path, "verified": self.verified}
+
+
+@dataclass
+class RuleResult:
+    rule: str
+    candidates: list[Candidate]
+    candidate_count: int  # before truncation
+    truncated: bool = False
+    limit: int | None = None
+    error: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        out = {
+            "rule": self.rule,
+            "candidate_count": self.candidate_count,
+            "truncated": self.truncated,
+            "candidates": [c.to_json() for c in self.candidates],
+        }
+        if self.limit is not None:
+            out["truncated_limit"] = self.limit
+        return out
+
+
+@dataclass
+class SearchResult:
+    rules: list[RuleResult]
+    documents: int
+    elapsed_ms: float
+
+    def to_json(self) -> dict:
+        return {
+            "rules": [r.to_json() for r in self.rules],
+            "documents": self.documents,
+            "elapsed_ms": round(self.elapsed_ms, 3),
+        }
+
+
+def candidate_limit(documents: int, percent: float) -> int | None:
+    """The cap `--max-candidates PCT` puts on one rule's candidates (None: unlimited)."""
+    if percent <= 0:
+        return None
+    return max(1, math.ceil(documents * percent / 100.0))
+
+
+def _batches(plans: list[RulePlan]) -> list[list[int]]:
+    batches: list[list[int]] = []
+    current: list[int] = []
+    grams = 0
+    for index, plan in enumerate(plans):
+        count = len(leaves(plan.upper, Gram))
+        if current and grams + count > MAX_GRAMS_PER_BATCH:
+            batches.append(current)
+            current, grams = [], 0
+        current.append(index)
+        grams += count
+    if current:
+        batches.append(current)
+    return batches
+
+
+def search_snapshot(
+    snapshot: Snapshot, plans: list[RulePlan], policy: Policy, max_candidates: float = 0.0, workers: int = 0
+) -> SearchResult:
+    started = time.perf_counter()
+    hits: list[list[tuple[int, np.ndarray]]] = [[] for _ in plans]  # per plan: (view index, docs)
+    workers = workers or min(4, len(os.sched_getaffinity(0)))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sspry-search") as pool:
+        for batch in _batches(plans):
+            nodes = [plans[i].upper for i in batch]
+            table = GramTable(nodes)
+
+            def run(view_index: int, nodes=nodes, table=table):
+                view = snapshot.views[view_index]
+                return view_index, SegmentEvaluator(view, table, policy).evaluate(nodes)
+
+            for view_index, selected in pool.map(run, range(len(snapshot.views))):
+                for plan_index, mask in zip(batch, selected, strict=True):
+                    docs = np.flatnonzero(mask)
+                    if len(docs):
+                        hits[plan_index].append((view_index, docs))
+    documents = snapshot.documents
+    limit = candidate_limit(documents, max_candidates)
+    results = []
+    for plan, found in zip(plans, hits, strict=True):
+        seen: set[bytes] = set()
+        candidates = []
+        for view_index, docs in found:
+            reader = snapshot.views[view_index].reader
+            for doc in docs.tolist():
+                source_id = reader.source_id(doc)
+                if source_id not in seen:
+                    seen.add(source_id)
+                    candidates.append(Candidate(source_id, reader.path(doc)))
+        truncated = limit is not None and len(candidates) > limit
+        results.append(
+            RuleResult(
+                rule=plan.name,
+                candidates=candidates[:limit] if truncated else candidates,
+                candidate_count=len(candidates),
+                truncated=truncated,
+                limit=limit if truncated else None,
+            )
+        )
+    return SearchResult(results, documents, (time.perf_counter() - started) * 1000)
+
+
+def search_rule_file(
+    forest, rule_path: str, max_candidates: float = 0.0, max_anchors: int = 16, workers: int = 0
+):
+    """Load, plan and search one rule file on a Forest; returns (SearchResult, compiled yara rules)."""
+    from sspry.query.condition import plan_rules
+    from sspry.query.rules import load_rule_file
+
+    source, compiled = load_rule_file(rule_path)
+    plans = plan_rules(source.text, source.targets, forest.policy, max_anchors)
+    result = search_snapshot(forest.snapshot(), plans, forest.policy, max_candidates, workers)
+    return result, compiled

@@ -1,0 +1,437 @@
+"""The Forest: one database root holding Trees of Shards of immutable Segments.
+
+  <root>/sspry.json                     the policy, fixed at init
+  <root>/manifest.json                  which segments and tombstones are current (atomic swap)
+  <root>/ingest/log_NNNNNNNNNN.bin      durable ingest logs not yet published
+  <root>/trees/tree_NNNN/shard_NNN/seg_NNNNNNNNNN/   segments
+  <root>/trees/tree_NNNN/shard_NNN/tomb_NNNNNNNNNN.npy  tombstone bitmaps (packed, one per segment version)
+  <root>/.lock                          held (flock) by the one process allowed to write
+
+Writes go: ingest (append + fsync to the log) -> publish (log rows -> new segments -> manifest swap ->
+logs removed). Documents are deduplicated by Source ID against every live document of the Forest at
+publish. A Tree takes documents until it holds `tree_docs` live ones, then the next Tree opens; inside a
+Tree the shard is chosen by the Source ID. Deletes write a new tombstone for each touched segment and swap
+the manifest; compaction rewrites segments without their deleted documents and merges small ones.
+Readers work on a Snapshot: the segments of one manifest generation, opened through memory maps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from sspry.document import Document
+from sspry.policy import Policy, PolicyError
+from sspry.store import compaction
+from sspry.store.ingest_log import LOG_PREFIX, LogWriter, log_name, log_seq, read_log
+from sspry.store.manifest import MANIFEST, Manifest, SegmentEntry, read_manifest, write_manifest
+from sspry.store.segment import FreshPart, SegmentPart, SegmentReader, build_segment
+from sspry.v1 import sspry_pb2
+
+POLICY_FILE = "sspry.json"
+LOCK_FILE = ".lock"
+PUBLISH_BYTES = 256 << 20  # a local index publishes whenever this much is waiting in the log
+
+
+class ForestError(Exception):
+    """A Forest that cannot be opened or written as asked (not initialised, locked, corrupt)."""
+
+
+@dataclass
+class SegmentView:
+    tree: int
+    shard: int
+    entry: SegmentEntry
+    reader: SegmentReader
+    live: np.ndarray  # bool per document: not tombstoned
+
+
+@dataclass
+class Snapshot:
+    generation: int
+    views: list[SegmentView]
+
+    @property
+    def documents(self) -> int:
+        return sum(v.entry.live for v in self.views)
+
+
+@dataclass
+class PublishResult:
+    inserted: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    dropped_bytes: int = 0
+    segments: int = 0
+
+
+@dataclass
+class CompactResult:
+    rewritten: int = 0
+    written: int = 0
+    purged_docs: int = 0
+    details: list[str] = field(default_factory=list)
+
+
+def is_forest(root: Path) -> bool:
+    return (root / POLICY_FILE).is_file() and (root / MANIFEST).is_file()
+
+
+def _shard_of(source_id: bytes, shards: int) -> int:
+    return int.from_bytes(source_id[:4], "little") % shards
+
+
+class Forest:
+    def __init__(self, root: Path, policy: Policy, writable: bool):
+        self.root = root
+        self.policy = policy
+        self.writable = writable
+        self._lock_file = None
+        self._mutex = threading.RLock()
+        self._readers: dict[str, SegmentReader] = {}
+        self._tombstones: dict[str, np.ndarray] = {}
+        self._log: LogWriter | None = None
+        self.manifest = read_manifest(root)
+        self._snapshot: Snapshot | None = None
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+    @staticmethod
+    def init(root: Path, policy: Policy, force: bool = False) -> None:
+        root = Path(root)
+        if root.exists() and any(root.iterdir()):
+            if not force:
+                if is_forest(root):
+                    existing = Policy.from_json((root / POLICY_FILE).read_text())
+                    if existing == policy:
+                        return  # re-running init with the same policy is a no-op
+                    raise PolicyError(
+                        f"{root} already holds a forest with a different policy; use --force to recreate it"
+                    )
+                raise PolicyError(f"{root} exists and is not an empty directory; use --force to replace it")
+            if not is_forest(root):
+                raise PolicyError(f"refusing to --force {root}: it is not an sspry forest")
+            with Forest.open(root, writable=True):
+                pass  # takes the lock: refuse to wipe a forest someone is writing
+            shutil.rmtree(root)
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "ingest").mkdir()
+        (root / "trees").mkdir()
+        (root / POLICY_FILE).write_text(policy.to_json())
+        write_manifest(root, Manifest())
+
+    @classmethod
+    def open(cls, root: Path | str, writable: bool = False) -> Forest:
+        root = Path(root)
+        if not is_forest(root):
+            raise ForestError(
+                f"{root} is not an initialised sspry forest: run `sspry init --root {root}` first"
+            )
+        policy = Policy.from_json((root / POLICY_FILE).read_text())
+        lock_file = None
+        if writable:
+            lock_file = open(root / LOCK_FILE, "a+")  # noqa: SIM115 - held for the Forest's lifetime
+            try:
+                fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock_file.close()
+                raise ForestError(
+                    f"{root} is being written by another sspry process (a server or a local index); "
+                    "stop it or use the server's commands"
+                ) from None
+        forest = cls(root, policy, writable)
+        forest._lock_file = lock_file
+        if writable:
+            forest._recover()
+        return forest
+
+    def close(self) -> None:
+        with self._mutex:
+            if self._log is not None:
+                self._log.close()
+                self._log = None
+            if self._lock_file is not None:
+                self._lock_file.close()
+                self._lock_file = None
+
+    def __enter__(self) -> Forest:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- paths -------------------------------------------------------------------------------------
+    def _shard_dir(self, tree: int, shard: int) -> Path:
+        return self.root / "trees" / f"tree_{tree:04d}" / f"shard_{shard:03d}"
+
+    def _logs(self) -> list[Path]:
+        return sorted((self.root / "ingest").glob(f"{LOG_PREFIX}*.bin"), key=log_seq)
+
+    def _recover(self) -> None:
+        """Remove what an interrupted writer left behind: published logs, unreferenced files."""
+        for path in self._logs():
+            if log_seq(path) <= self.manifest.published_log:
+                path.unlink()
+        referenced = set()
+        for t, s, entry in self.manifest.entries():
+            referenced.add(self._shard_dir(t, s) / entry.name)
+            if entry.tombstone:
+                referenced.add(self._shard_dir(t, s) / entry.tombstone)
+        for shard_dir in (self.root / "trees").glob("tree_*/shard_*"):
+            for child in shard_dir.iterdir():
+                if child not in referenced:
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+    # --- reading -----------------------------------------------------------------------------------
+    def snapshot(self) -> Snapshot:
+        """The current segments. Read-only opens re-read the manifest and retry when a concurrent
+        writer removed a segment between reading the manifest and opening it."""
+        with self._mutex:
+            if (
+                self.writable
+                and self._snapshot is not None
+                and self._snapshot.generation == self.manifest.generation
+            ):
+                return self._snapshot
+            for attempt in range(20):
+                if not self.writable:
+                    self.manifest = read_manifest(self.root)
+                try:
+                    self._snapshot = self._open_snapshot(self.manifest)
+                    return self._snapshot
+                except FileNotFoundError:
+                    if self.writable or attempt == 19:
+                        raise
+            raise AssertionError("unreachable")
+
+    def _open_snapshot(self, manifest: Manifest) -> Snapshot:
+        views = []
+        keep: dict[str, SegmentReader] = {}
+        for t, s, entry in manifest.entries():
+            key = f"{t}/{s}/{entry.name}"
+            reader = self._readers.get(key) or SegmentReader(self._shard_dir(t, s) / entry.name)
+            keep[key] = reader
+            live = np.ones(entry.docs, dtype=bool)
+            if entry.tombstone:
+                deleted = self._tombstone(self._shard_dir(t, s) / entry.tombstone, entry.docs)
+                live = ~deleted
+            views.append(SegmentView(t, s, entry, reader, live))
+        self._readers = keep
+        return Snapshot(manifest.generation, views)
+
+    def _tombstone(self, path: Path, docs: int) -> np.ndarray:
+        key = str(path)
+        cached = self._tombstones.get(key)
+        if cached is None:
+            cached = np.unpackbits(np.load(path), bitorder="little")[:docs].astype(bool)
+            self._tombstones = {k: v for k, v in self._tombstones.items() if Path(k).parent == path.parent}
+            self._tombstones[key] = cached
+        return cached
+
+    # --- writing -----------------------------------------------------------------------------------
+    def _require_writable(self) -> None:
+        if not self.writable:
+            raise ForestError("forest opened read-only")
+
+    @property
+    def pending_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self._logs())
+
+    def ingest_rows(self, rows: Sequence[sspry_pb2.DocumentRow]) -> int:
+        """Validate rows against the policy and append them durably to the ingest log.
+        Raises PolicyError (nothing written) if any row is malformed."""
+        self._require_writable()
+        for row in rows:
+            Document.from_row(row, self.policy)
+        with self._mutex:
+            if self._log is None:
+                logs = self._logs()
+                seq = max([self.manifest.published_log, *(log_seq(p) for p in logs)]) + 1
+                self._log = LogWriter(self.root / "ingest" / log_name(seq))
+            return self._log.append(rows)
+
+    def ingest(self, docs: Iterable[Document]) -> int:
+        return self.ingest_rows([doc.to_row() for doc in docs])
+
+    def publish(self) -> PublishResult:
+        """Turn every logged row into segments and swap the manifest."""
+        self._require_writable()
+        result = PublishResult()
+        with self._mutex:
+            if self._log is not None:
+                self._log.close()
+                self._log = None
+            logs = [p for p in self._logs() if log_seq(p) > self.manifest.published_log]
+            if not logs:
+                return result
+            docs: list[Document] = []
+            for path in logs:
+                rows, dropped = read_log(path)
+                result.dropped_bytes += dropped
+                for row in rows:
+                    try:
+                        docs.append(Document.from_row(row, self.policy))
+                    except PolicyError:
+                        result.rejected += 1
+            fresh = self._dedup(docs, result)
+            manifest = Manifest.from_json(self.manifest.to_json())
+            new_dirs = []
+            for tree, shard, group in self._route(fresh, manifest):
+                name = manifest.new_name("seg")
+                directory = self._shard_dir(tree, shard) / name
+                new_dirs.append(directory)
+                count = build_segment(directory, [FreshPart(group, self.policy)], self.policy)
+                manifest.trees[tree][shard].append(SegmentEntry(name=name, docs=count))
+                result.segments += 1
+            manifest.published_log = max(log_seq(p) for p in logs)
+            self._swap(manifest)
+            for path in logs:
+                path.unlink()
+            result.inserted = len(fresh)
+        return result
+
+    def _dedup(self, docs: list[Document], result: PublishResult) -> list[Document]:
+        unique: dict[bytes, Document] = {}
+        for doc in docs:
+            unique.setdefault(doc.source_id, doc)
+        ids = list(unique)
+        present = np.zeros(len(ids), dtype=bool)
+        if ids:
+            for view in self.snapshot().views:
+                found = view.reader.find(ids)
+                hit = found >= 0
+                present[hit] |= view.live[found[hit]]
+        fresh = [unique[i] for i, p in zip(ids, present, strict=True) if not p]
+        result.duplicates = len(docs) - len(fresh)
+        return fresh
+
+    def _route(self, docs: list[Document], manifest: Manifest):
+        """Yield (tree, shard, documents) groups: fill the newest Tree up to tree_docs, then open more."""
+        at = 0
+        while at < len(docs):
+            if not manifest.trees or manifest.tree_live(len(manifest.trees) - 1) >= self.policy.tree_docs:
+                manifest.trees.append([[] for _ in range(self.policy.shards)])
+            tree = len(manifest.trees) - 1
+            room = self.policy.tree_docs - manifest.tree_live(tree)
+            batch, at = docs[at : at + room], at + room
+            by_shard: dict[int, list[Document]] = {}
+            for doc in batch:
+                by_shard.setdefault(_shard_of(doc.source_id, self.policy.shards), []).append(doc)
+            for shard in sorted(by_shard):
+                yield tree, shard, by_shard[shard]
+
+    def _swap(self, manifest: Manifest) -> None:
+        """Make `manifest` current, then remove the files the old one named and the new one does not."""
+        old = self.manifest
+        manifest.generation = old.generation + 1
+        write_manifest(self.root, manifest)
+        self.manifest = manifest
+        now = {(t, s, e.name) for t, s, e in manifest.entries()} | {
+            (t, s, e.tombstone) for t, s, e in manifest.entries() if e.tombstone
+        }
+        for t, s, entry in old.entries():
+            for name in (entry.name, entry.tombstone):
+                if name and (t, s, name) not in now:
+                    path = self._shard_dir(t, s) / name
+                    with contextlib.suppress(FileNotFoundError):
+                        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+    def delete(self, source_ids: Sequence[bytes]) -> list[bool]:
+        """Tombstone every live document with one of `source_ids`; True per id that was deleted."""
+        self._require_writable()
+        with self._mutex:
+            self.publish()
+            deleted = [False] * len(source_ids)
+            manifest = Manifest.from_json(self.manifest.to_json())
+            changed = False
+            for view in self.snapshot().views:
+                found = view.reader.find(source_ids)
+                hits = [(i, int(d)) for i, d in enumerate(found) if d >= 0 and view.live[d]]
+                if not hits:
+                    continue
+                dead = ~view.live.copy()
+                for i, doc in hits:
+                    dead[doc] = True
+                    deleted[i] = True
+                entry = next(e for e in manifest.trees[view.tree][view.shard] if e.name == view.entry.name)
+                entry.tombstone = manifest.new_name("tomb") + ".npy"
+                entry.deleted = int(dead.sum())
+                path = self._shard_dir(view.tree, view.shard) / entry.tombstone
+                with open(path, "wb") as out:
+                    np.save(out, np.packbits(dead, bitorder="little"))
+                    out.flush()
+                    os.fsync(out.fileno())
+                changed = True
+            if changed:
+                self._swap(manifest)
+            return deleted
+
+    def find_paths(self, paths: Sequence[str]) -> list[bytes]:
+        """Source IDs of live documents whose stored path is one of `paths`."""
+        wanted = set(paths)
+        found = []
+        for view in self.snapshot().views:
+            for doc in np.flatnonzero(view.live):
+                if view.reader.path(int(doc)) in wanted:
+                    found.append(view.reader.source_id(int(doc)))
+        return found
+
+    def compact(self, full: bool = False) -> CompactResult:
+        """Rewrite segments: all of a shard into one (`full`), or the size-tiered choice (automatic)."""
+        self._require_writable()
+        result = CompactResult()
+        with self._mutex:
+            self.publish()
+            snapshot = self.snapshot()
+            views = {(v.tree, v.shard, v.entry.name): v for v in snapshot.views}
+            manifest = Manifest.from_json(self.manifest.to_json())
+            for t, shards in enumerate(manifest.trees):
+                for s, segments in enumerate(shards):
+                    for group in compaction.plan_shard(segments, full):
+                        parts = [
+                            SegmentPart(views[(t, s, e.name)].reader, views[(t, s, e.name)].live)
+                            for e in group
+                        ]
+                        live = sum(p.size for p in parts)
+                        names = {e.name for e in group}
+                        survivors = [e for e in segments if e.name not in names]
+                        if live:
+                            name = manifest.new_name("seg")
+                            build_segment(self._shard_dir(t, s) / name, parts, self.policy)
+                            survivors.append(SegmentEntry(name=name, docs=live))
+                            result.written += 1
+                        segments[:] = survivors
+                        result.rewritten += len(group)
+                        result.purged_docs += sum(e.deleted for e in group)
+            if result.rewritten:
+                self._swap(manifest)
+        return result
+
+    # --- reporting ---------------------------------------------------------------------------------
+    def info(self) -> dict:
+        snapshot = self.snapshot()
+        disk = 0
+        for directory, _, files in os.walk(self.root):
+            for name in files:
+                with contextlib.suppress(FileNotFoundError):
+                    disk += os.stat(os.path.join(directory, name)).st_size
+        return {
+            "root": str(self.root),
+            "documents": snapshot.documents,
+            "deleted": sum(v.entry.deleted for v in snapshot.views),
+            "trees": len(self.manifest.trees),
+            "shards": self.policy.shards,
+            "segments": len(snapshot.views),
+            "bloom_bytes": sum(v.reader.bloom_bytes() for v in snapshot.views),
+            "disk_bytes": disk,
+            "pending_log_bytes": self.pending_bytes,
+            "generation": snapshot.generation,
+            "policy": self.policy.describe(),
+        }

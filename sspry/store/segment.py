@@ -1,0 +1,366 @@
+"""Immutable segments: documents stored column-wise, blooms bit-sliced per size class.
+
+A segment is a directory written once and never changed:
+
+  segment.json      document count and the class tables of both tiers
+  blooms.bin        every class matrix of both tiers, back to back
+  ids.npy           Source IDs (docs x id_bytes), in document order
+  id_order.npy      argsort of ids, for binary search by Source ID
+  filesize.npy, entropy.npy, prefix.npy (docs x prefix_bytes), prefix_len.npy
+  t2_order.npy      document indices grouped by Tier 2 class
+  paths.bin, path_offsets.npy   stored paths (only with store_path)
+
+Documents are ordered by Tier 1 class, so a Tier 1 class is a contiguous range of documents; a Tier 2
+class is a range of `t2_order`. Within every class the documents appear in ascending document order.
+
+A class of `count` documents with blooms of `nbits` bits is stored as count = 8*q + r:
+  * a bit-sliced matrix of nbits rows x q bytes: row p holds bit p of the first 8*q documents, so a query
+    gram costs k row reads of q bytes each, whatever the bloom size;
+  * the r < 8 remaining documents' blooms as plain rows (r x nbits/8 bytes), so no class ever pays padding.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sspry.document import Document
+from sspry.policy import BLOCK_BITS, Policy
+
+CHUNK_CELLS = 1 << 25  # bits held in memory per transposition step (rows x documents)
+
+
+@dataclass(frozen=True)
+class ClassSpan:
+    blocks: int  # bloom size in 512-bit blocks
+    start: int  # first document (tier 1) or first position in t2_order (tier 2)
+    count: int
+    offset: int  # byte offset of the class matrix in blooms.bin
+
+    @property
+    def nbits(self) -> int:
+        return self.blocks * BLOCK_BITS
+
+    @property
+    def sliced_bytes(self) -> int:
+        return self.nbits * (self.count // 8)
+
+    @property
+    def size(self) -> int:
+        return self.sliced_bytes + (self.count % 8) * (self.nbits // 8)
+
+
+class Part:
+    """Documents that go into a new segment, and a way to read their bloom bits by row ranges."""
+
+    size: int
+    blocks: dict[int, np.ndarray]  # tier -> per-document class (blocks), in the part's document order
+
+    def columns(self) -> dict[str, object]:
+        raise NotImplementedError
+
+    def class_bits(self, tier: int, blocks: int, local: np.ndarray, r0: int, r1: int) -> np.ndarray:
+        """Bits r0..r1 of the blooms of documents `local` (all in class `blocks`): bool (r1-r0) x len."""
+        raise NotImplementedError
+
+
+class FreshPart(Part):
+    """Newly ingested documents, held in memory."""
+
+    def __init__(self, docs: Sequence[Document], policy: Policy):
+        self.docs = list(docs)
+        self.policy = policy
+        self.size = len(self.docs)
+        self.blocks = {tier: np.array([d.blocks(tier) for d in self.docs], dtype=np.int64) for tier in (1, 2)}
+        self._stacked: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+
+    def columns(self) -> dict[str, object]:
+        width = self.policy.prefix_bytes
+        prefix = np.zeros((self.size, width), dtype=np.uint8)
+        for i, doc in enumerate(self.docs):
+            prefix[i, : len(doc.prefix)] = np.frombuffer(doc.prefix, dtype=np.uint8)
+        return {
+            "ids": np.frombuffer(b"".join(d.source_id for d in self.docs), dtype=np.uint8).reshape(
+                self.size, self.policy.id_bytes
+            ),
+            "filesize": np.array([d.filesize for d in self.docs], dtype=np.uint64),
+            "entropy": np.array([d.entropy for d in self.docs], dtype=np.float64),
+            "prefix": prefix,
+            "prefix_len": np.array([len(d.prefix) for d in self.docs], dtype=np.uint16),
+            "paths": [d.path for d in self.docs],
+        }
+
+    def class_bits(self, tier: int, blocks: int, local: np.ndarray, r0: int, r1: int) -> np.ndarray:
+        key = (tier, blocks)
+        cached = self._stacked.get(key)
+        if cached is None or not np.array_equal(cached[0], local):
+            matrix = np.stack([self.docs[i].bloom(tier) for i in local]) if len(local) else None
+            cached = (local.copy(), matrix)
+            self._stacked[key] = cached
+        matrix = cached[1]
+        if matrix is None:
+            return np.zeros((r1 - r0, 0), dtype=bool)
+        return np.unpackbits(matrix[:, r0 // 8 : r1 // 8], axis=1, bitorder="little").T
+
+
+class SegmentPart(Part):
+    """The surviving documents of an existing segment (compaction input)."""
+
+    def __init__(self, segment: SegmentReader, keep: np.ndarray):
+        self.segment = segment
+        self.keep = np.flatnonzero(keep)  # part-local index -> segment document index
+        self.size = len(self.keep)
+        self.blocks = {tier: segment.doc_blocks(tier)[self.keep] for tier in (1, 2)}
+
+    def columns(self) -> dict[str, object]:
+        seg, keep = self.segment, self.keep
+        return {
+            "ids": seg.ids[keep],
+            "filesize": seg.filesize[keep],
+            "entropy": seg.entropy[keep],
+            "prefix": seg.prefix[keep],
+            "prefix_len": seg.prefix_len[keep],
+            "paths": [seg.path(int(i)) for i in keep],
+        }
+
+    def class_bits(self, tier: int, blocks: int, local: np.ndarray, r0: int, r1: int) -> np.ndarray:
+        span_index = self.segment.class_index(tier, blocks)
+        columns = self.segment.class_columns(tier, self.keep[local])
+        return self.segment.row_bits(tier, span_index, r0, r1)[:, columns]
+
+
+def _chunk_rows(nbits: int, docs: int) -> int:
+    rows = max(8, (CHUNK_CELLS // max(docs, 1)) // 8 * 8)
+    return min(rows, nbits)
+
+
+def _write_class(out, parts: Sequence[Part], members: list[tuple[int, np.ndarray, np.ndarray]], tier, blocks):
+    """Write one class matrix. members: (part index, part-local docs, output columns) per part."""
+    count = sum(len(local) for _, local, _ in members)
+    nbits = blocks * BLOCK_BITS
+    full = count // 8 * 8
+    tail_bits = np.zeros((count - full, nbits), dtype=bool)
+    step = _chunk_rows(nbits, count)
+    for r0 in range(0, nbits, step):
+        r1 = min(nbits, r0 + step)
+        bits = np.empty((r1 - r0, count), dtype=bool)
+        for part_index, local, columns in members:
+            bits[:, columns] = parts[part_index].class_bits(tier, blocks, local, r0, r1)
+        if full:
+            out.write(np.packbits(bits[:, :full], axis=1, bitorder="little").tobytes())
+        tail_bits[:, r0:r1] = bits[:, full:].T
+    if count > full:
+        out.write(np.packbits(tail_bits, axis=1, bitorder="little").tobytes())
+
+
+def build_segment(directory: Path, parts: Sequence[Part], policy: Policy) -> int:
+    """Write a new segment holding every document of `parts`; returns its document count."""
+    directory.mkdir(parents=True)
+    origin = [(p, i) for p, part in enumerate(parts) for i in range(part.size)]
+    t1 = np.array([parts[p].blocks[1][i] for p, i in origin], dtype=np.int64)
+    t2 = np.array([parts[p].blocks[2][i] for p, i in origin], dtype=np.int64)
+    order = np.argsort(t1, kind="stable")  # output document j comes from origin[order[j]]
+    t1, t2 = t1[order], t2[order]
+    t2_order = np.argsort(t2, kind="stable")
+    total = len(order)
+
+    columns = [part.columns() for part in parts]
+    part_of = np.array([p for p, _ in origin], dtype=np.int64)[order]
+    local_of = np.array([i for _, i in origin], dtype=np.int64)[order]
+
+    def gather(name: str, dtype, shape=()) -> np.ndarray:
+        out = np.empty((total, *shape), dtype=dtype)
+        for p, cols in enumerate(columns):
+            mask = part_of == p
+            out[mask] = np.asarray(cols[name])[local_of[mask]]
+        return out
+
+    ids = gather("ids", np.uint8, (policy.id_bytes,))
+    arrays = {
+        "ids": ids,
+        "id_order": np.lexsort(ids.T[::-1]).astype(np.uint32),
+        "filesize": gather("filesize", np.uint64),
+        "entropy": gather("entropy", np.float64),
+        "prefix": gather("prefix", np.uint8, (policy.prefix_bytes,)),
+        "prefix_len": gather("prefix_len", np.uint16),
+        "t2_order": t2_order.astype(np.uint32),
+    }
+    for name, array in arrays.items():
+        np.save(directory / f"{name}.npy", array)
+    if policy.store_path:
+        encoded = [
+            (columns[p]["paths"][i] or "").encode("utf-8", "surrogateescape")
+            for p, i in zip(part_of, local_of, strict=True)
+        ]
+        np.save(directory / "path_offsets.npy", np.cumsum([0, *map(len, encoded)], dtype=np.uint64))
+        (directory / "paths.bin").write_bytes(b"".join(encoded))
+
+    tables: dict[str, list[dict]] = {}
+    with open(directory / "blooms.bin", "wb") as out:
+        for tier, doc_blocks, sequence in ((1, t1, np.arange(total)), (2, t2, t2_order)):
+            table = []
+            sorted_blocks = doc_blocks[sequence]
+            for blocks in np.unique(sorted_blocks):
+                lo, hi = np.searchsorted(sorted_blocks, [blocks, blocks + 1])
+                docs = sequence[lo:hi]  # output documents of this class, ascending
+                members = []
+                for p in range(len(parts)):
+                    mask = part_of[docs] == p
+                    if mask.any():
+                        members.append((p, local_of[docs][mask], np.flatnonzero(mask)))
+                offset = out.tell()
+                _write_class(out, parts, members, tier, int(blocks))
+                table.append(
+                    {"blocks": int(blocks), "start": int(lo), "count": int(hi - lo), "offset": offset}
+                )
+            tables[str(tier)] = table
+        out.flush()
+        os.fsync(out.fileno())
+    meta = {"docs": total, "classes": tables}
+    (directory / "segment.json").write_text(json.dumps(meta))
+    _fsync_tree(directory)
+    return total
+
+
+def _fsync_tree(directory: Path) -> None:
+    for name in os.listdir(directory):
+        fd = os.open(directory / name, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class SegmentReader:
+    """Read access to a segment through memory maps (opening costs no reads of the blooms)."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        meta = json.loads((directory / "segment.json").read_text())
+        self.docs: int = meta["docs"]
+        self.classes = {tier: [ClassSpan(**span) for span in meta["classes"][str(tier)]] for tier in (1, 2)}
+        load = lambda name: np.load(directory / f"{name}.npy", mmap_mode="r")  # noqa: E731
+        self.ids = load("ids")
+        self.id_order = load("id_order")
+        self.filesize = load("filesize")
+        self.entropy = load("entropy")
+        self.prefix = load("prefix")
+        self.prefix_len = load("prefix_len")
+        self.t2_order = load("t2_order")
+        self._blooms = np.memmap(directory / "blooms.bin", dtype=np.uint8, mode="r")
+        self._paths: tuple[np.ndarray, np.memmap | bytes] | None = None
+        if (directory / "path_offsets.npy").exists():
+            offsets = load("path_offsets")
+            size = int(offsets[-1])
+            blob = np.memmap(directory / "paths.bin", dtype=np.uint8, mode="r") if size else b""
+            self._paths = (offsets, blob)
+        self._blocks_cache: dict[int, np.ndarray] = {}
+        self._t2_position: np.ndarray | None = None
+
+    # --- documents ---------------------------------------------------------------------------------
+    def path(self, doc: int) -> str | None:
+        if self._paths is None:
+            return None
+        offsets, blob = self._paths
+        raw = bytes(blob[int(offsets[doc]) : int(offsets[doc + 1])])
+        return raw.decode("utf-8", "surrogateescape") or None
+
+    def source_id(self, doc: int) -> bytes:
+        return self.ids[doc].tobytes()
+
+    def find(self, source_ids: Sequence[bytes]) -> np.ndarray:
+        """Document index of each Source ID, or -1 where absent."""
+        if not len(source_ids) or not self.docs:
+            return np.full(len(source_ids), -1, dtype=np.int64)
+        width = self.ids.shape[1]
+        keys = np.frombuffer(b"".join(source_ids), dtype=f"V{width}")
+        sorted_ids = np.ascontiguousarray(self.ids).view(f"V{width}").ravel()[self.id_order]
+        at = np.minimum(np.searchsorted(sorted_ids, keys), self.docs - 1)
+        found = sorted_ids[at] == keys
+        return np.where(found, self.id_order[at].astype(np.int64), -1)
+
+    def doc_blocks(self, tier: int) -> np.ndarray:
+        """Class (in blocks) of every document's bloom in `tier`."""
+        cached = self._blocks_cache.get(tier)
+        if cached is None:
+            cached = np.empty(self.docs, dtype=np.int64)
+            members = np.arange(self.docs) if tier == 1 else self.t2_order
+            for span in self.classes[tier]:
+                cached[members[span.start : span.start + span.count]] = span.blocks
+            self._blocks_cache[tier] = cached
+        return cached
+
+    def class_members(self, tier: int, index: int) -> np.ndarray:
+        span = self.classes[tier][index]
+        if tier == 1:
+            return np.arange(span.start, span.start + span.count)
+        return np.asarray(self.t2_order[span.start : span.start + span.count], dtype=np.int64)
+
+    def class_index(self, tier: int, blocks: int) -> int:
+        for index, span in enumerate(self.classes[tier]):
+            if span.blocks == blocks:
+                return index
+        raise KeyError(blocks)
+
+    def class_columns(self, tier: int, docs: np.ndarray) -> np.ndarray:
+        """Column of each document inside its own class matrix."""
+        if tier == 1:
+            starts = np.array([s.start for s in self.classes[1]])
+            return docs - starts[np.searchsorted(starts, docs, side="right") - 1]
+        if self._t2_position is None:
+            position = np.empty(self.docs, dtype=np.int64)
+            for span in self.classes[2]:
+                position[self.t2_order[span.start : span.start + span.count]] = np.arange(span.count)
+            self._t2_position = position
+        return self._t2_position[docs]
+
+    # --- bloom bits --------------------------------------------------------------------------------
+    def _matrices(self, tier: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+        span = self.classes[tier][index]
+        q, r, row_bytes = span.count // 8, span.count % 8, span.nbits // 8
+        sliced = self._blooms[span.offset : span.offset + span.sliced_bytes].reshape(span.nbits, q)
+        tail_at = span.offset + span.sliced_bytes
+        tail = self._blooms[tail_at : tail_at + r * row_bytes].reshape(r, row_bytes)
+        return sliced, tail
+
+    def rows(self, tier: int, index: int, positions: np.ndarray) -> np.ndarray:
+        """Bits at bloom `positions` of every document in the class: bool len(positions) x count."""
+        span = self.classes[tier][index]
+        sliced, tail = self._matrices(tier, index)
+        positions = np.asarray(positions, dtype=np.int64)
+        bits = np.empty((len(positions), span.count), dtype=bool)
+        full = sliced.shape[1] * 8
+        if full:
+            bits[:, :full] = np.unpackbits(sliced[positions], axis=1, bitorder="little")
+        if tail.shape[0]:
+            bits[:, full:] = ((tail[:, positions >> 3] >> (positions & 7).astype(np.uint8)) & 1).T.astype(
+                bool
+            )
+        return bits
+
+    def row_bits(self, tier: int, index: int, r0: int, r1: int) -> np.ndarray:
+        """Bloom rows r0..r1 (multiples of 8) of every document in the class: bool (r1-r0) x count."""
+        span = self.classes[tier][index]
+        sliced, tail = self._matrices(tier, index)
+        bits = np.empty((r1 - r0, span.count), dtype=bool)
+        full = sliced.shape[1] * 8
+        if full:
+            bits[:, :full] = np.unpackbits(np.asarray(sliced[r0:r1]), axis=1, bitorder="little")
+        if tail.shape[0]:
+            bits[:, full:] = np.unpackbits(
+                np.asarray(tail[:, r0 // 8 : r1 // 8]), axis=1, bitorder="little"
+            ).T
+        return bits
+
+    def bloom_bytes(self) -> int:
+        return int(self._blooms.shape[0])

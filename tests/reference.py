@@ -1,0 +1,55 @@
+"""Slow, obviously-correct reference implementations (mmh3, datasketch, bitarray) of what the compiled
+kernels compute, so tests can hold the fast path to them."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import mmh3
+import numpy as np
+from bitarray import bitarray
+from datasketch.hyperloglog import HyperLogLogPlusPlus
+
+from sspry.features.sizing import HLL_PRECISION, bloom_blocks
+from sspry.policy import BLOCK_BITS, Policy
+
+
+def grams(data: bytes, n: int) -> list[bytes]:
+    return [data[i : i + n] for i in range(len(data) - n + 1)]
+
+
+def hll_registers(data: bytes, n: int) -> np.ndarray:
+    hll = HyperLogLogPlusPlus(
+        p=HLL_PRECISION, hashfunc=lambda b: mmh3.hash64(b, seed=0, x64arch=True, signed=False)[0]
+    )
+    for gram in grams(data, n):
+        hll.update(gram)
+    return hll.reg
+
+
+def bloom(data: bytes, n: int, k: int, nblocks: int) -> bytes:
+    bits = bitarray(nblocks * BLOCK_BITS, endian="little")
+    bits.setall(0)
+    for gram in set(grams(data, n)):
+        h2 = mmh3.hash64(gram, seed=0, x64arch=True, signed=False)[1]
+        block = ((h2 >> 32) * nblocks) >> 32
+        a, b = h2 & 511, ((h2 >> 9) & 511) | 1
+        for probe in range(k):
+            bits[block * BLOCK_BITS + ((a + probe * b) & 511)] = 1
+    return bits.tobytes()
+
+
+def document_fields(data: bytes, policy: Policy) -> dict:
+    """Every field extract_file must produce for `data`, computed the slow way."""
+    fields: dict = {"source_id": hashlib.new(policy.id_source, data).digest(), "filesize": len(data)}
+    for tier, n in zip((1, 2), policy.gram_sizes, strict=True):
+        reg = hll_registers(data, n)
+        estimate = round(HyperLogLogPlusPlus(p=HLL_PRECISION, reg=reg).count())
+        blocks = bloom_blocks(estimate, policy, tier)
+        fields[f"tier{tier}_estimate"] = estimate
+        fields[f"tier{tier}"] = bloom(data, n, policy.tier_k(tier), blocks)
+    counts = [data.count(bytes([b])) for b in range(256)]
+    fields["entropy"] = -sum(c / len(data) * math.log2(c / len(data)) for c in counts if c) if data else 0.0
+    fields["prefix"] = data[: policy.prefix_bytes]
+    return fields

@@ -1,0 +1,122 @@
+"""The compiled kernels and the extractor against slow reference implementations."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import mmh3
+import numpy as np
+import pytest
+
+from sspry.features import extract, kernels
+from sspry.policy import GRAM_PAIRS, Policy
+from tests import reference
+
+
+def _samples() -> dict[str, bytes]:
+    rng = random.Random(7)
+    text = b"The quick brown fox jumps over the lazy dog. " * 40
+    return {
+        "empty": b"",
+        "one": b"A",
+        "short": b"abcdefg",
+        "random": bytes(rng.randrange(256) for _ in range(5000)),
+        "text": text,
+        "zeros": b"\x00" * 3000 + b"MZ" + b"\x00" * 3000,
+        "ff-runs": b"\xff" * 64 + b"x" + b"\xff" * 64,  # an all-0xFF 8-gram must not look like "no gram yet"
+        "mixed": text[:500] + bytes(rng.randrange(256) for _ in range(700)) + b"\x00" * 100,
+    }
+
+
+@pytest.mark.parametrize("n", range(3, 9))
+def test_murmur3_matches_mmh3(n: int) -> None:
+    rng = random.Random(n)
+    for _ in range(200):
+        key = bytes(rng.randrange(256) for _ in range(n))
+        got = kernels.murmur3_x64_128(np.uint64(int.from_bytes(key, "little")), n)
+        assert (int(got[0]), int(got[1])) == mmh3.hash64(key, seed=0, x64arch=True, signed=False)
+
+
+@pytest.mark.parametrize("n", [3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("name", list(_samples()))
+def test_hll_and_bloom_match_reference_in_any_chunking(n: int, name: str) -> None:
+    data = _samples()[name]
+    array = np.frombuffer(data, dtype=np.uint8)
+    rng = random.Random(n * 31 + len(data))
+    cuts = sorted(rng.sample(range(len(data) + 1), min(5, len(data) + 1)))
+    pieces = [array[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+
+    reg = np.zeros(1 << 14, np.int8)
+    state = kernels.new_state()
+    for piece in pieces:
+        kernels.hll_update(piece, n, state, reg)
+    assert np.array_equal(reg, reference.hll_registers(data, n))
+
+    for k, nblocks in ((1, 3), (2, 17), (5, 1)):
+        bloom = np.zeros(nblocks * 64, np.uint8)
+        state = kernels.new_state()
+        for piece in pieces:
+            kernels.bloom_insert(piece, n, k, nblocks, bloom, state)
+        assert bloom.tobytes() == reference.bloom(data, n, k, nblocks)
+
+
+def _check_document(path: str, data: bytes, policy: Policy) -> None:
+    doc = extract.extract_file(path, policy)
+    want = reference.document_fields(data, policy)
+    assert doc.source_id == want["source_id"]
+    assert doc.filesize == want["filesize"]
+    assert doc.tier1_estimate == want["tier1_estimate"]
+    assert doc.tier2_estimate == want["tier2_estimate"]
+    assert doc.tier1.tobytes() == want["tier1"]
+    assert doc.tier2.tobytes() == want["tier2"]
+    assert doc.entropy == pytest.approx(want["entropy"], abs=1e-12)
+    assert doc.prefix == want["prefix"]
+
+
+@pytest.mark.parametrize("pair", GRAM_PAIRS)
+def test_extract_file_matches_reference(tmp_path, pair) -> None:
+    policy = Policy(gram_sizes=pair, id_source="md5")
+    for name, data in _samples().items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        _check_document(str(path), data, policy)
+
+
+def test_streamed_extraction_equals_in_memory(tmp_path, monkeypatch) -> None:
+    data = _samples()["mixed"] * 3
+    path = tmp_path / "big"
+    path.write_bytes(data)
+    policy = Policy()
+    in_memory = extract.extract_file(str(path), policy)
+    monkeypatch.setattr(extract, "IN_MEMORY_BYTES", 100)
+    monkeypatch.setattr(extract, "STREAM_CHUNK", 333)
+    streamed = extract.extract_file(str(path), policy)
+    assert streamed.source_id == in_memory.source_id
+    assert streamed.tier1.tobytes() == in_memory.tier1.tobytes()
+    assert streamed.tier2.tobytes() == in_memory.tier2.tobytes()
+    assert streamed.entropy == in_memory.entropy
+    _check_document(str(path), data, policy)
+
+
+def test_estimates_track_distinct_grams() -> None:
+    data = os.urandom(200_000)
+    array = np.frombuffer(data, dtype=np.uint8)
+    reg = np.zeros(1 << 14, np.int8)
+    kernels.hll_update(array, 4, kernels.new_state(), reg)
+    distinct = len(set(reference.grams(data, 4)))
+    assert abs(extract._estimate(reg) - distinct) / distinct < 0.03
+
+
+def test_unreadable_and_vanished_files_are_skipped(tmp_path) -> None:
+    policy = Policy()
+    with pytest.raises(extract.SkippedFile, match="No such file"):
+        extract.extract_file(str(tmp_path / "missing"), policy)
+    with pytest.raises(extract.SkippedFile, match="not a regular file"):
+        extract.extract_file("/dev/null", policy)
+    if os.geteuid() != 0:
+        locked = tmp_path / "locked"
+        locked.write_bytes(b"secret")
+        locked.chmod(0)
+        with pytest.raises(extract.SkippedFile, match="Permission denied"):
+            extract.extract_file(str(locked), policy)
