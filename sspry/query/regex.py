@@ -90,44 +90,46 @@ def convert(unit) -> Pattern:
 
 
 def _convert(unit) -> Pattern:
-    if isinstance(unit, yaramod.RegexpConcat):
+    # Exact types: in yaramod's binding `.`, `\d`, `^`, `\b`... all subclass RegexpText.
+    kind = type(unit)
+    if kind is yaramod.RegexpConcat:
         return Cat(tuple(convert(u) for u in unit.units))
-    if isinstance(unit, yaramod.RegexpText):
+    if kind is yaramod.RegexpText:
         return _text(unit.text)
-    if isinstance(unit, yaramod.RegexpClass):
+    if kind is yaramod.RegexpClass:
         return Lit((class_set(unit.characters, unit.is_negative),))
-    if isinstance(unit, yaramod.RegexpGroup):
+    if kind is yaramod.RegexpGroup:
         return convert(unit.unit)
-    if isinstance(unit, yaramod.RegexpOr):
+    if kind is yaramod.RegexpOr:
         return Alt((convert(unit.left), convert(unit.right)))
-    if isinstance(unit, yaramod.RegexpIteration):
+    if kind is yaramod.RegexpIteration:
         return Rep(convert(unit.operand), 0, None)
-    if isinstance(unit, yaramod.RegexpPositiveIteration):
+    if kind is yaramod.RegexpPositiveIteration:
         return Rep(convert(unit.operand), 1, None)
-    if isinstance(unit, yaramod.RegexpOptional):
+    if kind is yaramod.RegexpOptional:
         return Rep(convert(unit.operand), 0, 1)
-    if isinstance(unit, yaramod.RegexpRange):
+    if kind is yaramod.RegexpRange:
         lo, hi = unit.range
         return Rep(convert(unit.operand), lo or 0, hi)
-    if isinstance(unit, yaramod.RegexpAnyChar):
-        return ANY
-    simple = {
-        yaramod.RegexpDigit: DIGIT,
-        yaramod.RegexpNonDigit: ALL ^ DIGIT,
-        yaramod.RegexpWordChar: WORD,
-        yaramod.RegexpNonWordChar: ALL ^ WORD,
-        yaramod.RegexpSpace: SPACE,
-        yaramod.RegexpNonSpace: ALL ^ SPACE,
-    }
-    for kind, mask in simple.items():
-        if isinstance(unit, kind):
-            return Lit((mask,))
-    zero_width = (
-        yaramod.RegexpStartOfLine,
-        yaramod.RegexpEndOfLine,
-        yaramod.RegexpWordBoundary,
-        yaramod.RegexpNonWordBoundary,
-    )
-    if isinstance(unit, zero_width):
+    if kind in _SETS:
+        return Lit((_SETS[kind],))
+    if kind in _ZERO_WIDTH:
         return EMPTY
     return UNKNOWN
+
+
+_SETS = {
+    yaramod.RegexpAnyChar: ALL,
+    yaramod.RegexpDigit: DIGIT,
+    yaramod.RegexpNonDigit: ALL ^ DIGIT,
+    yaramod.RegexpWordChar: WORD,
+    yaramod.RegexpNonWordChar: ALL ^ WORD,
+    yaramod.RegexpSpace: SPACE,
+    yaramod.RegexpNonSpace: ALL ^ SPACE,
+}
+_ZERO_WIDTH = {
+    yaramod.RegexpStartOfLine,
+    yaramod.RegexpEndOfLine,
+    yaramod.RegexpWordBoundary,
+    yaramod.RegexpNonWordBoundary,
+}

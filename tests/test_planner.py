@@ -1,0 +1,237 @@
+"""The planner: hex and regex lowering, literal factors, conditions, and soundness against yara-python."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import yara
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sspry.policy import Policy
+from sspry.query.condition import int_literal
+from sspry.query.hexstr import HexError, parse_hex
+from sspry.query.literals import ANY, Alt, Cat, GramMapper, Lit, Rep, byte, literal, pattern_plan
+from sspry.query.plan import TRUE, Approx, Filesize, Gram, and_, at_least, not_, or_
+from tests.planeval import Facts, plans_for
+
+POLICY = Policy()
+
+
+def holds(node, data: bytes, policy: Policy = POLICY) -> bool:
+    return Facts(data, policy).holds(node)
+
+
+def test_hex_grammar() -> None:
+    pattern = parse_hex("4D 5A ?? 9? [2-4] ( AA | BB CC ) ~00 [-] 01")
+    assert isinstance(pattern, Cat)
+    lit, jump, alt, neg, open_jump, tail = pattern.items
+    assert lit == Lit((byte(0x4D), byte(0x5A), ANY.seq[0], sum(byte(0x90 | i) for i in range(16))))
+    assert jump == Rep(ANY, 2, 4)
+    assert alt == Alt((literal(b"\xaa"), literal(b"\xbb\xcc")))
+    assert neg.seq[0].bit_count() == 255
+    assert open_jump == Rep(ANY, 0, None)
+    assert tail == literal(b"\x01")
+    assert parse_hex("4D5A\n  90") == literal(b"MZ\x90")
+    assert parse_hex("( 01 | ( 02 | 03 04 ) ) [5-] ?A") == Cat(
+        (
+            Alt((literal(b"\x01"), Alt((literal(b"\x02"), literal(b"\x03\x04"))))),
+            Rep(ANY, 5, None),
+            Lit((sum(byte(h << 4 | 0xA) for h in range(16)),)),
+        )
+    )
+    for bad in ("4D 5", "( 4D", "4D )", "[]", "[5-2]", "ZZ"):
+        with pytest.raises(HexError):
+            parse_hex(bad)
+
+
+def test_literal_factors_cut_at_variable_parts() -> None:
+    mapper = GramMapper(POLICY.gram_sizes, 64)
+    # /xab+cdy/: must not demand "xabcdy" minus the b run (the original dropped the +), only "xab" and "bcdy"
+    node = pattern_plan(Cat((literal(b"xa"), Rep(literal(b"b"), 1, None), literal(b"cdy"))), mapper)
+    assert holds(node, b"..xabbbbbcdy..")
+    assert holds(node, b"xabcdy")
+    assert not holds(node, b"xacdy")
+    # a{0,3} and * contribute nothing, alternatives OR
+    node = pattern_plan(
+        Cat((literal(b"head"), Rep(ANY, 0, None), Alt((literal(b"tail1"), literal(b"TAIL2"))))), mapper
+    )
+    assert holds(node, b"head....TAIL2") and holds(node, b"headtail1")
+    assert not holds(node, b"head tail3")
+    # short literals give no grams at all
+    assert pattern_plan(literal(b"ab"), mapper) is TRUE
+
+
+def test_plan_algebra_simplifies() -> None:
+    a, b = Gram(1, b"abc"), Gram(1, b"bcd")
+    assert and_(a, TRUE, and_(b, a)) is and_(a, b)
+    assert or_(a, TRUE) is TRUE
+    assert at_least(2, [a, b, TRUE]) is or_(a, b)
+    assert at_least(3, [a, b]).__class__.__name__ == "Const"
+    assert not_(not_(Filesize("<", 5))) is Filesize("<", 5)
+    # three-valued: "not $a" cannot prune, "not (filesize < 5)" can
+    string = Approx.maybe(a)
+    assert (~string).upper is TRUE
+    assert (~Approx.exact(Filesize("<", 5))).upper is not_(Filesize("<", 5))
+    assert (~~string).upper is a
+
+
+def test_int_literals_follow_yara() -> None:
+    assert int_literal("10KB") == 10240
+    assert int_literal("2MB") == 2 << 20
+    assert int_literal("0x10") == 16
+    assert int_literal("0o17") == 15
+    assert int_literal("12") == 12
+    assert int_literal("abc") is None
+
+
+def test_conditions() -> None:
+    source = r"""
+    rule strings_and_size {
+        strings: $a = "needle-one" $b = "needle-two" condition: $a and $b and filesize < 1KB
+    }
+    rule any_of { strings: $a = "needle-one" $b = "needle-two" condition: any of them }
+    rule negation { strings: $a = "needle-one" condition: not $a }
+    rule counts { strings: $a = "needle-one" condition: #a >= 2 or #a < 1 }
+    rule count_needs { strings: $a = "needle-one" condition: #a > 1 }
+    rule loop { strings: $a = "needle-one" $b = "needle-two" condition: for all of ($a, $b) : ($ at 0) }
+    private rule helper { strings: $a = "needle-two" condition: $a }
+    rule reference { condition: helper and filesize > 10 }
+    rule none_of { strings: $a = "needle-one" condition: none of them }
+    """
+    plans = plans_for(
+        source,
+        ["strings_and_size", "any_of", "negation", "counts", "count_needs", "loop", "reference", "none_of"],
+        POLICY,
+    )
+    one, two, both = b"xx needle-one xx", b"xx needle-two xx", b"needle-one needle-two"
+    assert holds(plans["strings_and_size"], both) and not holds(plans["strings_and_size"], one)
+    assert not holds(plans["strings_and_size"], both + b"x" * 1024)  # 10KB-style sizes are exact
+    assert holds(plans["any_of"], one) and holds(plans["any_of"], two) and not holds(plans["any_of"], b"none")
+    assert plans["negation"] is TRUE and plans["counts"] is TRUE and plans["none_of"] is TRUE
+    assert holds(plans["count_needs"], one) and not holds(plans["count_needs"], two)
+    assert holds(plans["loop"], both) and not holds(plans["loop"], one)
+    assert holds(plans["reference"], two) and not holds(plans["reference"], one)
+
+
+def test_global_rules_apply_to_every_rule() -> None:
+    source = r"""
+    global rule small { condition: filesize < 100 }
+    rule r { strings: $a = "needle-one" condition: $a }
+    """
+    plan = plans_for(source, ["r"], POLICY)["r"]
+    assert holds(plan, b"needle-one") and not holds(plan, b"needle-one" + b"x" * 200)
+
+
+# --- soundness against yara-python --------------------------------------------------------------------
+ALPHABET = b"abcdefghijABCDEFGHIJ0123456789 _-./\x00\x01\xff"
+
+
+def _text_rule(data: bytes, modifiers: list[str]) -> str:
+    escaped = "".join(f"\\x{b:02x}" for b in data)
+    return f'"{escaped}" {" ".join(modifiers)}'
+
+
+def _hex_rule(data: bytes, rng: random.Random) -> str:
+    parts = []
+    for i, b in enumerate(data):
+        roll = rng.random() if 0 < i < len(data) - 1 else 1.0  # YARA: no jump or wildcard at the ends
+        if roll < 0.1:
+            parts.append("??")
+        elif roll < 0.15:
+            parts.append(f"{b >> 4:X}?")
+        elif roll < 0.2:
+            parts.append(f"[0-2] {b:02X}")
+        elif roll < 0.25:
+            parts.append(f"( {b:02X} | {(b + 1) % 256:02X} 00 )")
+        else:
+            parts.append(f"{b:02X}")
+    return "{ " + " ".join(parts) + " }"
+
+
+def _regex_rule(data: bytes, rng: random.Random) -> str:
+    out = []
+    for b in data:
+        char = f"\\x{b:02x}"
+        roll = rng.random()
+        if roll < 0.1:
+            out.append(f"{char}+")
+        elif roll < 0.15:
+            out.append(f"{char}?")
+        elif roll < 0.2:
+            out.append(".")
+        elif roll < 0.25:
+            out.append(f"[{char}\\x41-\\x43]")
+        elif roll < 0.3:
+            out.append(f"({char}|zz)")
+        elif roll < 0.33:
+            out.append(f"{char}{{1,3}}")
+        else:
+            out.append(char)
+    return "/" + "".join(out) + "/"
+
+
+def _mutate(data: bytes, rng: random.Random) -> bytes:
+    """A variant of `data` that some of the generated patterns still match."""
+    out = bytearray()
+    for b in data:
+        roll = rng.random()
+        if roll < 0.1:
+            out += bytes([b]) * rng.randrange(1, 4)
+        elif roll < 0.2 and (0x41 <= b <= 0x5A or 0x61 <= b <= 0x7A):
+            out.append(ord(chr(b).swapcase()))
+        else:
+            out.append(b)
+    return bytes(out)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    needle=st.binary(min_size=3, max_size=14).map(lambda b: bytes(ALPHABET[x % len(ALPHABET)] for x in b)),
+    seed=st.integers(0, 2**32),
+    gram_pair=st.sampled_from([(3, 4), (4, 5), (7, 8)]),
+    max_anchors=st.sampled_from([1, 4, 16]),
+)
+def test_plans_hold_whenever_yara_matches(needle: bytes, seed: int, gram_pair, max_anchors: int) -> None:
+    rng = random.Random(seed)
+    policy = Policy(gram_sizes=gram_pair)
+    modifier_sets = [
+        [],
+        ["nocase"],
+        ["wide"],
+        ["wide", "ascii"],
+        ["nocase", "wide"],
+        ["xor(1-3)"],
+        ["fullword"],
+    ]
+    strings = [f"$t{i} = {_text_rule(needle, m)}" for i, m in enumerate(modifier_sets)]
+    strings.append(f"$h = {_hex_rule(needle, rng)}")
+    strings.append(f"$r = {_regex_rule(needle, rng)}")
+    strings.append(f"$ri = {_regex_rule(needle, rng)} nocase wide ascii")
+    names = [s.split(" ")[0] for s in strings]
+    rules = [f"rule r_{n[1:]} {{ strings: {s} condition: {n} }}" for n, s in zip(names, strings, strict=True)]
+    rules.append(
+        f"rule r_two {{ strings: {strings[0]} {strings[7]} condition: 1 of them and filesize < 4KB }}"
+    )
+    source = "\n".join(rules)
+    compiled = yara.compile(source=source)
+    plans = plans_for(source, [r.identifier for r in compiled], policy, max_anchors)
+
+    def wrap(body: bytes) -> bytes:
+        return rng.randbytes(rng.randrange(0, 20)) + body + rng.randbytes(rng.randrange(0, 20))
+
+    variant = _mutate(needle, rng)
+    samples = [
+        wrap(needle),
+        wrap(variant),
+        wrap(bytes(b ^ 0x20 if 0x41 <= b <= 0x5A or 0x61 <= b <= 0x7A else b for b in needle)),
+        wrap(needle.decode("latin-1").encode("utf-16-le")),
+        wrap(needle.upper().decode("latin-1").encode("utf-16-le")),
+        wrap(bytes(b ^ 2 for b in needle)),
+        wrap(rng.randbytes(len(needle))),
+    ]
+    for data in samples:
+        facts = Facts(data, policy)
+        for match in compiled.match(data=data):
+            assert facts.holds(plans[match.rule]), (match.rule, data, source)

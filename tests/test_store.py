@@ -1,0 +1,253 @@
+"""The Forest store: segments hold exactly the blooms written, and every write path keeps them."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+
+import numpy as np
+import pytest
+
+from sspry.document import Document
+from sspry.features.sizing import ladder
+from sspry.policy import BLOCK_BITS, Policy, PolicyError
+from sspry.store.forest import Forest, ForestError
+from sspry.store.ingest_log import read_log
+from sspry.store.segment import FreshPart, SegmentPart, SegmentReader, build_segment
+
+
+def make_doc(
+    policy: Policy, rng: random.Random, blocks: tuple[int, int] | None = None, path: str | None = None
+):
+    """A document with random blooms drawn from the policy's size classes."""
+    sizes = ladder(policy.ladder_steps)
+    blooms = []
+    for tier in (1, 2):
+        nblocks = blocks[tier - 1] if blocks else int(sizes[rng.randrange(6)])
+        blooms.append(np.frombuffer(rng.randbytes(nblocks * BLOCK_BITS // 8), dtype=np.uint8))
+    content = rng.randbytes(32)
+    return Document(
+        source_id=hashlib.new(policy.id_source, content).digest(),
+        filesize=rng.randrange(1, 1 << 30),
+        tier1=blooms[0],
+        tier2=blooms[1],
+        tier1_estimate=rng.randrange(1000),
+        tier2_estimate=rng.randrange(1000),
+        entropy=rng.random() * 8,
+        prefix=content[: rng.randrange(33)],
+        path=path,
+    )
+
+
+def stored_bloom(reader: SegmentReader, doc: int, tier: int) -> bytes:
+    """Read one document's whole bloom back out of the bit-sliced class it lives in."""
+    blocks = int(reader.doc_blocks(tier)[doc])
+    index = reader.class_index(tier, blocks)
+    column = int(reader.class_columns(tier, np.array([doc]))[0])
+    bits = reader.row_bits(tier, index, 0, blocks * BLOCK_BITS)[:, column]
+    return np.packbits(bits, bitorder="little").tobytes()
+
+
+@pytest.mark.parametrize("count", [1, 7, 8, 9, 23, 64])
+def test_segment_round_trip(tmp_path, count: int) -> None:
+    policy = Policy(store_path=True, id_source="md5")
+    rng = random.Random(count)
+    # few classes, so classes hold several documents and both the sliced part and the tail are used
+    docs = [
+        make_doc(policy, rng, (rng.choice([1, 2]), rng.choice([2, 3])), path=f"/p/{i}") for i in range(count)
+    ]
+    build_segment(tmp_path / "seg", [FreshPart(docs, policy)], policy)
+    reader = SegmentReader(tmp_path / "seg")
+    assert reader.docs == count
+    by_id = {d.source_id: d for d in docs}
+    for i in range(count):
+        doc = by_id[reader.source_id(i)]
+        assert stored_bloom(reader, i, 1) == doc.tier1.tobytes()
+        assert stored_bloom(reader, i, 2) == doc.tier2.tobytes()
+        assert int(reader.filesize[i]) == doc.filesize
+        assert float(reader.entropy[i]) == doc.entropy
+        assert reader.prefix[i, : reader.prefix_len[i]].tobytes() == doc.prefix
+        assert reader.path(i) == doc.path
+    # rows(): the query-side read of single bit positions agrees with the stored blooms
+    for tier in (1, 2):
+        for index, span in enumerate(reader.classes[tier]):
+            positions = np.array(sorted(rng.sample(range(span.nbits), 20)))
+            rows = reader.rows(tier, index, positions)
+            for column, doc_index in enumerate(reader.class_members(tier, index)):
+                bloom = by_id[reader.source_id(int(doc_index))].bloom(tier)
+                expect = (bloom[positions >> 3] >> (positions & 7)) & 1
+                assert np.array_equal(rows[:, column], expect.astype(bool))
+    found = reader.find([d.source_id for d in docs] + [b"\x00" * 16])
+    assert [reader.source_id(int(i)) for i in found[:-1]] == [d.source_id for d in docs]
+    assert found[-1] == -1
+
+
+def test_merging_segments_keeps_survivors_exactly(tmp_path) -> None:
+    policy = Policy(store_path=True)
+    rng = random.Random(3)
+    groups = [
+        [make_doc(policy, rng, (rng.choice([1, 2]), 2), path=f"/g{g}/{i}") for i in range(n)]
+        for g, n in enumerate((5, 13, 9))
+    ]
+    readers = []
+    for g, docs in enumerate(groups):
+        build_segment(tmp_path / f"s{g}", [FreshPart(docs, policy)], policy)
+        readers.append(SegmentReader(tmp_path / f"s{g}"))
+    keeps = [rng.getrandbits(r.docs) for r in readers]
+    masks = [
+        np.array([(k >> i) & 1 for i in range(r.docs)], dtype=bool)
+        for k, r in zip(keeps, readers, strict=True)
+    ]
+    build_segment(
+        tmp_path / "merged", [SegmentPart(r, m) for r, m in zip(readers, masks, strict=True)], policy
+    )
+    merged = SegmentReader(tmp_path / "merged")
+    expected = {}
+    for reader, mask in zip(readers, masks, strict=True):
+        for i in np.flatnonzero(mask):
+            expected[reader.source_id(int(i))] = (
+                stored_bloom(reader, int(i), 1),
+                stored_bloom(reader, int(i), 2),
+                reader.path(int(i)),
+            )
+    assert merged.docs == len(expected)
+    for i in range(merged.docs):
+        want = expected[merged.source_id(i)]
+        assert (stored_bloom(merged, i, 1), stored_bloom(merged, i, 2), merged.path(i)) == want
+
+
+def test_init_validates_and_is_idempotent(tmp_path) -> None:
+    root = tmp_path / "forest"
+    Forest.init(root, Policy())
+    Forest.init(root, Policy())  # same policy: no-op
+    with pytest.raises(PolicyError, match="different policy"):
+        Forest.init(root, Policy(gram_sizes=(4, 5)))
+    Forest.init(root, Policy(gram_sizes=(4, 5)), force=True)
+    with Forest.open(root) as forest:
+        assert forest.policy.gram_sizes == (4, 5)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "keep.txt").write_text("x")
+    with pytest.raises(PolicyError, match="not an empty directory"):
+        Forest.init(tmp_path / "other", Policy())
+    with pytest.raises(PolicyError, match="not an sspry forest"):
+        Forest.init(tmp_path / "other", Policy(), force=True)
+    assert (tmp_path / "other" / "keep.txt").exists()
+    with pytest.raises(ForestError, match="sspry init"):
+        Forest.open(tmp_path / "nothing")
+
+
+def test_one_writer_at_a_time(tmp_path) -> None:
+    Forest.init(tmp_path / "f", Policy())
+    with (
+        Forest.open(tmp_path / "f", writable=True),
+        pytest.raises(ForestError, match="another sspry process"),
+    ):
+        Forest.open(tmp_path / "f", writable=True)
+    with Forest.open(tmp_path / "f", writable=True):
+        pass  # released on close
+
+
+def test_publish_dedups_deletes_and_compacts(tmp_path) -> None:
+    policy = Policy(shards=2, store_path=True, tree_docs=25)
+    Forest.init(tmp_path / "f", policy)
+    rng = random.Random(11)
+    docs = [make_doc(policy, rng, path=f"/d/{i}") for i in range(60)]
+    with Forest.open(tmp_path / "f", writable=True) as forest:
+        forest.ingest(docs[:30])
+        forest.ingest(docs[:10])  # duplicates inside one publish
+        first = forest.publish()
+        assert (first.inserted, first.duplicates) == (30, 10)
+        forest.ingest(docs[25:60])
+        second = forest.publish()
+        assert (second.inserted, second.duplicates) == (30, 5)
+        info = forest.info()
+        assert info["documents"] == 60
+        assert info["trees"] == 3  # 25 + 25 + 10: trees roll over at tree_docs
+        assert forest.delete([docs[0].source_id, docs[0].source_id, b"\x01" * 32]) == [True, True, False]
+        assert forest.delete([docs[0].source_id]) == [False]
+        assert forest.find_paths(["/d/5"]) == [docs[5].source_id]
+        segments_before = info["segments"]
+        forest.ingest([docs[0]])  # a deleted document can be indexed again
+        assert forest.publish().inserted == 1
+        result = forest.compact(full=True)
+        assert result.purged_docs == 1
+        info = forest.info()
+        assert info["documents"] == 60 and info["deleted"] == 0
+        assert info["segments"] <= segments_before
+        ids = set()
+        for view in forest.snapshot().views:
+            ids |= {view.reader.source_id(i) for i in range(view.reader.docs)}
+        assert ids == {d.source_id for d in docs}
+
+
+def test_ingest_rejects_malformed_rows_and_writes_nothing(tmp_path) -> None:
+    policy = Policy()
+    Forest.init(tmp_path / "f", policy)
+    rng = random.Random(5)
+    good = make_doc(policy, rng).to_row()
+    short_id = make_doc(policy, rng).to_row()
+    short_id.source_id = b"\x00" * 16
+    bad_bloom = make_doc(policy, rng).to_row()
+    bad_bloom.tier2.bits = b"\x00" * 100
+    with Forest.open(tmp_path / "f", writable=True) as forest:
+        for row, message in ((short_id, "source id of 16 bytes"), (bad_bloom, "not a size class")):
+            with pytest.raises(PolicyError, match=message):
+                forest.ingest_rows([good, row])
+        assert forest.pending_bytes == 0
+        assert forest.publish().inserted == 0
+
+
+def test_torn_log_tail_is_dropped_and_the_rest_published(tmp_path) -> None:
+    policy = Policy()
+    Forest.init(tmp_path / "f", policy)
+    rng = random.Random(9)
+    docs = [make_doc(policy, rng) for _ in range(5)]
+    with Forest.open(tmp_path / "f", writable=True) as forest:
+        forest.ingest(docs)
+    log = next((tmp_path / "f" / "ingest").iterdir())
+    with open(log, "ab") as handle:  # a crash in the middle of the next append
+        handle.write(b"\x40\x00\x00\x00\x12\x34")
+    rows, dropped = read_log(log)
+    assert len(rows) == 5 and dropped == 6
+    with Forest.open(tmp_path / "f", writable=True) as forest:
+        result = forest.publish()
+        assert (result.inserted, result.dropped_bytes) == (5, 6)
+        assert not list((tmp_path / "f" / "ingest").iterdir())
+
+
+def test_interrupted_publish_leaves_no_garbage(tmp_path, monkeypatch) -> None:
+    policy = Policy(shards=1)
+    Forest.init(tmp_path / "f", policy)
+    rng = random.Random(2)
+    docs = [make_doc(policy, rng) for _ in range(4)]
+    with Forest.open(tmp_path / "f", writable=True) as forest:
+        forest.ingest(docs)
+        monkeypatch.setattr(
+            "sspry.store.forest.write_manifest", lambda *a: (_ for _ in ()).throw(OSError("disk"))
+        )
+        with pytest.raises(OSError):
+            forest.publish()
+    monkeypatch.undo()
+    shard = tmp_path / "f" / "trees" / "tree_0000" / "shard_000"
+    assert any(shard.iterdir())  # the half-done segment is there ...
+    with Forest.open(tmp_path / "f", writable=True) as forest:
+        assert not any(shard.iterdir())  # ... and recovery removed it
+        assert forest.publish().inserted == 4  # the log still held every row
+        assert forest.snapshot().documents == 4
+
+
+def test_reader_sees_a_consistent_snapshot_while_a_writer_works(tmp_path) -> None:
+    policy = Policy(shards=1)
+    Forest.init(tmp_path / "f", policy)
+    rng = random.Random(4)
+    with Forest.open(tmp_path / "f", writable=True) as writer, Forest.open(tmp_path / "f") as reader:
+        for round_ in range(6):
+            writer.ingest([make_doc(policy, rng) for _ in range(3)])
+            writer.publish()
+            snapshot = reader.snapshot()
+            assert snapshot.documents == 3 * (round_ + 1)
+            writer.compact(full=True)  # removes the segments the reader's snapshot has open
+            assert sum(int(v.live.sum()) for v in snapshot.views) == snapshot.documents
+            assert reader.snapshot().documents == snapshot.documents
+        assert len(os.listdir(tmp_path / "f" / "trees" / "tree_0000" / "shard_000")) == 1
