@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 
 from tqdm import tqdm
 
@@ -26,9 +26,7 @@ class IndexSummary:
     problems: list[SkippedFile] = field(default_factory=list)
 
     def counts(self) -> dict:
-        data = asdict(self)
-        del data["problems"]
-        return data
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "problems"}
 
 
 def index_paths(

@@ -1,0 +1,235 @@
+"""The `sspry` command end to end: init, local index/search/delete/compact/info, and bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from sspry import indexing
+from sspry.cli import main
+from sspry.policy import Policy
+from sspry.store.forest import Forest
+
+
+def run(*args: str, code: int = 0):
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    assert result.exit_code == code, (args, result.output, result.stderr)
+    return result
+
+
+@pytest.fixture
+def files(tmp_path) -> Path:
+    directory = tmp_path / "files"
+    (directory / "sub").mkdir(parents=True)
+    (directory / "a.txt").write_bytes(b"prefix needle-alpha suffix " * 10)
+    (directory / "b.txt").write_bytes("wide needle-beta".encode("utf-16-le"))
+    (directory / "sub" / "c.bin").write_bytes(bytes(range(256)) * 40)
+    (directory / "sub" / "empty").write_bytes(b"")
+    (directory / "sub" / "dup.txt").write_bytes(b"prefix needle-alpha suffix " * 10)  # same content as a.txt
+    return directory
+
+
+@pytest.fixture
+def rules(tmp_path) -> Path:
+    path = tmp_path / "rules.yar"
+    path.write_text(
+        'rule alpha { strings: $a = "needle-alpha" condition: $a }\n'
+        'rule beta { strings: $a = "needle-beta" wide condition: $a }\n'
+        "rule big { condition: filesize > 5KB }\n"
+    )
+    return path
+
+
+def test_init_rejects_invalid_values(tmp_path) -> None:
+    root = str(tmp_path / "f")
+    for bad in (
+        ["--gram-sizes", "3,5"],
+        ["--gram-sizes", "x"],
+        ["--tier1-set-fp", "0.9"],
+        ["--tier2-set-fp", "0.001"],
+        ["--id-source", "crc32"],
+        ["--shards", "0"],
+    ):
+        result = run("init", "--root", root, *bad, code=2)
+        assert "Invalid value" in result.output
+        assert not (tmp_path / "f").exists()
+    result = run("init", "--root", root, "--gram-sizes", "4,5", "--id-source", "md5")
+    assert "gram_sizes: 4,5" in result.output and "id_source: md5" in result.output
+    result = run("init", "--root", root, code=2)
+    assert "different policy" in result.output
+    run("init", "--root", root, "--force")
+
+
+def test_local_index_search_delete_compact(tmp_path, files, rules) -> None:
+    root = str(tmp_path / "forest")
+    run("init", "--root", root, "--store-path", "--shards", "2")
+    result = run("local", "index", "--root", root, str(files))
+    assert "submitted_documents: 5" in result.output
+    assert "processed_documents: 5" in result.output
+    assert "inserted_documents: 4" in result.output  # dup.txt has a.txt's content
+    again = run("local", "index", "--root", root, "--json", str(files))
+    assert json.loads(again.stdout)["inserted_documents"] == 0  # re-indexing is a no-op
+
+    plain = run("local", "search", "--root", root, "--rule", str(rules)).stdout
+    blocks = plain.strip().split("\n\n")
+    assert blocks[0].splitlines()[:3] == ["rule: alpha", "candidates: 1", "truncated: false"]
+    alpha_id = hashlib.sha256((files / "a.txt").read_bytes()).hexdigest()
+    assert blocks[0].splitlines()[3] == alpha_id
+
+    data = json.loads(
+        run("local", "search", "--root", root, "--rule", str(rules), "--json", "--verify").stdout
+    )
+    assert data["documents"] == 4 and data["elapsed_ms"] >= 0
+    by_rule = {r["rule"]: r for r in data["rules"]}
+    assert by_rule["alpha"]["candidates"][0]["verified"] is True
+    assert by_rule["alpha"]["candidates"][0]["path"] in (str(files / "a.txt"), str(files / "sub" / "dup.txt"))
+    assert [c["verified"] for c in by_rule["beta"]["candidates"]] == [True]
+    assert sorted(c["path"] for c in by_rule["big"]["candidates"]) == [str(files / "sub" / "c.bin")]
+
+    capped = json.loads(
+        run("local", "search", "--root", root, "--rule", str(rules), "--json", "--max-candidates", "1").stdout
+    )
+    # "big" has one candidate and the cap is ceil(4 * 1%) = 1: nothing to truncate
+    assert not any(r["truncated"] for r in capped["rules"])
+    broad = tmp_path / "broad.yar"
+    broad.write_text("rule everything { condition: filesize >= 0 }\n")
+    capped = json.loads(
+        run(
+            "local", "search", "--root", root, "--rule", str(broad), "--json", "--max-candidates", "25"
+        ).stdout
+    )
+    rule = capped["rules"][0]
+    assert (rule["candidate_count"], rule["truncated"], rule["truncated_limit"]) == (4, True, 1)
+    assert len(rule["candidates"]) == 1
+
+    deleted = run("local", "delete", "--root", root, str(files / "b.txt"), "ab" * 32, code=1).stdout
+    assert deleted.splitlines()[1] == "status: deleted" and deleted.splitlines()[4] == "status: missing"
+    run("local", "delete", "--root", root, alpha_id)
+    info = json.loads(run("local", "info", "--root", root).stdout)
+    assert (info["documents"], info["deleted"]) == (2, 2)
+    compacted = run("local", "compact", "--root", root, "--json")
+    assert json.loads(compacted.stdout)["purged_documents"] == 2
+    info = json.loads(run("local", "info", "--root", root).stdout)
+    assert (info["documents"], info["deleted"]) == (2, 0) and info["segments"] <= 2  # one per shard at most
+    assert info["policy"]["store_path"] is True and info["disk_bytes"] > 0
+
+
+def test_uninitialised_root_is_a_clear_error(tmp_path, rules) -> None:
+    root = str(tmp_path / "nothing")
+    for args in (
+        ["local", "index", "--root", root, str(rules)],
+        ["local", "search", "--root", root, "--rule", str(rules)],
+        ["local", "info", "--root", root],
+        ["local", "delete", "--root", root, "00"],
+        ["local", "compact", "--root", root],
+    ):
+        result = run(*args, code=2)
+        assert "sspry init --root" in result.output
+
+
+def test_bad_rule_files(tmp_path, files) -> None:
+    root = str(tmp_path / "forest")
+    run("init", "--root", root)
+    run("local", "index", "--root", root, str(files))
+    empty = tmp_path / "empty.yar"
+    empty.write_bytes(b"")
+    assert "no rules" in run("local", "search", "--root", root, "--rule", str(empty), code=2).output
+    binary = tmp_path / "binary.yar"
+    binary.write_bytes(bytes(range(256)) * 4)
+    result = run("local", "search", "--root", root, "--rule", str(binary), code=2)
+    assert f"{binary}(1)" in result.output
+    broken = tmp_path / "broken.yar"
+    broken.write_text("rule ok { condition: true }\n\nrule bad {\n condition:\n  $missing\n}\n")
+    result = run("local", "search", "--root", root, "--rule", str(broken), code=2)
+    assert f"{broken}(6)" in result.output and "$missing" in result.output
+    result = run("local", "search", "--root", root, "--rule", str(tmp_path / "nope.yar"), code=2)
+    assert "not found" in result.output or "does not exist" in result.output
+    result = run("local", "search", "--root", root, "--rule", str(files / "a.txt"), "--verify", code=2)
+    assert "--store-path" in result.output
+
+
+def test_vanished_file_is_reported_and_the_rest_indexed(tmp_path, files, monkeypatch) -> None:
+    Forest.init(tmp_path / "forest", Policy())
+    real_walk = indexing.walk
+
+    def walk_then_delete(paths, path_list=False):
+        found = real_walk(paths, path_list)
+        os.unlink(files / "b.txt")  # vanishes between the walk and its extraction
+        return found
+
+    monkeypatch.setattr(indexing, "walk", walk_then_delete)
+    with Forest.open(tmp_path / "forest", writable=True) as forest:
+        summary = indexing.index_paths(forest, [str(files)], progress=False)
+        assert summary.skipped_files == 1
+        assert "b.txt" in summary.problems[0].path and "No such file" in summary.problems[0].reason
+        assert summary.inserted_documents == 3
+        assert forest.snapshot().documents == 3
+
+
+def test_missing_paths_are_reported(tmp_path, files) -> None:
+    root = str(tmp_path / "forest")
+    run("init", "--root", root)
+    result = run("local", "index", "--root", root, str(files), str(tmp_path / "missing"))
+    assert "skipped_files: 1" in result.output
+    assert "no such file or directory" in result.stderr
+    result = run("local", "index", "--root", root, str(tmp_path / "missing"), code=2)
+    assert "no files could be indexed" in result.output
+
+
+def test_directory_without_permission(tmp_path) -> None:
+    """The unreadable directory is reported and skipped, the readable files are indexed. Root reads
+    everything, so as root the command runs without the capabilities that bypass file permissions."""
+    data = tmp_path / "data"
+    (data / "open").mkdir(parents=True)
+    (data / "locked").mkdir()
+    (data / "open" / "file.txt").write_bytes(b"readable content here")
+    (data / "locked" / "secret.txt").write_bytes(b"hidden content")
+    Forest.init(tmp_path / "forest", Policy())
+    command = [
+        sys.executable,
+        "-m",
+        "sspry.cli",
+        "local",
+        "index",
+        "--root",
+        str(tmp_path / "forest"),
+        str(data),
+    ]
+    if os.geteuid() == 0:
+        caps = "-dac_override,-dac_read_search"
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv: permissions cannot be enforced")
+        command = ["setpriv", f"--bounding-set={caps}", f"--inh-caps={caps}", "--", *command]
+    (data / "locked").chmod(0)
+    try:
+        result = subprocess.run(command, capture_output=True, text=True)
+    finally:
+        (data / "locked").chmod(0o755)
+    assert result.returncode == 0, result.stderr
+    assert "inserted_documents: 1" in result.stdout
+    assert "skipped_files: 1" in result.stdout
+    assert "locked" in result.stderr and "Permission denied" in result.stderr
+
+
+def test_verify_reports_changed_and_missing_files(tmp_path, files, rules) -> None:
+    root = str(tmp_path / "forest")
+    run("init", "--root", root, "--store-path")
+    run("local", "index", "--root", root, str(files))
+    (files / "b.txt").write_bytes("wide needle-beta changed".encode("utf-16-le"))
+    os.unlink(files / "sub" / "c.bin")
+    data = json.loads(
+        run("local", "search", "--root", root, "--rule", str(rules), "--json", "--verify").stdout
+    )
+    by_rule = {r["rule"]: r for r in data["rules"]}
+    assert [c["verified"] for c in by_rule["beta"]["candidates"]] == [None]
+    assert [c["verified"] for c in by_rule["big"]["candidates"]] == [None]
+    plain = run("local", "search", "--root", root, "--rule", str(rules), "--verify").stdout
+    assert "verified_skipped: 1" in plain

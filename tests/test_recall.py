@@ -1,0 +1,69 @@
+"""End to end through blooms and the store: every yara-python match is a candidate, and planted-string
+rules exclude most of the documents that do not match."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import yara
+
+from sspry.query.search import search_rule_file
+from sspry.store.forest import Forest
+from sspry.verify import verify
+
+REAL_RULES = Path(__file__).resolve().parents[2] / "shared" / "data" / "rules" / "yara-rules"
+
+
+def truth(rules: yara.Rules, files) -> dict[str, set[bytes]]:
+    found: dict[str, set[bytes]] = {}
+    for path in files:
+        data = Path(path).read_bytes()
+        digest = hashlib.sha256(data).digest()
+        for match in rules.match(data=data):
+            found.setdefault(match.rule, set()).add(digest)
+    return found
+
+
+def test_generated_rules_recall_and_precision(indexed_corpus) -> None:
+    with Forest.open(indexed_corpus.root) as forest:
+        result, compiled = search_rule_file(forest, str(indexed_corpus.rules))
+        documents = result.documents
+        verify(result, compiled, forest.policy)
+    expected = truth(compiled, indexed_corpus.files)
+    assert sum(len(v) for v in expected.values()) > 40, "the corpus must give the rules real matches"
+    for rule in result.rules:
+        candidates = {c.source_id for c in rule.candidates}
+        matches = expected.get(rule.rule, set())
+        assert matches <= candidates, f"{rule.rule} missed {len(matches - candidates)} files"
+        # verification agrees with yara-python on every candidate
+        assert {c.source_id for c in rule.candidates if c.verified} == matches
+        assert not any(c.skipped for c in rule.candidates)
+        # nocase is left out: an OR of 8-16 case variants in a 0.4-fp bloom is nearly always "present"
+        if rule.rule.startswith(("ascii_", "hex_", "wide_", "regex_", "xor_")):
+            false_positives = len(candidates - matches)
+            assert false_positives <= 0.05 * documents, f"{rule.rule}: {false_positives} false positives"
+
+
+@pytest.mark.parametrize(
+    "relative",
+    [
+        "malware/APT_APT1.yar",
+        "malware/MALW_Emotet.yar",
+        "packers/packer.yar",
+        "crypto/crypto_signatures.yar",
+        "antidebug_antivm/antidebug_antivm.yar",
+        "webshells/WShell_THOR_Webshells.yar",
+    ],
+)
+def test_real_rule_files_recall(indexed_corpus, relative: str) -> None:
+    path = REAL_RULES / relative
+    if not path.exists():
+        pytest.skip(f"{path} not present")
+    with Forest.open(indexed_corpus.root) as forest:
+        result, compiled = search_rule_file(forest, str(path))
+    expected = truth(compiled, indexed_corpus.files)
+    for rule in result.rules:
+        candidates = {c.source_id for c in rule.candidates}
+        assert expected.get(rule.rule, set()) <= candidates, rule.rule
