@@ -40,12 +40,15 @@ def bloom(data: bytes, n: int, k: int, nblocks: int) -> bytes:
     return bits.tobytes()
 
 
-def document_fields(data: bytes, policy: Policy) -> dict:
+def document_fields(data: bytes, policy: Policy, exact_min_bytes: int) -> dict:
     """Every field extract_file must produce for `data`, computed the slow way."""
     fields: dict = {"source_id": hashlib.new(policy.id_source, data).digest(), "filesize": len(data)}
     for tier, n in zip((1, 2), policy.gram_sizes, strict=True):
-        reg = hll_registers(data, n)
-        estimate = round(HyperLogLogPlusPlus(p=HLL_PRECISION, reg=reg).count())
+        if n == 3 and len(data) >= exact_min_bytes:
+            estimate = len(set(grams(data, n)))  # 3-grams of big files are counted exactly
+        else:
+            reg = hll_registers(data, n)
+            estimate = round(HyperLogLogPlusPlus(p=HLL_PRECISION, reg=reg).count())
         blocks = bloom_blocks(estimate, policy, tier)
         fields[f"tier{tier}_estimate"] = estimate
         fields[f"tier{tier}"] = bloom(data, n, policy.tier_k(tier), blocks)

@@ -8,6 +8,7 @@ import random
 import mmh3
 import numpy as np
 import pytest
+from datasketch.hyperloglog import HyperLogLogPlusPlus
 
 from sspry.features import extract, kernels
 from sspry.policy import GRAM_PAIRS, Policy
@@ -38,32 +39,59 @@ def test_murmur3_matches_mmh3(n: int) -> None:
         assert (int(got[0]), int(got[1])) == mmh3.hash64(key, seed=0, x64arch=True, signed=False)
 
 
+def _chunked(data: bytes, seed: int) -> list[tuple[np.ndarray, int]]:
+    """Split data the way the streaming reader does: each chunk repeats the last CARRY bytes."""
+    rng = random.Random(seed)
+    cuts = sorted(rng.sample(range(1, len(data)), min(5, max(len(data) - 1, 0)))) if len(data) > 1 else []
+    pieces = []
+    start = 0
+    for end in [*cuts, len(data)]:
+        carried = min(start, kernels.CARRY)
+        pieces.append((np.frombuffer(data[start - carried : end], dtype=np.uint8), carried))
+        start = end
+    return pieces
+
+
 @pytest.mark.parametrize("n", [3, 4, 5, 6, 7, 8])
 @pytest.mark.parametrize("name", list(_samples()))
 def test_hll_and_bloom_match_reference_in_any_chunking(n: int, name: str) -> None:
     data = _samples()[name]
-    array = np.frombuffer(data, dtype=np.uint8)
-    rng = random.Random(n * 31 + len(data))
-    cuts = sorted(rng.sample(range(len(data) + 1), min(5, len(data) + 1)))
-    pieces = [array[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+    pieces = _chunked(data, n * 31 + len(data))
 
     reg = np.zeros(1 << 14, np.int8)
-    state = kernels.new_state()
-    for piece in pieces:
-        kernels.hll_update(piece, n, state, reg)
+    for chunk, carried in pieces:
+        kernels.hll_update(chunk, kernels.first_window(carried, n), n, reg)
     assert np.array_equal(reg, reference.hll_registers(data, n))
 
     for k, nblocks in ((1, 3), (2, 17), (5, 1)):
         bloom = np.zeros(nblocks * 64, np.uint8)
-        state = kernels.new_state()
-        for piece in pieces:
-            kernels.bloom_insert(piece, n, k, nblocks, bloom, state)
+        for chunk, carried in pieces:
+            kernels.bloom_insert(chunk, kernels.first_window(carried, n), n, k, nblocks, bloom)
         assert bloom.tobytes() == reference.bloom(data, n, k, nblocks)
+
+    hist = np.zeros(256, np.int64)
+    for chunk, carried in pieces:
+        kernels.byte_histogram(chunk, carried, hist)
+    assert hist.tolist() == [data.count(bytes([b])) for b in range(256)]
+
+
+@pytest.mark.parametrize("name", list(_samples()))
+def test_exact_3gram_path_matches_reference(name: str) -> None:
+    data = _samples()[name]
+    bitmap = np.zeros(kernels.PRESENCE_BYTES, np.uint8)
+    for chunk, carried in _chunked(data, len(data)):
+        kernels.gram3_presence(chunk, kernels.first_window(carried, 3), bitmap)
+    distinct = set(reference.grams(data, 3))
+    assert int(np.bitwise_count(bitmap).sum()) == len(distinct)
+    for k, nblocks in ((1, 5), (3, 2)):
+        bloom = np.zeros(nblocks * 64, np.uint8)
+        kernels.presence_bloom(bitmap, k, nblocks, bloom)
+        assert bloom.tobytes() == reference.bloom(data, 3, k, nblocks)
 
 
 def _check_document(path: str, data: bytes, policy: Policy) -> None:
     doc = extract.extract_file(path, policy)
-    want = reference.document_fields(data, policy)
+    want = reference.document_fields(data, policy, extract.EXACT_MIN_BYTES)
     assert doc.source_id == want["source_id"]
     assert doc.filesize == want["filesize"]
     assert doc.tier1_estimate == want["tier1_estimate"]
@@ -75,7 +103,9 @@ def _check_document(path: str, data: bytes, policy: Policy) -> None:
 
 
 @pytest.mark.parametrize("pair", GRAM_PAIRS)
-def test_extract_file_matches_reference(tmp_path, pair) -> None:
+@pytest.mark.parametrize("exact_min", [1 << 20, 100])
+def test_extract_file_matches_reference(tmp_path, monkeypatch, pair, exact_min: int) -> None:
+    monkeypatch.setattr(extract, "EXACT_MIN_BYTES", exact_min)
     policy = Policy(gram_sizes=pair, id_source="md5")
     for name, data in _samples().items():
         path = tmp_path / name
@@ -83,7 +113,9 @@ def test_extract_file_matches_reference(tmp_path, pair) -> None:
         _check_document(str(path), data, policy)
 
 
-def test_streamed_extraction_equals_in_memory(tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("exact_min", [1 << 20, 100])
+def test_streamed_extraction_equals_in_memory(tmp_path, monkeypatch, exact_min: int) -> None:
+    monkeypatch.setattr(extract, "EXACT_MIN_BYTES", exact_min)
     data = _samples()["mixed"] * 3
     path = tmp_path / "big"
     path.write_bytes(data)
@@ -103,9 +135,10 @@ def test_estimates_track_distinct_grams() -> None:
     data = os.urandom(200_000)
     array = np.frombuffer(data, dtype=np.uint8)
     reg = np.zeros(1 << 14, np.int8)
-    kernels.hll_update(array, 4, kernels.new_state(), reg)
+    kernels.hll_update(array, 0, 4, reg)
     distinct = len(set(reference.grams(data, 4)))
-    assert abs(extract._estimate(reg) - distinct) / distinct < 0.03
+    estimate = HyperLogLogPlusPlus(p=14, reg=reg).count()
+    assert abs(estimate - distinct) / distinct < 0.03
 
 
 def test_unreadable_and_vanished_files_are_skipped(tmp_path) -> None:

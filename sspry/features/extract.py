@@ -2,8 +2,10 @@
 
 Per file: the Source ID, a byte histogram (entropy), HyperLogLog estimates of distinct Tier 1 and Tier 2
 grams, then the two blooms sized from those estimates. Files up to IN_MEMORY_BYTES are read into memory
-once and scanned twice (estimate, then insert); larger files are streamed twice and the second read must
+once and scanned twice (count, then insert); larger files are streamed twice and the second read must
 hash to the same Source ID, so a file that changes underneath us is reported instead of indexed wrong.
+A 3-gram tier of a file of 1 MiB or more is counted exactly and built from its distinct grams in the
+first scan (see kernels.py).
 The compiled kernels release the GIL, so a thread pool gives real parallelism.
 """
 
@@ -26,6 +28,7 @@ from sspry.policy import BLOCK_BITS, Policy
 
 IN_MEMORY_BYTES = 256 << 20
 STREAM_CHUNK = 16 << 20
+EXACT_MIN_BYTES = 1 << 20  # below this, scanning the 2 MiB 3-gram bitmap costs more than hashing windows
 
 
 class SkippedFile(Exception):
@@ -49,12 +52,9 @@ def shannon_entropy(hist: np.ndarray) -> float:
     return entropy
 
 
-def _estimate(reg: np.ndarray) -> int:
-    return round(HyperLogLogPlusPlus(p=HLL_PRECISION, reg=reg).count())
-
-
 class _Reader:
-    """Yields a file's bytes as uint8 arrays: once from memory, or streamed again on each call."""
+    """A file's bytes as (chunk, carried) pairs: the whole file from memory, or streamed again on each
+    call in chunks that repeat the previous chunk's last `kernels.CARRY` bytes (`carried` of them)."""
 
     def __init__(self, path: str, handle, size: int):
         self.path = path
@@ -68,25 +68,69 @@ class _Reader:
                 raise SkippedFile(path, "file changed size while being read")
             self.whole = np.frombuffer(buffer, dtype=np.uint8)
 
-    def chunks(self) -> Iterator[np.ndarray]:
+    def chunks(self) -> Iterator[tuple[np.ndarray, int]]:
         if self.whole is not None:
-            yield self.whole
+            yield self.whole, 0
             return
         self.handle.seek(0)
         total = 0
+        tail = b""
         while True:
             block = self.handle.read(STREAM_CHUNK)
             if not block:
                 break
             total += len(block)
-            yield np.frombuffer(block, dtype=np.uint8)
+            yield np.frombuffer(tail + block, dtype=np.uint8), len(tail)
+            tail = (tail + block)[-kernels.CARRY :]
         if total != self.size:
             raise SkippedFile(self.path, "file changed size while being read")
 
 
+class _Tier:
+    """Counting and bloom building for one tier: exact (3-gram presence bitmap) or HyperLogLog."""
+
+    def __init__(self, policy: Policy, tier: int, filesize: int):
+        self.n = policy.tier_gram(tier)
+        self.k = policy.tier_k(tier)
+        self.policy = policy
+        self.tier = tier
+        self.exact = self.n == 3 and filesize >= EXACT_MIN_BYTES
+        self.counter = (
+            np.zeros(kernels.PRESENCE_BYTES, np.uint8)
+            if self.exact
+            else np.zeros(1 << HLL_PRECISION, np.int8)
+        )
+        self.estimate = 0
+        self.bloom = np.zeros(0, np.uint8)
+
+    def count(self, chunk: np.ndarray, carried: int) -> None:
+        first = kernels.first_window(carried, self.n)
+        if self.exact:
+            kernels.gram3_presence(chunk, first, self.counter)
+        else:
+            kernels.hll_update(chunk, first, self.n, self.counter)
+
+    def size_bloom(self) -> None:
+        if self.exact:
+            self.estimate = int(np.bitwise_count(self.counter).sum())
+        else:
+            self.estimate = round(HyperLogLogPlusPlus(p=HLL_PRECISION, reg=self.counter).count())
+        blocks = bloom_blocks(self.estimate, self.policy, self.tier)
+        self.bloom = np.zeros(blocks * BLOCK_BITS // 8, dtype=np.uint8)
+        if self.exact:
+            kernels.presence_bloom(self.counter, self.k, blocks, self.bloom)
+
+    @property
+    def needs_second_pass(self) -> bool:
+        return not self.exact
+
+    def insert(self, chunk: np.ndarray, carried: int) -> None:
+        first = kernels.first_window(carried, self.n)
+        kernels.bloom_insert(chunk, first, self.n, self.k, len(self.bloom) * 8 // BLOCK_BITS, self.bloom)
+
+
 def extract_file(path: str, policy: Policy) -> Document:
     """Compute the Document of one file. Raises SkippedFile for anything that prevents it."""
-    n1, n2 = policy.gram_sizes
     try:
         handle = open(path, "rb")  # noqa: SIM115 - closed below, with the reader's lifetime
     except OSError as exc:
@@ -98,33 +142,29 @@ def extract_file(path: str, policy: Policy) -> Document:
         reader = _Reader(path, handle, info.st_size)
         hasher = policy.new_id_hasher()
         hist = np.zeros(256, dtype=np.int64)
-        regs = (np.zeros(1 << HLL_PRECISION, np.int8), np.zeros(1 << HLL_PRECISION, np.int8))
-        states = (kernels.new_state(), kernels.new_state())
+        tiers = (_Tier(policy, 1, info.st_size), _Tier(policy, 2, info.st_size))
         prefix = b""
-        for chunk in reader.chunks():
+        for chunk, carried in reader.chunks():
+            fresh = chunk[carried:]
             if len(prefix) < policy.prefix_bytes:
-                prefix += chunk[: policy.prefix_bytes - len(prefix)].tobytes()
-            hasher.update(chunk)
-            kernels.byte_histogram(chunk, hist)
-            kernels.hll_update(chunk, n1, states[0], regs[0])
-            kernels.hll_update(chunk, n2, states[1], regs[1])
+                prefix += fresh[: policy.prefix_bytes - len(prefix)].tobytes()
+            hasher.update(fresh)
+            kernels.byte_histogram(chunk, carried, hist)
+            for tier in tiers:
+                tier.count(chunk, carried)
         source_id = hasher.digest()
-        estimates = (_estimate(regs[0]), _estimate(regs[1]))
-        blooms = []
-        for tier in (1, 2):
-            blocks = bloom_blocks(estimates[tier - 1], policy, tier)
-            blooms.append(np.zeros(blocks * BLOCK_BITS // 8, dtype=np.uint8))
-        states = (kernels.new_state(), kernels.new_state())
-        rehash = policy.new_id_hasher() if reader.whole is None else None
-        for chunk in reader.chunks():
-            if rehash is not None:
-                rehash.update(chunk)
-            for tier, gram in ((1, n1), (2, n2)):
-                bloom = blooms[tier - 1]
-                k = policy.tier_k(tier)
-                kernels.bloom_insert(chunk, gram, k, len(bloom) * 8 // BLOCK_BITS, bloom, states[tier - 1])
-        if rehash is not None and rehash.digest() != source_id:
-            raise SkippedFile(path, "file changed while being read")
+        for tier in tiers:
+            tier.size_bloom()
+        second = [tier for tier in tiers if tier.needs_second_pass]
+        if second:
+            rehash = policy.new_id_hasher() if reader.whole is None else None
+            for chunk, carried in reader.chunks():
+                if rehash is not None:
+                    rehash.update(chunk[carried:])
+                for tier in second:
+                    tier.insert(chunk, carried)
+            if rehash is not None and rehash.digest() != source_id:
+                raise SkippedFile(path, "file changed while being read")
     except OSError as exc:
         raise SkippedFile(path, exc.strerror or str(exc)) from exc
     finally:
@@ -132,10 +172,10 @@ def extract_file(path: str, policy: Policy) -> Document:
     return Document(
         source_id=source_id,
         filesize=info.st_size,
-        tier1=blooms[0],
-        tier2=blooms[1],
-        tier1_estimate=estimates[0],
-        tier2_estimate=estimates[1],
+        tier1=tiers[0].bloom,
+        tier2=tiers[1].bloom,
+        tier1_estimate=tiers[0].estimate,
+        tier2_estimate=tiers[1].estimate,
         entropy=shannon_entropy(hist),
         prefix=prefix,
         path=os.path.realpath(path) if policy.store_path else None,

@@ -1,12 +1,15 @@
 """Compiled (numba, GIL-free) loops over file bytes: the only per-byte work in sspry.
 
-Each kernel consumes one chunk and carries a small `state` array across chunks, so a file can be fed
-whole or streamed: state = [rolling window, bytes seen, previous gram, previous-gram-valid].
-Grams are the n bytes ending at each position, packed little-endian into a uint64 (n <= 8), hashed with
-MurmurHash3 x64_128 (seed 0); `sizing.py` documents how the two hash halves are used and
-`tests/test_kernels.py` checks every kernel against mmh3, datasketch and bitarray.
+Kernels see one chunk at a time. A chunk after the first starts with the last CARRY bytes of the one
+before, and `first` says where the windows not seen yet begin, so streaming a file in chunks gives the
+same result as one pass over it. Grams are the n bytes at each position packed little-endian into a
+uint64 (n <= 8) and hashed with MurmurHash3 x64_128 (seed 0); `sizing.py` documents how the two hash
+halves are used and `tests/test_kernels.py` checks every kernel against mmh3, datasketch and bitarray.
+
+3-grams have only 2**24 values, so Tier 1 at the default gram size needs no hashing per window: a 2 MiB
+presence bitmap marks the grams a file holds (exact count, no estimate), and only the distinct ones are
+hashed into the bloom. Other gram sizes are counted with HyperLogLog and inserted window by window.
 A run of identical grams (zero padding, for instance) is hashed once: HLL and bloom inserts are idempotent.
-The gram size is a compile-time constant (`literally`) so the hash unrolls; compiled code is cached on disk.
 """
 
 from __future__ import annotations
@@ -17,13 +20,15 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-STATE_WORDS = 4
+CARRY = 7  # bytes a chunk repeats from the previous one: enough for the largest gram (8)
+PRESENCE_BYTES = 1 << 21  # one bit per possible 3-gram
 _BATCH = 1 << 14
 _PREFETCH_AHEAD = 16
 
 
-def new_state() -> np.ndarray:
-    return np.zeros(STATE_WORDS, dtype=np.uint64)
+def first_window(carried: int, n: int) -> int:
+    """Index of the first n-gram of a chunk that begins with `carried` bytes already seen."""
+    return max(0, carried - (n - 1))
 
 
 @intrinsic
@@ -88,115 +93,158 @@ def murmur3_x64_128(gram, n):
     return h1, h2
 
 
-@njit(nogil=True, cache=True)
-def byte_histogram(chunk, hist):
-    for i in range(chunk.shape[0]):
-        hist[chunk[i]] += 1
+@njit(inline="always")
+def _load(chunk, i, n):
+    gram = np.uint64(0)
+    for j in range(n):
+        gram |= np.uint64(chunk[i + j]) << np.uint64(8 * j)
+    return gram
 
 
 @njit(inline="always")
-def _hll_loop(chunk, n, state, reg):
-    shift = np.uint64(64 - 8 * n)
-    w = state[0]
-    seen = state[1]
-    prev = state[2]
-    has_prev = state[3]
-    for i in range(chunk.shape[0]):
-        w = (w >> np.uint64(8)) | (np.uint64(chunk[i]) << np.uint64(56))
-        seen += np.uint64(1)
-        if seen < np.uint64(n):
+def _set_bits(bloom, h2, blocks, k):
+    base = (((h2 >> np.uint64(32)) * blocks) >> np.uint64(32)) << np.uint64(9)
+    a = h2 & np.uint64(511)
+    b = ((h2 >> np.uint64(9)) & np.uint64(511)) | np.uint64(1)
+    for probe in range(k):
+        bit = base + ((a + np.uint64(probe) * b) & np.uint64(511))
+        bloom[bit >> np.uint64(3)] |= np.uint8(1) << np.uint8(bit & np.uint64(7))
+
+
+@njit(inline="always")
+def _apply(hashes, count, bloom, blocks, k):
+    """Set the bits of a batch of hashed grams, prefetching the blocks a few grams ahead: bloom building
+    is bound by cache misses, and this lets them overlap."""
+    for q in range(count):
+        if q + _PREFETCH_AHEAD < count:
+            ahead = hashes[q + _PREFETCH_AHEAD]
+            _prefetch(bloom, (((ahead >> np.uint64(32)) * blocks) >> np.uint64(32)) << np.uint64(6))
+        _set_bits(bloom, hashes[q], blocks, k)
+
+
+@njit(nogil=True, cache=True)
+def byte_histogram(chunk, first, hist):
+    """Count byte values from `first` on, in four interleaved lanes: a single counter per value
+    serialises on runs of one byte (zero padding), four let the increments overlap."""
+    lanes = np.zeros((4, 256), dtype=np.int64)
+    size = chunk.shape[0]
+    end = first + (size - first) // 4 * 4
+    for i in range(first, end, 4):
+        lanes[0, chunk[i]] += 1
+        lanes[1, chunk[i + 1]] += 1
+        lanes[2, chunk[i + 2]] += 1
+        lanes[3, chunk[i + 3]] += 1
+    for i in range(end, size):
+        lanes[0, chunk[i]] += 1
+    for value in range(256):
+        hist[value] += lanes[0, value] + lanes[1, value] + lanes[2, value] + lanes[3, value]
+
+
+@njit(nogil=True, cache=True)
+def gram3_presence(chunk, first, bitmap):
+    """Mark every 3-gram of the chunk (windows from `first`) in a 2**24-bit presence bitmap."""
+    for i in range(first, chunk.shape[0] - 2):
+        gram = (
+            np.uint32(chunk[i])
+            | (np.uint32(chunk[i + 1]) << np.uint32(8))
+            | (np.uint32(chunk[i + 2]) << np.uint32(16))
+        )
+        bitmap[gram >> np.uint32(3)] |= np.uint8(1) << np.uint8(gram & np.uint32(7))
+
+
+@njit(nogil=True, cache=True)
+def presence_bloom(bitmap, k, nblocks, bloom):
+    """Insert every 3-gram marked in the presence bitmap into the bloom."""
+    blocks = np.uint64(nblocks)
+    hashes = np.empty(_BATCH, dtype=np.uint64)
+    count = 0
+    for byte_index in range(bitmap.shape[0]):
+        bits = bitmap[byte_index]
+        if bits == 0:
             continue
-        gram = w >> shift
+        for bit in range(8):
+            if not (bits >> bit) & 1:
+                continue
+            _, h2 = murmur3_x64_128(np.uint64(byte_index * 8 + bit), 3)
+            hashes[count] = h2
+            count += 1
+            if count == _BATCH:
+                _apply(hashes, count, bloom, blocks, k)
+                count = 0
+    _apply(hashes, count, bloom, blocks, k)
+
+
+@njit(inline="always")
+def _hll_loop(chunk, first, n, reg):
+    prev = np.uint64(0)
+    has_prev = False
+    for i in range(first, chunk.shape[0] - n + 1):
+        gram = _load(chunk, i, n)
         if has_prev and gram == prev:
             continue
         prev = gram
-        has_prev = np.uint64(1)
+        has_prev = True
         h1, _ = murmur3_x64_128(gram, n)
         index = h1 & np.uint64(16383)
         rank = np.int8(_ctlz64(h1 >> np.uint64(14)) - np.uint64(13))
-        reg[index] = max(reg[index], rank)
-    state[0] = w
-    state[1] = seen
-    state[2] = prev
-    state[3] = has_prev
+        if rank > reg[index]:
+            reg[index] = rank
 
 
 @njit(inline="always")
-def _bloom_loop(chunk, n, k, nblocks, bloom, state):
-    shift = np.uint64(64 - 8 * n)
+def _bloom_loop(chunk, first, n, k, nblocks, bloom):
     blocks = np.uint64(nblocks)
-    w = state[0]
-    seen = state[1]
-    prev = state[2]
-    has_prev = state[3]
     hashes = np.empty(_BATCH, dtype=np.uint64)
-    i = 0
-    while i < chunk.shape[0]:
-        # Hash a batch of grams first, then set their bits while prefetching the blocks a few grams
-        # ahead: the bit-setting is bound by cache misses, and this lets them overlap.
-        end = min(chunk.shape[0], i + _BATCH)
+    prev = np.uint64(0)
+    has_prev = False
+    start = first
+    last = chunk.shape[0] - n + 1
+    while start < last:
+        end = min(last, start + _BATCH)
         count = 0
-        for j in range(i, end):
-            w = (w >> np.uint64(8)) | (np.uint64(chunk[j]) << np.uint64(56))
-            seen += np.uint64(1)
-            if seen < np.uint64(n):
-                continue
-            gram = w >> shift
+        for i in range(start, end):
+            gram = _load(chunk, i, n)
             if has_prev and gram == prev:
                 continue
             prev = gram
-            has_prev = np.uint64(1)
+            has_prev = True
             _, h2 = murmur3_x64_128(gram, n)
             hashes[count] = h2
             count += 1
-        for q in range(count):
-            if q + _PREFETCH_AHEAD < count:
-                ahead = hashes[q + _PREFETCH_AHEAD]
-                _prefetch(bloom, (((ahead >> np.uint64(32)) * blocks) >> np.uint64(32)) << np.uint64(6))
-            h2 = hashes[q]
-            base = (((h2 >> np.uint64(32)) * blocks) >> np.uint64(32)) << np.uint64(9)
-            a = h2 & np.uint64(511)
-            b = ((h2 >> np.uint64(9)) & np.uint64(511)) | np.uint64(1)
-            for probe in range(k):
-                bit = base + ((a + np.uint64(probe) * b) & np.uint64(511))
-                bloom[bit >> np.uint64(3)] |= np.uint8(1) << np.uint8(bit & np.uint64(7))
-        i = end
-    state[0] = w
-    state[1] = seen
-    state[2] = prev
-    state[3] = has_prev
+        _apply(hashes, count, bloom, blocks, k)
+        start = end
 
 
-# The gram size must be a compile-time constant for the hash to unroll: one inlined copy per size.
+# The gram size must be a compile-time constant for the load and hash to unroll: one copy per size.
 @njit(nogil=True, cache=True)
-def hll_update(chunk, n, state, reg):
-    """Add every n-gram of `chunk` to HyperLogLog++ registers `reg` (int8[16384], p = 14)."""
+def hll_update(chunk, first, n, reg):
+    """Add the n-grams of `chunk` (windows from `first`) to HyperLogLog++ registers (int8[16384], p=14)."""
     if n == 3:
-        _hll_loop(chunk, 3, state, reg)
+        _hll_loop(chunk, first, 3, reg)
     elif n == 4:
-        _hll_loop(chunk, 4, state, reg)
+        _hll_loop(chunk, first, 4, reg)
     elif n == 5:
-        _hll_loop(chunk, 5, state, reg)
+        _hll_loop(chunk, first, 5, reg)
     elif n == 6:
-        _hll_loop(chunk, 6, state, reg)
+        _hll_loop(chunk, first, 6, reg)
     elif n == 7:
-        _hll_loop(chunk, 7, state, reg)
+        _hll_loop(chunk, first, 7, reg)
     else:
-        _hll_loop(chunk, 8, state, reg)
+        _hll_loop(chunk, first, 8, reg)
 
 
 @njit(nogil=True, cache=True)
-def bloom_insert(chunk, n, k, nblocks, bloom, state):
-    """Set the k probe bits of every n-gram of `chunk` in a blocked bloom of `nblocks` 512-bit blocks."""
+def bloom_insert(chunk, first, n, k, nblocks, bloom):
+    """Set the k probe bits of every n-gram of `chunk` (windows from `first`) in a blocked bloom."""
     if n == 3:
-        _bloom_loop(chunk, 3, k, nblocks, bloom, state)
+        _bloom_loop(chunk, first, 3, k, nblocks, bloom)
     elif n == 4:
-        _bloom_loop(chunk, 4, k, nblocks, bloom, state)
+        _bloom_loop(chunk, first, 4, k, nblocks, bloom)
     elif n == 5:
-        _bloom_loop(chunk, 5, k, nblocks, bloom, state)
+        _bloom_loop(chunk, first, 5, k, nblocks, bloom)
     elif n == 6:
-        _bloom_loop(chunk, 6, k, nblocks, bloom, state)
+        _bloom_loop(chunk, first, 6, k, nblocks, bloom)
     elif n == 7:
-        _bloom_loop(chunk, 7, k, nblocks, bloom, state)
+        _bloom_loop(chunk, first, 7, k, nblocks, bloom)
     else:
-        _bloom_loop(chunk, 8, k, nblocks, bloom, state)
+        _bloom_loop(chunk, first, 8, k, nblocks, bloom)
