@@ -2,10 +2,13 @@
 
 For every bloom class of the segment, the gram leaves of all plans are hashed once, turned into bit
 positions for that class's size, and the rows at those positions are read from the bit-sliced matrix
-(k rows per gram, one bit per document). Leaves become per-document boolean vectors; the plan formulas
-combine them with numpy. Tier 2 rows are read only for classes where some document survived the plans
-evaluated with Tier 1 facts alone (a plan only uses gram leaves positively, so Tier 1 alone is an upper
-bound of the whole).
+(k rows per gram, one bit per document). The plans of a batch are compiled once into straight-line
+`Program`s whose And/Or/AtLeast instructions take their gram leaves as row-index arrays, so a node costs
+one numpy reduction per segment, not a Python call per leaf.
+
+Tier 2 rows are read only for classes where some document survived the Tier 1 program: the plans with
+every Tier 2 leaf replaced by TRUE. Gram leaves only ever appear un-negated (see plan.Approx), so that
+program is an upper bound of the full one.
 """
 
 from __future__ import annotations
@@ -14,7 +17,22 @@ import numpy as np
 
 from sspry.features.sizing import bloom_positions, gram_hashes
 from sspry.policy import Policy
-from sspry.query.plan import AtLeast, Const, Filesize, Gram, Node, Not, Or, leaves
+from sspry.query.plan import (
+    TRUE,
+    And,
+    AtLeast,
+    Const,
+    Filesize,
+    Gram,
+    Node,
+    Not,
+    Or,
+    and_,
+    at_least,
+    leaves,
+    not_,
+    or_,
+)
 from sspry.store.forest import SegmentView
 
 _COMPARE = {
@@ -27,90 +45,170 @@ _COMPARE = {
 }
 
 
+def drop_tier(node: Node, tier: int, memo: dict[int, Node] | None = None) -> Node:
+    """`node` with every Gram leaf of `tier` replaced by TRUE (simplified as it is rebuilt)."""
+    memo = {} if memo is None else memo
+    done = memo.get(id(node))
+    if done is not None:
+        return done
+    if isinstance(node, Gram):
+        result = TRUE if node.tier == tier else node
+    elif isinstance(node, And):
+        result = and_(*(drop_tier(c, tier, memo) for c in node.children))
+    elif isinstance(node, Or):
+        result = or_(*(drop_tier(c, tier, memo) for c in node.children))
+    elif isinstance(node, AtLeast):
+        result = at_least(node.k, [drop_tier(c, tier, memo) for c in node.children])
+    elif isinstance(node, Not):
+        result = not_(drop_tier(node.child, tier, memo))
+    else:
+        result = node
+    memo[id(node)] = result
+    return result
+
+
 class GramTable:
     """The distinct grams of a batch of plans, per tier, with their hashes computed once."""
 
     def __init__(self, plans: list[Node]):
-        self.grams: dict[int, list[Gram]] = {1: [], 2: []}
         found: set[Node] = set()
         for plan in plans:
             found |= leaves(plan, Gram)
+        self.grams: dict[int, list[Gram]] = {1: [], 2: []}
         for leaf in sorted(found, key=lambda g: (g.tier, g.gram)):
             self.grams[leaf.tier].append(leaf)
-        self.index = {tier: {g: i for i, g in enumerate(gs)} for tier, gs in self.grams.items()}
+        self.row = {leaf: i for tier in (1, 2) for i, leaf in enumerate(self.grams[tier])}
         self.h2 = {tier: gram_hashes([g.gram for g in gs])[1] for tier, gs in self.grams.items()}
+        self._positions: dict[tuple[int, int, int], np.ndarray] = {}
+
+    def positions(self, tier: int, blocks: int, k: int) -> np.ndarray:
+        """Bit positions of every gram of the tier in a bloom of `blocks` (segments share classes)."""
+        key = (tier, blocks, k)
+        found = self._positions.get(key)
+        if found is None:
+            found = bloom_positions(self.h2[tier], blocks, k).reshape(-1)
+            self._positions[key] = found
+        return found
+
+
+class Program:
+    """Plans compiled to instructions over numbered slots; `outputs[i]` is plan i's slot."""
+
+    def __init__(self, plans: list[Node], table: GramTable):
+        self.table = table
+        self.instructions: list[tuple] = []
+        self._slots: dict[int, int] = {}
+        self.outputs = [self._compile(plan) for plan in plans]
+
+    def _compile(self, node: Node) -> int:
+        slot = self._slots.get(id(node))
+        if slot is not None:
+            return slot
+        if isinstance(node, And | Or | AtLeast | Gram):
+            children = (node,) if isinstance(node, Gram) else node.children
+            rows: dict[int, list[int]] = {1: [], 2: []}
+            others = []
+            for child in children:
+                if isinstance(child, Gram):
+                    rows[child.tier].append(self.table.row[child])
+                else:
+                    others.append(self._compile(child))
+            op = "or" if isinstance(node, Or) else "atleast" if isinstance(node, AtLeast) else "and"
+            k = node.k if isinstance(node, AtLeast) else 0
+            instruction = (op, k, np.array(rows[1], dtype=np.intp), np.array(rows[2], dtype=np.intp), others)
+        elif isinstance(node, Not):
+            instruction = ("not", self._compile(node.child))
+        elif isinstance(node, Const):
+            instruction = ("const", node.value)
+        elif isinstance(node, Filesize):
+            instruction = ("filesize", node.op, node.value)
+        else:
+            raise TypeError(f"cannot evaluate {node!r}")
+        self.instructions.append(instruction)
+        slot = len(self.instructions) - 1
+        self._slots[id(node)] = slot
+        return slot
+
+    def run(self, docs: int, bits: dict[int, np.ndarray], filesize: np.ndarray) -> list[np.ndarray]:
+        values: list[np.ndarray] = []
+        for instruction in self.instructions:
+            op = instruction[0]
+            if op in ("and", "or"):
+                _, _, rows1, rows2, others = instruction
+                parts = [values[s] for s in others]
+                for tier, rows in ((1, rows1), (2, rows2)):
+                    if len(rows):
+                        matrix = bits[tier][rows]
+                        parts.append(matrix.all(axis=0) if op == "and" else matrix.any(axis=0))
+                reduce = np.logical_and if op == "and" else np.logical_or
+                value = reduce.reduce(parts) if len(parts) > 1 else parts[0]
+            elif op == "atleast":
+                _, k, rows1, rows2, others = instruction
+                counts = np.zeros(docs, dtype=np.int32)
+                for tier, rows in ((1, rows1), (2, rows2)):
+                    if len(rows):
+                        counts += bits[tier][rows].sum(axis=0, dtype=np.int32)
+                for s in others:
+                    counts += values[s]
+                value = counts >= k
+            elif op == "not":
+                value = ~values[instruction[1]]
+            elif op == "const":
+                value = np.full(docs, instruction[1], dtype=bool)
+            else:
+                _, compare, number = instruction
+                if number < 0:
+                    value = np.full(docs, compare in (">", ">=", "!="), dtype=bool)
+                else:
+                    value = _COMPARE[compare](filesize, np.uint64(number))
+            values.append(value)
+        return [values[s] for s in self.outputs]
+
+
+class Batch:
+    """A batch of plans ready to run on any segment: grams hashed, both programs compiled."""
+
+    def __init__(self, plans: list[Node]):
+        self.table = GramTable(plans)
+        memo: dict[int, Node] = {}
+        self.tier1 = Program([drop_tier(p, 2, memo) for p in plans], self.table)
+        self.full = Program(plans, self.table)
 
 
 class SegmentEvaluator:
-    def __init__(self, view: SegmentView, table: GramTable, policy: Policy):
+    def __init__(self, view: SegmentView, batch: Batch, policy: Policy):
         self.view = view
         self.reader = view.reader
-        self.table = table
+        self.batch = batch
         self.policy = policy
         self.docs = view.reader.docs
-        self.leaf_bits: dict[int, np.ndarray | None] = {1: None, 2: None}
-        self.memo: dict[int, np.ndarray] = {}
 
     def _read_tier(self, tier: int, wanted: np.ndarray | None) -> np.ndarray:
         """Leaf vectors of every gram of the tier: bool (grams x docs). Classes where no document is
         `wanted` are left False (their documents are out of the running already)."""
-        grams = self.table.grams[tier]
-        bits = np.zeros((len(grams), self.docs), dtype=bool)
-        if not grams:
+        table = self.batch.table
+        count = len(table.grams[tier])
+        bits = np.zeros((count, self.docs), dtype=bool)
+        if not count:
             return bits
         k = self.policy.tier_k(tier)
-        h2 = self.table.h2[tier]
         for index, span in enumerate(self.reader.classes[tier]):
             members = self.reader.class_members(tier, index)
             if wanted is not None and not wanted[members].any():
                 continue
-            positions = bloom_positions(h2, span.blocks, k).reshape(-1)
-            rows = self.reader.rows(tier, index, positions)
-            present = rows.reshape(len(grams), k, span.count).all(axis=1)
-            bits[:, members] = present
+            rows = self.reader.rows(tier, index, table.positions(tier, span.blocks, k))
+            bits[:, members] = rows.reshape(count, k, span.count).all(axis=1)
         return bits
 
-    def evaluate(self, plans: list[Node]) -> list[np.ndarray]:
-        """Per plan, the documents (live ones only) it selects."""
+    def evaluate(self) -> list[np.ndarray]:
+        """Per plan of the batch, the live documents it selects."""
         live = self.view.live
-        self.leaf_bits[1] = self._read_tier(1, None)
-        self.leaf_bits[2] = None  # Tier 2 leaves count as TRUE in the first pass
-        self.memo = {}
-        first = [self._eval(plan) & live for plan in plans]
+        filesize = np.asarray(self.reader.filesize)
+        bits = {1: self._read_tier(1, None)}
+        first = [selected & live for selected in self.batch.tier1.run(self.docs, bits, filesize)]
         survivors = np.logical_or.reduce(first) if first else np.zeros(self.docs, dtype=bool)
-        if not survivors.any() or not self.table.grams[2]:
+        if not survivors.any() or not self.batch.table.grams[2]:
             return first
-        self.leaf_bits[2] = self._read_tier(2, survivors)
-        self.memo = {}
-        return [self._eval(plan) & f if f.any() else f for plan, f in zip(plans, first, strict=True)]
-
-    def _eval(self, node: Node) -> np.ndarray:
-        cached = self.memo.get(id(node))
-        if cached is not None:
-            return cached
-        if isinstance(node, Gram):
-            bits = self.leaf_bits[node.tier]
-            if bits is None:
-                result = np.ones(self.docs, dtype=bool)
-            else:
-                result = bits[self.table.index[node.tier][node]]
-        elif isinstance(node, Const):
-            result = np.full(self.docs, node.value, dtype=bool)
-        elif isinstance(node, Filesize):
-            result = (
-                _COMPARE[node.op](self.reader.filesize, np.uint64(node.value))
-                if node.value >= 0
-                else (np.full(self.docs, node.op in (">", ">=", "!="), dtype=bool))
-            )
-        elif isinstance(node, Not):
-            result = ~self._eval(node.child)
-        elif isinstance(node, AtLeast):
-            counts = np.zeros(self.docs, dtype=np.int32)
-            for child in node.children:
-                counts += self._eval(child)
-            result = counts >= node.k
-        else:  # And / Or
-            children = [self._eval(child) for child in node.children]
-            result = (np.logical_or if isinstance(node, Or) else np.logical_and).reduce(children)
-        self.memo[id(node)] = result
-        return result
+        bits[2] = self._read_tier(2, survivors)
+        full = self.batch.full.run(self.docs, bits, filesize)
+        return [selected & f for selected, f in zip(full, first, strict=True)]

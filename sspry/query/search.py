@@ -17,7 +17,7 @@ import numpy as np
 
 from sspry.policy import Policy
 from sspry.query.condition import RulePlan
-from sspry.query.evaluate import GramTable, SegmentEvaluator
+from sspry.query.evaluate import Batch, SegmentEvaluator
 from sspry.query.plan import Gram, leaves
 from sspry.store.forest import Snapshot
 
@@ -102,12 +102,10 @@ def search_snapshot(
     workers = workers or min(4, len(os.sched_getaffinity(0)))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sspry-search") as pool:
         for batch in _batches(plans):
-            nodes = [plans[i].upper for i in batch]
-            table = GramTable(nodes)
+            compiled = Batch([plans[i].upper for i in batch])
 
-            def run(view_index: int, nodes=nodes, table=table):
-                view = snapshot.views[view_index]
-                return view_index, SegmentEvaluator(view, table, policy).evaluate(nodes)
+            def run(view_index: int, compiled=compiled):
+                return view_index, SegmentEvaluator(snapshot.views[view_index], compiled, policy).evaluate()
 
             for view_index, selected in pool.map(run, range(len(snapshot.views))):
                 for plan_index, mask in zip(batch, selected, strict=True):

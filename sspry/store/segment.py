@@ -249,7 +249,8 @@ class SegmentReader:
         meta = json.loads((directory / "segment.json").read_text())
         self.docs: int = meta["docs"]
         self.classes = {tier: [ClassSpan(**span) for span in meta["classes"][str(tier)]] for tier in (1, 2)}
-        load = lambda name: np.load(directory / f"{name}.npy", mmap_mode="r")  # noqa: E731
+        # plain ndarray views of the maps: numpy's memmap subclass adds overhead to every indexing
+        load = lambda name: np.asarray(np.load(directory / f"{name}.npy", mmap_mode="r"))  # noqa: E731
         self.ids = load("ids")
         self.id_order = load("id_order")
         self.filesize = load("filesize")
@@ -257,7 +258,7 @@ class SegmentReader:
         self.prefix = load("prefix")
         self.prefix_len = load("prefix_len")
         self.t2_order = load("t2_order")
-        self._blooms = np.memmap(directory / "blooms.bin", dtype=np.uint8, mode="r")
+        self._blooms = np.asarray(np.memmap(directory / "blooms.bin", dtype=np.uint8, mode="r"))
         self._paths: tuple[np.ndarray, np.memmap | bytes] | None = None
         if (directory / "path_offsets.npy").exists():
             offsets = load("path_offsets")
