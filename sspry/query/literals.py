@@ -141,34 +141,41 @@ class GramMapper:
         return or_(*(self.seq(s) for s in sorted(seqs)))
 
     def _tier(self, seq: Seq, tier: int, n: int) -> Node:
+        counts = [s.bit_count() for s in seq]
+        first = [members(s)[0] for s in seq]
+        weight = [_WEIGHT[b] for b in first]
         windows = []
         for start in range(len(seq) - n + 1):
-            window = seq[start : start + n]
-            variants = math.prod(s.bit_count() for s in window)
+            variants = math.prod(counts[start : start + n])
             if variants <= MAX_VARIANTS:
-                windows.append((variants, -_rarity(window), start, window))
+                rarity = sum(weight[start : start + n]) + len(set(first[start : start + n]))
+                windows.append((variants, -rarity, start))
         windows.sort()
-        chosen = sorted(windows[: self.max_anchors], key=lambda w: w[2])
-        return and_(
-            *(or_(*(Gram(tier, bytes(v)) for v in product(*(members(s) for s in w[3])))) for w in chosen)
-        )
+        chosen = sorted(start for _, _, start in windows[: self.max_anchors])
+        alternatives = []
+        for start in chosen:
+            window = seq[start : start + n]
+            if all(c == 1 for c in counts[start : start + n]):
+                alternatives.append(Gram(tier, bytes(first[start : start + n])))
+            else:
+                alternatives.append(
+                    or_(*(Gram(tier, bytes(v)) for v in product(*(members(s) for s in window))))
+                )
+        return and_(*alternatives)
 
 
-def _rarity(window: Seq) -> float:
-    """How unusual a window's bytes are in files (higher = fewer files contain it, heuristically)."""
-    score = 0.0
-    for mask in window:
-        b = members(mask)[0]
-        if b in (0x00, 0xFF):
-            score += 0.0
-        elif b in (0x20, 0xCC, 0x90, 0x01):
-            score += 1.0
-        elif 0x61 <= b <= 0x7A or 0x30 <= b <= 0x39:
-            score += 2.0
-        else:
-            score += 3.0
-    distinct = len({members(m)[0] for m in window})
-    return score + distinct
+def _weight(b: int) -> float:
+    """How unusual a byte is in files, heuristically (higher: fewer files contain grams with it)."""
+    if b in (0x00, 0xFF):
+        return 0.0
+    if b in (0x20, 0xCC, 0x90, 0x01):
+        return 1.0
+    if 0x61 <= b <= 0x7A or 0x30 <= b <= 0x39:
+        return 2.0
+    return 3.0
+
+
+_WEIGHT = [_weight(b) for b in range(256)]
 
 
 def _limit(seqs: frozenset[Seq], keep_start: bool) -> frozenset[Seq]:
