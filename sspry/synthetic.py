@@ -98,18 +98,22 @@ def generate(
     directory: Path,
     count: int,
     seed: int = 1,
-    tokens: int = 8,
+    tokens: int | list[str] = 8,
     min_size: int = 1 << 10,
     max_size: int = 64 << 10,
     plant_share: float = 0.3,
 ) -> Corpus:
-    """Write `count` files into `directory`; sizes are log-uniform in [min_size, max_size]."""
+    """Write `count` files into `directory`; sizes are log-uniform in [min_size, max_size]. `tokens` is
+    how many random tokens to plant, or the tokens themselves."""
     rng = random.Random(seed)
     directory.mkdir(parents=True, exist_ok=True)
     corpus = Corpus(directory)
-    corpus.tokens = [
-        "".join(rng.choice(string.ascii_letters) for _ in range(rng.randrange(8, 16))) for _ in range(tokens)
-    ]
+    if isinstance(tokens, int):
+        tokens = [
+            "".join(rng.choice(string.ascii_letters) for _ in range(rng.randrange(8, 16)))
+            for _ in range(tokens)
+        ]
+    corpus.tokens = list(tokens)
     makers = {
         "random": rng.randbytes,
         "text": lambda n: _text(rng, n),

@@ -425,6 +425,7 @@ class Forest:
         return {
             "root": str(self.root),
             "documents": snapshot.documents,
+            "document_bytes": sum(int(v.reader.filesize[v.live].sum()) for v in snapshot.views),
             "deleted": sum(v.entry.deleted for v in snapshot.views),
             "trees": len(self.manifest.trees),
             "shards": self.policy.shards,

@@ -1,0 +1,5 @@
+"""`python -m sspry` runs the `sspry` command."""
+
+from sspry.cli import main
+
+main()
