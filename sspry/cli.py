@@ -57,13 +57,10 @@ def main() -> None:
 
 
 # --- init --------------------------------------------------------------------------------------------
-def _fp(name: str):
-    def check(ctx, param, value: float) -> float:
-        if not FP_RANGE[0] <= value <= FP_RANGE[1]:
-            raise click.BadParameter(f"{value} is outside [{FP_RANGE[0]}, {FP_RANGE[1]}]")
-        return value
-
-    return check
+def _fp(ctx, param, value: float) -> float:
+    if not FP_RANGE[0] <= value <= FP_RANGE[1]:
+        raise click.BadParameter(f"{value} is outside [{FP_RANGE[0]}, {FP_RANGE[1]}]")
+    return value
 
 
 def _gram_sizes(ctx, param, value: str) -> tuple[int, int]:
@@ -83,12 +80,8 @@ def _gram_sizes(ctx, param, value: str) -> tuple[int, int]:
     callback=_gram_sizes,
     help="Tier 1 and Tier 2 gram sizes: 3,4 4,5 5,6 or 7,8.",
 )
-@click.option(
-    "--tier1-set-fp", default=0.4, show_default=True, callback=_fp("tier1"), help="Tier 1 bloom fp."
-)
-@click.option(
-    "--tier2-set-fp", default=0.25, show_default=True, callback=_fp("tier2"), help="Tier 2 bloom fp."
-)
+@click.option("--tier1-set-fp", default=0.4, show_default=True, callback=_fp, help="Tier 1 bloom fp.")
+@click.option("--tier2-set-fp", default=0.25, show_default=True, callback=_fp, help="Tier 2 bloom fp.")
 @click.option(
     "--id-source",
     default="sha256",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import stat
+from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -236,15 +237,15 @@ def extract_many(
     files: Iterable[str], policy: Policy, workers: int
 ) -> Iterator[tuple[str, Document | None, SkippedFile | None]]:
     """Extract files on `workers` threads, yielding (path, document, problem) in input order."""
-    pending: list[tuple[str, Future]] = []
+    pending: deque[tuple[str, Future]] = deque()
     window = max(2, workers * 2)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sspry-extract") as pool:
         for path in files:
             pending.append((path, pool.submit(extract_file, path, policy)))
             if len(pending) >= window:
-                yield _collect(*pending.pop(0))
+                yield _collect(*pending.popleft())
         while pending:
-            yield _collect(*pending.pop(0))
+            yield _collect(*pending.popleft())
 
 
 def _collect(path: str, future: Future) -> tuple[str, Document | None, SkippedFile | None]:

@@ -31,6 +31,7 @@ import numpy as np
 
 from sspry.document import Document
 from sspry.policy import BLOCK_BITS, Policy
+from sspry.store.manifest import fsync_path
 
 CHUNK_CELLS = 1 << 25  # bits held in memory per transposition step (rows x documents)
 
@@ -229,16 +230,8 @@ def build_segment(directory: Path, parts: Sequence[Part], policy: Policy) -> int
 
 def _fsync_tree(directory: Path) -> None:
     for name in os.listdir(directory):
-        fd = os.open(directory / name, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_path(directory / name)
+    fsync_path(directory)
 
 
 class SegmentReader:
