@@ -18,6 +18,7 @@ import yaramod
 from sspry.policy import Policy
 from sspry.query.literals import GramMapper
 from sspry.query.plan import FALSE, TRUE, UNKNOWN, Approx, Filesize, Node, and_
+from sspry.query.rules import yaramod_parser
 from sspry.query.strings import StringPlan, plan_string
 
 DEFAULT_MAX_ANCHORS = 16
@@ -277,7 +278,7 @@ def plan_rules(
     if text is None:
         return [RulePlan(name, TRUE, [Note(name, "", "rule file not parsed by yaramod")]) for name in targets]
     try:
-        yara_file = yaramod.Yaramod().parse_string(text)
+        yara_file = yaramod_parser().parse_string(text)
     except Exception as exc:  # yaramod.ParserError and occasional RuntimeError
         return [RulePlan(name, TRUE, [Note(name, "", f"yaramod: {exc}")]) for name in targets]
     planner = RulesetPlanner(yara_file, make_mapper(policy, max_anchors))
