@@ -6,12 +6,15 @@ ingest log as a `sspry.v1.DocumentRow` protobuf message.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from sspry.policy import BLOCK_BITS, Policy, PolicyError
 from sspry.v1 import sspry_pb2
+
+ENTRY_BYTES = 16
+MAX_FIELDS = 512
 
 
 @dataclass(eq=False)
@@ -25,6 +28,9 @@ class Document:
     entropy: float
     prefix: bytes
     path: str | None = None
+    fields: dict[str, int] = field(default_factory=dict)
+    entry_bytes: bytes = b""
+    modules_scanned: bool = False
 
     def bloom(self, tier: int) -> np.ndarray:
         return self.tier1 if tier == 1 else self.tier2
@@ -40,6 +46,9 @@ class Document:
             tier2=sspry_pb2.Bloom(estimate=self.tier2_estimate, bits=self.tier2.tobytes()),
             entropy=self.entropy,
             prefix=self.prefix,
+            fields=self.fields,
+            entry_bytes=self.entry_bytes,
+            modules_scanned=self.modules_scanned,
         )
         if self.path is not None:
             row.path = self.path
@@ -69,6 +78,10 @@ class Document:
             raise PolicyError(f"prefix of {len(row.prefix)} bytes is longer than allowed")
         if not 0.0 <= row.entropy <= 8.0:
             raise PolicyError(f"entropy {row.entropy} is outside [0, 8]")
+        if len(row.entry_bytes) > ENTRY_BYTES:
+            raise PolicyError(f"{len(row.entry_bytes)} entry-point bytes, at most {ENTRY_BYTES} allowed")
+        if len(row.fields) > MAX_FIELDS or any(len(name) > 128 for name in row.fields):
+            raise PolicyError("too many or too long metadata fields")
         path = row.path if row.HasField("path") else None
         if path is not None and not policy.store_path:
             path = None
@@ -82,4 +95,7 @@ class Document:
             entropy=row.entropy,
             prefix=bytes(row.prefix),
             path=path,
+            fields=dict(row.fields),
+            entry_bytes=bytes(row.entry_bytes),
+            modules_scanned=row.modules_scanned,
         )

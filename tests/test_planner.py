@@ -95,7 +95,7 @@ def test_conditions() -> None:
     rule negation { strings: $a = "needle-one" condition: not $a }
     rule counts { strings: $a = "needle-one" condition: #a >= 2 or #a < 1 }
     rule count_needs { strings: $a = "needle-one" condition: #a > 1 }
-    rule loop { strings: $a = "needle-one" $b = "needle-two" condition: for all of ($a, $b) : ($ at 0) }
+    rule loop { strings: $a = "needle-one" $b = "needle-two" condition: for any of ($a, $b) : ($ at 0) }
     private rule helper { strings: $a = "needle-two" condition: $a }
     rule reference { condition: helper and filesize > 10 }
     rule none_of { strings: $a = "needle-one" condition: none of them }
@@ -111,7 +111,8 @@ def test_conditions() -> None:
     assert holds(plans["any_of"], one) and holds(plans["any_of"], two) and not holds(plans["any_of"], b"none")
     assert plans["negation"] is TRUE and plans["counts"] is TRUE and plans["none_of"] is TRUE
     assert holds(plans["count_needs"], one) and not holds(plans["count_needs"], two)
-    assert holds(plans["loop"], both) and not holds(plans["loop"], one)
+    # decided from the stored first bytes: a string at 0, not merely somewhere
+    assert holds(plans["loop"], both) and holds(plans["loop"], two[3:]) and not holds(plans["loop"], one)
     assert holds(plans["reference"], two) and not holds(plans["reference"], one)
 
 

@@ -1,11 +1,11 @@
 """File -> Document: every feature of a file, reading it once.
 
 Per file: the Source ID, a byte histogram (entropy), HyperLogLog estimates of distinct Tier 1 and Tier 2
-grams, then the two blooms sized from those estimates. Files up to IN_MEMORY_BYTES are read into memory
-once and scanned twice (count, then insert); larger files are streamed twice and the second read must
-hash to the same Source ID, so a file that changes underneath us is reported instead of indexed wrong.
-A 3-gram tier of a file of 1 MiB or more is counted exactly and built from its distinct grams in the
-first scan (see kernels.py).
+grams, the two blooms sized from those estimates, and YARA's module fields (metadata.py). Files up to
+IN_MEMORY_BYTES are read into memory once and scanned twice (count, then insert); larger files are
+streamed twice and the second read must hash to the same Source ID, so a file that changes underneath
+us is reported instead of indexed wrong. A 3-gram tier of a file of 1 MiB or more is counted exactly and
+built from its distinct grams in the first scan (see kernels.py).
 The compiled kernels release the GIL, so a thread pool gives real parallelism.
 """
 
@@ -24,6 +24,7 @@ from datasketch.hyperloglog import HyperLogLogPlusPlus
 
 from sspry.document import Document
 from sspry.features import kernels
+from sspry.features.metadata import module_fields
 from sspry.features.sizing import HLL_PRECISION, bloom_blocks
 from sspry.policy import BLOCK_BITS, Policy
 
@@ -154,6 +155,10 @@ def extract_file(path: str, policy: Policy) -> Document:
             for tier in tiers:
                 tier.count(chunk, carried)
         source_id = hasher.digest()
+        if reader.whole is not None:
+            fields, entry_bytes, scanned = module_fields(data=reader.whole)
+        else:
+            fields, entry_bytes, scanned = module_fields(path=path)
         for tier in tiers:
             tier.size_bloom()
         second = [tier for tier in tiers if tier.needs_second_pass]
@@ -180,6 +185,9 @@ def extract_file(path: str, policy: Policy) -> Document:
         entropy=shannon_entropy(hist),
         prefix=prefix,
         path=os.path.realpath(path) if policy.store_path else None,
+        fields=fields,
+        entry_bytes=entry_bytes,
+        modules_scanned=scanned,
     )
 
 

@@ -1,27 +1,70 @@
 """Rule conditions (yaramod AST) -> Approx plans, conservatively.
 
-Every expression becomes an `Approx(upper, lower)`; `upper` of the whole condition selects the
-candidates. Strings contribute their gram formula as `upper` (a bloom never proves a string present, so
-`lower` is FALSE); `filesize` comparisons are exact. Expressions not handled are UNKNOWN (TRUE, FALSE)
-and recorded as notes, so `rule-check` can say what only verification decides.
+Every boolean expression becomes an `Approx(upper, lower)` (see plan.py); `upper` of the whole
+condition selects the candidates. Value expressions first become `terms` (a constant, a linear function
+of filesize, a module field, an integer read at a known offset, a string count, ...), and comparisons
+between terms become facts when they can be decided from what a segment stores: the file size, the
+first 64 bytes, the 16 entry-point bytes, YARA's module fields, the entropy, the Source ID. Strings
+contribute their gram formulas. Whatever is left is UNKNOWN (TRUE, FALSE) and recorded as a `Note` with a
+stable code and a location, which is what `sspry rule-check` reports.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import yaramod
 
+from sspry.features.metadata import MODULES, constants
 from sspry.policy import Policy
-from sspry.query.literals import GramMapper
-from sspry.query.plan import FALSE, TRUE, UNKNOWN, Approx, Filesize, Node, and_
+from sspry.query.literals import GramMapper, fold_case, literal, map_sets, pattern_plan
+from sspry.query.plan import (
+    FALSE,
+    TRUE,
+    UNKNOWN,
+    Approx,
+    BytesAt,
+    Entropy,
+    Field,
+    Filesize,
+    Identity,
+    Node,
+    ReadInt,
+    Unscanned,
+    and_,
+    exact_or_unknown,
+    or_,
+)
 from sspry.query.rules import yaramod_parser
-from sspry.query.strings import StringPlan, plan_string
+from sspry.query.strings import StringPlan, literal_text, plan_string
 
 DEFAULT_MAX_ANCHORS = 16
+ENTRY_WINDOW = 16
+ENTRY_FIELDS = ("pe.entry_point", "elf.entry_point")
+
+# Stable codes of the notes the planner leaves where only verification can decide.
+CODES = {
+    "string-unanchored": "the string forces no gram (too short, or wildcards everywhere)",
+    "string-not-understood": "the string's pattern could not be read; it plans as TRUE",
+    "negated-string": "a string that must be absent: a bloom can prove absence, never presence",
+    "count-may-be-zero": "a string count the condition allows to be zero",
+    "vacuous-loop": "`for all`/`none` over a range may hold on an empty range",
+    "not-understood": "an expression the planner does not decide",
+    "module-array": "module arrays and dictionaries are not in the sidecar",
+    "module-function": "a module function the sidecar cannot answer",
+    "unknown-module": "a module whose values are not stored",
+    "string-operator": "string comparisons (contains, matches, ...) and `defined`",
+    "read-offset": "an integer read at an offset that is not stored (or not constant)",
+    "hash-other-source": "a hash other than the forest's Source ID hash",
+    "time-now": "a comparison with time.now that can change between search and verification",
+    "non-constant": "a comparison between values only the file knows",
+    "plan-error": "the rule could not be planned; it plans as TRUE",
+    "not-parsed": "yaramod could not parse the file; every rule plans as TRUE",
+}
 
 _INT = re.compile(r"^(0x[0-9a-fA-F]+|0o[0-7]+|\d+)(KB|MB)?$")
 _COMPARISONS = {
@@ -33,6 +76,28 @@ _COMPARISONS = {
     yaramod.NeqExpression: "!=",
 }
 _FLIP = {"<": ">", "<=": ">=", ">": "<", ">=": "<=", "==": "==", "!=": "!="}
+_NEGATE = {"<": ">=", "<=": ">", ">": "<=", ">=": "<", "==": "!=", "!=": "=="}
+_READS = {  # YARA integer read functions: (width, signed, big endian)
+    f"{'u' if unsigned else ''}int{bits}{'be' if big else ''}": (bits // 8, not unsigned, big)
+    for bits in (8, 16, 32)
+    for unsigned in (True, False)
+    for big in (False, True)
+}
+_STRING_OPERATORS = tuple(
+    getattr(yaramod, name)
+    for name in (
+        "ContainsExpression",
+        "IcontainsExpression",
+        "MatchesExpression",
+        "StartsWithExpression",
+        "IstartsWithExpression",
+        "EndsWithExpression",
+        "IendsWithExpression",
+        "IequalsExpression",
+        "DefinedExpression",
+    )
+    if hasattr(yaramod, name)
+)
 
 
 def int_literal(text: str) -> int | None:
@@ -46,11 +111,91 @@ def int_literal(text: str) -> int | None:
     return value * {None: 1, "KB": 1024, "MB": 1 << 20}[unit]
 
 
+# --- value terms ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Const:
+    value: int | float
+
+
+@dataclass(frozen=True)
+class Text:
+    value: bytes
+
+
+@dataclass(frozen=True)
+class Size:
+    """a * filesize + b"""
+
+    a: int
+    b: int
+
+
+@dataclass(frozen=True)
+class ModuleField:
+    name: str
+
+
+@dataclass(frozen=True)
+class MaskedField:
+    """module_field & mask"""
+
+    name: str
+    mask: int
+
+
+@dataclass(frozen=True)
+class EntryOffset:
+    """The entry point's file offset plus `delta` (pe.entry_point + 4, entrypoint, ...)."""
+
+    delta: int
+
+
+@dataclass(frozen=True)
+class Read:
+    function: str
+    source: str | None  # "prefix" or "entry" when the offset is known, else None
+    offset: int | None
+    mask: int = -1
+
+
+@dataclass(frozen=True)
+class Count:
+    string: Approx
+
+
+@dataclass(frozen=True)
+class OfString:
+    """@a[i] or !a[i]: defined only when the string matched."""
+
+    string: Approx
+
+
+@dataclass(frozen=True)
+class Now:
+    pass
+
+
+@dataclass(frozen=True)
+class WholeEntropy:
+    pass
+
+
+@dataclass(frozen=True)
+class WholeHash:
+    algorithm: str
+
+
+Term = (
+    Const | Text | Size | ModuleField | EntryOffset | Read | Count | OfString | Now | WholeEntropy | WholeHash
+)
+
+
+# --- plans ------------------------------------------------------------------------------------------
 @dataclass
 class Note:
     rule: str
+    code: str
     text: str
-    reason: str
     line: int = 0
     column: int = 0
 
@@ -66,29 +211,36 @@ class RulePlan:
 class RulesetPlanner:
     """Plans the rules of one parsed file; rule references and globals are resolved by name."""
 
-    def __init__(self, yara_file: yaramod.YaraFile, mapper: GramMapper):
+    def __init__(self, yara_file: yaramod.YaraFile, policy: Policy, mapper: GramMapper, now: float):
         self.rules = {rule.name: rule for rule in yara_file.rules}
         self.order = [rule.name for rule in yara_file.rules]
+        self.policy = policy
         self.mapper = mapper
-        self._memo: dict[str, RulePlan] = {}
+        self.now = int(now)
+        self._plans: dict[str, RulePlan] = {}
         self._approx: dict[str, Approx] = {}
 
     def approx(self, name: str) -> Approx:
         if name not in self._approx:
             self._approx[name] = UNKNOWN  # YARA forbids cycles; this only guards the recursion
-            self._approx[name] = self._plan_rule(name)
+            rule = self.rules[name]
+            plan = RulePlan(name, TRUE)
+            self._plans[name] = plan
+            try:
+                plan.strings = [plan_string(s, self.mapper) for s in rule.strings]
+                for s in plan.strings:
+                    if s.note:
+                        code = (
+                            "string-not-understood"
+                            if s.note.startswith("not understood")
+                            else "string-unanchored"
+                        )
+                        plan.notes.append(Note(name, code, f"{s.identifier}: {s.note}", s.line, s.column))
+                self._approx[name] = ConditionPlanner(self, plan).plan(rule.condition)
+            except Exception as exc:  # one rule failing to plan never fails the others
+                plan.notes.append(Note(name, "plan-error", f"{type(exc).__name__}: {exc}", *_where(rule)))
+                self._approx[name] = UNKNOWN
         return self._approx[name]
-
-    def _plan_rule(self, name: str) -> Approx:
-        rule = self.rules[name]
-        strings = [plan_string(s, self.mapper) for s in rule.strings]
-        plan = RulePlan(name, TRUE, strings=strings)
-        for s in strings:
-            if s.note:
-                plan.notes.append(Note(name, s.identifier, s.note))
-        approx = ConditionPlanner(self, plan).plan(rule.condition)
-        self._memo[name] = plan
-        return approx
 
     def plan(self, name: str) -> RulePlan:
         """The plan of a rule as matched: its own condition and every global rule's."""
@@ -96,27 +248,57 @@ class RulesetPlanner:
             self.approx(name).upper,
             *(self.approx(g).upper for g in self.order if g != name and self.rules[g].is_global),
         )
-        plan = self._memo[name]
+        plan = self._plans[name]
         return RulePlan(name, upper, plan.notes, plan.strings)
+
+
+def _where(item) -> tuple[int, int]:
+    try:
+        location = item.token_first.location if hasattr(item, "token_first") else item.location
+        return location.begin.line, location.begin.column
+    except Exception:
+        return 0, 0
 
 
 class ConditionPlanner:
     def __init__(self, ruleset: RulesetPlanner, plan: RulePlan):
         self.ruleset = ruleset
+        self.policy = ruleset.policy
         self.rule_plan = plan
         self.by_id = {s.identifier: s for s in plan.strings if s.identifier != "$"}
         self.bound: StringPlan | None = None  # what `$` stands for inside `for ... of ... : (...)`
 
-    def unknown(self, expr, reason: str) -> Approx:
-        self.rule_plan.notes.append(Note(self.rule_plan.name, expr.text, reason))
+    def unknown(self, expr, code: str) -> Approx:
+        self.rule_plan.notes.append(Note(self.rule_plan.name, code, expr.text, *_where(expr)))
         return UNKNOWN
 
     # --- strings -------------------------------------------------------------------------------
-    def string(self, identifier: str) -> Approx:
-        """A string reference in any of its forms ($a, #a, @a, !a, or the bound $ of a loop)."""
+    def string_plan(self, identifier: str) -> StringPlan | None:
+        """The string a reference names in any of its forms ($a, #a, @a, !a, or the bound $)."""
         name = "$" + identifier[1:]
-        plan = self.bound if name == "$" else self.by_id.get(name)
+        return self.bound if name == "$" else self.by_id.get(name)
+
+    def string(self, identifier: str) -> Approx:
+        plan = self.string_plan(identifier)
         return UNKNOWN if plan is None else Approx.maybe(plan.node)
+
+    def string_at(self, identifier: str, offsets: list[int], source: str) -> Approx:
+        """The string matches at one of `offsets` of the stored bytes of `source`."""
+        plan = self.string_plan(identifier)
+        if plan is None:
+            return UNKNOWN
+        window = self.policy.prefix_bytes if source == "prefix" else ENTRY_WINDOW
+        if (
+            plan.exact is None
+            or len(plan.exact) * len(offsets) > 64
+            or any(o < 0 or o + len(seq) > window for seq in plan.exact for o in offsets)
+        ):
+            return Approx.maybe(plan.node)
+        fact = or_(*(BytesAt(source, o, seq) for o in offsets for seq in sorted(plan.exact)))
+        sure = FALSE if plan.fullword else fact  # fullword also wants delimiters around the match
+        if source == "entry":  # entry-point bytes come from YARA's modules: unknown where they did not run
+            return Approx(or_(fact, Unscanned()), sure)
+        return Approx(fact, sure)
 
     def strings_of(self, iterable) -> list[StringPlan] | None:
         """The strings a `them` / `($a, $b*)` set names, or None if it is not a string set."""
@@ -139,10 +321,11 @@ class ConditionPlanner:
         strings = self.strings_of(iterable)
         if strings is not None:
             return [Approx.maybe(s.node) for s in strings]
-        if isinstance(iterable, yaramod.IterableExpression):
+        if isinstance(iterable, yaramod.IterableExpression | yaramod.SetExpression):
             names = [e.text for e in iterable.elements]
-            if all(isinstance(e, yaramod.IdExpression) for e in iterable.elements) and all(
-                n in self.ruleset.rules for n in names
+            if all(
+                isinstance(e, yaramod.IdExpression) and e.text in self.ruleset.rules
+                for e in iterable.elements
             ):
                 return [self.ruleset.approx(n) for n in names]
         return None
@@ -155,39 +338,102 @@ class ConditionPlanner:
         if isinstance(variable, yaramod.NoneExpression):
             return 0
         if isinstance(variable, yaramod.PercentualExpression):
-            percent = self.integer(variable.operand)
+            percent = self.constant(variable.operand)
             # YARA rounds the count down; rounding down can only admit more documents.
-            return None if percent is None else math.floor(percent * total / 100)
-        return self.integer(variable)
+            return None if not isinstance(percent, int) else math.floor(percent * total / 100)
+        value = self.constant(variable)
+        return value if isinstance(value, int) else None
 
     def quantified(self, expr, items: list[Approx]) -> Approx:
         k = self.quantity(expr.variable, len(items))
         if k is None:
-            return self.unknown(expr, "quantifier not constant")
+            return self.unknown(expr, "not-understood")
         if isinstance(expr.variable, yaramod.NoneExpression):
             return ~Approx.at_least(1, items)
         return Approx.at_least(k, items)
 
-    # --- integers ------------------------------------------------------------------------------
-    def integer(self, expr) -> int | None:
-        """Constant value of an integer expression, or None."""
-        if isinstance(expr, yaramod.IntLiteralExpression):
-            return int_literal(expr.text)
-        if isinstance(expr, yaramod.ParenthesesExpression):
-            return self.integer(expr.enclosed_expr)
-        if isinstance(expr, yaramod.UnaryMinusExpression):
-            value = self.integer(expr.operand)
-            return None if value is None else -value
+    # --- terms ---------------------------------------------------------------------------------
+    def constant(self, expr) -> int | float | None:
+        term = self.term(expr)
+        return term.value if isinstance(term, Const) else None
+
+    def term(self, expr) -> Term | None:
+        """The value of an expression as a term, or None if it is not one the planner handles."""
+        kind = type(expr)
+        if kind is yaramod.IntLiteralExpression:
+            value = int_literal(expr.text)
+            return None if value is None else Const(value)
+        if kind is yaramod.DoubleLiteralExpression:
+            return Const(float(expr.value))
+        if kind is yaramod.StringLiteralExpression:
+            return Text(_string_value(expr))
+        if kind is yaramod.ParenthesesExpression:
+            return self.term(expr.enclosed_expr)
+        if kind is yaramod.FilesizeExpression:
+            return Size(1, 0)
+        if kind is yaramod.EntrypointExpression:
+            return EntryOffset(0)
+        if kind is yaramod.UnaryMinusExpression:
+            inner = self.term(expr.operand)
+            if isinstance(inner, Const):
+                return Const(-inner.value)
+            if isinstance(inner, Size):
+                return Size(-inner.a, -inner.b)
+            return None
+        if kind in (yaramod.PlusExpression, yaramod.MinusExpression, yaramod.MultiplyExpression):
+            return _arithmetic(kind, self.term(expr.left_operand), self.term(expr.right_operand))
+        if kind is yaramod.BitwiseAndExpression:
+            left, right = self.term(expr.left_operand), self.term(expr.right_operand)
+            if isinstance(left, Const) and not isinstance(right, Const):
+                left, right = right, left
+            if isinstance(left, Read) and isinstance(right, Const) and isinstance(right.value, int):
+                return Read(left.function, left.source, left.offset, left.mask & right.value)
+            if isinstance(left, ModuleField) and isinstance(right, Const) and isinstance(right.value, int):
+                return MaskedField(left.name, right.value)
+            if isinstance(left, Const) and isinstance(right, Const):
+                return Const(int(left.value) & int(right.value))
+            return None
+        if kind is yaramod.StructAccessExpression or kind is yaramod.IdExpression:
+            name = expr.text.replace(" ", "")
+            if name in constants():
+                return Const(constants()[name])
+            if "[" not in name and name.split(".")[0] in MODULES:
+                return ModuleField(name)
+            return None
+        if kind is yaramod.IntFunctionExpression:
+            offset = self.term(expr.argument)
+            if isinstance(offset, ModuleField) and offset.name in ENTRY_FIELDS:
+                offset = EntryOffset(0)
+            if isinstance(offset, Const) and isinstance(offset.value, int):
+                return Read(expr.function, "prefix", offset.value)
+            if isinstance(offset, EntryOffset):
+                return Read(expr.function, "entry", offset.delta)
+            return Read(expr.function, None, None)
+        if kind is yaramod.FunctionCallExpression:
+            function = expr.function.text
+            arguments = [self.term(a) for a in expr.arguments]
+            whole_file = arguments == [Const(0), Size(1, 0)]
+            if function == "math.entropy" and whole_file:
+                return WholeEntropy()
+            if function.startswith("hash.") and whole_file:
+                return WholeHash(function[len("hash.") :])
+            if function == "time.now":
+                return Now()
+            return None
+        if kind is yaramod.StringCountExpression:
+            return Count(self.string(expr.id))
+        if kind in (yaramod.StringOffsetExpression, yaramod.StringLengthExpression):
+            return OfString(self.string(expr.id))
         return None
 
     # --- conditions ----------------------------------------------------------------------------
     def plan(self, expr) -> Approx:
-        if isinstance(expr, yaramod.AndExpression | yaramod.OrExpression):
-            kind = type(expr)
+        kind = type(expr)
+        if kind in (yaramod.AndExpression, yaramod.OrExpression):
             operands, stack = [], [expr]
             while stack:  # long chains are left-deep: flatten without recursion
                 item = stack.pop()
-                if isinstance(item, kind):
+                if type(item) is kind:
                     stack.extend((item.right_operand, item.left_operand))
                 else:
                     operands.append(self.plan(item))
@@ -195,38 +441,67 @@ class ConditionPlanner:
             for operand in operands[1:]:
                 result = (result & operand) if kind is yaramod.AndExpression else (result | operand)
             return result
-        if isinstance(expr, yaramod.NotExpression):
-            return ~self.plan(expr.operand)
-        if isinstance(expr, yaramod.ParenthesesExpression):
+        if kind is yaramod.NotExpression:
+            inner = self.plan(expr.operand)
+            if inner.lower is FALSE and inner.upper is not TRUE:
+                self.unknown(expr, "negated-string")
+            return ~inner
+        if kind is yaramod.ParenthesesExpression:
             return self.plan(expr.enclosed_expr)
-        if isinstance(expr, yaramod.BoolLiteralExpression):
+        if kind is yaramod.BoolLiteralExpression:
             return Approx.exact(TRUE if expr.value else FALSE)
-        if isinstance(expr, yaramod.StringExpression):
+        if kind is yaramod.StringExpression:
             return self.string(expr.id)
-        if isinstance(expr, yaramod.StringAtExpression | yaramod.StringInRangeExpression):
-            return self.string(expr.id)  # a located match is still a match
-        if isinstance(expr, yaramod.OfExpression):
-            return self.of(expr)
-        if isinstance(expr, yaramod.ForStringExpression):
+        if kind is yaramod.StringAtExpression:
+            return self.located(expr, [self.term(expr.at_expr)])
+        if kind is yaramod.StringInRangeExpression:
+            low, high = self.term(expr.range_expr.low), self.term(expr.range_expr.high)
+            if isinstance(low, Const) and isinstance(high, Const) and 0 <= high.value - low.value < 64:
+                return self.located(expr, [Const(o) for o in range(int(low.value), int(high.value) + 1)])
+            return self.string(expr.id)
+        if kind is yaramod.OfExpression:
+            items = self.members(expr.iterable)
+            if items is None:
+                return self.unknown(expr, "not-understood")
+            return self.quantified(expr, items)
+        if kind is yaramod.ForStringExpression:
             return self.for_strings(expr)
-        if isinstance(expr, yaramod.IdExpression) and expr.text in self.ruleset.rules:
+        if kind in (yaramod.ForArrayExpression, yaramod.ForDictExpression):
+            return self.for_values(expr)
+        if kind is yaramod.IdExpression and expr.text in self.ruleset.rules:
             return self.ruleset.approx(expr.text)
-        op = _COMPARISONS.get(type(expr))
+        op = _COMPARISONS.get(kind)
         if op is not None:
             return self.comparison(expr, op)
-        return self.unknown(expr, f"{type(expr).__name__} is decided by verification")
+        if kind is yaramod.FunctionCallExpression:
+            return self.function(expr)
+        if kind in (yaramod.StructAccessExpression, yaramod.IdExpression, yaramod.BitwiseAndExpression):
+            term = self.term(expr)  # an integer used as a boolean: true when not zero
+            if isinstance(term, ModuleField):
+                return self.field(term.name, "!=", 0)
+            if isinstance(term, MaskedField):
+                return self.field(term.name, "&", term.mask)
+            return self.unknown(expr, _module_code(expr.text))
+        if isinstance(expr, _STRING_OPERATORS):
+            return self.unknown(expr, "string-operator")
+        return self.unknown(expr, "not-understood")
 
-    def of(self, expr) -> Approx:
-        items = self.members(expr.iterable)
-        if items is None:
-            return self.unknown(expr, "set not understood")
-        return self.quantified(expr, items)
+    def located(self, expr, locations: list[Term | None]) -> Approx:
+        """`$a at X` / `$a in (X..Y)`: decided from stored bytes when they cover every place."""
+        if all(isinstance(t, Const) and isinstance(t.value, int) for t in locations):
+            return self.string_at(expr.id, [t.value for t in locations], "prefix")  # type: ignore[union-attr]
+        term = locations[0] if len(locations) == 1 else None
+        if isinstance(term, ModuleField) and term.name in ENTRY_FIELDS:
+            term = EntryOffset(0)
+        if isinstance(term, EntryOffset):
+            return self.string_at(expr.id, [term.delta], "entry")
+        return self.string(expr.id)
 
     def for_strings(self, expr) -> Approx:
         """`for Q of SET : (BODY)`: BODY planned once per string with `$` bound to it."""
         strings = self.strings_of(expr.iterable)
         if strings is None:
-            return self.unknown(expr, "string set not understood")
+            return self.unknown(expr, "not-understood")
         items = []
         saved = self.bound
         try:
@@ -237,34 +512,217 @@ class ConditionPlanner:
             self.bound = saved
         return self.quantified(expr, items)
 
-    def comparison(self, expr, op: str) -> Approx:
-        left, right = expr.left_operand, expr.right_operand
-        if self.integer(left) is not None and self.integer(right) is None:
-            left, right, op = right, left, _FLIP[op]
-        value = self.integer(right)
-        if value is None:
-            return self.unknown(expr, "comparison with a value only verification knows")
-        if isinstance(left, yaramod.FilesizeExpression):
-            return Approx.exact(Filesize(op, value))
-        if isinstance(left, yaramod.StringCountExpression):
-            return self.count(expr, left.id, op, value)
-        return self.unknown(expr, f"{type(left).__name__} is decided by verification")
+    def for_values(self, expr) -> Approx:
+        """`for Q i in (...) : (BODY)`: with Q = any or n >= 1, some iteration's BODY holds, and whatever
+        BODY forces for every value of i holds (i itself is unknown: terms using it are not constant).
+        `all` and `none` may hold vacuously on an empty range: unknown."""
+        variable = expr.variable
+        if isinstance(variable, yaramod.AllExpression | yaramod.NoneExpression):
+            return self.unknown(expr, "vacuous-loop")
+        if not isinstance(variable, yaramod.AnyExpression):
+            k = self.constant(variable)
+            if not isinstance(k, int) or k < 1:
+                return self.unknown(expr, "vacuous-loop")
+        return Approx.maybe(self.plan(expr.body).upper)
 
-    def count(self, expr, identifier: str, op: str, value: int) -> Approx:
+    def field(self, name: str, op: str, value: int) -> Approx:
+        return exact_or_unknown(Field(name, op, value), Unscanned())
+
+    def function(self, expr) -> Approx:
+        """Module functions used as booleans."""
+        name = expr.function.text
+        arguments = list(expr.arguments)
+        if name == "pe.is_dll" and not arguments:
+            return self.field("pe.characteristics", "&", constants()["pe.DLL"])
+        if name == "pe.is_64bit" and not arguments:
+            return self.field("pe.opthdr_magic", "==", constants()["pe.IMAGE_NT_OPTIONAL_HDR64_MAGIC"])
+        if name == "pe.is_32bit" and not arguments:
+            # YARA: "not 64-bit" (any other optional-header magic), for PE files only
+            return self.field("pe.opthdr_magic", "!=", constants()["pe.IMAGE_NT_OPTIONAL_HDR64_MAGIC"])
+        if name in ("pe.imports", "pe.exports"):
+            return self.import_names(expr, arguments)
+        return self.unknown(expr, _module_code(name))
+
+    def import_names(self, expr, arguments) -> Approx:
+        """pe.imports / pe.exports with name arguments: the names are stored in the file as ASCII (the
+        import and export name tables), so each name's grams must be there; case is ignored, which only
+        admits more. Ordinal and regex arguments add nothing."""
+        required = []
+        for argument in arguments:
+            term = self.term(argument)
+            if isinstance(term, Text) and term.value:
+                required.append(pattern_plan(map_sets(literal(term.value), fold_case), self.ruleset.mapper))
+        if not required:
+            return self.unknown(expr, "module-function")
+        self.rule_plan.notes.append(Note(self.rule_plan.name, "module-function", expr.text, *_where(expr)))
+        return Approx.maybe(and_(*required))
+
+    def comparison(self, expr, op: str) -> Approx:
+        left, right = self.term(expr.left_operand), self.term(expr.right_operand)
+        if isinstance(left, Const | Text) and not isinstance(right, Const | Text):
+            left, right, op = right, left, _FLIP[op]
+        if isinstance(left, Const) and isinstance(right, Const):
+            return Approx.exact(TRUE if _holds(left.value, op, right.value) else FALSE)
+        if isinstance(left, Count) and isinstance(right, Const):
+            return self.count(expr, left.string, op, right.value)
+        if isinstance(left, OfString):  # defined only where the string matched
+            return Approx.maybe(left.string.upper)
+        if isinstance(right, OfString):
+            return Approx.maybe(right.string.upper)
+        if isinstance(left, Size) and isinstance(right, Const):
+            return Approx.exact(_filesize(left, op, right.value))
+        if isinstance(left, ModuleField) and isinstance(right, Const) and isinstance(right.value, int):
+            return self.field(left.name, op, right.value)
+        if isinstance(left, MaskedField) and right == Const(0) and op in ("==", "!="):
+            masked = self.field(left.name, "&", left.mask)
+            return masked if op == "!=" else ~masked
+        if isinstance(left, Now) or isinstance(right, Now):
+            return self.time_now(expr, left, op, right)
+        if isinstance(left, WholeEntropy) and isinstance(right, Const):
+            return Approx.exact(Entropy(op, float(right.value)))
+        if isinstance(left, WholeHash) and isinstance(right, Text) and op in ("==", "!="):
+            return self.whole_hash(expr, left.algorithm, op, right.value)
+        if isinstance(left, Read) and isinstance(right, Const) and isinstance(right.value, int):
+            return self.read(expr, left, op, right.value)
+        return self.unknown(expr, "non-constant")
+
+    def count(self, expr, string: Approx, op: str, value) -> Approx:
         """`#a OP n`: the string must occur whenever the comparison rules out a count of zero."""
-        zero_allowed = {
-            "==": value == 0,
-            "!=": value != 0,
-            "<": value > 0,
-            "<=": value >= 0,
-            ">": value < 0,
-            ">=": value <= 0,
-        }[op]
-        string = self.string(identifier)
-        if zero_allowed:
-            self.rule_plan.notes.append(Note(self.rule_plan.name, expr.text, "a count of zero satisfies it"))
-            return UNKNOWN
-        return Approx.maybe(string.upper)
+        if not _holds(0, op, value):
+            return Approx.maybe(string.upper)
+        self.unknown(expr, "count-may-be-zero")
+        return UNKNOWN
+
+    def time_now(self, expr, left: Term, op: str, right: Term) -> Approx:
+        """time.now at verification is at least the search's start, T. A comparison is planned as what
+        some now >= T allows: `x > now` needs x > T, `x >= now` and `x == now` need x >= T; `x < now`
+        and the like become true as time passes, so only verification decides them."""
+        if isinstance(left, Now):
+            left, right, op = right, left, _FLIP[op]
+        if op in (">", ">=", "=="):
+            bound = ">" if op == ">" else ">="
+            if isinstance(left, ModuleField):
+                return Approx.maybe(self.field(left.name, bound, self.ruleset.now).upper)
+            if isinstance(left, Const):
+                return Approx.maybe(TRUE if _holds(left.value, bound, self.ruleset.now) else FALSE)
+        return self.unknown(expr, "time-now")
+
+    def whole_hash(self, expr, algorithm: str, op: str, text: bytes) -> Approx:
+        if algorithm != self.policy.id_source:
+            return self.unknown(expr, "hash-other-source")
+        digest = text.decode("latin-1")
+        if len(digest) == 2 * self.policy.id_bytes and re.fullmatch(r"[0-9a-f]*", digest):
+            fact: Node = Identity(bytes.fromhex(digest))
+        else:
+            fact = FALSE  # YARA's digest is lowercase hex of that length: it never equals this text
+        approx = Approx.exact(fact)
+        return approx if op == "==" else ~approx
+
+    def read(self, expr, read: Read, op: str, value: int) -> Approx:
+        """uintXX/intXX(offset) OP value: exact from stored bytes when they cover the read; an equality
+        also means the value's bytes occur in the file, which gives grams wherever the read is."""
+        width, signed, big = _READS[read.function]
+        mask = read.mask & ((1 << (8 * width)) - 1)
+        approx = UNKNOWN
+        window = self.policy.prefix_bytes if read.source == "prefix" else ENTRY_WINDOW
+        if read.source is not None and read.offset is not None and 0 <= read.offset <= window - width:
+            fact = ReadInt(read.source, read.offset, width, signed, big, mask, op, value)
+            approx = Approx.exact(fact) if read.source == "prefix" else exact_or_unknown(fact, Unscanned())
+        elif (
+            op == "=="
+            and mask == (1 << (8 * width)) - 1
+            and -(1 << (8 * width - 1)) <= value < (1 << (8 * width))
+        ):
+            data = (value % (1 << (8 * width))).to_bytes(width, "big" if big else "little")
+            grams = self.ruleset.mapper.seq(literal(data).seq)
+            if grams is TRUE:
+                return self.unknown(expr, "read-offset")
+            approx = Approx.maybe(grams)
+        else:
+            return self.unknown(expr, "read-offset")
+        return approx
+
+
+def _module_code(name: str) -> str:
+    module = name.split(".")[0].split("(")[0]
+    if module not in (*MODULES, "math", "hash", "time"):
+        return "unknown-module"
+    if "[" in name:
+        return "module-array"
+    return "module-function"
+
+
+def _string_value(expr) -> bytes:
+    text = expr.text
+    return literal_text(text[1:-1]) if len(text) >= 2 and text[0] == text[-1] == '"' else text.encode()
+
+
+def _holds(left, op: str, right) -> bool:
+    return {
+        "==": left == right,
+        "!=": left != right,
+        "<": left < right,
+        "<=": left <= right,
+        ">": left > right,
+        ">=": left >= right,
+    }[op]
+
+
+def _arithmetic(kind, left: Term | None, right: Term | None) -> Term | None:
+    if kind is yaramod.MinusExpression:
+        if isinstance(right, Const):
+            right = Const(-right.value)
+        elif isinstance(right, Size):
+            right = Size(-right.a, -right.b)
+        else:
+            return None
+        kind = yaramod.PlusExpression
+    if kind is yaramod.PlusExpression:
+        if isinstance(left, Const) and isinstance(right, Const):
+            return Const(left.value + right.value)
+        if isinstance(right, Size) and not isinstance(left, Size):
+            left, right = right, left
+        if isinstance(left, Size) and isinstance(right, Const) and isinstance(right.value, int):
+            return Size(left.a, left.b + right.value)
+        if isinstance(left, Size) and isinstance(right, Size):
+            return Size(left.a + right.a, left.b + right.b)
+        if isinstance(right, EntryOffset | ModuleField) and isinstance(left, Const):
+            left, right = right, left
+        if isinstance(left, ModuleField) and left.name in ENTRY_FIELDS and isinstance(right, Const):
+            left = EntryOffset(0)
+        if isinstance(left, EntryOffset) and isinstance(right, Const) and isinstance(right.value, int):
+            return EntryOffset(left.delta + right.value)
+        return None
+    # multiply
+    if isinstance(left, Const) and isinstance(right, Const):
+        return Const(left.value * right.value)
+    if isinstance(right, Size):
+        left, right = right, left
+    if isinstance(left, Size) and isinstance(right, Const) and isinstance(right.value, int):
+        return Size(left.a * right.value, left.b * right.value)
+    return None
+
+
+def _filesize(size: Size, op: str, value) -> Node:
+    """Solve a * filesize + b OP value for filesize (an integer)."""
+    a, target = size.a, value - size.b
+    if a == 0:
+        return TRUE if _holds(0, op, target) else FALSE
+    if a < 0:
+        a, target, op = -a, -target, _FLIP[op]
+    quotient = target / a
+    if op == "<":
+        return Filesize("<", math.ceil(quotient))
+    if op == "<=":
+        return Filesize("<=", math.floor(quotient))
+    if op == ">":
+        return Filesize(">", math.floor(quotient))
+    if op == ">=":
+        return Filesize(">=", math.ceil(quotient))
+    exact = quotient == int(quotient)
+    if op == "==":
+        return Filesize("==", int(quotient)) if exact else FALSE
+    return Filesize("!=", int(quotient)) if exact else TRUE
 
 
 def make_mapper(policy: Policy, max_anchors: int = DEFAULT_MAX_ANCHORS) -> GramMapper:
@@ -272,20 +730,28 @@ def make_mapper(policy: Policy, max_anchors: int = DEFAULT_MAX_ANCHORS) -> GramM
 
 
 def plan_rules(
-    text: str | None, targets: Sequence[str], policy: Policy, max_anchors: int = DEFAULT_MAX_ANCHORS
+    source: str | yaramod.YaraFile | None,
+    targets: Sequence[str],
+    policy: Policy,
+    max_anchors: int = DEFAULT_MAX_ANCHORS,
+    now: float | None = None,
 ) -> list[RulePlan]:
-    """One plan per target rule. A source yaramod cannot parse plans every rule as TRUE."""
-    if text is None:
-        return [RulePlan(name, TRUE, [Note(name, "", "rule file not parsed by yaramod")]) for name in targets]
-    try:
-        yara_file = yaramod_parser().parse_string(text)
-    except Exception as exc:  # yaramod.ParserError and occasional RuntimeError
-        return [RulePlan(name, TRUE, [Note(name, "", f"yaramod: {exc}")]) for name in targets]
-    planner = RulesetPlanner(yara_file, make_mapper(policy, max_anchors))
+    """One plan per target rule, from source text (or an already parsed file). A source yaramod cannot
+    parse plans every rule as TRUE."""
+    if source is None:
+        return [RulePlan(name, TRUE, [Note(name, "not-parsed", "")]) for name in targets]
+    if isinstance(source, str):
+        try:
+            source = yaramod_parser().parse_string(source)
+        except Exception as exc:  # yaramod.ParserError and occasional RuntimeError
+            return [RulePlan(name, TRUE, [Note(name, "not-parsed", str(exc))]) for name in targets]
+    planner = RulesetPlanner(
+        source, policy, make_mapper(policy, max_anchors), time.time() if now is None else now
+    )
     plans = []
     for name in targets:
         if name not in planner.rules:
-            plans.append(RulePlan(name, TRUE, [Note(name, "", "rule not found by yaramod")]))
+            plans.append(RulePlan(name, TRUE, [Note(name, "not-parsed", "rule not found by yaramod")]))
         else:
             plans.append(planner.plan(name))
     return plans

@@ -17,12 +17,12 @@ import numpy as np
 
 from sspry.features.sizing import bloom_positions, gram_hashes
 from sspry.policy import Policy
+from sspry.query.facts import evaluate_fact
 from sspry.query.plan import (
     TRUE,
     And,
     AtLeast,
     Const,
-    Filesize,
     Gram,
     Node,
     Not,
@@ -34,15 +34,7 @@ from sspry.query.plan import (
     or_,
 )
 from sspry.store.forest import SegmentView
-
-_COMPARE = {
-    "==": np.equal,
-    "!=": np.not_equal,
-    "<": np.less,
-    "<=": np.less_equal,
-    ">": np.greater,
-    ">=": np.greater_equal,
-}
+from sspry.store.segment import SegmentReader
 
 
 def drop_tier(node: Node, tier: int, memo: dict[int, Node] | None = None) -> Node:
@@ -120,16 +112,15 @@ class Program:
             instruction = ("not", self._compile(node.child))
         elif isinstance(node, Const):
             instruction = ("const", node.value)
-        elif isinstance(node, Filesize):
-            instruction = ("filesize", node.op, node.value)
         else:
-            raise TypeError(f"cannot evaluate {node!r}")
+            instruction = ("fact", node)
         self.instructions.append(instruction)
         slot = len(self.instructions) - 1
         self._slots[id(node)] = slot
         return slot
 
-    def run(self, docs: int, bits: dict[int, np.ndarray], filesize: np.ndarray) -> list[np.ndarray]:
+    def run(self, reader: SegmentReader, bits: dict[int, np.ndarray]) -> list[np.ndarray]:
+        docs = reader.docs
         values: list[np.ndarray] = []
         for instruction in self.instructions:
             op = instruction[0]
@@ -156,11 +147,7 @@ class Program:
             elif op == "const":
                 value = np.full(docs, instruction[1], dtype=bool)
             else:
-                _, compare, number = instruction
-                if number < 0:
-                    value = np.full(docs, compare in (">", ">=", "!="), dtype=bool)
-                else:
-                    value = _COMPARE[compare](filesize, np.uint64(number))
+                value = evaluate_fact(instruction[1], reader)
             values.append(value)
         return [values[s] for s in self.outputs]
 
@@ -203,12 +190,11 @@ class SegmentEvaluator:
     def evaluate(self) -> list[np.ndarray]:
         """Per plan of the batch, the live documents it selects."""
         live = self.view.live
-        filesize = np.asarray(self.reader.filesize)
         bits = {1: self._read_tier(1, None)}
-        first = [selected & live for selected in self.batch.tier1.run(self.docs, bits, filesize)]
+        first = [selected & live for selected in self.batch.tier1.run(self.reader, bits)]
         survivors = np.logical_or.reduce(first) if first else np.zeros(self.docs, dtype=bool)
         if not survivors.any() or not self.batch.table.grams[2]:
             return first
         bits[2] = self._read_tier(2, survivors)
-        full = self.batch.full.run(self.docs, bits, filesize)
+        full = self.batch.full.run(self.reader, bits)
         return [selected & f for selected, f in zip(full, first, strict=True)]

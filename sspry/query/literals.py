@@ -277,5 +277,11 @@ class Analyzer:
 
 def pattern_plan(pattern: Pattern, mapper: GramMapper) -> Node:
     """The gram formula every match of `pattern` satisfies."""
+    return analyze_pattern(pattern, mapper)[0]
+
+
+def analyze_pattern(pattern: Pattern, mapper: GramMapper) -> tuple[Node, frozenset[Seq] | None]:
+    """(gram formula every match satisfies, the exact set of Seqs it matches when small)."""
     analyzer = Analyzer(mapper)
-    return analyzer.required(analyzer.analyze(pattern))
+    info = analyzer.analyze(pattern)
+    return analyzer.required(info), info.exact

@@ -81,6 +81,114 @@ class Filesize(Node):
         return self.key[2]
 
 
+class Field(Node):
+    """Module field `name` is defined for the file and `value OP operand` holds (op "&": value & operand
+    is non-zero). Exact for files YARA's modules scanned; see `Unscanned`."""
+
+    __slots__ = ()
+
+    @property
+    def name(self) -> str:
+        return self.key[1]
+
+    @property
+    def op(self) -> str:
+        return self.key[2]
+
+    @property
+    def value(self) -> int:
+        return self.key[3]
+
+
+class Unscanned(Node):
+    """The file's module fields are unknown (YARA could not scan it when it was indexed)."""
+
+    __slots__ = ()
+
+
+class Entropy(Node):
+    """math.entropy(0, filesize) OP value (exact: the stored entropy is computed as YARA computes it)."""
+
+    __slots__ = ()
+
+    @property
+    def op(self) -> str:
+        return self.key[1]
+
+    @property
+    def value(self) -> float:
+        return self.key[2]
+
+
+class Identity(Node):
+    """The file's Source ID is `source_id`."""
+
+    __slots__ = ()
+
+    @property
+    def source_id(self) -> bytes:
+        return self.key[1]
+
+
+class ReadInt(Node):
+    """An integer read (uint8/16/32[be], int8/16/32[be]) at a constant offset of the stored first bytes
+    (`source` "prefix") or entry-point bytes ("entry"), masked, compared: exact, and FALSE where the file
+    is too short for the read, as YARA's read is then undefined."""
+
+    __slots__ = ()
+
+    @property
+    def source(self) -> str:
+        return self.key[1]
+
+    @property
+    def offset(self) -> int:
+        return self.key[2]
+
+    @property
+    def width(self) -> int:
+        return self.key[3]
+
+    @property
+    def signed(self) -> bool:
+        return self.key[4]
+
+    @property
+    def big_endian(self) -> bool:
+        return self.key[5]
+
+    @property
+    def mask(self) -> int:
+        return self.key[6]
+
+    @property
+    def op(self) -> str:
+        return self.key[7]
+
+    @property
+    def value(self) -> int:
+        return self.key[8]
+
+
+class BytesAt(Node):
+    """The stored first bytes ("prefix") or entry-point bytes ("entry") hold, at `offset`, a byte of
+    each set of `seq` in turn."""
+
+    __slots__ = ()
+
+    @property
+    def source(self) -> str:
+        return self.key[1]
+
+    @property
+    def offset(self) -> int:
+        return self.key[2]
+
+    @property
+    def seq(self) -> tuple[int, ...]:
+        return self.key[3]
+
+
 class And(Node):
     __slots__ = ()
 
@@ -210,6 +318,11 @@ class Approx:
 
 
 UNKNOWN = Approx.maybe()
+
+
+def exact_or_unknown(fact: Node, unknown: Node) -> Approx:
+    """A fact that is exact except on documents where `unknown` holds (there it may be anything)."""
+    return Approx(or_(fact, unknown), and_(fact, not_(unknown)))
 
 
 def leaves(node: Node, kind: type) -> set[Node]:

@@ -2,12 +2,13 @@
 
 Each string is lowered to the pattern IR with every variant its modifiers allow (ascii and/or wide, case
 variants, xor keys) as alternatives; `literals.pattern_plan` turns that into grams. `fullword` and
-`private` only narrow or hide matches, so they change nothing here. A construct not handled yet plans as
-TRUE: only verification can decide it.
+`private` only narrow or hide matches, so they change nothing here. `base64`/`base64wide` become the
+three encodings YARA searches for. Anything not understood plans as TRUE: only verification decides it.
 """
 
 from __future__ import annotations
 
+import base64
 import re
 from dataclasses import dataclass
 
@@ -19,11 +20,12 @@ from sspry.query.literals import (
     Alt,
     GramMapper,
     Pattern,
+    Seq,
+    analyze_pattern,
     fold_case,
     literal,
     map_sets,
     members,
-    pattern_plan,
     widen,
 )
 from sspry.query.plan import TRUE, Node
@@ -36,6 +38,60 @@ class StringPlan:
     identifier: str
     node: Node  # holds for every file the string matches in
     note: str | None = None  # why the plan is weaker than the string, when it is
+    exact: frozenset[Seq] | None = None  # every byte sequence the string matches, when few
+    fullword: bool = False
+    line: int = 0
+    column: int = 0
+
+
+B64 = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+_ESCAPE = re.compile(rb"\\(x[0-9a-fA-F]{2}|.)", re.S)
+_SIMPLE = {b"n": b"\n", b"t": b"\t", b"r": b"\r", b'"': b'"', b"\\": b"\\"}
+
+
+def literal_text(text: str) -> bytes:
+    """Value of a YARA string literal's body (between the quotes), escapes decoded."""
+    raw = text.encode("utf-8")
+
+    def decode(match: re.Match) -> bytes:
+        escape = match.group(1)
+        if escape.startswith(b"x"):
+            return bytes([int(escape[1:], 16)])
+        if escape not in _SIMPLE:
+            raise ValueError(f"unknown escape in {text!r}")
+        return _SIMPLE[escape]
+
+    return _ESCAPE.sub(decode, raw)
+
+
+def base64_forms(data: bytes, alphabet: bytes = B64) -> list[bytes]:
+    """What YARA's `base64` looks for: for each of the three alignments of `data` in the encoded stream,
+    the encoded characters that depend on `data` alone."""
+    if len(alphabet) != 64:
+        raise ValueError("a base64 alphabet has 64 characters")
+    table = bytes.maketrans(B64, alphabet)
+    forms = []
+    for pad in range(3):
+        encoded = base64.b64encode(b"\x00" * pad + data).rstrip(b"=")
+        lead = (8 * pad + 5) // 6  # characters touched by the padding bytes
+        full = (8 * (pad + len(data))) // 6  # characters fully determined by pad + data
+        forms.append(encoded[lead:full].translate(table))
+    return forms
+
+
+def _base64_pattern(string) -> Pattern:
+    forms = []
+    for modifier in string.modifiers:
+        if modifier.type in (yaramod.StringModifierType.Base64, yaramod.StringModifierType.Base64Wide):
+            alphabet = B64
+            if modifier.has_alphabet:
+                body = modifier.text[modifier.text.index("(") + 1 : modifier.text.rindex(")")].strip()
+                alphabet = literal_text(body[1:-1])
+            encoded = [literal(form) for form in base64_forms(string.pure_text, alphabet)]
+            if modifier.type == yaramod.StringModifierType.Base64Wide:
+                encoded = [widen(form) for form in encoded]
+            forms.extend(encoded)
+    return Alt(tuple(forms))
 
 
 def _xor_keys(modifier_text: str) -> range:
@@ -70,6 +126,7 @@ def _variants(base: Pattern, string) -> Pattern:
 
 def plan_string(string, mapper: GramMapper) -> StringPlan:
     identifier = string.identifier
+    line, column = string.location.begin.line, string.location.begin.column
     try:
         if string.is_hex:
             pattern = parse_hex(string.pure_text.decode("ascii"))
@@ -78,14 +135,15 @@ def plan_string(string, mapper: GramMapper) -> StringPlan:
             if "i" in (string.suffix_modifiers or "") or string.is_nocase:
                 pattern = map_sets(pattern, fold_case)
         else:
-            if string.is_base64 or string.is_base64_wide:
-                return StringPlan(identifier, TRUE, "base64 strings are not planned yet")
             pattern = literal(string.pure_text)
             if string.is_nocase:
                 pattern = map_sets(pattern, fold_case)
-        if not string.is_hex:
+        if string.is_base64 or string.is_base64_wide:
+            pattern = _base64_pattern(string)
+        elif not string.is_hex:
             pattern = _variants(pattern, string)
     except (HexError, ValueError, UnicodeDecodeError) as exc:
-        return StringPlan(identifier, TRUE, f"not understood: {exc}")
-    node = pattern_plan(pattern, mapper)
-    return StringPlan(identifier, node, None if node is not TRUE else "no gram is certain to occur")
+        return StringPlan(identifier, TRUE, f"not understood: {exc}", line=line, column=column)
+    node, exact = analyze_pattern(pattern, mapper)
+    note = None if node is not TRUE else "no gram is certain to occur in its matches (too short or too loose)"
+    return StringPlan(identifier, node, note, exact, string.is_fullword, line, column)

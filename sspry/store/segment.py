@@ -7,6 +7,8 @@ A segment is a directory written once and never changed:
   ids.npy           Source IDs (docs x id_bytes), in document order
   id_order.npy      argsort of ids, for binary search by Source ID
   filesize.npy, entropy.npy, prefix.npy (docs x prefix_bytes), prefix_len.npy
+  entry.npy (docs x 16), entry_len.npy, scanned.npy   entry-point bytes; whether YARA's modules ran
+  field_names.json, field_doc.npy, field_name.npy, field_value.npy   module fields, sparse
   t2_order.npy      document indices grouped by Tier 2 class
   paths.bin, path_offsets.npy   stored paths (only with store_path)
 
@@ -29,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sspry.document import Document
+from sspry.document import ENTRY_BYTES, Document
 from sspry.policy import BLOCK_BITS, Policy
 from sspry.store.manifest import fsync_path
 
@@ -81,18 +83,18 @@ class FreshPart(Part):
         self._stacked: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
 
     def columns(self) -> dict[str, object]:
-        width = self.policy.prefix_bytes
-        prefix = np.zeros((self.size, width), dtype=np.uint8)
-        for i, doc in enumerate(self.docs):
-            prefix[i, : len(doc.prefix)] = np.frombuffer(doc.prefix, dtype=np.uint8)
         return {
             "ids": np.frombuffer(b"".join(d.source_id for d in self.docs), dtype=np.uint8).reshape(
                 self.size, self.policy.id_bytes
             ),
             "filesize": np.array([d.filesize for d in self.docs], dtype=np.uint64),
             "entropy": np.array([d.entropy for d in self.docs], dtype=np.float64),
-            "prefix": prefix,
+            "prefix": _padded([d.prefix for d in self.docs], self.policy.prefix_bytes),
             "prefix_len": np.array([len(d.prefix) for d in self.docs], dtype=np.uint16),
+            "entry": _padded([d.entry_bytes for d in self.docs], ENTRY_BYTES),
+            "entry_len": np.array([len(d.entry_bytes) for d in self.docs], dtype=np.uint8),
+            "scanned": np.array([d.modules_scanned for d in self.docs], dtype=bool),
+            "fields": [d.fields for d in self.docs],
             "paths": [d.path for d in self.docs],
         }
 
@@ -126,6 +128,10 @@ class SegmentPart(Part):
             "entropy": seg.entropy[keep],
             "prefix": seg.prefix[keep],
             "prefix_len": seg.prefix_len[keep],
+            "entry": seg.entry[keep],
+            "entry_len": seg.entry_len[keep],
+            "scanned": seg.scanned[keep],
+            "fields": seg.doc_fields(keep),
             "paths": [seg.path(int(i)) for i in keep],
         }
 
@@ -189,10 +195,14 @@ def build_segment(directory: Path, parts: Sequence[Part], policy: Policy) -> int
         "entropy": gather("entropy", np.float64),
         "prefix": gather("prefix", np.uint8, (policy.prefix_bytes,)),
         "prefix_len": gather("prefix_len", np.uint16),
+        "entry": gather("entry", np.uint8, (ENTRY_BYTES,)),
+        "entry_len": gather("entry_len", np.uint8),
+        "scanned": gather("scanned", bool),
         "t2_order": t2_order.astype(np.uint32),
     }
     for name, array in arrays.items():
         np.save(directory / f"{name}.npy", array)
+    _save_fields(directory, [columns[p]["fields"][i] for p, i in zip(part_of, local_of, strict=True)])
     if policy.store_path:
         encoded = [
             (columns[p]["paths"][i] or "").encode("utf-8", "surrogateescape")
@@ -228,6 +238,24 @@ def build_segment(directory: Path, parts: Sequence[Part], policy: Policy) -> int
     return total
 
 
+def _padded(values: Sequence[bytes], width: int) -> np.ndarray:
+    out = np.zeros((len(values), width), dtype=np.uint8)
+    for i, value in enumerate(values):
+        out[i, : len(value)] = np.frombuffer(value, dtype=np.uint8)
+    return out
+
+
+def _save_fields(directory: Path, per_doc: Sequence[dict[str, int]]) -> None:
+    """Module fields, sparse: (doc, name index, value) triples sorted by name, then document."""
+    names = sorted({name for fields in per_doc for name in fields})
+    index = {name: i for i, name in enumerate(names)}
+    triples = sorted((index[n], d, v) for d, fields in enumerate(per_doc) for n, v in fields.items())
+    (directory / "field_names.json").write_text(json.dumps(names))
+    np.save(directory / "field_name.npy", np.array([t[0] for t in triples], dtype=np.uint16))
+    np.save(directory / "field_doc.npy", np.array([t[1] for t in triples], dtype=np.uint32))
+    np.save(directory / "field_value.npy", np.array([t[2] for t in triples], dtype=np.int64))
+
+
 def _fsync_tree(directory: Path) -> None:
     for name in os.listdir(directory):
         fsync_path(directory / name)
@@ -250,6 +278,14 @@ class SegmentReader:
         self.entropy = load("entropy")
         self.prefix = load("prefix")
         self.prefix_len = load("prefix_len")
+        self.entry = load("entry")
+        self.entry_len = load("entry_len")
+        self.scanned = load("scanned")
+        self.field_names: list[str] = json.loads((directory / "field_names.json").read_text())
+        self._field_name = load("field_name")
+        self._field_doc = load("field_doc")
+        self._field_value = load("field_value")
+        self._fields: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.t2_order = load("t2_order")
         self._blooms = np.asarray(np.memmap(directory / "blooms.bin", dtype=np.uint8, mode="r"))
         self._paths: tuple[np.ndarray, np.memmap | bytes] | None = None
@@ -268,6 +304,33 @@ class SegmentReader:
         offsets, blob = self._paths
         raw = bytes(blob[int(offsets[doc]) : int(offsets[doc + 1])])
         return raw.decode("utf-8", "surrogateescape") or None
+
+    def field(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(present, value) of a module field for every document."""
+        found = self._fields.get(name)
+        if found is None:
+            present = np.zeros(self.docs, dtype=bool)
+            values = np.zeros(self.docs, dtype=np.int64)
+            if name in self.field_names:
+                code = self.field_names.index(name)
+                lo, hi = np.searchsorted(self._field_name, [code, code + 1])
+                docs = self._field_doc[lo:hi]
+                present[docs] = True
+                values[docs] = self._field_value[lo:hi]
+            found = self._fields[name] = (present, values)
+        return found
+
+    def doc_fields(self, docs: np.ndarray) -> list[dict[str, int]]:
+        """The module fields of each of `docs`, as dicts (compaction input)."""
+        position = {int(d): i for i, d in enumerate(docs)}
+        out: list[dict[str, int]] = [{} for _ in docs]
+        for name, doc, value in zip(
+            self._field_name.tolist(), self._field_doc.tolist(), self._field_value.tolist(), strict=True
+        ):
+            at = position.get(doc)
+            if at is not None:
+                out[at][self.field_names[name]] = value
+        return out
 
     def source_id(self, doc: int) -> bytes:
         return self.ids[doc].tobytes()

@@ -24,15 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14sspry/v1/sspry.proto\x12\x08sspry.v1\"\'\n\x05\x42loom\x12\x10\n\x08\x65stimate\x18\x01 \x01(\x04\x12\x0c\n\x04\x62its\x18\x02 \x01(\x0c\"\xaf\x01\n\x0b\x44ocumentRow\x12\x11\n\tsource_id\x18\x01 \x01(\x0c\x12\x10\n\x08\x66ilesize\x18\x02 \x01(\x04\x12\x1e\n\x05tier1\x18\x03 \x01(\x0b\x32\x0f.sspry.v1.Bloom\x12\x1e\n\x05tier2\x18\x04 \x01(\x0b\x32\x0f.sspry.v1.Bloom\x12\x0f\n\x07\x65ntropy\x18\x05 \x01(\x01\x12\x0e\n\x06prefix\x18\x06 \x01(\x0c\x12\x11\n\x04path\x18\x07 \x01(\tH\x00\x88\x01\x01\x42\x07\n\x05_pathb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14sspry/v1/sspry.proto\x12\x08sspry.v1\"\'\n\x05\x42loom\x12\x10\n\x08\x65stimate\x18\x01 \x01(\x04\x12\x0c\n\x04\x62its\x18\x02 \x01(\x0c\"\xbf\x02\n\x0b\x44ocumentRow\x12\x11\n\tsource_id\x18\x01 \x01(\x0c\x12\x10\n\x08\x66ilesize\x18\x02 \x01(\x04\x12\x1e\n\x05tier1\x18\x03 \x01(\x0b\x32\x0f.sspry.v1.Bloom\x12\x1e\n\x05tier2\x18\x04 \x01(\x0b\x32\x0f.sspry.v1.Bloom\x12\x0f\n\x07\x65ntropy\x18\x05 \x01(\x01\x12\x0e\n\x06prefix\x18\x06 \x01(\x0c\x12\x11\n\x04path\x18\x07 \x01(\tH\x00\x88\x01\x01\x12\x31\n\x06\x66ields\x18\x08 \x03(\x0b\x32!.sspry.v1.DocumentRow.FieldsEntry\x12\x13\n\x0b\x65ntry_bytes\x18\t \x01(\x0c\x12\x17\n\x0fmodules_scanned\x18\n \x01(\x08\x1a-\n\x0b\x46ieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x42\x07\n\x05_pathb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sspry.v1.sspry_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_DOCUMENTROW_FIELDSENTRY']._loaded_options = None
+  _globals['_DOCUMENTROW_FIELDSENTRY']._serialized_options = b'8\001'
   _globals['_BLOOM']._serialized_start=34
   _globals['_BLOOM']._serialized_end=73
   _globals['_DOCUMENTROW']._serialized_start=76
-  _globals['_DOCUMENTROW']._serialized_end=251
+  _globals['_DOCUMENTROW']._serialized_end=395
+  _globals['_DOCUMENTROW_FIELDSENTRY']._serialized_start=341
+  _globals['_DOCUMENTROW_FIELDSENTRY']._serialized_end=386
 # @@protoc_insertion_point(module_scope)

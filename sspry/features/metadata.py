@@ -1,0 +1,91 @@
+"""The module part of the metadata sidecar, taken from YARA's own modules (yara-python).
+
+Each file is handed to YARA with the pe, elf and dotnet modules imported and a rule that never matches;
+the modules' output comes back through yara-python's modules callback. Every per-file integer field
+(top level, and one level into structures: `pe.linker_version.major`) is kept under its YARA name, so
+a condition like `pe.number_of_sections > 4` is decided from exactly the value verification would see.
+Module constants (UPPERCASE names such as `pe.MACHINE_I386`) are the same for every file and are kept
+once, for the planner. Fields a module leaves undefined for a file are simply absent.
+
+The 16 bytes at the entry point (PE or ELF, a file offset as YARA reports it) are kept too, for
+`$a at pe.entry_point` and `uint8(pe.entry_point) == 0xE8`.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import yara
+
+from sspry.document import ENTRY_BYTES
+
+MODULES = ("pe", "elf", "dotnet")
+_SOURCE = "\n".join(f'import "{m}"' for m in MODULES) + "\nrule sspry_metadata { condition: false }\n"
+
+
+@cache
+def _rules() -> yara.Rules:
+    return yara.compile(source=_SOURCE)
+
+
+def _outputs(data=None, path: str | None = None) -> dict[str, dict]:
+    outputs: dict[str, dict] = {}
+
+    def collect(module_data: dict) -> int:
+        outputs[module_data["module"]] = module_data
+        return yara.CALLBACK_CONTINUE
+
+    if path is not None:
+        _rules().match(path, modules_callback=collect, timeout=60)
+    else:
+        _rules().match(data=data, modules_callback=collect, timeout=60)
+    return outputs
+
+
+def _is_field(name: str, value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and not name.isupper()
+
+
+def split_fields(outputs: dict[str, dict]) -> dict[str, int]:
+    """Per-file integer fields of module outputs, by YARA name."""
+    fields: dict[str, int] = {}
+    for module, output in outputs.items():
+        for name, value in output.items():
+            if _is_field(name, value):
+                fields[f"{module}.{name}"] = value
+            elif isinstance(value, dict):
+                for inner, inner_value in value.items():
+                    if _is_field(inner, inner_value):
+                        fields[f"{module}.{name}.{inner}"] = inner_value
+    return {k: v for k, v in fields.items() if -(1 << 63) <= v < (1 << 63)}
+
+
+@cache
+def constants() -> dict[str, int]:
+    """Module constants (`pe.MACHINE_AMD64`, `elf.ET_EXEC`, ...), from an empty scan."""
+    found: dict[str, int] = {}
+    for module, output in _outputs(data=b"").items():
+        for name, value in output.items():
+            if name.isupper() and isinstance(value, int):
+                found[f"{module}.{name}"] = value
+    return found
+
+
+def module_fields(data=None, path: str | None = None) -> tuple[dict[str, int], bytes, bool]:
+    """(fields, entry-point bytes, scanned) of a file given as bytes-like `data`, or by `path` when it
+    is too big to hold in memory. A file YARA cannot scan is reported as not scanned: every module
+    predicate on it then stays undecided ("maybe") at search time."""
+    try:
+        fields = split_fields(_outputs(data=data, path=path))
+    except yara.Error:
+        return {}, b"", False
+    entry = b""
+    offset = fields.get("pe.entry_point", fields.get("elf.entry_point"))
+    if offset is not None and offset >= 0:
+        if data is not None:
+            entry = bytes(data[offset : offset + ENTRY_BYTES])
+        else:
+            with open(path, "rb") as handle:  # type: ignore[arg-type]
+                handle.seek(offset)
+                entry = handle.read(ENTRY_BYTES)
+    return fields, entry, True

@@ -1,0 +1,195 @@
+"""One targeted check per construct the planner decides: never a false negative against yara-python
+on any sample, and a real pruning effect (the plan excludes a named sample YARA does not match)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import random
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yara
+
+from sspry.policy import Policy
+from sspry.query.condition import plan_rules
+from sspry.query.plan import TRUE
+from sspry.query.rules import yaramod_parser
+from tests.pebuild import build_pe
+from tests.planeval import Facts
+
+POLICY = Policy()
+NEEDLE = b"needle-one"
+CUSTOM = b"!@#$%^&*(){}[].,|ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstu"  # a 64-character alphabet
+MODULES = "".join(f'import "{m}"\n' for m in ("pe", "elf", "dotnet", "math", "hash", "time"))
+
+
+def _samples() -> dict[str, bytes]:
+    rng = random.Random(5)
+    text = b"lorem ipsum dolor sit amet " * 20
+    samples = {
+        "pe32": build_pe(payload=b"xx" + NEEDLE + b"yy" + NEEDLE),
+        "pe64dll": build_pe(
+            bits64=True, dll=True, code=b"\xe8\x10\x00\x00\x00" + NEEDLE, timestamp=0x7FFFFFF0
+        ),
+        "pe_advapi": build_pe(imports={"ADVAPI32.dll": ["RegOpenKeyA"]}, linker=(2, 30)),
+        "elf": Path(sys.executable).resolve().read_bytes(),
+        "needle_at_0": NEEDLE + text,
+        "needle_at_3": b"abc" + NEEDLE + text,
+        "needle_twice": text + NEEDLE + b" " + NEEDLE,
+        "needle_word": text + b" " + NEEDLE + b" " + text,
+        "text": text,
+        "random": rng.randbytes(3000),
+        "high_entropy": bytes(range(256)) * 40,
+        "short": b"MZ",
+        "empty": b"",
+    }
+    for pad in range(3):
+        samples[f"b64_{pad}"] = base64.b64encode(b"p" * pad + b"This program cannot run")
+    samples["b64wide"] = base64.b64encode(b"xThis program cannot run").decode().encode("utf-16-le")
+    samples["b64custom"] = base64.b64encode(b"This program cannot run").translate(
+        bytes.maketrans(
+            b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/",
+            CUSTOM,
+        )
+    )
+    return samples
+
+
+SAMPLES = _samples()
+DIGEST = hashlib.sha256(SAMPLES["needle_at_3"]).hexdigest()
+
+# rule body -> a sample the plan must exclude (None: only soundness is checked)
+CASES: list[tuple[str, str | None]] = [
+    # strings at offsets: decided from the stored first bytes
+    (f'strings: $a = "{NEEDLE.decode()}" condition: $a at 0', "needle_at_3"),
+    (f'strings: $a = "{NEEDLE.decode()}" condition: $a at 3', "needle_at_0"),
+    (f'strings: $a = "{NEEDLE.decode()}" condition: $a in (0..5)', "needle_twice"),
+    (f'strings: $a = "{NEEDLE.decode()}" fullword condition: $a at 0', "needle_at_3"),
+    (f'strings: $a = "{NEEDLE.decode()}" condition: not ($a at 0)', None),
+    (f'strings: $a = "{NEEDLE.decode()}" condition: $a at 100', "text"),
+    (f'strings: $a = "{NEEDLE.decode()}" nocase condition: $a at 0', "needle_at_3"),
+    # entry point
+    ("strings: $a = { E8 ?? 00 00 00 } condition: $a at pe.entry_point", "pe32"),
+    ("condition: uint8(pe.entry_point) == 0x55", "pe64dll"),
+    ("condition: uint16(entrypoint + 1) == 0xEC8B", "pe64dll"),
+    ("condition: not (uint8(pe.entry_point) == 0x55)", "pe32"),
+    # integer reads
+    ("condition: uint16(0) == 0x5A4D", "elf"),
+    ("condition: uint32(0) == 0x464C457F", "pe32"),
+    ("condition: uint32be(0) == 0x7F454C46", "pe32"),
+    ("condition: uint16(0) & 0xFF00 == 0x5A00", "elf"),
+    ("condition: int8(1) < 0", "needle_at_0"),
+    ("condition: uint32(uint32(0x3C)) == 0x00004550", "elf"),
+    ("condition: uint16(0) != 0x5A4D", "pe32"),
+    ("condition: uint32(200) == 0x6C64656E", "empty"),
+    # file size arithmetic
+    ("condition: filesize - 100 > 1000", "short"),
+    ("condition: filesize * 2 < 100", "text"),
+    ("condition: filesize == 2", "text"),
+    ("condition: 2 * filesize + 10 >= 5000", "short"),
+    # counts, offsets, lengths, loops
+    (f'strings: $a = "{NEEDLE.decode()}" condition: #a == 2', "text"),
+    (f'strings: $a = "{NEEDLE.decode()}" condition: #a < 2', None),
+    (f'strings: $a = "{NEEDLE.decode()}" condition: @a[1] > 10', "text"),
+    (f'strings: $a = "{NEEDLE.decode()}" condition: !a[1] == 10', "text"),
+    (f'strings: $a = "{NEEDLE.decode()}" condition: for any i in (1..#a) : (@a[i] > 5)', "text"),
+    (f'strings: $a = "{NEEDLE.decode()}" condition: for all i in (1..#a) : (@a[i] > 5)', None),
+    (f'strings: $a = "{NEEDLE.decode()}" condition: $a or for 1 i in (1..3) : (uint8(i) == 0x65)', None),
+    # module fields, from YARA's own modules
+    ("condition: pe.is_pe", "elf"),
+    ("condition: not pe.is_pe", "pe32"),
+    ("condition: pe.machine == pe.MACHINE_AMD64", "pe32"),
+    ("condition: pe.number_of_sections == 2 and pe.is_dll()", "pe32"),
+    ("condition: pe.is_32bit()", "pe64dll"),
+    ("condition: pe.is_64bit()", "pe32"),
+    ("condition: pe.characteristics & pe.DLL", "pe32"),
+    ("condition: pe.linker_version.major == 2", "pe32"),
+    ("condition: pe.timestamp > time.now()", "pe32"),
+    ("condition: pe.timestamp < time.now()", None),
+    ("condition: elf.type == elf.ET_DYN or elf.type == elf.ET_EXEC", "pe32"),
+    ("condition: elf.machine == elf.EM_X86_64", "pe32"),
+    ("condition: dotnet.is_dotnet", "pe32"),
+    ('condition: pe.imports("kernel32.dll", "CreateFileA")', "pe_advapi"),
+    ('condition: pe.imports("ADVAPI32.DLL")', "pe32"),
+    ('condition: pe.exports("DllMain")', "pe32"),
+    ('condition: pe.sections[0].name == ".text"', None),
+    ("condition: math.entropy(0, filesize) > 7.9", "text"),
+    ("condition: math.entropy(0, filesize) < 5", "random"),
+    (f'condition: hash.sha256(0, filesize) == "{DIGEST}"', "needle_at_0"),
+    (f'condition: hash.sha256(0, filesize) != "{DIGEST}"', "needle_at_3"),
+    ('condition: hash.md5(0, filesize) == "00000000000000000000000000000000"', None),
+    # base64 with its three alignments, wide, custom alphabet
+    ('strings: $a = "This program" base64 condition: $a', "text"),
+    ('strings: $a = "This program" base64wide condition: $a', "b64_0"),
+    (f'strings: $a = "This program" base64("{CUSTOM.decode()}") condition: $a', "b64_0"),
+    # strings operators and `defined` stay undecided
+    ("condition: pe.sections[0].name matches /text/", None),
+    ("condition: defined pe.number_of_sections", None),
+]
+
+
+def _rule_source(body: str) -> str:
+    return f"{MODULES}rule t {{ {body} }}\n"
+
+
+@pytest.mark.parametrize(("body", "excluded"), CASES)
+def test_construct(body: str, excluded: str | None) -> None:
+    source = _rule_source(body)
+    compiled = yara.compile(source=source)
+    parsed = yaramod_parser().parse_string(source)
+    plan = plan_rules(parsed, ["t"], POLICY, now=time.time())[0].upper
+    for name, data in SAMPLES.items():
+        facts = Facts(data, POLICY)
+        if compiled.match(data=data):
+            assert facts.holds(plan), f"false negative on {name}: {plan!r}"
+    if excluded is not None:
+        assert plan is not TRUE
+        assert not compiled.match(data=SAMPLES[excluded])
+        assert not Facts(SAMPLES[excluded], POLICY).holds(plan), f"{excluded} not pruned: {plan!r}"
+
+
+def test_time_now_is_planned_as_at_least_the_search_start() -> None:
+    """A timestamp after the search start can still be after time.now at verification: kept; one
+    before cannot be after a later time.now: pruned."""
+    source = _rule_source("condition: pe.timestamp > time.now()")
+    parsed = yaramod_parser().parse_string(source)
+    future = Facts(build_pe(timestamp=int(time.time()) + 3600), POLICY)
+    past = Facts(build_pe(timestamp=int(time.time()) - 3600), POLICY)
+    plan = plan_rules(parsed, ["t"], POLICY, now=time.time())[0].upper
+    assert future.holds(plan) and not past.holds(plan)
+
+
+def test_unscanned_documents_keep_module_predicates_undecided() -> None:
+    """If YARA could not scan a file at index time, no module predicate may exclude it."""
+    parsed = yaramod_parser().parse_string(
+        _rule_source("condition: pe.is_pe and uint8(pe.entry_point) == 0x55")
+    )
+    plan = plan_rules(parsed, ["t"], POLICY)[0].upper
+    facts = Facts(b"not a pe at all", POLICY)
+    assert not facts.holds(plan)
+    facts.document.scanned[0] = False
+    assert facts.holds(plan)
+
+
+def test_one_failing_rule_never_fails_the_bundle(monkeypatch) -> None:
+    source = (
+        _rule_source(f'strings: $a = "{NEEDLE.decode()}" condition: $a')
+        + 'rule u { strings: $b = "other-needle" condition: $b }'
+    )
+    parsed = yaramod_parser().parse_string(source)
+    from sspry.query import condition
+
+    real = condition.ConditionPlanner.plan
+
+    def broken(self, expr):
+        if self.rule_plan.name == "t":
+            raise RuntimeError("boom")
+        return real(self, expr)
+
+    monkeypatch.setattr(condition.ConditionPlanner, "plan", broken)
+    plans = {p.name: p for p in plan_rules(parsed, ["t", "u"], POLICY)}
+    assert plans["t"].upper is TRUE and plans["t"].notes[-1].code == "plan-error"
+    assert plans["u"].upper is not TRUE
