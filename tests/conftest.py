@@ -12,6 +12,7 @@ from sspry import synthetic
 from sspry.indexing import index_paths
 from sspry.policy import Policy
 from sspry.store.forest import Forest
+from tests.pebuild import build_pe
 
 SYSTEM_DIRS = ("/usr/bin", "/bin", "/usr/sbin")
 
@@ -28,6 +29,15 @@ def system_binaries(count: int) -> list[Path]:
                     found.append(path)
     step = max(1, len(found) // max(count, 1))
     return found[::step][:count]
+
+
+def pe_samples(tokens: list[str]) -> dict[str, bytes]:
+    """Small PE files (see pebuild) carrying planted tokens, for module and entry-point rules."""
+    return {
+        "pe32.exe": build_pe(payload=tokens[0].encode() * 2),
+        "pe64.dll": build_pe(bits64=True, dll=True, code=b"\xe8\x10\x00\x00\x00" + tokens[1].encode()),
+        "advapi.exe": build_pe(imports={"ADVAPI32.dll": ["RegOpenKeyA"]}, linker=(2, 30)),
+    }
 
 
 @dataclass
@@ -47,6 +57,8 @@ def indexed_corpus(tmp_path_factory) -> IndexedCorpus:
     (extra / "empty").write_bytes(b"")
     (extra / "one-byte").write_bytes(b"A")
     (extra / "tiny").write_bytes(corpus.tokens[0].encode())
+    for name, data in pe_samples(corpus.tokens).items():
+        (extra / name).write_bytes(data)
     binaries = system_binaries(40)
     rules = base / "rules.yar"
     rules.write_text(synthetic.rules_for(corpus.tokens))

@@ -236,3 +236,74 @@ def test_plans_hold_whenever_yara_matches(needle: bytes, seed: int, gram_pair, m
         facts = Facts(data, policy)
         for match in compiled.match(data=data):
             assert facts.holds(plans[match.rule]), (match.rule, data, source)
+
+
+# --- random conditions ------------------------------------------------------------------------------
+_OPS = ["==", "!=", "<", "<=", ">", ">="]
+
+
+def _atoms(draw_int) -> list[str]:
+    n = draw_int(0, 6)
+    op = _OPS[draw_int(0, 5)]
+    return [
+        "$a",
+        "$b",
+        "$c",
+        f"#a {op} {n % 3}",
+        f"@a[1] {op} {n}",
+        f"!b[1] {op} {n + 3}",
+        f"$a at {n}",
+        f"$b in ({n}..{n + 4})",
+        f"filesize {op} {n * 10 + 20}",
+        f"filesize - {n} {op} 40",
+        f"uint8({n}) {op} 0x6e",
+        f"uint16({n}) {op} 0x656e",
+        f"uint32be({n}) == 0x6e656564",
+        f"int8({n}) < 0",
+        f"math.entropy(0, filesize) {op} {n}.5",
+        "any of them",
+        "all of them",
+        "none of them",
+        "2 of ($a, $b, $c)",
+        f"for any of ($a, $b) : ($ at {n})",
+        f"for all i in (1..#a) : (@a[i] > {n})",
+        f"for any i in (1..#a) : (@a[i] {op} {n})",
+        "true",
+        "false",
+    ]
+
+
+@st.composite
+def conditions(draw, depth: int = 0) -> str:
+    def draw_int(lo: int, hi: int) -> int:
+        return draw(st.integers(lo, hi))
+
+    if depth >= 3 or draw(st.booleans()):
+        return draw(st.sampled_from(_atoms(draw_int)))
+    left = draw(conditions(depth + 1))
+    kind = draw(st.sampled_from(["and", "or", "not"]))
+    if kind == "not":
+        return f"not ({left})"
+    right = draw(conditions(depth + 1))
+    return f"({left}) {kind} ({right})"
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(condition=conditions(), seed=st.integers(0, 2**32), nocase=st.booleans())
+def test_random_conditions_hold_whenever_yara_matches(condition: str, seed: int, nocase: bool) -> None:
+    rng = random.Random(seed)
+    source = (
+        'import "math"\n'
+        f'rule r {{ strings: $a = "needle" {"nocase" if nocase else ""} $b = {{ 6E 65 ?? 64 6C 65 }} '
+        f"$c = /ne+dle[0-9]/ condition: ({condition}) or (false and $a and $b and $c) }}"
+    )
+    compiled = yara.compile(source=source)
+    plan = plans_for(source, ["r"], POLICY)["r"]
+    for _ in range(6):
+        data = bytearray(rng.randbytes(rng.randrange(0, 80)))
+        for _ in range(rng.randrange(0, 3)):
+            at = rng.randrange(0, len(data) + 1)
+            data[at:at] = rng.choice([b"needle", b"NeEdLe", b"needle7", b"neXdle", b"neeedle1"])
+        data = bytes(data)
+        if compiled.match(data=data):
+            assert Facts(data, POLICY).holds(plan), (condition, data, plan)

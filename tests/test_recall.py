@@ -73,3 +73,19 @@ def test_real_rule_files_recall(indexed_corpus, relative: str) -> None:
     for rule in result.rules:
         candidates = {c.source_id for c in rule.candidates}
         assert expected.get(rule.rule, set()) <= candidates, rule.rule
+
+
+def test_every_construct_through_the_store(indexed_corpus, tmp_path) -> None:
+    """The per-construct rules of test_constructs, searched over the indexed corpus: blooms, segment
+    columns and module fields give every file yara-python matches."""
+    from tests.test_constructs import CASES, MODULES
+
+    rules = tmp_path / "constructs.yar"
+    rules.write_text(MODULES + "".join(f"rule c{i} {{ {body} }}\n" for i, (body, _) in enumerate(CASES)))
+    with Forest.open(indexed_corpus.root) as forest:
+        result, compiled = search_rule_file(forest, str(rules))
+    expected = truth(compiled, indexed_corpus.files)
+    assert len(expected) > len(CASES) // 3, "the corpus must give many construct rules real matches"
+    for rule in result.rules:
+        candidates = {c.source_id for c in rule.candidates}
+        assert expected.get(rule.rule, set()) <= candidates, (rule.rule, CASES[int(rule.rule[1:])][0])
