@@ -139,6 +139,73 @@ def init(
         click.echo(f"{key}: {str(value).lower() if isinstance(value, bool) else value}")
 
 
+max_candidates_option = click.option(
+    "--max-candidates",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0, 100),
+    help="Cap each rule's candidates at this percent of live documents (0: no cap). Truncation is reported.",
+)
+max_anchors_option = click.option(
+    "--max-anchors-per-pattern",
+    default=16,
+    show_default=True,
+    type=click.IntRange(1, 1024),
+    help="Grams read per literal and tier; more read costs I/O, fewer cost precision.",
+)
+
+
+# --- rule-check --------------------------------------------------------------------------------------
+@main.command("rule-check")
+@click.option("--rule", "rule", required=True, type=click.Path(dir_okay=False), help="YARA rule file.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option(
+    "--root", default=None, type=click.Path(file_okay=False), help="Take the policy from this Forest."
+)
+@click.option(
+    "--gram-sizes",
+    default=None,
+    callback=lambda c, p, v: v and _gram_sizes(c, p, v),
+    help="Assume these gram sizes (default 3,4).",
+)
+@click.option(
+    "--id-source", default=None, type=click.Choice(list(ID_SOURCES)), help="Assume this Source ID hash."
+)
+@max_anchors_option
+def rule_check(rule, as_json, root, gram_sizes, id_source, max_anchors_per_pattern):
+    """Explain how each rule of RULE would be searched: status, grams per string, and what only
+    verification decides (stable codes, with line and column). Exit 0 unless RULE does not compile."""
+    from sspry.query.rulecheck import check_rule_file, file_status, format_text
+    from sspry.query.rules import RuleError
+
+    if root and (gram_sizes or id_source):
+        raise click.UsageError("--root takes the policy from the Forest: drop --gram-sizes/--id-source")
+    if root:
+        with _open_forest(root, writable=False) as forest:
+            policy, source = forest.policy, "local-root"
+    else:
+        policy = Policy(gram_sizes=gram_sizes or (3, 4), id_source=id_source or "sha256")
+        source = "explicit" if (gram_sizes or id_source) else "defaults"
+    try:
+        reports = check_rule_file(rule, policy, max_anchors_per_pattern)
+    except RuleError as exc:
+        raise InputError(str(exc)) from exc
+    if as_json:
+        data = {
+            "file": rule,
+            "status": file_status(reports),
+            "policy": {
+                "source": source,
+                "id_source": policy.id_source,
+                "gram_sizes": list(policy.gram_sizes),
+            },
+            "rules": [r.to_json() for r in reports],
+        }
+        click.echo(json.dumps(data, indent=2))
+    else:
+        click.echo(format_text(rule, source, policy, reports))
+
+
 # --- local -------------------------------------------------------------------------------------------
 @main.group()
 def local() -> None:
@@ -188,22 +255,6 @@ def _print_search(result, verify: bool) -> None:
             rows = matched + skipped
         for candidate in rows:
             click.echo(candidate.source_id.hex())
-
-
-max_candidates_option = click.option(
-    "--max-candidates",
-    default=0.0,
-    show_default=True,
-    type=click.FloatRange(0, 100),
-    help="Cap each rule's candidates at this percent of live documents (0: no cap). Truncation is reported.",
-)
-max_anchors_option = click.option(
-    "--max-anchors-per-pattern",
-    default=16,
-    show_default=True,
-    type=click.IntRange(1, 1024),
-    help="Grams read per literal and tier; more read costs I/O, fewer cost precision.",
-)
 
 
 @local.command("search")

@@ -233,3 +233,31 @@ def test_verify_reports_changed_and_missing_files(tmp_path, files, rules) -> Non
     assert [c["verified"] for c in by_rule["big"]["candidates"]] == [None]
     plain = run("local", "search", "--root", root, "--rule", str(rules), "--verify").stdout
     assert "verified_skipped: 1" in plain
+
+
+def test_rule_check(tmp_path) -> None:
+    rules = tmp_path / "check.yar"
+    rules.write_text(
+        'import "pe"\n'
+        'rule exact { strings: $a = "needle-alpha" condition: $a and filesize < 1MB }\n'
+        'rule partly { strings: $a = "needle-alpha" condition: $a and pe.sections[0].name == ".text" }\n'
+        'rule nothing { strings: $a = "ab" condition: $a }\n'
+        "private rule helper { condition: true }\n"
+    )
+    data = json.loads(run("rule-check", "--rule", str(rules), "--json").stdout)
+    by_rule = {r["rule"]: r for r in data["rules"]}
+    assert data["status"] == "unsearchable"  # the worst public rule
+    assert data["policy"] == {"source": "defaults", "id_source": "sha256", "gram_sizes": [3, 4]}
+    assert by_rule["exact"]["status"] == "searchable" and not by_rule["exact"]["notes"]
+    assert "6e6565" in by_rule["exact"]["strings"][0]["grams"]["tier1"]  # "nee"
+    assert by_rule["partly"]["status"] == "searchable-needs-verify"
+    note = by_rule["partly"]["notes"][0]
+    assert (note["code"], note["line"]) == ("non-constant", 3)
+    assert by_rule["nothing"]["status"] == "unsearchable"
+    assert by_rule["nothing"]["notes"][0]["code"] == "string-unanchored"
+    assert by_rule["helper"]["private"] is True
+    text = run("rule-check", "--rule", str(rules), "--gram-sizes", "4,5").stdout
+    assert "policy_source: explicit" in text and "gram_sizes: 4,5" in text and "rule: partly" in text
+    broken = tmp_path / "broken.yar"
+    broken.write_text("rule x { condition: $nope }\n")
+    assert f"{broken}(1)" in run("rule-check", "--rule", str(broken), code=2).output

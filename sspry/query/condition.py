@@ -56,6 +56,7 @@ CODES = {
     "not-understood": "an expression the planner does not decide",
     "module-array": "module arrays and dictionaries are not in the sidecar",
     "module-function": "a module function the sidecar cannot answer",
+    "import-names": "pe.imports/pe.exports planned from the names' grams (any case); verification decides",
     "unknown-module": "a module whose values are not stored",
     "string-operator": "string comparisons (contains, matches, ...) and `defined`",
     "read-offset": "an integer read at an offset that is not stored (or not constant)",
@@ -554,7 +555,7 @@ class ConditionPlanner:
                 required.append(pattern_plan(map_sets(literal(term.value), fold_case), self.ruleset.mapper))
         if not required:
             return self.unknown(expr, "module-function")
-        self.rule_plan.notes.append(Note(self.rule_plan.name, "module-function", expr.text, *_where(expr)))
+        self.rule_plan.notes.append(Note(self.rule_plan.name, "import-names", expr.text, *_where(expr)))
         return Approx.maybe(and_(*required))
 
     def comparison(self, expr, op: str) -> Approx:
