@@ -580,7 +580,9 @@ class ConditionPlanner:
         if isinstance(left, Now) or isinstance(right, Now):
             return self.time_now(expr, left, op, right)
         if isinstance(left, WholeEntropy) and isinstance(right, Const):
-            return Approx.exact(Entropy(op, float(right.value)))
+            # YARA's entropy of an empty file is undefined, and `not (undefined < 1)` is true there:
+            # exact everywhere else, undecided on empty files
+            return exact_or_unknown(Entropy(op, float(right.value)), Filesize("==", 0))
         if isinstance(left, WholeHash) and isinstance(right, Text) and op in ("==", "!="):
             return self.whole_hash(expr, left.algorithm, op, right.value)
         if isinstance(left, Read) and isinstance(right, Const) and isinstance(right.value, int):
