@@ -8,7 +8,6 @@ Results go to stdout, progress and problems to stderr.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -49,7 +48,20 @@ root_option = click.option(
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Sspry(click.Group):
+    """`sspry --rule RULE FILE...` (no command) scans files directly with YARA, as the original did."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("-h", "--help", "--version"):
+            args = ["scan", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(
+    cls=_Sspry,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    epilog="Default scan mode: sspry --rule RULE FILE...",
+)
 @click.version_option(package_name="sspry")
 def main() -> None:
     """sspry: a YARA prefilter database. Index files once; for any YARA rule, get back every file that
@@ -288,60 +300,27 @@ def local_search(root, rule, as_json, max_candidates, verify, max_anchors_per_pa
         _print_search(result, verify)
 
 
-def _resolve_values(forest, values) -> list[tuple[str, list[bytes]]]:
-    """Each VALUE as Source IDs: an existing file is hashed, hex of the right length is an ID, and with
-    stored paths a path that no longer exists is looked up among them."""
-    from sspry.features.extract import SkippedFile
-
-    policy = forest.policy
-    resolved = []
-    for value in values:
-        if os.path.isfile(value):
-            hasher = policy.new_id_hasher()
-            try:
-                with open(value, "rb") as handle:
-                    for block in iter(lambda h=handle: h.read(16 << 20), b""):
-                        hasher.update(block)
-            except OSError as exc:
-                raise InputError(str(SkippedFile(value, exc.strerror or str(exc)))) from exc
-            resolved.append((value, [hasher.digest()]))
-            continue
-        try:
-            raw = bytes.fromhex(value)
-        except ValueError:
-            raw = b""
-        if len(raw) == policy.id_bytes:
-            resolved.append((value, [raw]))
-        elif policy.store_path:
-            resolved.append((value, forest.find_paths([os.path.realpath(value)])))
-        else:
-            raise InputError(
-                f"{value!r} is neither an existing file nor a {policy.id_source} Source ID "
-                f"({2 * policy.id_bytes} hex digits)"
-            )
-    return resolved
-
-
 @local.command("delete")
 @root_option
 @click.argument("values", nargs=-1, required=True)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
 def local_delete(root, values, as_json):
     """Delete documents by Source ID (hex) or by file path."""
+    from sspry.document import resolve_value
+
     with _open_forest(root, writable=True) as forest:
-        resolved = _resolve_values(forest, values)
-        ids = [i for _, found in resolved for i in found]
+        try:
+            targets = [resolve_value(value, forest.policy) for value in values]
+        except ValueError as exc:
+            raise InputError(str(exc)) from exc
+        found = [[t] if isinstance(t, bytes) else forest.find_paths([t]) for t in targets]
+        ids = [i for group in found for i in group]
         deleted = dict(zip(ids, forest.delete(ids), strict=True))
     rows = []
-    for value, found in resolved:
-        done = [i for i in found if deleted.get(i)]
-        rows.append(
-            {
-                "value": value,
-                "status": "deleted" if done else "missing",
-                "identity": (done or found or [b""])[0].hex() or None,
-            }
-        )
+    for value, group in zip(values, found, strict=True):
+        done = [i for i in group if deleted.get(i)]
+        identity = (done or group or [b""])[0].hex() or None
+        rows.append({"value": value, "status": "deleted" if done else "missing", "identity": identity})
     if as_json:
         click.echo(json.dumps(rows))
     else:
@@ -378,6 +357,271 @@ def local_info(root):
     """Print the Forest's statistics and policy as JSON."""
     with _open_forest(root, writable=False) as forest:
         _emit(forest.info())
+
+
+# --- server and remote client ------------------------------------------------------------------------
+def _client_options(function):
+    """--addr, --timeout, --max-message-bytes, --ignore-offline, --token, --tls-ca."""
+    options = [
+        click.option(
+            "--addr",
+            default=None,
+            help="Server address(es), comma separated (default: $SSPRY_ADDR or 127.0.0.1:17653).",
+        ),
+        click.option(
+            "--timeout", default=30.0, show_default=True, type=click.FloatRange(0.1), help="Seconds per call."
+        ),
+        click.option(
+            "--max-message-bytes",
+            default=64 << 20,
+            show_default=True,
+            type=click.IntRange(1 << 16),
+            help="Largest gRPC message sent or received.",
+        ),
+        click.option("--ignore-offline", is_flag=True, help="Skip servers that cannot be reached."),
+        click.option("--token", envvar="SSPRY_TOKEN", default=None, help="Shared token ($SSPRY_TOKEN)."),
+        click.option(
+            "--tls-ca", type=click.Path(dir_okay=False, exists=True), help="CA certificate for TLS."
+        ),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _cluster(addr, timeout, max_message_bytes, ignore_offline, token, tls_ca):
+    from sspry.client.cluster import Cluster
+    from sspry.client.connection import parse_addrs
+
+    try:
+        addrs = parse_addrs(addr)
+    except ValueError as exc:
+        raise InputError(str(exc)) from exc
+    return Cluster(
+        addrs,
+        ignore_offline=ignore_offline,
+        token=token,
+        tls_ca=Path(tls_ca).read_bytes() if tls_ca else None,
+        timeout=timeout,
+        max_message_bytes=max_message_bytes,
+    )
+
+
+class ServerError(click.ClickException):
+    """A server refused or failed a call: exit status 1."""
+
+    exit_code = 1
+
+
+def _remote(call):
+    """Run call(), turning client errors into clear messages (bad input: exit 2, server trouble: 1)."""
+    from sspry.client.connection import ClientError
+
+    try:
+        return call()
+    except ClientError as exc:
+        text = str(exc)
+        if "INVALID_ARGUMENT" in text or "UNAUTHENTICATED" in text:
+            raise InputError(text) from exc
+        raise ServerError(text) from exc
+
+
+@main.command()
+@root_option
+@click.option("--addr", default=None, help="Listen address (default: $SSPRY_ADDR or 127.0.0.1:17653).")
+@click.option("--search-workers", default=0, type=click.IntRange(0), help="Threads per search (0: auto).")
+@click.option("--max-message-bytes", default=64 << 20, show_default=True, type=click.IntRange(1 << 16))
+@click.option("--token", envvar="SSPRY_TOKEN", default=None, help="Require this token on every call.")
+@click.option("--tls-cert", type=click.Path(dir_okay=False, exists=True), help="TLS certificate (PEM).")
+@click.option("--tls-key", type=click.Path(dir_okay=False, exists=True), help="TLS private key (PEM).")
+def serve(root, addr, search_workers, max_message_bytes, token, tls_cert, tls_key):
+    """Serve the Forest at ROOT over gRPC until SIGINT/SIGTERM or `sspry shutdown`."""
+    from sspry.client.connection import parse_addrs
+    from sspry.server.app import serve as run
+    from sspry.store.forest import ForestError
+
+    if bool(tls_cert) != bool(tls_key):
+        raise click.UsageError("--tls-cert and --tls-key go together")
+    try:
+        (listen,) = parse_addrs(addr)[:1]
+        run(
+            Path(root),
+            listen,
+            token=token,
+            tls_cert=Path(tls_cert) if tls_cert else None,
+            tls_key=Path(tls_key) if tls_key else None,
+            max_message_bytes=max_message_bytes,
+            search_workers=search_workers,
+        )
+    except ForestError as exc:
+        raise InputError(str(exc)) from exc
+    except OSError as exc:
+        raise InputError(f"cannot serve on {addr}: {exc}") from exc
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True)
+@_client_options
+@click.option("--path-list", is_flag=True, help="Each PATH is a file listing one path per line.")
+@click.option("--workers", default=0, type=click.IntRange(0), help="Extraction threads (0: one per core).")
+@click.option("--batch-bytes", default=32 << 20, show_default=True, type=click.IntRange(1 << 16))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def index(
+    paths,
+    addr,
+    timeout,
+    max_message_bytes,
+    ignore_offline,
+    token,
+    tls_ca,
+    path_list,
+    workers,
+    batch_bytes,
+    as_json,
+):
+    """Index files on server(s): extracted here, each batch sent to the server with the fewest documents,
+    published when the command returns."""
+    with _cluster(addr, timeout, max_message_bytes, ignore_offline, token, tls_ca) as cluster:
+        summary, problems = _remote(
+            lambda: cluster.index(list(paths), path_list=path_list, workers=workers, batch_bytes=batch_bytes)
+        )
+        offline = cluster.offline
+    if summary.submitted_documents == 0 and problems:
+        raise InputError("no files could be indexed")
+    counts = summary.counts()
+    if offline:
+        counts["offline_servers"] = offline
+    if as_json:
+        _emit(counts)
+    else:
+        for key, value in counts.items():
+            if isinstance(value, dict):
+                value = ", ".join(f"{k}={v}" for k, v in value.items())
+            elif isinstance(value, list):
+                value = ", ".join(value)
+            click.echo(f"{key}: {value}")
+
+
+@main.command()
+@click.option("--rule", "rule", required=True, type=click.Path(dir_okay=False), help="YARA rule file.")
+@_client_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@max_candidates_option
+@click.option(
+    "--verify", is_flag=True, help="Scan candidates with YARA here (the stored paths must be readable)."
+)
+@max_anchors_option
+def search(
+    rule,
+    addr,
+    timeout,
+    max_message_bytes,
+    ignore_offline,
+    token,
+    tls_ca,
+    as_json,
+    max_candidates,
+    verify,
+    max_anchors_per_pattern,
+):
+    """Search server(s) with every public rule of RULE; results merged, deduplicated, then capped."""
+    from sspry.query.rules import RuleError, load_rule_file
+    from sspry.verify import verify as run_verify
+
+    try:
+        source, compiled = load_rule_file(rule)
+    except RuleError as exc:
+        raise InputError(str(exc)) from exc
+    with _cluster(addr, timeout, max_message_bytes, ignore_offline, token, tls_ca) as cluster:
+        result, policy = _remote(lambda: cluster.search(source, max_candidates, max_anchors_per_pattern))
+    if verify:
+        if not policy.store_path:
+            raise InputError("--verify needs stored paths: the forest was initialised without --store-path")
+        run_verify(result, compiled, policy)
+    if as_json:
+        click.echo(json.dumps(result.to_json()))
+    else:
+        _print_search(result, verify)
+
+
+@main.command()
+@click.argument("values", nargs=-1, required=True)
+@_client_options
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+def delete(values, addr, timeout, max_message_bytes, ignore_offline, token, tls_ca, as_json):
+    """Delete documents on every server, by Source ID (hex) or file path."""
+    with _cluster(addr, timeout, max_message_bytes, ignore_offline, token, tls_ca) as cluster:
+        rows = _remote(lambda: cluster.delete(list(values)))
+    if as_json:
+        click.echo(json.dumps(rows))
+    else:
+        for row in rows:
+            click.echo(f"value: {row['value']}")
+            click.echo(f"status: {row['status']}")
+            click.echo(f"identity: {row['identity']}")
+            if row["servers"]:
+                click.echo(f"server: {', '.join(row['servers'])}")
+    if any(row["status"] != "deleted" for row in rows):
+        sys.exit(1)
+
+
+@main.command()
+@_client_options
+def info(addr, timeout, max_message_bytes, ignore_offline, token, tls_ca):
+    """Print each server's statistics and policy as JSON (an array when several)."""
+    with _cluster(addr, timeout, max_message_bytes, ignore_offline, token, tls_ca) as cluster:
+        found = _remote(cluster.info)
+        several = len(cluster.addrs) > 1
+    if several:
+        click.echo(json.dumps(found, indent=2))
+    else:
+        _emit(found[0])
+
+
+@main.command()
+@_client_options
+def shutdown(addr, timeout, max_message_bytes, ignore_offline, token, tls_ca):
+    """Ask server(s) to finish the calls in flight and exit."""
+    with _cluster(addr, timeout, max_message_bytes, ignore_offline, token, tls_ca) as cluster:
+        for server, message in _remote(cluster.shutdown):
+            click.echo(f"{server}: {message}")
+
+
+@main.command(hidden=True)
+@click.option("--rule", "rule", required=True, type=click.Path(dir_okay=False), help="YARA rule file.")
+@click.argument("files", nargs=-1, required=True)
+@click.option(
+    "--scan-timeout", default=60, show_default=True, type=click.IntRange(1), help="Seconds per file."
+)
+@click.option("--show-tags", is_flag=True, help="Print the tags of matching rules.")
+def scan(rule, files, scan_timeout, show_tags):
+    """Scan FILES directly with YARA (the default mode: `sspry --rule RULE FILE...`)."""
+    import yara
+
+    from sspry.query.rules import RuleError, compile_rules
+
+    try:
+        compiled = compile_rules(rule)
+    except RuleError as exc:
+        raise InputError(str(exc)) from exc
+    failed = False
+    for path in files:
+        click.echo(f"file: {path}")
+        click.echo(f"rule: {rule}")
+        try:
+            matches = compiled.match(path, timeout=scan_timeout)
+        except yara.Error as exc:
+            click.echo(f"error: {exc}")
+            failed = True
+            continue
+        click.echo(f"matched: {'yes' if matches else 'no'}")
+        click.echo(f"match_count: {len(matches)}")
+        for match in matches:
+            click.echo(f"match_rule: {match.rule}")
+            if show_tags:
+                click.echo(f"match_tags: {','.join(match.tags)}")
+    if failed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ ingest log as a `sspry.v1.DocumentRow` protobuf message.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -99,3 +100,27 @@ class Document:
             entry_bytes=bytes(row.entry_bytes),
             modules_scanned=row.modules_scanned,
         )
+
+
+def resolve_value(value: str, policy: Policy) -> bytes | str:
+    """What a delete VALUE names: an existing file is hashed into its Source ID, hex of the right length
+    is a Source ID, and otherwise (with stored paths) it is a path to look up among stored paths.
+    Raises ValueError for anything else."""
+    if os.path.isfile(value):
+        hasher = policy.new_id_hasher()
+        with open(value, "rb") as handle:
+            for block in iter(lambda: handle.read(16 << 20), b""):
+                hasher.update(block)
+        return hasher.digest()
+    try:
+        raw = bytes.fromhex(value)
+    except ValueError:
+        raw = b""
+    if len(raw) == policy.id_bytes:
+        return raw
+    if policy.store_path:
+        return os.path.realpath(value)
+    digits = 2 * policy.id_bytes
+    raise ValueError(
+        f"{value!r} is neither an existing file nor a {policy.id_source} Source ID ({digits} hex digits)"
+    )

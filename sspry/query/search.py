@@ -62,13 +62,17 @@ class SearchResult:
     rules: list[RuleResult]
     documents: int
     elapsed_ms: float
+    servers: list[str] = field(default_factory=list)  # the servers that answered (remote searches)
 
     def to_json(self) -> dict:
-        return {
+        out = {
             "rules": [r.to_json() for r in self.rules],
             "documents": self.documents,
             "elapsed_ms": round(self.elapsed_ms, 3),
         }
+        if self.servers:
+            out["servers"] = self.servers
+        return out
 
 
 def candidate_limit(documents: int, percent: float) -> int | None:

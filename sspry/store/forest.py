@@ -95,7 +95,10 @@ class Forest:
         self.policy = policy
         self.writable = writable
         self._lock_file = None
-        self._mutex = threading.RLock()
+        # Three locks, so that searches never wait for a publish and inserts go on during one:
+        self._log_lock = threading.Lock()  # the current ingest log (appends, rotation)
+        self._write_lock = threading.RLock()  # publish / delete / compact, one at a time
+        self._state_lock = threading.RLock()  # the manifest and the snapshot opened from it
         self._readers: dict[str, SegmentReader] = {}
         self._tombstones: dict[str, np.ndarray] = {}
         self._log: LogWriter | None = None
@@ -153,10 +156,11 @@ class Forest:
         return forest
 
     def close(self) -> None:
-        with self._mutex:
+        with self._log_lock:
             if self._log is not None:
                 self._log.close()
                 self._log = None
+        with self._write_lock:
             if self._lock_file is not None:
                 self._lock_file.close()
                 self._lock_file = None
@@ -193,7 +197,7 @@ class Forest:
     def snapshot(self) -> Snapshot:
         """The current segments. Read-only opens re-read the manifest and retry when a concurrent
         writer removed a segment between reading the manifest and opening it."""
-        with self._mutex:
+        with self._state_lock:
             if (
                 self.writable
                 and self._snapshot is not None
@@ -250,7 +254,7 @@ class Forest:
         self._require_writable()
         for row in rows:
             Document.from_row(row, self.policy)
-        with self._mutex:
+        with self._log_lock:
             if self._log is None:
                 logs = self._logs()
                 seq = max([self.manifest.published_log, *(log_seq(p) for p in logs)]) + 1
@@ -264,11 +268,12 @@ class Forest:
         """Turn every logged row into segments and swap the manifest."""
         self._require_writable()
         result = PublishResult()
-        with self._mutex:
-            if self._log is not None:
-                self._log.close()
-                self._log = None
-            logs = [p for p in self._logs() if log_seq(p) > self.manifest.published_log]
+        with self._write_lock:
+            with self._log_lock:  # rotate: later inserts go to a new log, this publish takes the rest
+                if self._log is not None:
+                    self._log.close()
+                    self._log = None
+                logs = [p for p in self._logs() if log_seq(p) > self.manifest.published_log]
             if not logs:
                 return result
             docs: list[Document] = []
@@ -282,11 +287,9 @@ class Forest:
                         result.rejected += 1
             fresh = self._dedup(docs, result)
             manifest = Manifest.from_json(self.manifest.to_json())
-            new_dirs = []
             for tree, shard, group in self._route(fresh, manifest):
                 name = manifest.new_name("seg")
                 directory = self._shard_dir(tree, shard) / name
-                new_dirs.append(directory)
                 count = build_segment(directory, [FreshPart(group, self.policy)], self.policy)
                 manifest.trees[tree][shard].append(SegmentEntry(name=name, docs=count))
                 result.segments += 1
@@ -329,10 +332,11 @@ class Forest:
 
     def _swap(self, manifest: Manifest) -> None:
         """Make `manifest` current, then remove the files the old one named and the new one does not."""
-        old = self.manifest
-        manifest.generation = old.generation + 1
-        write_manifest(self.root, manifest)
-        self.manifest = manifest
+        with self._state_lock:
+            old = self.manifest
+            manifest.generation = old.generation + 1
+            write_manifest(self.root, manifest)
+            self.manifest = manifest
         now = {(t, s, e.name) for t, s, e in manifest.entries()} | {
             (t, s, e.tombstone) for t, s, e in manifest.entries() if e.tombstone
         }
@@ -346,7 +350,7 @@ class Forest:
     def delete(self, source_ids: Sequence[bytes]) -> list[bool]:
         """Tombstone every live document with one of `source_ids`; True per id that was deleted."""
         self._require_writable()
-        with self._mutex:
+        with self._write_lock:
             self.publish()
             deleted = [False] * len(source_ids)
             manifest = Manifest.from_json(self.manifest.to_json())
@@ -387,7 +391,7 @@ class Forest:
         """Rewrite segments: all of a shard into one (`full`), or the size-tiered choice (automatic)."""
         self._require_writable()
         result = CompactResult()
-        with self._mutex:
+        with self._write_lock:
             self.publish()
             snapshot = self.snapshot()
             views = {(v.tree, v.shard, v.entry.name): v for v in snapshot.views}

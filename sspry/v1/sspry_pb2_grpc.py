@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from sspry.v1 import sspry_pb2 as sspry_dot_v1_dot_sspry__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -22,3 +23,300 @@ if _version_not_supported:
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
+
+
+class SspryStub:
+    """A server owns one Forest. Clients extract documents themselves and fan out over several servers.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Info = channel.unary_unary(
+                '/sspry.v1.Sspry/Info',
+                request_serializer=sspry_dot_v1_dot_sspry__pb2.InfoRequest.SerializeToString,
+                response_deserializer=sspry_dot_v1_dot_sspry__pb2.InfoResponse.FromString,
+                _registered_method=True)
+        self.Insert = channel.stream_unary(
+                '/sspry.v1.Sspry/Insert',
+                request_serializer=sspry_dot_v1_dot_sspry__pb2.InsertFrame.SerializeToString,
+                response_deserializer=sspry_dot_v1_dot_sspry__pb2.InsertSummary.FromString,
+                _registered_method=True)
+        self.Publish = channel.unary_unary(
+                '/sspry.v1.Sspry/Publish',
+                request_serializer=sspry_dot_v1_dot_sspry__pb2.PublishRequest.SerializeToString,
+                response_deserializer=sspry_dot_v1_dot_sspry__pb2.PublishResponse.FromString,
+                _registered_method=True)
+        self.Delete = channel.unary_unary(
+                '/sspry.v1.Sspry/Delete',
+                request_serializer=sspry_dot_v1_dot_sspry__pb2.DeleteRequest.SerializeToString,
+                response_deserializer=sspry_dot_v1_dot_sspry__pb2.DeleteResponse.FromString,
+                _registered_method=True)
+        self.Search = channel.unary_stream(
+                '/sspry.v1.Sspry/Search',
+                request_serializer=sspry_dot_v1_dot_sspry__pb2.SearchRequest.SerializeToString,
+                response_deserializer=sspry_dot_v1_dot_sspry__pb2.SearchFrame.FromString,
+                _registered_method=True)
+        self.Shutdown = channel.unary_unary(
+                '/sspry.v1.Sspry/Shutdown',
+                request_serializer=sspry_dot_v1_dot_sspry__pb2.ShutdownRequest.SerializeToString,
+                response_deserializer=sspry_dot_v1_dot_sspry__pb2.ShutdownResponse.FromString,
+                _registered_method=True)
+
+
+class SspryServicer:
+    """A server owns one Forest. Clients extract documents themselves and fan out over several servers.
+    """
+
+    def Info(self, request, context):
+        """The server's policy and statistics (clients check policies match before indexing).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Insert(self, request_iterator, context):
+        """Serialized DocumentRows, each split into chunks (InsertFrame) small enough for the message limit.
+        Acknowledged only once every row is validated and durable in the ingest log; a malformed row
+        fails the whole call and nothing is written.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Publish(self, request, context):
+        """Make every acknowledged row searchable.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Delete(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Search(self, request, context):
+        """Candidates of every target rule, streamed in frames, then one summary frame.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Shutdown(self, request, context):
+        """Stop accepting calls, finish the ones in flight, exit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_SspryServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Info': grpc.unary_unary_rpc_method_handler(
+                    servicer.Info,
+                    request_deserializer=sspry_dot_v1_dot_sspry__pb2.InfoRequest.FromString,
+                    response_serializer=sspry_dot_v1_dot_sspry__pb2.InfoResponse.SerializeToString,
+            ),
+            'Insert': grpc.stream_unary_rpc_method_handler(
+                    servicer.Insert,
+                    request_deserializer=sspry_dot_v1_dot_sspry__pb2.InsertFrame.FromString,
+                    response_serializer=sspry_dot_v1_dot_sspry__pb2.InsertSummary.SerializeToString,
+            ),
+            'Publish': grpc.unary_unary_rpc_method_handler(
+                    servicer.Publish,
+                    request_deserializer=sspry_dot_v1_dot_sspry__pb2.PublishRequest.FromString,
+                    response_serializer=sspry_dot_v1_dot_sspry__pb2.PublishResponse.SerializeToString,
+            ),
+            'Delete': grpc.unary_unary_rpc_method_handler(
+                    servicer.Delete,
+                    request_deserializer=sspry_dot_v1_dot_sspry__pb2.DeleteRequest.FromString,
+                    response_serializer=sspry_dot_v1_dot_sspry__pb2.DeleteResponse.SerializeToString,
+            ),
+            'Search': grpc.unary_stream_rpc_method_handler(
+                    servicer.Search,
+                    request_deserializer=sspry_dot_v1_dot_sspry__pb2.SearchRequest.FromString,
+                    response_serializer=sspry_dot_v1_dot_sspry__pb2.SearchFrame.SerializeToString,
+            ),
+            'Shutdown': grpc.unary_unary_rpc_method_handler(
+                    servicer.Shutdown,
+                    request_deserializer=sspry_dot_v1_dot_sspry__pb2.ShutdownRequest.FromString,
+                    response_serializer=sspry_dot_v1_dot_sspry__pb2.ShutdownResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'sspry.v1.Sspry', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('sspry.v1.Sspry', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Sspry:
+    """A server owns one Forest. Clients extract documents themselves and fan out over several servers.
+    """
+
+    @staticmethod
+    def Info(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sspry.v1.Sspry/Info',
+            sspry_dot_v1_dot_sspry__pb2.InfoRequest.SerializeToString,
+            sspry_dot_v1_dot_sspry__pb2.InfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Insert(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/sspry.v1.Sspry/Insert',
+            sspry_dot_v1_dot_sspry__pb2.InsertFrame.SerializeToString,
+            sspry_dot_v1_dot_sspry__pb2.InsertSummary.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Publish(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sspry.v1.Sspry/Publish',
+            sspry_dot_v1_dot_sspry__pb2.PublishRequest.SerializeToString,
+            sspry_dot_v1_dot_sspry__pb2.PublishResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Delete(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sspry.v1.Sspry/Delete',
+            sspry_dot_v1_dot_sspry__pb2.DeleteRequest.SerializeToString,
+            sspry_dot_v1_dot_sspry__pb2.DeleteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Search(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/sspry.v1.Sspry/Search',
+            sspry_dot_v1_dot_sspry__pb2.SearchRequest.SerializeToString,
+            sspry_dot_v1_dot_sspry__pb2.SearchFrame.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Shutdown(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sspry.v1.Sspry/Shutdown',
+            sspry_dot_v1_dot_sspry__pb2.ShutdownRequest.SerializeToString,
+            sspry_dot_v1_dot_sspry__pb2.ShutdownResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -1,0 +1,124 @@
+"""One server: address parsing, channel (TLS or not), token, timeouts, and error messages that name it."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Iterator
+
+import grpc
+
+from sspry.v1 import sspry_pb2, sspry_pb2_grpc
+from sspry.wire import row_frames
+
+DEFAULT_PORT = 17653
+DEFAULT_ADDR = f"127.0.0.1:{DEFAULT_PORT}"
+ADDR_ENV = "SSPRY_ADDR"
+TOKEN_ENV = "SSPRY_TOKEN"
+SEARCH_TIMEOUT_MIN_S = 180.0
+
+
+class ClientError(Exception):
+    """A server refused or failed a call; the message names the server."""
+
+
+class OfflineError(ClientError):
+    """A server could not be reached."""
+
+
+def normalize_addr(text: str) -> str:
+    """`host`, `host:port`, `[ipv6]`, `[ipv6]:port`, a bare IPv6 address, with or without `http(s)://`,
+    as `host:port` (port 17653 when omitted)."""
+    addr = re.sub(r"^https?://", "", text.strip()).rstrip("/")
+    if not addr:
+        raise ValueError("empty server address")
+    if addr.startswith("["):
+        host, _, rest = addr[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+        return f"[{host}]:{port or DEFAULT_PORT}"
+    if addr.count(":") > 1:  # bare IPv6
+        return f"[{addr}]:{DEFAULT_PORT}"
+    host, _, port = addr.partition(":")
+    if port and not port.isdigit():
+        raise ValueError(f"bad port in server address {text!r}")
+    return f"{host}:{port or DEFAULT_PORT}"
+
+
+def parse_addrs(text: str | None) -> list[str]:
+    text = text or os.environ.get(ADDR_ENV) or DEFAULT_ADDR
+    addrs = [normalize_addr(part) for part in text.split(",") if part.strip()]
+    if not addrs:
+        raise ValueError("no server address")
+    return list(dict.fromkeys(addrs))
+
+
+class Connection:
+    def __init__(
+        self,
+        addr: str,
+        *,
+        token: str | None = None,
+        tls_ca: bytes | None = None,
+        timeout: float = 30.0,
+        max_message_bytes: int = 64 << 20,
+    ):
+        self.addr = addr
+        self.timeout = timeout
+        self.max_message_bytes = max_message_bytes
+        options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ]
+        if tls_ca is not None:
+            self.channel = grpc.secure_channel(
+                addr, grpc.ssl_channel_credentials(root_certificates=tls_ca), options
+            )
+        else:
+            self.channel = grpc.insecure_channel(addr, options)
+        self.stub = sspry_pb2_grpc.SspryStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _error(self, exc: grpc.RpcError) -> ClientError:
+        code = exc.code()
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            return OfflineError(f"server {self.addr} is not reachable ({code.name.lower()}: {exc.details()})")
+        return ClientError(f"server {self.addr}: {code.name}: {exc.details()}")
+
+    def _unary(self, method, request, timeout: float | None = None):
+        try:
+            return method(request, timeout=timeout or self.timeout, metadata=self.metadata)
+        except grpc.RpcError as exc:
+            raise self._error(exc) from None
+
+    def info(self) -> sspry_pb2.InfoResponse:
+        return self._unary(self.stub.Info, sspry_pb2.InfoRequest())
+
+    def insert(self, rows: Iterable[sspry_pb2.DocumentRow]) -> sspry_pb2.InsertSummary:
+        """Send rows; returns once the server has made them durable."""
+        frames = row_frames(rows, self.max_message_bytes)
+        try:
+            return self.stub.Insert(frames, timeout=max(self.timeout, 600.0), metadata=self.metadata)
+        except grpc.RpcError as exc:
+            raise self._error(exc) from None
+
+    def publish(self) -> sspry_pb2.PublishResponse:
+        return self._unary(self.stub.Publish, sspry_pb2.PublishRequest(), timeout=max(self.timeout, 3600.0))
+
+    def delete(self, source_ids: list[bytes], paths: list[str]) -> sspry_pb2.DeleteResponse:
+        request = sspry_pb2.DeleteRequest(source_ids=source_ids, paths=paths)
+        return self._unary(self.stub.Delete, request, timeout=max(self.timeout, 600.0))
+
+    def search(self, source: str, targets: list[str], max_anchors: int) -> Iterator[sspry_pb2.SearchFrame]:
+        request = sspry_pb2.SearchRequest(source=source, targets=targets, max_anchors=max_anchors)
+        try:
+            yield from self.stub.Search(
+                request, timeout=max(self.timeout, SEARCH_TIMEOUT_MIN_S), metadata=self.metadata
+            )
+        except grpc.RpcError as exc:
+            raise self._error(exc) from None
+
+    def shutdown(self) -> str:
+        return self._unary(self.stub.Shutdown, sspry_pb2.ShutdownRequest()).message

@@ -1,0 +1,91 @@
+"""Protobuf conversions the client and the server share (messages only: no grpc here).
+
+Rows travel as serialized `DocumentRow`s cut into `InsertFrame` chunks, so a row bigger than the message
+limit (the blooms of a large file) still fits; `RowAssembler` puts them back together and refuses
+anything malformed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+from google.protobuf.message import DecodeError
+
+from sspry.policy import Policy
+from sspry.v1 import sspry_pb2
+
+FRAME_OVERHEAD = 64  # bytes a frame adds around its chunk, generously
+
+
+class WireError(ValueError):
+    """A malformed message from the other side."""
+
+
+def policy_to_proto(policy: Policy) -> sspry_pb2.Policy:
+    return sspry_pb2.Policy(
+        id_source=policy.id_source,
+        tier1_gram=policy.gram_sizes[0],
+        tier2_gram=policy.gram_sizes[1],
+        tier1_fp=policy.tier1_fp,
+        tier2_fp=policy.tier2_fp,
+        store_path=policy.store_path,
+        shards=policy.shards,
+        tree_docs=policy.tree_docs,
+        ladder_steps=policy.ladder_steps,
+        prefix_bytes=policy.prefix_bytes,
+    )
+
+
+def policy_from_proto(message: sspry_pb2.Policy) -> Policy:
+    return Policy(
+        id_source=message.id_source,
+        gram_sizes=(message.tier1_gram, message.tier2_gram),
+        tier1_fp=message.tier1_fp,
+        tier2_fp=message.tier2_fp,
+        store_path=message.store_path,
+        shards=message.shards,
+        tree_docs=message.tree_docs,
+        ladder_steps=message.ladder_steps,
+        prefix_bytes=message.prefix_bytes,
+    )
+
+
+def row_frames(
+    rows: Iterable[sspry_pb2.DocumentRow], max_message_bytes: int
+) -> Iterator[sspry_pb2.InsertFrame]:
+    """Each row serialized and cut into frames that fit `max_message_bytes`."""
+    chunk = max(1024, max_message_bytes - FRAME_OVERHEAD)
+    for row in rows:
+        data = row.SerializeToString()
+        for start in range(0, max(len(data), 1), chunk):
+            end = start + chunk
+            yield sspry_pb2.InsertFrame(chunk=data[start:end], row_end=end >= len(data))
+
+
+class RowAssembler:
+    """Collects InsertFrames back into DocumentRows, bounded in total size."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.rows: list[sspry_pb2.DocumentRow] = []
+        self.bytes = 0
+        self._pending: list[bytes] = []
+
+    def add(self, frame: sspry_pb2.InsertFrame) -> None:
+        self.bytes += len(frame.chunk)
+        if self.bytes > self.max_bytes:
+            raise WireError(f"insert call larger than {self.max_bytes} bytes: send smaller batches")
+        self._pending.append(frame.chunk)
+        if frame.row_end:
+            row = sspry_pb2.DocumentRow()
+            try:
+                row.ParseFromString(b"".join(self._pending))
+            except DecodeError as exc:
+                raise WireError(f"row {len(self.rows) + 1} is not a valid DocumentRow: {exc}") from exc
+            self._pending = []
+            self.rows.append(row)
+
+    def finish(self) -> list[sspry_pb2.DocumentRow]:
+        if self._pending:
+            raise WireError(f"the stream ended inside row {len(self.rows) + 1} (no row_end frame)")
+        return self.rows
