@@ -122,17 +122,22 @@ class Cluster:
         uploads: queue.Queue = queue.Queue(maxsize=2)  # extraction runs ahead of the upload by 2 batches
         failure: list[BaseException] = []
 
+        sent: set[bytes] = set()
+
         def uploader() -> None:
             while (batch := uploads.get()) is not None:
                 if failure:
                     continue
-                target = min(members, key=lambda m: m.documents + m.assigned)
                 try:
-                    target.connection.insert([doc.to_row() for doc in batch])
+                    fresh = self._not_indexed(batch, sent, members)
+                    summary.duplicate_documents += len(batch) - len(fresh)
+                    if fresh:
+                        target = min(members, key=lambda m: m.documents + m.assigned)
+                        target.connection.insert([doc.to_row() for doc in fresh])
+                        target.assigned += len(fresh)
                 except BaseException as exc:  # reported by the main thread
                     failure.append(exc)
                     continue
-                target.assigned += len(batch)
                 summary.submitted_documents += len(batch)
 
         thread = threading.Thread(target=uploader, name="sspry-upload", daemon=True)
@@ -176,6 +181,20 @@ class Cluster:
         summary.skipped_files = len(problems)
         summary.servers = {m.connection.addr: m.assigned for m in members}
         return summary, problems
+
+    def _not_indexed(self, batch: list, sent: set[bytes], members: list[Member]) -> list:
+        """The documents of a batch that neither this run nor any server has already: with several
+        servers a re-indexed file could otherwise land on another server than the first time."""
+        fresh = []
+        for doc in batch:
+            if doc.source_id not in sent:
+                sent.add(doc.source_id)
+                fresh.append(doc)
+        if fresh:
+            ids = [doc.source_id for doc in fresh]
+            answers = self._each(lambda c: c.exists(ids), [m.connection for m in members])
+            fresh = [doc for i, doc in enumerate(fresh) if not any(present[i] for _, present in answers)]
+        return fresh
 
     # --- search ------------------------------------------------------------------------------------
     def search(

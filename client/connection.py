@@ -104,6 +104,9 @@ class Connection:
         except grpc.RpcError as exc:
             raise self._error(exc) from None
 
+    def exists(self, source_ids: list[bytes]) -> list[bool]:
+        return list(self._unary(self.stub.Exists, sspry_pb2.ExistsRequest(source_ids=source_ids)).present)
+
     def publish(self) -> sspry_pb2.PublishResponse:
         return self._unary(self.stub.Publish, sspry_pb2.PublishRequest(), timeout=max(self.timeout, 3600.0))
 

@@ -82,6 +82,10 @@ class SspryService(sspry_pb2_grpc.SspryServicer):
         self._wrote()
         return sspry_pb2.InsertSummary(rows=len(rows), bytes=assembler.bytes)
 
+    def Exists(self, request, context):
+        self._authorize(context)
+        return sspry_pb2.ExistsResponse(present=self.forest.contains(list(request.source_ids)).tolist())
+
     def Publish(self, request, context):
         self._authorize(context)
         result = self.forest.publish()

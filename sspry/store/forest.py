@@ -300,17 +300,22 @@ class Forest:
             result.inserted = len(fresh)
         return result
 
+    def contains(self, source_ids: Sequence[bytes]) -> np.ndarray:
+        """For each Source ID, whether a live published document has it."""
+        present = np.zeros(len(source_ids), dtype=bool)
+        if len(source_ids):
+            for view in self.snapshot().views:
+                found = view.reader.find(source_ids)
+                hit = found >= 0
+                present[hit] |= view.live[found[hit]]
+        return present
+
     def _dedup(self, docs: list[Document], result: PublishResult) -> list[Document]:
         unique: dict[bytes, Document] = {}
         for doc in docs:
             unique.setdefault(doc.source_id, doc)
         ids = list(unique)
-        present = np.zeros(len(ids), dtype=bool)
-        if ids:
-            for view in self.snapshot().views:
-                found = view.reader.find(ids)
-                hit = found >= 0
-                present[hit] |= view.live[found[hit]]
+        present = self.contains(ids)
         fresh = [unique[i] for i, p in zip(ids, present, strict=True) if not p]
         result.duplicates = len(docs) - len(fresh)
         return fresh

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14sspry/v1/sspry.proto\x12\x08sspry.v1\"\'\n\x05\x42loom\x12\x10\n\x08\x65stimate\x18\x01 \x01(\x04\x12\x0c\n\x04\x62its\x18\x02 \x01(\x0c\"\xbf\x02\n\x0b\x44ocumentRow\x12\x11\n\tsource_id\x18\x01 \x01(\x0c\x12\x10\n\x08\x66ilesize\x18\x02 \x01(\x04\x12\x1e\n\x05tier1\x18\x03 \x01(\x0b\x32\x0f.sspry.v1.Bloom\x12\x1e\n\x05tier2\x18\x04 \x01(\x0b\x32\x0f.sspry.v1.Bloom\x12\x0f\n\x07\x65ntropy\x18\x05 \x01(\x01\x12\x0e\n\x06prefix\x18\x06 \x01(\x0c\x12\x11\n\x04path\x18\x07 \x01(\tH\x00\x88\x01\x01\x12\x31\n\x06\x66ields\x18\x08 \x03(\x0b\x32!.sspry.v1.DocumentRow.FieldsEntry\x12\x13\n\x0b\x65ntry_bytes\x18\t \x01(\x0c\x12\x17\n\x0fmodules_scanned\x18\n \x01(\x08\x1a-\n\x0b\x46ieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x42\x07\n\x05_path\"\xca\x01\n\x06Policy\x12\x11\n\tid_source\x18\x01 \x01(\t\x12\x12\n\ntier1_gram\x18\x02 \x01(\r\x12\x12\n\ntier2_gram\x18\x03 \x01(\r\x12\x10\n\x08tier1_fp\x18\x04 \x01(\x01\x12\x10\n\x08tier2_fp\x18\x05 \x01(\x01\x12\x12\n\nstore_path\x18\x06 \x01(\x08\x12\x0e\n\x06shards\x18\x07 \x01(\r\x12\x11\n\ttree_docs\x18\x08 \x01(\x04\x12\x14\n\x0cladder_steps\x18\t \x01(\r\x12\x14\n\x0cprefix_bytes\x18\n \x01(\r\"\r\n\x0bInfoRequest\"Q\n\x0cInfoResponse\x12 \n\x06policy\x18\x01 \x01(\x0b\x32\x10.sspry.v1.Policy\x12\x11\n\tdocuments\x18\x02 \x01(\x04\x12\x0c\n\x04json\x18\x03 \x01(\t\"-\n\x0bInsertFrame\x12\r\n\x05\x63hunk\x18\x01 \x01(\x0c\x12\x0f\n\x07row_end\x18\x02 \x01(\x08\",\n\rInsertSummary\x12\x0c\n\x04rows\x18\x01 \x01(\x04\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\"\x10\n\x0ePublishRequest\"J\n\x0fPublishResponse\x12\x10\n\x08inserted\x18\x01 \x01(\x04\x12\x12\n\nduplicates\x18\x02 \x01(\x04\x12\x11\n\tdocuments\x18\x03 \x01(\x04\"2\n\rDeleteRequest\x12\x12\n\nsource_ids\x18\x01 \x03(\x0c\x12\r\n\x05paths\x18\x02 \x03(\t\"-\n\tPathMatch\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x12\n\nsource_ids\x18\x02 \x03(\x0c\"G\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x03(\x08\x12$\n\x07\x62y_path\x18\x02 \x03(\x0b\x32\x13.sspry.v1.PathMatch\"E\n\rSearchRequest\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0f\n\x07targets\x18\x02 \x03(\t\x12\x13\n\x0bmax_anchors\x18\x03 \x01(\r\"S\n\x0eRuleCandidates\x12\x0c\n\x04rule\x18\x01 \x01(\r\x12\x12\n\nsource_ids\x18\x02 \x03(\x0c\x12\r\n\x05paths\x18\x03 \x03(\t\x12\x10\n\x08rule_end\x18\x04 \x01(\x08\"6\n\rSearchSummary\x12\x11\n\tdocuments\x18\x01 \x01(\x04\x12\x12\n\nelapsed_ms\x18\x02 \x01(\x01\"r\n\x0bSearchFrame\x12.\n\ncandidates\x18\x01 \x01(\x0b\x32\x18.sspry.v1.RuleCandidatesH\x00\x12*\n\x07summary\x18\x02 \x01(\x0b\x32\x17.sspry.v1.SearchSummaryH\x00\x42\x07\n\x05\x66rame\"\x11\n\x0fShutdownRequest\"#\n\x10ShutdownResponse\x12\x0f\n\x07message\x18\x01 \x01(\t2\xf6\x02\n\x05Sspry\x12\x35\n\x04Info\x12\x15.sspry.v1.InfoRequest\x1a\x16.sspry.v1.InfoResponse\x12:\n\x06Insert\x12\x15.sspry.v1.InsertFrame\x1a\x17.sspry.v1.InsertSummary(\x01\x12>\n\x07Publish\x12\x18.sspry.v1.PublishRequest\x1a\x19.sspry.v1.PublishResponse\x12;\n\x06\x44\x65lete\x12\x17.sspry.v1.DeleteRequest\x1a\x18.sspry.v1.DeleteResponse\x12:\n\x06Search\x12\x17.sspry.v1.SearchRequest\x1a\x15.sspry.v1.SearchFrame0\x01\x12\x41\n\x08Shutdown\x12\x19.sspry.v1.ShutdownRequest\x1a\x1a.sspry.v1.ShutdownResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14sspry/v1/sspry.proto\x12\x08sspry.v1\"\'\n\x05\x42loom\x12\x10\n\x08\x65stimate\x18\x01 \x01(\x04\x12\x0c\n\x04\x62its\x18\x02 \x01(\x0c\"\xbf\x02\n\x0b\x44ocumentRow\x12\x11\n\tsource_id\x18\x01 \x01(\x0c\x12\x10\n\x08\x66ilesize\x18\x02 \x01(\x04\x12\x1e\n\x05tier1\x18\x03 \x01(\x0b\x32\x0f.sspry.v1.Bloom\x12\x1e\n\x05tier2\x18\x04 \x01(\x0b\x32\x0f.sspry.v1.Bloom\x12\x0f\n\x07\x65ntropy\x18\x05 \x01(\x01\x12\x0e\n\x06prefix\x18\x06 \x01(\x0c\x12\x11\n\x04path\x18\x07 \x01(\tH\x00\x88\x01\x01\x12\x31\n\x06\x66ields\x18\x08 \x03(\x0b\x32!.sspry.v1.DocumentRow.FieldsEntry\x12\x13\n\x0b\x65ntry_bytes\x18\t \x01(\x0c\x12\x17\n\x0fmodules_scanned\x18\n \x01(\x08\x1a-\n\x0b\x46ieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x42\x07\n\x05_path\"\xca\x01\n\x06Policy\x12\x11\n\tid_source\x18\x01 \x01(\t\x12\x12\n\ntier1_gram\x18\x02 \x01(\r\x12\x12\n\ntier2_gram\x18\x03 \x01(\r\x12\x10\n\x08tier1_fp\x18\x04 \x01(\x01\x12\x10\n\x08tier2_fp\x18\x05 \x01(\x01\x12\x12\n\nstore_path\x18\x06 \x01(\x08\x12\x0e\n\x06shards\x18\x07 \x01(\r\x12\x11\n\ttree_docs\x18\x08 \x01(\x04\x12\x14\n\x0cladder_steps\x18\t \x01(\r\x12\x14\n\x0cprefix_bytes\x18\n \x01(\r\"\r\n\x0bInfoRequest\"Q\n\x0cInfoResponse\x12 \n\x06policy\x18\x01 \x01(\x0b\x32\x10.sspry.v1.Policy\x12\x11\n\tdocuments\x18\x02 \x01(\x04\x12\x0c\n\x04json\x18\x03 \x01(\t\"-\n\x0bInsertFrame\x12\r\n\x05\x63hunk\x18\x01 \x01(\x0c\x12\x0f\n\x07row_end\x18\x02 \x01(\x08\",\n\rInsertSummary\x12\x0c\n\x04rows\x18\x01 \x01(\x04\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\"#\n\rExistsRequest\x12\x12\n\nsource_ids\x18\x01 \x03(\x0c\"!\n\x0e\x45xistsResponse\x12\x0f\n\x07present\x18\x01 \x03(\x08\"\x10\n\x0ePublishRequest\"J\n\x0fPublishResponse\x12\x10\n\x08inserted\x18\x01 \x01(\x04\x12\x12\n\nduplicates\x18\x02 \x01(\x04\x12\x11\n\tdocuments\x18\x03 \x01(\x04\"2\n\rDeleteRequest\x12\x12\n\nsource_ids\x18\x01 \x03(\x0c\x12\r\n\x05paths\x18\x02 \x03(\t\"-\n\tPathMatch\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x12\n\nsource_ids\x18\x02 \x03(\x0c\"G\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x03(\x08\x12$\n\x07\x62y_path\x18\x02 \x03(\x0b\x32\x13.sspry.v1.PathMatch\"E\n\rSearchRequest\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0f\n\x07targets\x18\x02 \x03(\t\x12\x13\n\x0bmax_anchors\x18\x03 \x01(\r\"S\n\x0eRuleCandidates\x12\x0c\n\x04rule\x18\x01 \x01(\r\x12\x12\n\nsource_ids\x18\x02 \x03(\x0c\x12\r\n\x05paths\x18\x03 \x03(\t\x12\x10\n\x08rule_end\x18\x04 \x01(\x08\"6\n\rSearchSummary\x12\x11\n\tdocuments\x18\x01 \x01(\x04\x12\x12\n\nelapsed_ms\x18\x02 \x01(\x01\"r\n\x0bSearchFrame\x12.\n\ncandidates\x18\x01 \x01(\x0b\x32\x18.sspry.v1.RuleCandidatesH\x00\x12*\n\x07summary\x18\x02 \x01(\x0b\x32\x17.sspry.v1.SearchSummaryH\x00\x42\x07\n\x05\x66rame\"\x11\n\x0fShutdownRequest\"#\n\x10ShutdownResponse\x12\x0f\n\x07message\x18\x01 \x01(\t2\xb3\x03\n\x05Sspry\x12\x35\n\x04Info\x12\x15.sspry.v1.InfoRequest\x1a\x16.sspry.v1.InfoResponse\x12:\n\x06Insert\x12\x15.sspry.v1.InsertFrame\x1a\x17.sspry.v1.InsertSummary(\x01\x12;\n\x06\x45xists\x12\x17.sspry.v1.ExistsRequest\x1a\x18.sspry.v1.ExistsResponse\x12>\n\x07Publish\x12\x18.sspry.v1.PublishRequest\x1a\x19.sspry.v1.PublishResponse\x12;\n\x06\x44\x65lete\x12\x17.sspry.v1.DeleteRequest\x1a\x18.sspry.v1.DeleteResponse\x12:\n\x06Search\x12\x17.sspry.v1.SearchRequest\x1a\x15.sspry.v1.SearchFrame0\x01\x12\x41\n\x08Shutdown\x12\x19.sspry.v1.ShutdownRequest\x1a\x1a.sspry.v1.ShutdownResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -49,28 +49,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INSERTFRAME']._serialized_end=745
   _globals['_INSERTSUMMARY']._serialized_start=747
   _globals['_INSERTSUMMARY']._serialized_end=791
-  _globals['_PUBLISHREQUEST']._serialized_start=793
-  _globals['_PUBLISHREQUEST']._serialized_end=809
-  _globals['_PUBLISHRESPONSE']._serialized_start=811
-  _globals['_PUBLISHRESPONSE']._serialized_end=885
-  _globals['_DELETEREQUEST']._serialized_start=887
-  _globals['_DELETEREQUEST']._serialized_end=937
-  _globals['_PATHMATCH']._serialized_start=939
-  _globals['_PATHMATCH']._serialized_end=984
-  _globals['_DELETERESPONSE']._serialized_start=986
-  _globals['_DELETERESPONSE']._serialized_end=1057
-  _globals['_SEARCHREQUEST']._serialized_start=1059
-  _globals['_SEARCHREQUEST']._serialized_end=1128
-  _globals['_RULECANDIDATES']._serialized_start=1130
-  _globals['_RULECANDIDATES']._serialized_end=1213
-  _globals['_SEARCHSUMMARY']._serialized_start=1215
-  _globals['_SEARCHSUMMARY']._serialized_end=1269
-  _globals['_SEARCHFRAME']._serialized_start=1271
-  _globals['_SEARCHFRAME']._serialized_end=1385
-  _globals['_SHUTDOWNREQUEST']._serialized_start=1387
-  _globals['_SHUTDOWNREQUEST']._serialized_end=1404
-  _globals['_SHUTDOWNRESPONSE']._serialized_start=1406
-  _globals['_SHUTDOWNRESPONSE']._serialized_end=1441
-  _globals['_SSPRY']._serialized_start=1444
-  _globals['_SSPRY']._serialized_end=1818
+  _globals['_EXISTSREQUEST']._serialized_start=793
+  _globals['_EXISTSREQUEST']._serialized_end=828
+  _globals['_EXISTSRESPONSE']._serialized_start=830
+  _globals['_EXISTSRESPONSE']._serialized_end=863
+  _globals['_PUBLISHREQUEST']._serialized_start=865
+  _globals['_PUBLISHREQUEST']._serialized_end=881
+  _globals['_PUBLISHRESPONSE']._serialized_start=883
+  _globals['_PUBLISHRESPONSE']._serialized_end=957
+  _globals['_DELETEREQUEST']._serialized_start=959
+  _globals['_DELETEREQUEST']._serialized_end=1009
+  _globals['_PATHMATCH']._serialized_start=1011
+  _globals['_PATHMATCH']._serialized_end=1056
+  _globals['_DELETERESPONSE']._serialized_start=1058
+  _globals['_DELETERESPONSE']._serialized_end=1129
+  _globals['_SEARCHREQUEST']._serialized_start=1131
+  _globals['_SEARCHREQUEST']._serialized_end=1200
+  _globals['_RULECANDIDATES']._serialized_start=1202
+  _globals['_RULECANDIDATES']._serialized_end=1285
+  _globals['_SEARCHSUMMARY']._serialized_start=1287
+  _globals['_SEARCHSUMMARY']._serialized_end=1341
+  _globals['_SEARCHFRAME']._serialized_start=1343
+  _globals['_SEARCHFRAME']._serialized_end=1457
+  _globals['_SHUTDOWNREQUEST']._serialized_start=1459
+  _globals['_SHUTDOWNREQUEST']._serialized_end=1476
+  _globals['_SHUTDOWNRESPONSE']._serialized_start=1478
+  _globals['_SHUTDOWNRESPONSE']._serialized_end=1513
+  _globals['_SSPRY']._serialized_start=1516
+  _globals['_SSPRY']._serialized_end=1951
 # @@protoc_insertion_point(module_scope)

@@ -45,6 +45,11 @@ class SspryStub:
                 request_serializer=sspry_dot_v1_dot_sspry__pb2.InsertFrame.SerializeToString,
                 response_deserializer=sspry_dot_v1_dot_sspry__pb2.InsertSummary.FromString,
                 _registered_method=True)
+        self.Exists = channel.unary_unary(
+                '/sspry.v1.Sspry/Exists',
+                request_serializer=sspry_dot_v1_dot_sspry__pb2.ExistsRequest.SerializeToString,
+                response_deserializer=sspry_dot_v1_dot_sspry__pb2.ExistsResponse.FromString,
+                _registered_method=True)
         self.Publish = channel.unary_unary(
                 '/sspry.v1.Sspry/Publish',
                 request_serializer=sspry_dot_v1_dot_sspry__pb2.PublishRequest.SerializeToString,
@@ -82,6 +87,13 @@ class SspryServicer:
         """Serialized DocumentRows, each split into chunks (InsertFrame) small enough for the message limit.
         Acknowledged only once every row is validated and durable in the ingest log; a malformed row
         fails the whole call and nothing is written.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Exists(self, request, context):
+        """Which of these Source IDs are live documents here (clients skip them: re-indexing is a no-op).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -126,6 +138,11 @@ def add_SspryServicer_to_server(servicer, server):
                     servicer.Insert,
                     request_deserializer=sspry_dot_v1_dot_sspry__pb2.InsertFrame.FromString,
                     response_serializer=sspry_dot_v1_dot_sspry__pb2.InsertSummary.SerializeToString,
+            ),
+            'Exists': grpc.unary_unary_rpc_method_handler(
+                    servicer.Exists,
+                    request_deserializer=sspry_dot_v1_dot_sspry__pb2.ExistsRequest.FromString,
+                    response_serializer=sspry_dot_v1_dot_sspry__pb2.ExistsResponse.SerializeToString,
             ),
             'Publish': grpc.unary_unary_rpc_method_handler(
                     servicer.Publish,
@@ -203,6 +220,33 @@ class Sspry:
             '/sspry.v1.Sspry/Insert',
             sspry_dot_v1_dot_sspry__pb2.InsertFrame.SerializeToString,
             sspry_dot_v1_dot_sspry__pb2.InsertSummary.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Exists(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sspry.v1.Sspry/Exists',
+            sspry_dot_v1_dot_sspry__pb2.ExistsRequest.SerializeToString,
+            sspry_dot_v1_dot_sspry__pb2.ExistsResponse.FromString,
             options,
             channel_credentials,
             insecure,

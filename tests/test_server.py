@@ -1,0 +1,293 @@
+"""Real servers on loopback: the gRPC surface end to end, fan-out over two servers, bad input on the
+wire, token and TLS. Each server is a separate `sspry serve` process, stopped by the test."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+from click.testing import CliRunner
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from sspry.cli import main
+from sspry.document import Document
+from sspry.policy import Policy
+from sspry.query.search import search_rule_file
+from sspry.store.forest import Forest
+from sspry.v1 import sspry_pb2, sspry_pb2_grpc
+from tests.test_store import make_doc
+
+
+class ServerProcess:
+    def __init__(self, root: Path, *extra: str):
+        self.root = root
+        command = [
+            sys.executable,
+            "-m",
+            "sspry",
+            "serve",
+            "--root",
+            str(root),
+            "--addr",
+            "127.0.0.1:0",
+            *extra,
+        ]
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = self.process.stdout.readline()
+        if "listening on" not in line:
+            self.process.kill()
+            raise RuntimeError(f"server did not start: {line}{self.process.stderr.read()}")
+        self.addr = line.rsplit(" ", 1)[1].strip()
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=60)
+
+
+def run(*args: str, code: int = 0):
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    assert result.exit_code == code, (args, result.output)
+    return result
+
+
+@pytest.fixture
+def servers(tmp_path):
+    started: list[ServerProcess] = []
+
+    def start(name: str, *extra: str, policy: Policy | None = None) -> ServerProcess:
+        root = tmp_path / name
+        Forest.init(root, policy or Policy(store_path=True, shards=2))
+        server = ServerProcess(root, *extra)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def test_two_servers_index_search_delete_info_shutdown(servers, indexed_corpus, tmp_path) -> None:
+    a, b = servers("a"), servers("b")
+    addrs = f"{a.addr},{b.addr}"
+    generated = str(indexed_corpus.corpus.directory)
+    summary = json.loads(run("index", "--addr", addrs, "--json", "--batch-bytes", "65536", generated).stdout)
+    assert summary["submitted_documents"] == len(indexed_corpus.corpus.files)
+    assert all(count > 0 for count in summary["servers"].values()), "batches go to both servers"
+    again = json.loads(run("index", "--addr", addrs, "--json", "--batch-bytes", "65536", generated).stdout)
+    assert again["inserted_documents"] == 0  # re-indexing is a no-op across servers too
+    assert again["duplicate_documents"] == again["submitted_documents"] == len(indexed_corpus.corpus.files)
+
+    # the same rules on a local forest built from the same files give the same candidates
+    local = tmp_path / "local"
+    Forest.init(local, Policy(store_path=True, shards=2))
+    with Forest.open(local, writable=True) as forest:
+        from sspry.indexing import index_paths
+
+        index_paths(forest, [generated], progress=False)
+        expected, _ = search_rule_file(forest, str(indexed_corpus.rules))
+    remote = json.loads(run("search", "--addr", addrs, "--rule", str(indexed_corpus.rules), "--json").stdout)
+    assert sorted(remote["servers"]) == sorted(addrs.split(","))
+    assert remote["documents"] == expected.documents
+    for mine, theirs in zip(expected.rules, remote["rules"], strict=True):
+        assert mine.rule == theirs["rule"]
+        assert {c.source_id.hex() for c in mine.candidates} == {c["source_id"] for c in theirs["candidates"]}
+
+    verified = json.loads(
+        run("search", "--addr", addrs, "--rule", str(indexed_corpus.rules), "--json", "--verify").stdout
+    )
+    assert any(c["verified"] for r in verified["rules"] for c in r["candidates"])
+
+    infos = json.loads(run("info", "--addr", addrs).stdout)
+    assert [i["addr"] for i in infos] == addrs.split(",")
+    total = sum(i["documents"] for i in infos)
+    assert total == expected.documents
+
+    victim = indexed_corpus.corpus.files[0]
+    deleted = run("delete", "--addr", addrs, str(victim)).stdout
+    assert "status: deleted" in deleted
+    assert sum(i["documents"] for i in json.loads(run("info", "--addr", addrs).stdout)) == total - 1
+    run("delete", "--addr", addrs, "00" * 32, code=1)
+
+    assert "shutdown requested" in run("shutdown", "--addr", addrs).stdout
+    assert a.process.wait(timeout=60) == 0 and b.process.wait(timeout=60) == 0
+    with Forest.open(a.root, writable=True):  # the writer lock was released
+        pass
+
+
+def test_offline_servers(servers, tmp_path) -> None:
+    server = servers("a")
+    down = "127.0.0.1:9"  # nothing listens there
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "one.txt").write_text("offline test file with a needle-alpha inside")
+    rules = tmp_path / "r.yar"
+    rules.write_text('rule alpha { strings: $a = "needle-alpha" condition: $a }')
+    result = run("index", "--addr", f"{server.addr},{down}", str(files), code=1)
+    assert down in result.output and "not reachable" in result.output
+    run("index", "--addr", f"{server.addr},{down}", "--ignore-offline", "--timeout", "2", str(files))
+    result = run(
+        "search", "--addr", f"{server.addr},{down}", "--rule", str(rules), "--ignore-offline", "--json"
+    )
+    assert json.loads(result.stdout)["rules"][0]["candidate_count"] == 1
+    run("search", "--addr", f"{server.addr},{down}", "--rule", str(rules), code=1)
+
+
+def test_policies_must_match_before_any_upload(servers, tmp_path) -> None:
+    a = servers("a", policy=Policy(gram_sizes=(3, 4)))
+    b = servers("b", policy=Policy(gram_sizes=(4, 5)))
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "f").write_text("some content")
+    result = run("index", "--addr", f"{a.addr},{b.addr}", str(files), code=1)
+    assert "disagree on the policy" in result.output
+    for server in (a, b):
+        assert json.loads(run("info", "--addr", server.addr).stdout)["pending_log_bytes"] == 0
+
+
+def test_bad_input_on_the_wire(servers) -> None:
+    server = servers("a", "--max-message-bytes", str(1 << 20))
+    channel = grpc.insecure_channel(server.addr)
+    stub = sspry_pb2_grpc.SspryStub(channel)
+    policy = Policy(store_path=True, shards=2)
+    good = make_doc(policy, __import__("random").Random(1)).to_row()
+
+    def insert(frames) -> grpc.StatusCode:
+        try:
+            stub.Insert(iter(frames), timeout=30)
+        except grpc.RpcError as exc:
+            return exc.code()
+        return grpc.StatusCode.OK
+
+    wrong_bloom = sspry_pb2.DocumentRow()
+    wrong_bloom.CopyFrom(good)
+    wrong_bloom.tier1.bits = b"\x00" * 100
+    short_id = sspry_pb2.DocumentRow()
+    short_id.CopyFrom(good)
+    short_id.source_id = b"\x01" * 5
+    payload = good.SerializeToString()
+    assert insert([sspry_pb2.InsertFrame(chunk=wrong_bloom.SerializeToString(), row_end=True)]) == (
+        grpc.StatusCode.INVALID_ARGUMENT
+    )
+    assert insert([sspry_pb2.InsertFrame(chunk=short_id.SerializeToString(), row_end=True)]) == (
+        grpc.StatusCode.INVALID_ARGUMENT
+    )
+    # a good row, then a row cut short: the whole call fails, the good row is not written either
+    truncated = [
+        sspry_pb2.InsertFrame(chunk=payload, row_end=True),
+        sspry_pb2.InsertFrame(chunk=payload[: len(payload) // 2], row_end=False),
+    ]
+    assert insert(truncated) == grpc.StatusCode.INVALID_ARGUMENT
+    assert (
+        insert([sspry_pb2.InsertFrame(chunk=b"\xff\x00garbage", row_end=True)])
+        == grpc.StatusCode.INVALID_ARGUMENT
+    )
+    assert insert([sspry_pb2.InsertFrame(chunk=b"\x00" * (2 << 20), row_end=True)]) == (
+        grpc.StatusCode.RESOURCE_EXHAUSTED
+    )
+
+    def search(source: str, targets: list[str]) -> grpc.StatusCode:
+        try:
+            list(stub.Search(sspry_pb2.SearchRequest(source=source, targets=targets), timeout=30))
+        except grpc.RpcError as exc:
+            return exc.code()
+        return grpc.StatusCode.OK
+
+    assert search("rule broken { condition: $x }", ["broken"]) == grpc.StatusCode.INVALID_ARGUMENT
+    assert (
+        search('include "/etc/passwd"\nrule r { condition: true }', ["r"]) == grpc.StatusCode.INVALID_ARGUMENT
+    )
+    assert search("rule r { condition: true }", ["other"]) == grpc.StatusCode.INVALID_ARGUMENT
+    assert search("rule r { condition: true }", []) == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.Delete(sspry_pb2.DeleteRequest(source_ids=[b"\x01\x02"]), timeout=30)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    # nothing was written, and the server still serves
+    info = json.loads(stub.Info(sspry_pb2.InfoRequest(), timeout=30).json)
+    assert info["documents"] == 0 and info["pending_log_bytes"] == 0
+    assert insert([sspry_pb2.InsertFrame(chunk=payload, row_end=True)]) == grpc.StatusCode.OK
+    assert stub.Publish(sspry_pb2.PublishRequest(), timeout=30).documents == 1
+    health = health_pb2_grpc.HealthStub(channel).Check(
+        health_pb2.HealthCheckRequest(service="sspry.v1.Sspry")
+    )
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    reflected = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+    )
+    names = {s.name for reply in reflected for s in reply.list_services_response.service}
+    assert "sspry.v1.Sspry" in names and "grpc.health.v1.Health" in names
+    channel.close()
+
+
+def test_token_is_checked_on_every_call(servers, tmp_path) -> None:
+    server = servers("a", "--token", "s3cret")
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "f").write_text("token protected content")
+    result = run("index", "--addr", server.addr, str(files), code=2)
+    assert "UNAUTHENTICATED" in result.output
+    run("index", "--addr", server.addr, "--token", "wrong", str(files), code=2)
+    assert json.loads(run("info", "--addr", server.addr, "--token", "s3cret").stdout)["documents"] == 0
+    run("index", "--addr", server.addr, "--token", "s3cret", str(files))
+    assert json.loads(run("info", "--addr", server.addr, "--token", "s3cret").stdout)["documents"] == 1
+    run("shutdown", "--addr", server.addr, "--token", "wrong", code=2)
+    assert server.process.poll() is None
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl to make a certificate")
+def test_tls(servers, tmp_path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    server = servers("a", "--tls-cert", str(cert), "--tls-key", str(key))
+    assert json.loads(run("info", "--addr", server.addr, "--tls-ca", str(cert)).stdout)["documents"] == 0
+    run("info", "--addr", server.addr, "--timeout", "3", code=1)  # plaintext to a TLS server fails
+
+
+def test_signals_drain_and_release_the_forest(servers) -> None:
+    server = servers("a")
+    assert server.stop() == 0
+    assert "sspry server stopped" in server.process.stdout.read()
+    with Forest.open(server.root, writable=True):
+        pass
+
+
+def test_serve_needs_an_initialised_root(tmp_path) -> None:
+    result = run("serve", "--root", str(tmp_path / "nothing"), "--addr", "127.0.0.1:0", code=2)
+    assert "sspry init" in result.output
+
+
+def test_server_rows_round_trip_documents() -> None:
+    policy = Policy()
+    doc = make_doc(policy, __import__("random").Random(2))
+    doc.fields = {"pe.machine": 332}
+    back = Document.from_row(doc.to_row(), policy)
+    assert back.fields == {"pe.machine": 332} and back.tier1.tobytes() == doc.tier1.tobytes()
