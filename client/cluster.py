@@ -13,9 +13,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from sspry.client.connection import ClientError, Connection, OfflineError
 from tqdm import tqdm
 
+from sspry.client.connection import ClientError, Connection, OfflineError
 from sspry.document import resolve_value
 from sspry.features.extract import SkippedFile, default_workers, extract_many, walk
 from sspry.policy import Policy

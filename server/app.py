@@ -15,8 +15,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from sspry.server.service import Maintenance, SspryService
 
+from sspry.server.service import Maintenance, SspryService
 from sspry.store.forest import Forest
 from sspry.v1 import sspry_pb2, sspry_pb2_grpc
 
