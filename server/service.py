@@ -157,14 +157,14 @@ class SspryService(sspry_pb2_grpc.SspryServicer):
 
 
 class Maintenance(threading.Thread):
-    """Publishes what was inserted once the server has been idle a moment, and compacts (size-tiered)
-    after a longer quiet period, so neither waits for a client to ask."""
+    """Publishes what was inserted once inserts pause for a moment, and merges small segments
+    (size-tiered compaction) whenever the segment set changed, so neither waits for a client to ask
+    and a server under continuous ingest does not pile up segments every search must visit."""
 
-    def __init__(self, service: SspryService, publish_idle_s: float = 1.0, compact_idle_s: float = 5.0):
+    def __init__(self, service: SspryService, publish_idle_s: float = 1.0):
         super().__init__(name="sspry-maintenance", daemon=True)
         self.service = service
         self.publish_idle_s = publish_idle_s
-        self.compact_idle_s = compact_idle_s
         self.stopping = threading.Event()
         self._compacted_generation = -1
 
@@ -175,7 +175,7 @@ class Maintenance(threading.Thread):
             try:
                 if idle >= self.publish_idle_s and forest.pending_bytes:
                     forest.publish()
-                if idle >= self.compact_idle_s and forest.manifest.generation != self._compacted_generation:
+                if forest.manifest.generation != self._compacted_generation:
                     forest.compact(full=False)
                     self._compacted_generation = forest.manifest.generation
             except Exception as exc:  # keep serving; the next round retries

@@ -126,7 +126,7 @@ def generate(
         data = bytearray(makers[kind](size))
         planted = []
         if corpus.tokens and rng.random() < plant_share:
-            for token in rng.sample(corpus.tokens, rng.choice((1, 1, 2))):
+            for token in rng.sample(corpus.tokens, min(len(corpus.tokens), rng.choice((1, 1, 2)))):
                 form = rng.choice(list(token_forms(token).values()))
                 at = rng.randrange(0, max(1, len(data) - len(form)))
                 data[at : at + len(form)] = form

@@ -292,7 +292,7 @@ class SegmentReader:
         if (directory / "path_offsets.npy").exists():
             offsets = load("path_offsets")
             size = int(offsets[-1])
-            blob = np.memmap(directory / "paths.bin", dtype=np.uint8, mode="r") if size else b""
+            blob = np.asarray(np.memmap(directory / "paths.bin", dtype=np.uint8, mode="r")) if size else b""
             self._paths = (offsets, blob)
         self._blocks_cache: dict[int, np.ndarray] = {}
         self._t2_position: np.ndarray | None = None
