@@ -116,6 +116,12 @@ def _gram_sizes(ctx, param, value: str) -> tuple[int, int]:
     type=click.IntRange(1, 64),
     help="Bloom size classes per doubling of size (more: smaller database, more classes).",
 )
+@click.option(
+    "--fold-case/--no-fold-case",
+    default=True,
+    show_default=True,
+    help="Tier 1 also indexes grams lowercased, so nocase strings prune as well as exact ones.",
+)
 @click.option("--force", is_flag=True, help="Delete an existing forest at ROOT and create a new one.")
 def init(
     root,
@@ -127,6 +133,7 @@ def init(
     store_path,
     tree_docs,
     ladder_steps,
+    fold_case,
     force,
 ):
     """Create a Forest and fix its policy. Every later command obeys it."""
@@ -141,6 +148,7 @@ def init(
         shards=shards,
         tree_docs=tree_docs,
         ladder_steps=ladder_steps,
+        fold_case=fold_case,
     )
     try:
         Forest.init(Path(root), policy, force=force)

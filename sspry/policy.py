@@ -57,6 +57,9 @@ class Policy:
     tree_docs: int = 250_000
     ladder_steps: int = 8
     prefix_bytes: int = DEFAULT_PREFIX_BYTES
+    # Tier 1 also indexes each gram with ASCII capitals lowercased, so a nocase window costs one gram
+    # there. Tier 1 only: 3-grams are few (at most 2**24), Tier 2 holds most of the bytes.
+    fold_case: bool = True
     version: int = field(default=POLICY_VERSION)
 
     def __post_init__(self) -> None:
@@ -124,4 +127,5 @@ class Policy:
             "tree_docs": self.tree_docs,
             "ladder_steps": self.ladder_steps,
             "prefix_bytes": self.prefix_bytes,
+            "fold_case": self.fold_case,
         }

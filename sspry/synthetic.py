@@ -1,19 +1,25 @@
 """Reproducible synthetic corpora and rule sets, for the demo, the recall tests and the benchmarks.
 
-A corpus mixes random bytes, English-like text, code-like text and executable-like files (headers,
-zero padding, string tables), and plants tokens into some files in the forms YARA rules look for:
-ascii, UTF-16LE (wide), mixed case, single-byte xor. `rules_for` writes rules of every kind over the
-same tokens (text with modifiers, hex with wildcards and jumps, regexes, conditions), so a search has
-true matches to find and a recall check has ground truth to compare with (yara-python's).
+A corpus mixes random bytes, English-like text, code-like text and executable-like files (a PE or ELF
+header, zero padding, machine-code-like snippets, string tables, packed data). Content is cut from pools
+built once per seed, so gigabytes generate quickly and files share content as real ones do. Tokens are
+planted into some files in the forms YARA rules look for — ascii, UTF-16LE (wide), mixed case,
+single-byte xor — with Zipf popularity: a few tokens in many files, most in few. `rules_for` writes rules
+of every kind over the same tokens, so searches have true matches to find and recall checks have ground
+truth to compare with (yara-python's).
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import math
 import random
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 _WORD_TEXT = (
     "the of and to in is was for on that with as by at from this have are not but which be or had an one "
@@ -25,7 +31,6 @@ _WORD_TEXT = (
     "great old year off come since against go came right used take three"
 )
 WORDS = _WORD_TEXT.split()
-
 KINDS = ("random", "text", "code", "executable")
 
 
@@ -66,22 +71,55 @@ def _code(rng: random.Random, size: int) -> bytes:
     return "".join(lines).encode()[:size]
 
 
-def _executable(rng: random.Random, size: int) -> bytes:
+class _Pools:
+    """Content pools cut into files: built once per seed."""
+
+    def __init__(self, seed: int):
+        rng = random.Random(seed)
+        self.text = np.frombuffer(_text(rng, 4 << 20), dtype=np.uint8)
+        self.code = np.frombuffer(_code(rng, 2 << 20), dtype=np.uint8)
+        # "functions": short byte patterns repeated with variations, like compiled code
+        opcodes = [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 7))) for _ in range(600)]
+        functions = []
+        for _ in range(4000):
+            body = b"".join(rng.choice(opcodes) for _ in range(rng.randrange(8, 64)))
+            functions.append(b"\x55\x48\x89\xe5" + body + b"\xc3" + b"\xcc" * rng.randrange(0, 12))
+        self.machine = np.frombuffer(b"".join(functions), dtype=np.uint8)
+
+    def slices(self, pool: np.ndarray, size: int, rng: np.random.Generator, piece: int) -> np.ndarray:
+        out = np.empty(size, dtype=np.uint8)
+        at = 0
+        while at < size:
+            length = min(size - at, int(rng.integers(piece // 2, piece * 2)))
+            start = int(rng.integers(0, len(pool) - length))
+            out[at : at + length] = pool[start : start + length]
+            at += length
+        return out
+
+
+def _executable(pools: _Pools, rng: np.random.Generator, size: int) -> np.ndarray:
     header = (
         b"MZ\x90\x00" + bytes(56) + b"\x80\x00\x00\x00" + bytes(64) + b"PE\x00\x00\x4c\x01"
         if rng.random() < 0.5
         else b"\x7fELF\x02\x01\x01" + bytes(9) + b"\x02\x00\x3e\x00"
     )
-    out = bytearray(header)
-    while len(out) < size:
+    parts = [np.frombuffer(header, dtype=np.uint8)]
+    total = len(header)
+    while total < size:
         roll = rng.random()
-        if roll < 0.3:
-            out += bytes(rng.randrange(16, 512))
-        elif roll < 0.6:
-            out += rng.randbytes(rng.randrange(64, 2048))
+        length = int(rng.integers(256, 65536))
+        if roll < 0.2:
+            part = np.zeros(length, dtype=np.uint8)
+        elif roll < 0.65:
+            part = pools.slices(pools.machine, length, rng, 4096)
+        elif roll < 0.85:
+            words = pools.slices(pools.text, length, rng, 24)
+            part = np.where(words == 0x20, 0, words).astype(np.uint8)  # NUL-separated string table
         else:
-            out += b"\x00".join(w.encode() for w in rng.sample(WORDS, 8)) + b"\x00"
-    return bytes(out[:size])
+            part = rng.integers(0, 256, length, dtype=np.uint8)  # packed or compressed data
+        parts.append(part)
+        total += length
+    return np.concatenate(parts)[:size]
 
 
 def token_forms(token: str) -> dict[str, bytes]:
@@ -91,7 +129,26 @@ def token_forms(token: str) -> dict[str, bytes]:
         "wide": token.encode("utf-16-le"),
         "mixed": "".join(c.upper() if i % 2 else c.lower() for i, c in enumerate(token)).encode(),
         "xor": bytes(b ^ 0x5A for b in raw),
+        "base64": base64.b64encode(b"\x00" + raw),
     }
+
+
+def make_tokens(count: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [
+        "".join(rng.choice(string.ascii_letters) for _ in range(rng.randrange(8, 16))) for _ in range(count)
+    ]
+
+
+def file_sizes(
+    count: int, rng: np.random.Generator, min_size: int, max_size: int, lognormal: bool
+) -> list[int]:
+    """Log-uniform sizes, or log-normal (median 8 KiB, sigma 1.6) clipped to [min_size, max_size]."""
+    if lognormal:
+        sizes = rng.lognormal(math.log(8 << 10), 1.6, count)
+    else:
+        sizes = np.exp(rng.uniform(math.log(min_size), math.log(max_size), count))
+    return [int(s) for s in np.clip(sizes, min_size, max_size)]
 
 
 def generate(
@@ -102,36 +159,39 @@ def generate(
     min_size: int = 1 << 10,
     max_size: int = 64 << 10,
     plant_share: float = 0.3,
+    lognormal: bool = False,
 ) -> Corpus:
-    """Write `count` files into `directory`; sizes are log-uniform in [min_size, max_size]. `tokens` is
-    how many random tokens to plant, or the tokens themselves."""
-    rng = random.Random(seed)
+    """Write `count` files into `directory`. `tokens` is how many random tokens to plant, or the tokens
+    themselves; the i-th token is planted with weight 1/(i+1)."""
     directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    pools = _Pools(seed)
     corpus = Corpus(directory)
-    if isinstance(tokens, int):
-        tokens = [
-            "".join(rng.choice(string.ascii_letters) for _ in range(rng.randrange(8, 16)))
-            for _ in range(tokens)
-        ]
-    corpus.tokens = list(tokens)
-    makers = {
-        "random": rng.randbytes,
-        "text": lambda n: _text(rng, n),
-        "code": lambda n: _code(rng, n),
-        "executable": lambda n: _executable(rng, n),
-    }
-    for index in range(count):
+    corpus.tokens = make_tokens(tokens, seed) if isinstance(tokens, int) else list(tokens)
+    weights = np.array([1.0 / (i + 1) for i in range(len(corpus.tokens))])
+    weights = weights / weights.sum() if len(weights) else weights
+    width = len(str(count - 1))
+    for index, size in enumerate(file_sizes(count, rng, min_size, max_size, lognormal)):
         kind = KINDS[index % len(KINDS)]
-        size = int(math.exp(rng.uniform(math.log(min_size), math.log(max_size))))
-        data = bytearray(makers[kind](size))
+        if kind == "random":
+            data = rng.integers(0, 256, size, dtype=np.uint8)
+        elif kind == "text":
+            data = pools.slices(pools.text, size, rng, 2048)
+        elif kind == "code":
+            data = pools.slices(pools.code, size, rng, 2048)
+        else:
+            data = _executable(pools, rng, size)
+        data = bytearray(data.tobytes())
         planted = []
         if corpus.tokens and rng.random() < plant_share:
-            for token in rng.sample(corpus.tokens, min(len(corpus.tokens), rng.choice((1, 1, 2)))):
-                form = rng.choice(list(token_forms(token).values()))
-                at = rng.randrange(0, max(1, len(data) - len(form)))
+            for _ in range(int(rng.choice([1, 1, 1, 2, 3]))):
+                token = corpus.tokens[int(rng.choice(len(corpus.tokens), p=weights))]
+                forms = list(token_forms(token).values())
+                form = forms[int(rng.integers(0, len(forms)))]
+                at = int(rng.integers(0, max(1, len(data) - len(form))))
                 data[at : at + len(form)] = form
                 planted.append(token)
-        path = directory / f"{kind}_{index:05d}.bin"
+        path = directory / f"{kind}_{index:0{width}d}.bin"
         path.write_bytes(bytes(data))
         for token in planted:
             corpus.planted.setdefault(token, []).append(path)
@@ -140,8 +200,37 @@ def generate(
     return corpus
 
 
+def rule_for(number: int, token: str) -> str:
+    """One rule over `token`, its construct chosen by `number` (every construct in turn)."""
+    raw = token.encode()
+    hexed = " ".join(f"{b:02X}" for b in raw)
+    middle = len(raw) // 2
+    left = " ".join(f"{b:02X}" for b in raw[:middle])
+    right = " ".join(f"{b:02X}" for b in raw[middle + 1 :])
+    regex = (
+        "".join(f"\\x{b:02x}" for b in raw[:middle])
+        + "[A-Za-z]{1,2}"
+        + "".join(f"\\x{b:02x}" for b in raw[middle + 1 :])
+    )
+    bodies = [
+        f'strings: $a = "{token}" condition: $a',
+        f'strings: $a = "{token}" wide condition: $a',
+        f'strings: $a = "{token}" nocase ascii wide condition: $a',
+        f'strings: $a = "{token}" xor(0x50-0x5f) condition: $a',
+        f"strings: $a = {{ {hexed} }} condition: $a",
+        f"strings: $a = {{ {left} ?? [0-2] {right} }} condition: $a",
+        f"strings: $a = /{regex}/ condition: $a",
+        f'strings: $a = "{token}" nocase condition: $a and filesize < 16KB',
+        f'strings: $a = "{token}" $b = "{token[::-1]}" condition: #a >= 1 and not $b',
+        f'strings: $a = "{token}" base64 condition: $a',
+        f'strings: $a = "{token}" $b = "{token[:-1]}" wide condition: any of them and uint16(0) == 0x5A4D',
+    ]
+    kind = number % len(bodies)
+    return f"rule r{number}_{kind} {{ {bodies[kind]} }}"
+
+
 def rules_for(tokens: list[str], seed: int = 1) -> str:
-    """YARA rules over the tokens: one per construct, so every construct has true matches to find."""
+    """YARA rules over the tokens: one per construct per token, so every construct has true matches."""
     rng = random.Random(seed)
     rules = []
     for number, token in enumerate(tokens):
@@ -179,3 +268,41 @@ def rules_for(tokens: list[str], seed: int = 1) -> str:
         declared = " ".join(f'$t{i} = "{t}"' for i, t in enumerate(tokens))
         rules.append(f"rule any_token {{ strings: {declared} condition: any of them }}")
     return "\n".join(rules) + "\n"
+
+
+def rule_set(tokens: list[str], size: int) -> str:
+    """A bundle of `size` rules, each over its own token (cycling through every construct)."""
+    return 'import "pe"\n' + "\n".join(rule_for(i, tokens[i % len(tokens)]) for i in range(size)) + "\n"
+
+
+SET_SIZES = (1, 10, 100, 1000)
+SINGLES = 100
+
+
+def benchmark_corpus(out: Path, docs: int, seed: int = 1, tokens: int = 1000) -> dict:
+    """The corpus and rule sets of scripts/gen_corpus.py (see there), reused when already built."""
+    stamp = out / "corpus.json"
+    wanted = {"docs": docs, "seed": seed, "tokens": tokens, "version": 1}
+    if stamp.exists() and json.loads(stamp.read_text()).get("params") == wanted:
+        return json.loads(stamp.read_text())
+    corpus = generate(
+        out / "files", docs, seed=seed, tokens=tokens, max_size=50 << 20, plant_share=0.4, lognormal=True
+    )
+    rules = out / "rules"
+    (rules / "single").mkdir(parents=True, exist_ok=True)
+    for size in SET_SIZES:
+        (rules / f"rules_{size}.yar").write_text(rule_set(corpus.tokens, size))
+    singles = []
+    for number in range(SINGLES):
+        path = rules / "single" / f"rule_{number:04d}.yar"
+        path.write_text('import "pe"\n' + rule_for(number, corpus.tokens[number]) + "\n")
+        singles.append(str(path.resolve()))
+    (rules / "rules.list").write_text("\n".join(singles) + "\n")
+    summary = {
+        "params": wanted,
+        "files": len(corpus.files),
+        "bytes": corpus.bytes,
+        "planted_tokens": len(corpus.planted),
+    }
+    stamp.write_text(json.dumps(summary, indent=2))
+    return summary

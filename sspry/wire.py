@@ -33,6 +33,7 @@ def policy_to_proto(policy: Policy) -> sspry_pb2.Policy:
         tree_docs=policy.tree_docs,
         ladder_steps=policy.ladder_steps,
         prefix_bytes=policy.prefix_bytes,
+        fold_case=policy.fold_case,
     )
 
 
@@ -47,6 +48,7 @@ def policy_from_proto(message: sspry_pb2.Policy) -> Policy:
         tree_docs=message.tree_docs,
         ladder_steps=message.ladder_steps,
         prefix_bytes=message.prefix_bytes,
+        fold_case=message.fold_case,
     )
 
 

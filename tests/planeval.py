@@ -19,7 +19,7 @@ from sspry.query.condition import plan_rules
 from sspry.query.facts import evaluate_fact
 from sspry.query.plan import And, AtLeast, Const, Gram, Node, Not, Or
 from sspry.query.rules import yaramod_parser
-from tests.reference import grams
+from tests.reference import indexed_grams
 
 
 class OneDocument:
@@ -55,7 +55,10 @@ def _padded(data: bytes, width: int) -> np.ndarray:
 
 class Facts:
     def __init__(self, data: bytes, policy: Policy):
-        self.grams = {tier: set(grams(data, n)) for tier, n in zip((1, 2), policy.gram_sizes, strict=True)}
+        self.grams = {
+            tier: set(indexed_grams(data, n, policy.fold_case and tier == 1))
+            for tier, n in zip((1, 2), policy.gram_sizes, strict=True)
+        }
         self.document = OneDocument(data, policy)
 
     def holds(self, node: Node) -> bool:

@@ -19,19 +19,29 @@ def grams(data: bytes, n: int) -> list[bytes]:
     return [data[i : i + n] for i in range(len(data) - n + 1)]
 
 
-def hll_registers(data: bytes, n: int) -> np.ndarray:
+def lower(gram: bytes) -> bytes:
+    return bytes(b | 0x20 if 0x41 <= b <= 0x5A else b for b in gram)
+
+
+def indexed_grams(data: bytes, n: int, fold: bool) -> list[bytes]:
+    """What goes into a bloom: every gram, and with case folding every gram's lowercase form."""
+    raw = grams(data, n)
+    return raw + [lower(g) for g in raw] if fold else raw
+
+
+def hll_registers(data: bytes, n: int, fold: bool = False) -> np.ndarray:
     hll = HyperLogLogPlusPlus(
         p=HLL_PRECISION, hashfunc=lambda b: mmh3.hash64(b, seed=0, x64arch=True, signed=False)[0]
     )
-    for gram in grams(data, n):
+    for gram in indexed_grams(data, n, fold):
         hll.update(gram)
     return hll.reg
 
 
-def bloom(data: bytes, n: int, k: int, nblocks: int) -> bytes:
+def bloom(data: bytes, n: int, k: int, nblocks: int, fold: bool = False) -> bytes:
     bits = bitarray(nblocks * BLOCK_BITS, endian="little")
     bits.setall(0)
-    for gram in set(grams(data, n)):
+    for gram in set(indexed_grams(data, n, fold)):
         h2 = mmh3.hash64(gram, seed=0, x64arch=True, signed=False)[1]
         block = ((h2 >> 32) * nblocks) >> 32
         a, b = h2 & 511, ((h2 >> 9) & 511) | 1
@@ -44,14 +54,15 @@ def document_fields(data: bytes, policy: Policy, exact_min_bytes: int) -> dict:
     """Every field extract_file must produce for `data`, computed the slow way."""
     fields: dict = {"source_id": hashlib.new(policy.id_source, data).digest(), "filesize": len(data)}
     for tier, n in zip((1, 2), policy.gram_sizes, strict=True):
+        fold = policy.fold_case and tier == 1
         if n == 3 and len(data) >= exact_min_bytes:
-            estimate = len(set(grams(data, n)))  # 3-grams of big files are counted exactly
+            estimate = len(set(indexed_grams(data, n, fold)))  # 3-grams of big files are counted exactly
         else:
-            reg = hll_registers(data, n)
+            reg = hll_registers(data, n, fold)
             estimate = round(HyperLogLogPlusPlus(p=HLL_PRECISION, reg=reg).count())
         blocks = bloom_blocks(estimate, policy, tier)
         fields[f"tier{tier}_estimate"] = estimate
-        fields[f"tier{tier}"] = bloom(data, n, policy.tier_k(tier), blocks)
+        fields[f"tier{tier}"] = bloom(data, n, policy.tier_k(tier), blocks, fold)
     counts = [data.count(bytes([b])) for b in range(256)]
     fields["entropy"] = -sum(c / len(data) * math.log2(c / len(data)) for c in counts if c) if data else 0.0
     fields["prefix"] = data[: policy.prefix_bytes]

@@ -97,6 +97,7 @@ class _Tier:
         self.policy = policy
         self.tier = tier
         self.exact = self.n == 3 and filesize >= EXACT_MIN_BYTES
+        self.fold = policy.fold_case and tier == 1  # folding is a Tier 1 affair: see policy.fold_case
         self.counter = (
             np.zeros(kernels.PRESENCE_BYTES, np.uint8)
             if self.exact
@@ -108,9 +109,9 @@ class _Tier:
     def count(self, chunk: np.ndarray, carried: int) -> None:
         first = kernels.first_window(carried, self.n)
         if self.exact:
-            kernels.gram3_presence(chunk, first, self.counter)
+            kernels.gram3_presence(chunk, first, self.fold, self.counter)
         else:
-            kernels.hll_update(chunk, first, self.n, self.counter)
+            kernels.hll_update(chunk, first, self.n, self.fold, self.counter)
 
     def size_bloom(self) -> None:
         if self.exact:
@@ -128,7 +129,8 @@ class _Tier:
 
     def insert(self, chunk: np.ndarray, carried: int) -> None:
         first = kernels.first_window(carried, self.n)
-        kernels.bloom_insert(chunk, first, self.n, self.k, len(self.bloom) * 8 // BLOCK_BITS, self.bloom)
+        blocks = len(self.bloom) * 8 // BLOCK_BITS
+        kernels.bloom_insert(chunk, first, self.n, self.k, self.fold, blocks, self.bloom)
 
 
 def extract_file(path: str, policy: Policy) -> Document:

@@ -9,6 +9,8 @@ halves are used and `tests/test_kernels.py` checks every kernel against mmh3, da
 3-grams have only 2**24 values, so Tier 1 at the default gram size needs no hashing per window: a 2 MiB
 presence bitmap marks the grams a file holds (exact count, no estimate), and only the distinct ones are
 hashed into the bloom. Other gram sizes are counted with HyperLogLog and inserted window by window.
+With case folding (the policy's `fold_case`), a gram holding ASCII capitals is inserted lowercased too,
+so the bloom holds lower(g) for every gram g of the file and a `nocase` window is one gram to test.
 A run of identical grams (zero padding, for instance) is hashed once: HLL and bloom inserts are idempotent.
 """
 
@@ -93,6 +95,20 @@ def murmur3_x64_128(gram, n):
     return h1, h2
 
 
+_LOW7 = np.uint64(0x7F7F7F7F7F7F7F7F)
+_HIGH = np.uint64(0x8080808080808080)
+_TO_A = np.uint64(0x3F3F3F3F3F3F3F3F)  # 0x80 - 0x41: a heptet >= 'A' gets its high bit set
+_PAST_Z = np.uint64(0x2525252525252525)  # 0x80 - 0x5B: a heptet > 'Z' gets its high bit set
+
+
+@njit(inline="always")
+def _lower(gram):
+    """The packed gram with ASCII 'A'-'Z' bytes made lowercase, eight bytes at a time (SWAR)."""
+    heptets = gram & _LOW7
+    upper = (heptets + _TO_A) & ~(heptets + _PAST_Z) & ~gram & _HIGH
+    return gram | (upper >> np.uint64(2))
+
+
 @njit(inline="always")
 def _load(chunk, i, n):
     gram = np.uint64(0)
@@ -141,15 +157,15 @@ def byte_histogram(chunk, first, hist):
 
 
 @njit(nogil=True, cache=True)
-def gram3_presence(chunk, first, bitmap):
-    """Mark every 3-gram of the chunk (windows from `first`) in a 2**24-bit presence bitmap."""
+def gram3_presence(chunk, first, fold, bitmap):
+    """Mark every 3-gram of the chunk (windows from `first`) in a 2**24-bit presence bitmap, and with
+    `fold` its lowercase form too."""
     for i in range(first, chunk.shape[0] - 2):
-        gram = (
-            np.uint32(chunk[i])
-            | (np.uint32(chunk[i + 1]) << np.uint32(8))
-            | (np.uint32(chunk[i + 2]) << np.uint32(16))
-        )
-        bitmap[gram >> np.uint32(3)] |= np.uint8(1) << np.uint8(gram & np.uint32(7))
+        gram = _load(chunk, i, 3)
+        bitmap[gram >> np.uint64(3)] |= np.uint8(1) << np.uint8(gram & np.uint64(7))
+        if fold:
+            low = _lower(gram)
+            bitmap[low >> np.uint64(3)] |= np.uint8(1) << np.uint8(low & np.uint64(7))
 
 
 @njit(nogil=True, cache=True)
@@ -175,7 +191,16 @@ def presence_bloom(bitmap, k, nblocks, bloom):
 
 
 @njit(inline="always")
-def _hll_loop(chunk, first, n, reg):
+def _hll_add(gram, n, reg):
+    h1, _ = murmur3_x64_128(gram, n)
+    index = h1 & np.uint64(16383)
+    rank = np.int8(_ctlz64(h1 >> np.uint64(14)) - np.uint64(13))
+    if rank > reg[index]:
+        reg[index] = rank
+
+
+@njit(inline="always")
+def _hll_loop(chunk, first, n, fold, reg):
     prev = np.uint64(0)
     has_prev = False
     for i in range(first, chunk.shape[0] - n + 1):
@@ -184,17 +209,17 @@ def _hll_loop(chunk, first, n, reg):
             continue
         prev = gram
         has_prev = True
-        h1, _ = murmur3_x64_128(gram, n)
-        index = h1 & np.uint64(16383)
-        rank = np.int8(_ctlz64(h1 >> np.uint64(14)) - np.uint64(13))
-        if rank > reg[index]:
-            reg[index] = rank
+        _hll_add(gram, n, reg)
+        if fold:
+            low = _lower(gram)
+            if low != gram:
+                _hll_add(low, n, reg)
 
 
 @njit(inline="always")
-def _bloom_loop(chunk, first, n, k, nblocks, bloom):
+def _bloom_loop(chunk, first, n, k, fold, nblocks, bloom):
     blocks = np.uint64(nblocks)
-    hashes = np.empty(_BATCH, dtype=np.uint64)
+    hashes = np.empty(2 * _BATCH, dtype=np.uint64)
     prev = np.uint64(0)
     has_prev = False
     start = first
@@ -211,40 +236,48 @@ def _bloom_loop(chunk, first, n, k, nblocks, bloom):
             _, h2 = murmur3_x64_128(gram, n)
             hashes[count] = h2
             count += 1
+            if fold:
+                low = _lower(gram)
+                if low != gram:
+                    _, h2 = murmur3_x64_128(low, n)
+                    hashes[count] = h2
+                    count += 1
         _apply(hashes, count, bloom, blocks, k)
         start = end
 
 
 # The gram size must be a compile-time constant for the load and hash to unroll: one copy per size.
 @njit(nogil=True, cache=True)
-def hll_update(chunk, first, n, reg):
-    """Add the n-grams of `chunk` (windows from `first`) to HyperLogLog++ registers (int8[16384], p=14)."""
+def hll_update(chunk, first, n, fold, reg):
+    """Add the n-grams of `chunk` (windows from `first`), with `fold` also their lowercase forms, to
+    HyperLogLog++ registers (int8[16384], p=14)."""
     if n == 3:
-        _hll_loop(chunk, first, 3, reg)
+        _hll_loop(chunk, first, 3, fold, reg)
     elif n == 4:
-        _hll_loop(chunk, first, 4, reg)
+        _hll_loop(chunk, first, 4, fold, reg)
     elif n == 5:
-        _hll_loop(chunk, first, 5, reg)
+        _hll_loop(chunk, first, 5, fold, reg)
     elif n == 6:
-        _hll_loop(chunk, first, 6, reg)
+        _hll_loop(chunk, first, 6, fold, reg)
     elif n == 7:
-        _hll_loop(chunk, first, 7, reg)
+        _hll_loop(chunk, first, 7, fold, reg)
     else:
-        _hll_loop(chunk, first, 8, reg)
+        _hll_loop(chunk, first, 8, fold, reg)
 
 
 @njit(nogil=True, cache=True)
-def bloom_insert(chunk, first, n, k, nblocks, bloom):
-    """Set the k probe bits of every n-gram of `chunk` (windows from `first`) in a blocked bloom."""
+def bloom_insert(chunk, first, n, k, fold, nblocks, bloom):
+    """Set the k probe bits of every n-gram of `chunk` (windows from `first`), with `fold` also of their
+    lowercase forms, in a blocked bloom."""
     if n == 3:
-        _bloom_loop(chunk, first, 3, k, nblocks, bloom)
+        _bloom_loop(chunk, first, 3, k, fold, nblocks, bloom)
     elif n == 4:
-        _bloom_loop(chunk, first, 4, k, nblocks, bloom)
+        _bloom_loop(chunk, first, 4, k, fold, nblocks, bloom)
     elif n == 5:
-        _bloom_loop(chunk, first, 5, k, nblocks, bloom)
+        _bloom_loop(chunk, first, 5, k, fold, nblocks, bloom)
     elif n == 6:
-        _bloom_loop(chunk, first, 6, k, nblocks, bloom)
+        _bloom_loop(chunk, first, 6, k, fold, nblocks, bloom)
     elif n == 7:
-        _bloom_loop(chunk, first, 7, k, nblocks, bloom)
+        _bloom_loop(chunk, first, 7, k, fold, nblocks, bloom)
     else:
-        _bloom_loop(chunk, first, 8, k, nblocks, bloom)
+        _bloom_loop(chunk, first, 8, k, fold, nblocks, bloom)

@@ -729,7 +729,7 @@ def _filesize(size: Size, op: str, value) -> Node:
 
 
 def make_mapper(policy: Policy, max_anchors: int = DEFAULT_MAX_ANCHORS) -> GramMapper:
-    return GramMapper(policy.gram_sizes, max_anchors)
+    return GramMapper(policy.gram_sizes, max_anchors, policy.fold_case)
 
 
 def plan_rules(

@@ -122,12 +122,25 @@ class Info:
     match: Node
 
 
-class GramMapper:
-    """Turns Seqs into gram formulas for the two tiers, within an anchor budget per Seq."""
+UPPER = byte_range(0x41, 0x5A)
 
-    def __init__(self, gram_sizes: Sequence[int], max_anchors: int):
+
+def fold_down(mask: int) -> int:
+    """The set with ASCII capitals replaced by their lowercase letters."""
+    return (mask & ~UPPER) | ((mask & UPPER) << 0x20)
+
+
+class GramMapper:
+    """Turns Seqs into gram formulas for the two tiers, within an anchor budget per Seq.
+
+    A window of single bytes is one exact gram. Other windows expand to the product of their byte sets;
+    in Tier 1 of a forest that folds case (every gram also indexed lowercased), their lowercased product
+    is tested instead, so a nocase window is one gram, not up to 2**n."""
+
+    def __init__(self, gram_sizes: Sequence[int], max_anchors: int, fold_case: bool = False):
         self.gram_sizes = tuple(gram_sizes)
         self.max_anchors = max_anchors
+        self.fold_case = fold_case
         self._memo: dict[Seq, Node] = {}
 
     def seq(self, seq: Seq) -> Node:
@@ -141,26 +154,27 @@ class GramMapper:
         return or_(*(self.seq(s) for s in sorted(seqs)))
 
     def _tier(self, seq: Seq, tier: int, n: int) -> Node:
-        counts = [s.bit_count() for s in seq]
+        single = [s.bit_count() == 1 for s in seq]
+        tested = [fold_down(s) for s in seq] if self.fold_case and tier == 1 else list(seq)
+        counts = [s.bit_count() for s in tested]
         first = [members(s)[0] for s in seq]
         weight = [_WEIGHT[b] for b in first]
         windows = []
         for start in range(len(seq) - n + 1):
-            variants = math.prod(counts[start : start + n])
+            exact = all(single[start : start + n])
+            variants = 1 if exact else math.prod(counts[start : start + n])
             if variants <= MAX_VARIANTS:
                 rarity = sum(weight[start : start + n]) + len(set(first[start : start + n]))
-                windows.append((variants, -rarity, start))
+                windows.append((variants, -rarity, start, exact))
         windows.sort()
-        chosen = sorted(start for _, _, start in windows[: self.max_anchors])
+        chosen = sorted(windows[: self.max_anchors], key=lambda w: w[2])
         alternatives = []
-        for start in chosen:
-            window = seq[start : start + n]
-            if all(c == 1 for c in counts[start : start + n]):
+        for _, _, start, exact in chosen:
+            if exact:
                 alternatives.append(Gram(tier, bytes(first[start : start + n])))
             else:
-                alternatives.append(
-                    or_(*(Gram(tier, bytes(v)) for v in product(*(members(s) for s in window))))
-                )
+                sets = (members(s) for s in tested[start : start + n])
+                alternatives.append(or_(*(Gram(tier, bytes(v)) for v in product(*sets))))
         return and_(*alternatives)
 
 

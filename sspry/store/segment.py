@@ -8,6 +8,7 @@ A segment is a directory written once and never changed:
   id_order.npy      argsort of ids, for binary search by Source ID
   filesize.npy, entropy.npy, prefix.npy (docs x prefix_bytes), prefix_len.npy
   entry.npy (docs x 16), entry_len.npy, scanned.npy   entry-point bytes; whether YARA's modules ran
+  estimates.npy (docs x 2)   the distinct-gram estimates the blooms were sized from
   field_names.json, field_doc.npy, field_name.npy, field_value.npy   module fields, sparse
   t2_order.npy      document indices grouped by Tier 2 class
   paths.bin, path_offsets.npy   stored paths (only with store_path)
@@ -94,6 +95,7 @@ class FreshPart(Part):
             "entry": _padded([d.entry_bytes for d in self.docs], ENTRY_BYTES),
             "entry_len": np.array([len(d.entry_bytes) for d in self.docs], dtype=np.uint8),
             "scanned": np.array([d.modules_scanned for d in self.docs], dtype=bool),
+            "estimates": np.array([(d.tier1_estimate, d.tier2_estimate) for d in self.docs], dtype=np.uint64),
             "fields": [d.fields for d in self.docs],
             "paths": [d.path for d in self.docs],
         }
@@ -131,6 +133,7 @@ class SegmentPart(Part):
             "entry": seg.entry[keep],
             "entry_len": seg.entry_len[keep],
             "scanned": seg.scanned[keep],
+            "estimates": seg.estimates[keep],
             "fields": seg.doc_fields(keep),
             "paths": [seg.path(int(i)) for i in keep],
         }
@@ -198,6 +201,7 @@ def build_segment(directory: Path, parts: Sequence[Part], policy: Policy) -> int
         "entry": gather("entry", np.uint8, (ENTRY_BYTES,)),
         "entry_len": gather("entry_len", np.uint8),
         "scanned": gather("scanned", bool),
+        "estimates": gather("estimates", np.uint64, (2,)),
         "t2_order": t2_order.astype(np.uint32),
     }
     for name, array in arrays.items():
@@ -281,6 +285,7 @@ class SegmentReader:
         self.entry = load("entry")
         self.entry_len = load("entry_len")
         self.scanned = load("scanned")
+        self.estimates = load("estimates")
         self.field_names: list[str] = json.loads((directory / "field_names.json").read_text())
         self._field_name = load("field_name")
         self._field_doc = load("field_doc")
