@@ -116,9 +116,13 @@ def _check_document(path: str, data: bytes, policy: Policy) -> None:
 
 @pytest.mark.parametrize("fold", [False, True])
 @pytest.mark.parametrize("pair", GRAM_PAIRS)
-@pytest.mark.parametrize("exact_min", [1 << 20, 100])
-def test_extract_file_matches_reference(tmp_path, monkeypatch, pair, exact_min: int, fold: bool) -> None:
+@pytest.mark.parametrize(("exact_min", "keep_max"), [(1 << 20, 1 << 20), (100, 1 << 20), (1 << 20, 100)])
+def test_extract_file_matches_reference(
+    tmp_path, monkeypatch, pair, exact_min: int, keep_max: int, fold: bool
+) -> None:
+    """Every way a tier can be built (exact 3-grams, kept hashes, rescanning) gives the reference's bloom."""
     monkeypatch.setattr(extract, "EXACT_MIN_BYTES", exact_min)
+    monkeypatch.setattr(extract, "KEEP_HASHES_MAX_BYTES", keep_max)
     policy = Policy(gram_sizes=pair, id_source="md5", fold_case=fold)
     for name, data in _samples().items():
         path = tmp_path / name

@@ -90,3 +90,17 @@ def test_stored_entropy_equals_yaras_to_the_last_bit(tmp_path) -> None:
             source=f'import "math" rule e {{ condition: math.entropy(0, filesize) == {entropy!r} }}'
         )
         assert rule.match(data=data), (data[:20], entropy)
+
+
+def test_files_neither_pe_nor_elf_get_exactly_what_a_scan_gives() -> None:
+    """The shortcut for files that cannot be PE or ELF equals YARA's own module output."""
+    from sspry.features import metadata
+
+    rng = random.Random(4)
+    samples = [b"", b"M", b"MZ"[:1] + b"Y", b"\x7fEL", b"text file", rng.randbytes(4000), bytes(100)]
+    samples += [rng.randbytes(rng.randrange(1, 300)) for _ in range(200)]
+    for data in samples:
+        if data.startswith((b"MZ", b"\x7fELF")):
+            continue
+        scanned = metadata.split_fields(metadata._outputs(data=data))
+        assert module_fields(data=data) == (scanned, b"", True), data[:16]

@@ -31,6 +31,7 @@ from sspry.policy import BLOCK_BITS, Policy
 IN_MEMORY_BYTES = 256 << 20
 STREAM_CHUNK = 16 << 20
 EXACT_MIN_BYTES = 1 << 20  # below this, scanning the 2 MiB 3-gram bitmap costs more than hashing windows
+KEEP_HASHES_MAX_BYTES = 32 << 20  # up to this size a file's bloom hashes are kept between the two scans
 
 
 class SkippedFile(Exception):
@@ -89,43 +90,51 @@ class _Reader:
 
 
 class _Tier:
-    """Counting and bloom building for one tier: exact (3-gram presence bitmap) or HyperLogLog."""
+    """Counting and bloom building for one tier, in one of three modes:
+    exact   3-gram presence bitmap, exact count, bloom from the distinct grams (big files);
+    kept    HyperLogLog while keeping each window's bloom hash, bloom from those (files in memory);
+    rescan  HyperLogLog, then every window hashed again into the bloom (files too big to keep 8 bytes
+            per window for)."""
 
-    def __init__(self, policy: Policy, tier: int, filesize: int):
+    def __init__(self, policy: Policy, tier: int, filesize: int, in_memory: bool):
         self.n = policy.tier_gram(tier)
         self.k = policy.tier_k(tier)
         self.policy = policy
         self.tier = tier
-        self.exact = self.n == 3 and filesize >= EXACT_MIN_BYTES
         self.fold = policy.fold_case and tier == 1  # folding is a Tier 1 affair: see policy.fold_case
-        self.counter = (
-            np.zeros(kernels.PRESENCE_BYTES, np.uint8)
-            if self.exact
-            else np.zeros(1 << HLL_PRECISION, np.int8)
-        )
+        if self.n == 3 and filesize >= EXACT_MIN_BYTES:
+            self.mode = "exact"
+            self.counter = np.zeros(kernels.PRESENCE_BYTES, np.uint8)
+        else:
+            self.mode = "kept" if in_memory and filesize <= KEEP_HASHES_MAX_BYTES else "rescan"
+            self.counter = np.zeros(1 << HLL_PRECISION, np.int8)
+        windows = filesize * (2 if self.fold else 1) + 1
+        self.hashes = np.empty(windows, np.uint64) if self.mode == "kept" else None
+        self.kept = 0
         self.estimate = 0
         self.bloom = np.zeros(0, np.uint8)
 
     def count(self, chunk: np.ndarray, carried: int) -> None:
         first = kernels.first_window(carried, self.n)
-        if self.exact:
+        if self.mode == "exact":
             kernels.gram3_presence(chunk, first, self.fold, self.counter)
+        elif self.mode == "kept":
+            self.kept = kernels.hll_collect(chunk, first, self.n, self.fold, self.counter, self.hashes)
         else:
             kernels.hll_update(chunk, first, self.n, self.fold, self.counter)
 
     def size_bloom(self) -> None:
-        if self.exact:
+        if self.mode == "exact":
             self.estimate = int(np.bitwise_count(self.counter).sum())
         else:
             self.estimate = round(HyperLogLogPlusPlus(p=HLL_PRECISION, reg=self.counter).count())
         blocks = bloom_blocks(self.estimate, self.policy, self.tier)
         self.bloom = np.zeros(blocks * BLOCK_BITS // 8, dtype=np.uint8)
-        if self.exact:
+        if self.mode == "exact":
             kernels.presence_bloom(self.counter, self.k, blocks, self.bloom)
-
-    @property
-    def needs_second_pass(self) -> bool:
-        return not self.exact
+        elif self.mode == "kept":
+            kernels.bloom_apply(self.hashes, self.kept, self.k, blocks, self.bloom)
+            self.hashes = None
 
     def insert(self, chunk: np.ndarray, carried: int) -> None:
         first = kernels.first_window(carried, self.n)
@@ -146,7 +155,8 @@ def extract_file(path: str, policy: Policy) -> Document:
         reader = _Reader(path, handle, info.st_size)
         hasher = policy.new_id_hasher()
         hist = np.zeros(256, dtype=np.int64)
-        tiers = (_Tier(policy, 1, info.st_size), _Tier(policy, 2, info.st_size))
+        in_memory = reader.whole is not None
+        tiers = (_Tier(policy, 1, info.st_size, in_memory), _Tier(policy, 2, info.st_size, in_memory))
         prefix = b""
         for chunk, carried in reader.chunks():
             fresh = chunk[carried:]
@@ -160,10 +170,10 @@ def extract_file(path: str, policy: Policy) -> Document:
         if reader.whole is not None:
             fields, entry_bytes, scanned = module_fields(data=reader.whole)
         else:
-            fields, entry_bytes, scanned = module_fields(path=path)
+            fields, entry_bytes, scanned = module_fields(path=path, head=prefix)
         for tier in tiers:
             tier.size_bloom()
-        second = [tier for tier in tiers if tier.needs_second_pass]
+        second = [tier for tier in tiers if tier.mode == "rescan"]
         if second:
             rehash = policy.new_id_hasher() if reader.whole is None else None
             for chunk, carried in reader.chunks():

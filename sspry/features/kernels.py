@@ -191,12 +191,17 @@ def presence_bloom(bitmap, k, nblocks, bloom):
 
 
 @njit(inline="always")
-def _hll_add(gram, n, reg):
-    h1, _ = murmur3_x64_128(gram, n)
+def _hll_rank(h1, reg):
     index = h1 & np.uint64(16383)
     rank = np.int8(_ctlz64(h1 >> np.uint64(14)) - np.uint64(13))
     if rank > reg[index]:
         reg[index] = rank
+
+
+@njit(inline="always")
+def _hll_add(gram, n, reg):
+    h1, _ = murmur3_x64_128(gram, n)
+    _hll_rank(h1, reg)
 
 
 @njit(inline="always")
@@ -214,6 +219,31 @@ def _hll_loop(chunk, first, n, fold, reg):
             low = _lower(gram)
             if low != gram:
                 _hll_add(low, n, reg)
+
+
+@njit(inline="always")
+def _collect_loop(chunk, first, n, fold, reg, out):
+    prev = np.uint64(0)
+    has_prev = False
+    count = 0
+    for i in range(first, chunk.shape[0] - n + 1):
+        gram = _load(chunk, i, n)
+        if has_prev and gram == prev:
+            continue
+        prev = gram
+        has_prev = True
+        h1, h2 = murmur3_x64_128(gram, n)
+        _hll_rank(h1, reg)
+        out[count] = h2
+        count += 1
+        if fold:
+            low = _lower(gram)
+            if low != gram:
+                h1, h2 = murmur3_x64_128(low, n)
+                _hll_rank(h1, reg)
+                out[count] = h2
+                count += 1
+    return count
 
 
 @njit(inline="always")
@@ -281,3 +311,26 @@ def bloom_insert(chunk, first, n, k, fold, nblocks, bloom):
         _bloom_loop(chunk, first, 7, k, fold, nblocks, bloom)
     else:
         _bloom_loop(chunk, first, 8, k, fold, nblocks, bloom)
+
+
+@njit(nogil=True, cache=True)
+def hll_collect(chunk, first, n, fold, reg, out):
+    """hll_update that also keeps each gram's bloom hash (h2) in `out` (room for 2 per window with
+    `fold`), so the bloom can be built without hashing again; returns how many were kept."""
+    if n == 3:
+        return _collect_loop(chunk, first, 3, fold, reg, out)
+    if n == 4:
+        return _collect_loop(chunk, first, 4, fold, reg, out)
+    if n == 5:
+        return _collect_loop(chunk, first, 5, fold, reg, out)
+    if n == 6:
+        return _collect_loop(chunk, first, 6, fold, reg, out)
+    if n == 7:
+        return _collect_loop(chunk, first, 7, fold, reg, out)
+    return _collect_loop(chunk, first, 8, fold, reg, out)
+
+
+@njit(nogil=True, cache=True)
+def bloom_apply(hashes, count, k, nblocks, bloom):
+    """Set the bits of the first `count` kept hashes (see hll_collect)."""
+    _apply(hashes, count, bloom, np.uint64(nblocks), k)

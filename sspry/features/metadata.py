@@ -43,7 +43,7 @@ def _outputs(data=None, path: str | None = None) -> dict[str, dict]:
 
 
 def _is_field(name: str, value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and not name.isupper()
+    return isinstance(value, int) and not isinstance(value, bool) and name[:1].islower()
 
 
 def split_fields(outputs: dict[str, dict]) -> dict[str, int]:
@@ -71,10 +71,24 @@ def constants() -> dict[str, int]:
     return found
 
 
-def module_fields(data=None, path: str | None = None) -> tuple[dict[str, int], bytes, bool]:
+@cache
+def _plain_fields() -> dict[str, int]:
+    """What the modules report for a file that is neither PE nor ELF (pe.is_pe = 0, ...)."""
+    return split_fields(_outputs(data=b"\x00"))
+
+
+def module_fields(
+    data=None, path: str | None = None, head: bytes | None = None
+) -> tuple[dict[str, int], bytes, bool]:
     """(fields, entry-point bytes, scanned) of a file given as bytes-like `data`, or by `path` when it
-    is too big to hold in memory. A file YARA cannot scan is reported as not scanned: every module
-    predicate on it then stays undecided ("maybe") at search time."""
+    is too big to hold in memory (then `head` holds its first bytes). A file YARA cannot scan is
+    reported as not scanned: every module predicate on it then stays undecided at search time.
+
+    Only a file starting with "MZ" can be PE (or .NET), only one starting with "\\x7fELF" can be ELF:
+    every other file gets the modules' answer for "neither" without a scan (tested equal to a scan)."""
+    head = bytes(data[:4]) if data is not None else (head or b"")
+    if not head.startswith((b"MZ", b"\x7fELF")):
+        return dict(_plain_fields()), b"", True
     try:
         fields = split_fields(_outputs(data=data, path=path))
     except yara.Error:
