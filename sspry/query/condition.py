@@ -214,7 +214,7 @@ class RulesetPlanner:
 
     def __init__(self, yara_file: yaramod.YaraFile, policy: Policy, mapper: GramMapper, now: float):
         self.rules = {rule.name: rule for rule in yara_file.rules}
-        self.order = [rule.name for rule in yara_file.rules]
+        self.globals = [rule.name for rule in yara_file.rules if rule.is_global]
         self.policy = policy
         self.mapper = mapper
         self.now = int(now)
@@ -247,7 +247,7 @@ class RulesetPlanner:
         """The plan of a rule as matched: its own condition and every global rule's."""
         upper = and_(
             self.approx(name).upper,
-            *(self.approx(g).upper for g in self.order if g != name and self.rules[g].is_global),
+            *(self.approx(g).upper for g in self.globals if g != name),
         )
         plan = self._plans[name]
         return RulePlan(name, upper, plan.notes, plan.strings)

@@ -1,23 +1,23 @@
-"""Plan evaluation over one segment, class by class, Tier 1 before Tier 2.
+"""Plan evaluation over one segment, Tier 1 before Tier 2.
 
-For every bloom class of the segment, the gram leaves of all plans are hashed once, turned into bit
-positions for that class's size, and the rows at those positions are read from the bit-sliced matrix
-(k rows per gram, one bit per document). The plans of a batch are compiled once into straight-line
-`Program`s whose And/Or/AtLeast instructions take their gram leaves as row-index arrays, so a node costs
-one numpy reduction per segment, not a Python call per leaf.
+The gram leaves of all plans of a batch are hashed once; `gather.read_leaves` reads their rows out of
+every bloom class of a segment in one compiled call per tier (k rows per gram, one bit per document).
+The plans are compiled once into straight-line `Program`s whose And/Or/AtLeast instructions take their
+gram leaves as row-index arrays, so a node costs one numpy reduction per segment.
 
-Tier 2 rows are read only for classes where some document survived the Tier 1 program: the plans with
-every Tier 2 leaf replaced by TRUE. Gram leaves only ever appear un-negated (see plan.Approx), so that
-program is an upper bound of the full one.
+First every plan runs with its Tier 2 leaves replaced by TRUE (gram leaves only ever appear
+un-negated, see plan.Approx, so that is an upper bound); Tier 2 rows are then read only for the plans
+that kept a document, and only in the classes holding their survivors.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from sspry.features.sizing import bloom_positions, gram_hashes
+from sspry.features.sizing import gram_hashes
 from sspry.policy import Policy
 from sspry.query.facts import evaluate_fact
+from sspry.query.gather import read_leaves
 from sspry.query.plan import (
     TRUE,
     And,
@@ -71,16 +71,6 @@ class GramTable:
             self.grams[leaf.tier].append(leaf)
         self.row = {leaf: i for tier in (1, 2) for i, leaf in enumerate(self.grams[tier])}
         self.h2 = {tier: gram_hashes([g.gram for g in gs])[1] for tier, gs in self.grams.items()}
-        self._positions: dict[tuple[int, int, int], np.ndarray] = {}
-
-    def positions(self, tier: int, blocks: int, k: int) -> np.ndarray:
-        """Bit positions of every gram of the tier in a bloom of `blocks` (segments share classes)."""
-        key = (tier, blocks, k)
-        found = self._positions.get(key)
-        if found is None:
-            found = bloom_positions(self.h2[tier], blocks, k).reshape(-1)
-            self._positions[key] = found
-        return found
 
 
 class Program:
@@ -153,13 +143,18 @@ class Program:
 
 
 class Batch:
-    """A batch of plans ready to run on any segment: grams hashed, both programs compiled."""
+    """A batch of plans ready to run on any segment: grams hashed, both programs compiled, and for each
+    plan the Tier 2 grams it uses (read only where the plan survived Tier 1)."""
 
     def __init__(self, plans: list[Node]):
         self.table = GramTable(plans)
         memo: dict[int, Node] = {}
         self.tier1 = Program([drop_tier(p, 2, memo) for p in plans], self.table)
         self.full = Program(plans, self.table)
+        self.tier2_rows = [
+            np.array(sorted(self.table.row[g] for g in leaves(p, Gram) if g.tier == 2), dtype=np.intp)
+            for p in plans
+        ]
 
 
 class SegmentEvaluator:
@@ -168,33 +163,20 @@ class SegmentEvaluator:
         self.reader = view.reader
         self.batch = batch
         self.policy = policy
-        self.docs = view.reader.docs
-
-    def _read_tier(self, tier: int, wanted: np.ndarray | None) -> np.ndarray:
-        """Leaf vectors of every gram of the tier: bool (grams x docs). Classes where no document is
-        `wanted` are left False (their documents are out of the running already)."""
-        table = self.batch.table
-        count = len(table.grams[tier])
-        bits = np.zeros((count, self.docs), dtype=bool)
-        if not count:
-            return bits
-        k = self.policy.tier_k(tier)
-        for index, span in enumerate(self.reader.classes[tier]):
-            members = self.reader.class_members(tier, index)
-            if wanted is not None and not wanted[members].any():
-                continue
-            rows = self.reader.rows(tier, index, table.positions(tier, span.blocks, k))
-            bits[:, members] = rows.reshape(count, k, span.count).all(axis=1)
-        return bits
 
     def evaluate(self) -> list[np.ndarray]:
         """Per plan of the batch, the live documents it selects."""
         live = self.view.live
-        bits = {1: self._read_tier(1, None)}
+        table = self.batch.table
+        bits = {1: read_leaves(self.reader, 1, table.h2[1], self.policy.tier_k(1), None)}
         first = [selected & live for selected in self.batch.tier1.run(self.reader, bits)]
-        survivors = np.logical_or.reduce(first) if first else np.zeros(self.docs, dtype=bool)
-        if not survivors.any() or not self.batch.table.grams[2]:
+        alive = [i for i, selected in enumerate(first) if selected.any()]
+        if not alive or not table.grams[2]:
             return first
-        bits[2] = self._read_tier(2, survivors)
+        rows = np.unique(np.concatenate([self.batch.tier2_rows[i] for i in alive]))
+        survivors = np.logical_or.reduce([first[i] for i in alive])
+        tier2 = np.zeros((len(table.grams[2]), self.reader.docs), dtype=bool)
+        tier2[rows] = read_leaves(self.reader, 2, table.h2[2][rows], self.policy.tier_k(2), survivors)
+        bits[2] = tier2
         full = self.batch.full.run(self.reader, bits)
-        return [selected & f for selected, f in zip(full, first, strict=True)]
+        return [full[i] & first[i] if i in set(alive) else first[i] for i in range(len(first))]

@@ -21,7 +21,7 @@ from sspry.query.evaluate import Batch, SegmentEvaluator
 from sspry.query.plan import Gram, leaves
 from sspry.store.forest import Snapshot
 
-MAX_GRAMS_PER_BATCH = 4096
+LEAF_CELLS = 1 << 26  # grams x documents held per segment and tier while a batch is evaluated
 
 
 @dataclass
@@ -82,17 +82,18 @@ def candidate_limit(documents: int, percent: float) -> int | None:
     return max(1, math.ceil(documents * percent / 100.0))
 
 
-def _batches(plans: list[RulePlan]) -> list[list[int]]:
+def _batches(plans: list[RulePlan], max_grams: int) -> list[list[int]]:
+    """Consecutive plans grouped so that a batch's distinct grams stay under `max_grams`."""
     batches: list[list[int]] = []
     current: list[int] = []
-    grams = 0
+    grams: set = set()
     for index, plan in enumerate(plans):
-        count = len(leaves(plan.upper, Gram))
-        if current and grams + count > MAX_GRAMS_PER_BATCH:
+        found = leaves(plan.upper, Gram)
+        if current and len(grams | found) > max_grams:
             batches.append(current)
-            current, grams = [], 0
+            current, grams = [], set()
         current.append(index)
-        grams += count
+        grams |= found
     if current:
         batches.append(current)
     return batches
@@ -105,7 +106,8 @@ def search_snapshot(
     hits: list[list[tuple[int, np.ndarray]]] = [[] for _ in plans]  # per plan: (view index, docs)
     workers = workers or min(4, len(os.sched_getaffinity(0)))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sspry-search") as pool:
-        for batch in _batches(plans):
+        largest = max((v.reader.docs for v in snapshot.views), default=1)
+        for batch in _batches(plans, max(256, LEAF_CELLS // max(largest, 1))):
             compiled = Batch([plans[i].upper for i in batch])
 
             def run(view_index: int, compiled=compiled):

@@ -59,6 +59,25 @@ class ClassSpan:
         return self.sliced_bytes + (self.count % 8) * (self.nbits // 8)
 
 
+@dataclass(frozen=True)
+class ClassArrays:
+    offsets: np.ndarray  # per class: byte offset of its matrix in blooms.bin
+    blocks: np.ndarray  # per class: bloom size in blocks
+    counts: np.ndarray  # per class: documents
+    starts: np.ndarray  # per class: first position in `members`
+    members: np.ndarray  # documents in class order (tier 1: 0..docs-1; tier 2: t2_order)
+    class_of_doc: np.ndarray  # per document: its class
+
+    def holding(self, documents: np.ndarray | None) -> np.ndarray:
+        """Per class: does it hold one of `documents` (a boolean mask; None: every class)."""
+        marks = np.zeros(len(self.offsets), dtype=bool)
+        if documents is None:
+            marks[:] = True
+        else:
+            marks[self.class_of_doc[documents]] = True
+        return marks
+
+
 class Part:
     """Documents that go into a new segment, and a way to read their bloom bits by row ranges."""
 
@@ -292,7 +311,7 @@ class SegmentReader:
         self._field_value = load("field_value")
         self._fields: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.t2_order = load("t2_order")
-        self._blooms = np.asarray(np.memmap(directory / "blooms.bin", dtype=np.uint8, mode="r"))
+        self.blooms = np.asarray(np.memmap(directory / "blooms.bin", dtype=np.uint8, mode="r"))
         self._paths: tuple[np.ndarray, np.memmap | bytes] | None = None
         if (directory / "path_offsets.npy").exists():
             offsets = load("path_offsets")
@@ -300,6 +319,7 @@ class SegmentReader:
             blob = np.asarray(np.memmap(directory / "paths.bin", dtype=np.uint8, mode="r")) if size else b""
             self._paths = (offsets, blob)
         self._blocks_cache: dict[int, np.ndarray] = {}
+        self._class_arrays: dict[int, ClassArrays] = {}
         self._t2_position: np.ndarray | None = None
 
     # --- documents ---------------------------------------------------------------------------------
@@ -362,6 +382,28 @@ class SegmentReader:
             self._blocks_cache[tier] = cached
         return cached
 
+    def class_arrays(self, tier: int) -> ClassArrays:
+        """The tier's class geometry as arrays (for compiled readers), built once."""
+        found = self._class_arrays.get(tier)
+        if found is None:
+            spans = self.classes[tier]
+            members = (
+                np.arange(self.docs, dtype=np.int64) if tier == 1 else np.asarray(self.t2_order, np.int64)
+            )
+            class_of_doc = np.empty(self.docs, dtype=np.int64)
+            for index, span in enumerate(spans):
+                class_of_doc[members[span.start : span.start + span.count]] = index
+            found = ClassArrays(
+                offsets=np.array([s.offset for s in spans], dtype=np.int64),
+                blocks=np.array([s.blocks for s in spans], dtype=np.int64),
+                counts=np.array([s.count for s in spans], dtype=np.int64),
+                starts=np.array([s.start for s in spans], dtype=np.int64),
+                members=members,
+                class_of_doc=class_of_doc,
+            )
+            self._class_arrays[tier] = found
+        return found
+
     def class_members(self, tier: int, index: int) -> np.ndarray:
         span = self.classes[tier][index]
         if tier == 1:
@@ -390,25 +432,10 @@ class SegmentReader:
     def _matrices(self, tier: int, index: int) -> tuple[np.ndarray, np.ndarray]:
         span = self.classes[tier][index]
         q, r, row_bytes = span.count // 8, span.count % 8, span.nbits // 8
-        sliced = self._blooms[span.offset : span.offset + span.sliced_bytes].reshape(span.nbits, q)
+        sliced = self.blooms[span.offset : span.offset + span.sliced_bytes].reshape(span.nbits, q)
         tail_at = span.offset + span.sliced_bytes
-        tail = self._blooms[tail_at : tail_at + r * row_bytes].reshape(r, row_bytes)
+        tail = self.blooms[tail_at : tail_at + r * row_bytes].reshape(r, row_bytes)
         return sliced, tail
-
-    def rows(self, tier: int, index: int, positions: np.ndarray) -> np.ndarray:
-        """Bits at bloom `positions` of every document in the class: bool len(positions) x count."""
-        span = self.classes[tier][index]
-        sliced, tail = self._matrices(tier, index)
-        positions = np.asarray(positions, dtype=np.int64)
-        bits = np.empty((len(positions), span.count), dtype=bool)
-        full = sliced.shape[1] * 8
-        if full:
-            bits[:, :full] = np.unpackbits(sliced[positions], axis=1, bitorder="little")
-        if tail.shape[0]:
-            bits[:, full:] = ((tail[:, positions >> 3] >> (positions & 7).astype(np.uint8)) & 1).T.astype(
-                bool
-            )
-        return bits
 
     def row_bits(self, tier: int, index: int, r0: int, r1: int) -> np.ndarray:
         """Bloom rows r0..r1 (multiples of 8) of every document in the class: bool (r1-r0) x count."""
@@ -425,4 +452,4 @@ class SegmentReader:
         return bits
 
     def bloom_bytes(self) -> int:
-        return int(self._blooms.shape[0])
+        return int(self.blooms.shape[0])
