@@ -62,10 +62,8 @@ def drop_tier(node: Node, tier: int, memo: dict[int, Node] | None = None) -> Nod
 class GramTable:
     """The distinct grams of a batch of plans, per tier, with their hashes computed once."""
 
-    def __init__(self, plans: list[Node]):
-        found: set[Node] = set()
-        for plan in plans:
-            found |= leaves(plan, Gram)
+    def __init__(self, plan_grams: list[set]):
+        found: set[Node] = set().union(*plan_grams)
         self.grams: dict[int, list[Gram]] = {1: [], 2: []}
         for leaf in sorted(found, key=lambda g: (g.tier, g.gram)):
             self.grams[leaf.tier].append(leaf)
@@ -146,14 +144,15 @@ class Batch:
     """A batch of plans ready to run on any segment: grams hashed, both programs compiled, and for each
     plan the Tier 2 grams it uses (read only where the plan survived Tier 1)."""
 
-    def __init__(self, plans: list[Node]):
-        self.table = GramTable(plans)
+    def __init__(self, plans: list[Node], plan_grams: list[set] | None = None):
+        plan_grams = [leaves(p, Gram) for p in plans] if plan_grams is None else plan_grams
+        self.table = GramTable(plan_grams)
         memo: dict[int, Node] = {}
         self.tier1 = Program([drop_tier(p, 2, memo) for p in plans], self.table)
         self.full = Program(plans, self.table)
         self.tier2_rows = [
-            np.array(sorted(self.table.row[g] for g in leaves(p, Gram) if g.tier == 2), dtype=np.intp)
-            for p in plans
+            np.array(sorted(self.table.row[g] for g in grams if g.tier == 2), dtype=np.intp)
+            for grams in plan_grams
         ]
 
 

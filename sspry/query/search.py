@@ -82,14 +82,14 @@ def candidate_limit(documents: int, percent: float) -> int | None:
     return max(1, math.ceil(documents * percent / 100.0))
 
 
-def _batches(plans: list[RulePlan], max_grams: int) -> list[list[int]]:
+def _batches(plan_grams: list[set], max_grams: int) -> list[list[int]]:
     """Consecutive plans grouped so that a batch's distinct grams stay under `max_grams`."""
     batches: list[list[int]] = []
     current: list[int] = []
     grams: set = set()
-    for index, plan in enumerate(plans):
-        found = leaves(plan.upper, Gram)
-        if current and len(grams | found) > max_grams:
+    for index, found in enumerate(plan_grams):
+        new = len(found - grams)
+        if current and len(grams) + new > max_grams:
             batches.append(current)
             current, grams = [], set()
         current.append(index)
@@ -107,8 +107,9 @@ def search_snapshot(
     workers = workers or min(4, len(os.sched_getaffinity(0)))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sspry-search") as pool:
         largest = max((v.reader.docs for v in snapshot.views), default=1)
-        for batch in _batches(plans, max(256, LEAF_CELLS // max(largest, 1))):
-            compiled = Batch([plans[i].upper for i in batch])
+        plan_grams = [leaves(plan.upper, Gram) for plan in plans]
+        for batch in _batches(plan_grams, max(256, LEAF_CELLS // max(largest, 1))):
+            compiled = Batch([plans[i].upper for i in batch], [plan_grams[i] for i in batch])
 
             def run(view_index: int, compiled=compiled):
                 return view_index, SegmentEvaluator(snapshot.views[view_index], compiled, policy).evaluate()
