@@ -21,7 +21,7 @@ import yara
 from sspry.policy import PolicyError
 from sspry.query.condition import plan_rules
 from sspry.query.search import search_snapshot
-from sspry.store.forest import Forest
+from sspry.store.forest import PUBLISH_BYTES, Forest
 from sspry.v1 import sspry_pb2, sspry_pb2_grpc
 from sspry.wire import RowAssembler, WireError, policy_to_proto
 
@@ -157,7 +157,8 @@ class SspryService(sspry_pb2_grpc.SspryServicer):
 
 
 class Maintenance(threading.Thread):
-    """Publishes what was inserted once inserts pause for a moment, and merges small segments
+    """Publishes what was inserted once inserts pause for a moment (or enough waits: inserted documents
+    are held in memory until published), and merges small segments
     (size-tiered compaction) whenever the segment set changed, so neither waits for a client to ask
     and a server under continuous ingest does not pile up segments every search must visit."""
 
@@ -173,7 +174,8 @@ class Maintenance(threading.Thread):
         while not self.stopping.wait(0.5):
             idle = time.monotonic() - self.service.last_write
             try:
-                if idle >= self.publish_idle_s and forest.pending_bytes:
+                pending = forest.pending_bytes
+                if pending and (idle >= self.publish_idle_s or pending >= PUBLISH_BYTES):
                     forest.publish()
                 if forest.manifest.generation != self._compacted_generation:
                     forest.compact(full=False)

@@ -92,6 +92,17 @@ def test_exact_3gram_path_matches_reference(name: str, fold: bool) -> None:
         assert bloom.tobytes() == reference.bloom(data, 3, k, nblocks, fold)
 
 
+def test_hll_estimate_equals_datasketch() -> None:
+    """The inline linear-counting branch gives datasketch's number, on both sides of its threshold."""
+    rng = np.random.default_rng(3)
+    for distinct in (0, 1, 50, 2_000, 9_000, 14_000, 16_000, 40_000, 300_000):
+        grams = rng.integers(0, 1 << 40, distinct, dtype=np.uint64)
+        reg = np.zeros(1 << 14, np.int8)
+        kernels.hll_update(grams.view(np.uint8), 0, 8, False, reg)  # overlapping windows: more grams
+        want = round(HyperLogLogPlusPlus(p=14, reg=reg).count())
+        assert extract.hll_estimate(reg) == want, distinct
+
+
 def test_lowercasing_every_byte_value() -> None:
     """The 8-bytes-at-a-time lowercasing agrees with the obvious one for every byte in every lane."""
     for value in range(256):

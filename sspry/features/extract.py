@@ -32,6 +32,7 @@ IN_MEMORY_BYTES = 256 << 20
 STREAM_CHUNK = 16 << 20
 EXACT_MIN_BYTES = 1 << 20  # below this, scanning the 2 MiB 3-gram bitmap costs more than hashing windows
 KEEP_HASHES_MAX_BYTES = 32 << 20  # up to this size a file's bloom hashes are kept between the two scans
+HLL_THRESHOLD = 15500  # datasketch's linear-counting threshold for precision 14
 
 
 class SkippedFile(Exception):
@@ -45,14 +46,18 @@ class SkippedFile(Exception):
 
 def shannon_entropy(hist: np.ndarray) -> float:
     """Entropy in bits per byte, computed as YARA's math.entropy does (double precision)."""
-    total = int(hist.sum())
-    if total == 0:
-        return 0.0
-    entropy = 0.0
-    for count in hist[hist > 0].tolist():
-        x = count / total
-        entropy -= x * math.log2(x)
-    return entropy
+    return float(kernels.entropy(hist))
+
+
+def hll_estimate(reg: np.ndarray) -> int:
+    """datasketch's HyperLogLog++ estimate; small cardinalities (most files) take its linear-counting
+    branch, computed here without building the object (tests hold the two equal)."""
+    zeros = int(reg.size - np.count_nonzero(reg))
+    if zeros:
+        counted = reg.size * math.log(reg.size / zeros)
+        if counted <= HLL_THRESHOLD:
+            return round(counted)
+    return round(HyperLogLogPlusPlus(p=HLL_PRECISION, reg=reg).count())
 
 
 class _Reader:
@@ -127,7 +132,7 @@ class _Tier:
         if self.mode == "exact":
             self.estimate = int(np.bitwise_count(self.counter).sum())
         else:
-            self.estimate = round(HyperLogLogPlusPlus(p=HLL_PRECISION, reg=self.counter).count())
+            self.estimate = hll_estimate(self.counter)
         blocks = bloom_blocks(self.estimate, self.policy, self.tier)
         self.bloom = np.zeros(blocks * BLOCK_BITS // 8, dtype=np.uint8)
         if self.mode == "exact":

@@ -190,6 +190,23 @@ def presence_bloom(bitmap, k, nblocks, bloom):
     _apply(hashes, count, bloom, blocks, k)
 
 
+@njit(nogil=True, cache=True)
+def entropy(hist):
+    """Shannon entropy in bits per byte, summed in YARA's order (byte 0 to 255) so it is bit-identical
+    to math.entropy(0, filesize); 0 for an empty file."""
+    total = 0
+    for value in range(256):
+        total += hist[value]
+    result = 0.0
+    if total == 0:
+        return result
+    for value in range(256):
+        if hist[value]:
+            x = hist[value] / total
+            result -= x * np.log2(x)
+    return result
+
+
 @njit(inline="always")
 def _hll_rank(h1, reg):
     index = h1 & np.uint64(16383)

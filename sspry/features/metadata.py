@@ -50,7 +50,8 @@ def split_fields(outputs: dict[str, dict]) -> dict[str, int]:
     """Per-file integer fields of module outputs, by YARA name."""
     fields: dict[str, int] = {}
     for module, output in outputs.items():
-        for name, value in output.items():
+        for name in output.keys() - _constant_names(module):
+            value = output[name]
             if _is_field(name, value):
                 fields[f"{module}.{name}"] = value
             elif isinstance(value, dict):
@@ -58,6 +59,12 @@ def split_fields(outputs: dict[str, dict]) -> dict[str, int]:
                     if _is_field(inner, inner_value):
                         fields[f"{module}.{name}.{inner}"] = inner_value
     return {k: v for k, v in fields.items() if -(1 << 63) <= v < (1 << 63)}
+
+
+@cache
+def _constant_names(module: str) -> frozenset[str]:
+    prefix = module + "."
+    return frozenset(name[len(prefix) :] for name in constants() if name.startswith(prefix))
 
 
 @cache

@@ -39,10 +39,13 @@ def class_blocks(needed_bits: float, steps: int) -> int:
     return int(sizes[min(index, len(sizes) - 1)])
 
 
+@cache
+def _class_set(steps: int) -> frozenset[int]:
+    return frozenset(int(v) for v in ladder(steps))
+
+
 def is_class(nblocks: int, steps: int) -> bool:
-    sizes = ladder(steps)
-    index = int(np.searchsorted(sizes, nblocks))
-    return index < len(sizes) and int(sizes[index]) == nblocks
+    return nblocks in _class_set(steps)
 
 
 def bloom_blocks(estimate: float, policy: Policy, tier: int) -> int:

@@ -102,6 +102,7 @@ class Forest:
         self._readers: dict[str, SegmentReader] = {}
         self._tombstones: dict[str, np.ndarray] = {}
         self._log: LogWriter | None = None
+        self._logged_docs: dict[Path, list[Document]] = {}  # log file -> documents appended to it here
         self.manifest = read_manifest(root)
         self._snapshot: Snapshot | None = None
 
@@ -252,17 +253,24 @@ class Forest:
         """Validate rows against the policy and append them durably to the ingest log.
         Raises PolicyError (nothing written) if any row is malformed."""
         self._require_writable()
-        for row in rows:
-            Document.from_row(row, self.policy)
+        return self._append(rows, [Document.from_row(row, self.policy) for row in rows])
+
+    def ingest(self, docs: Iterable[Document]) -> int:
+        docs = list(docs)
+        return self._append([doc.to_row() for doc in docs], docs)
+
+    def _append(self, rows: Sequence[sspry_pb2.DocumentRow], docs: list[Document]) -> int:
+        """Make rows durable in the current log, and keep their documents for the next publish so it
+        need not read the log back (the log is for crashes: a new process publishes from it)."""
         with self._log_lock:
             if self._log is None:
                 logs = self._logs()
                 seq = max([self.manifest.published_log, *(log_seq(p) for p in logs)]) + 1
                 self._log = LogWriter(self.root / "ingest" / log_name(seq))
-            return self._log.append(rows)
-
-    def ingest(self, docs: Iterable[Document]) -> int:
-        return self.ingest_rows([doc.to_row() for doc in docs])
+                self._logged_docs[self._log.path] = []
+            count = self._log.append(rows)
+            self._logged_docs[self._log.path].extend(docs)
+            return count
 
     def publish(self) -> PublishResult:
         """Turn every logged row into segments and swap the manifest."""
@@ -278,6 +286,10 @@ class Forest:
                 return result
             docs: list[Document] = []
             for path in logs:
+                kept = self._logged_docs.pop(path, None)
+                if kept is not None:
+                    docs.extend(kept)
+                    continue
                 rows, dropped = read_log(path)
                 result.dropped_bytes += dropped
                 for row in rows:
