@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import yara
 
 from sspry.policy import Policy
-from sspry.query.search import SearchResult
+from sspry.query.results import SearchResult
 
 IN_MEMORY_BYTES = 256 << 20
 SCAN_TIMEOUT_S = 120

@@ -261,3 +261,16 @@ def test_rule_check(tmp_path) -> None:
     broken = tmp_path / "broken.yar"
     broken.write_text("rule x { condition: $nope }\n")
     assert f"{broken}(1)" in run("rule-check", "--rule", str(broken), code=2).output
+
+
+def test_remote_search_client_loads_no_compiled_kernels() -> None:
+    """`sspry search`/`info`/`delete` start fast: the client side of a search (rule loading, the
+    cluster, verification) must not import numba or datasketch (scipy), which cost about a second."""
+    code = (
+        "import sys, sspry.cli, sspry.verify\n"
+        "from sspry.client.cluster import Cluster\n"
+        "from sspry.query.rules import load_rule_file\n"
+        "print(sorted(m for m in ('numba', 'datasketch', 'scipy') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

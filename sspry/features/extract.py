@@ -20,7 +20,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-from datasketch.hyperloglog import HyperLogLogPlusPlus
 
 from sspry.document import Document
 from sspry.features import kernels
@@ -57,6 +56,8 @@ def hll_estimate(reg: np.ndarray) -> int:
         counted = reg.size * math.log(reg.size / zeros)
         if counted <= HLL_THRESHOLD:
             return round(counted)
+    from datasketch.hyperloglog import HyperLogLogPlusPlus  # imports scipy: 0.8 s, paid only here
+
     return round(HyperLogLogPlusPlus(p=HLL_PRECISION, reg=reg).count())
 
 
