@@ -1,0 +1,101 @@
+"""The bench shell scripts against a real server: they run end to end and their tables add up."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sspry import synthetic
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.skipif(not os.access("/usr/bin/time", os.X_OK), reason="needs /usr/bin/time")
+
+
+def _free_addr() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+def _table(path: Path) -> list[dict[str, str]]:
+    with path.open() as handle:
+        return list(csv.DictReader(handle, delimiter="\t"))
+
+
+def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "BIN": str(Path(sys.executable).parent / "sspry")}
+    return subprocess.run(
+        ["bash", str(ROOT / "scripts" / script), *args], env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_index_then_search_bench(tmp_path) -> None:
+    corpus = synthetic.generate(tmp_path / "files", 40, seed=5, tokens=3)
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "all.yar").write_text(synthetic.rules_for(corpus.tokens))
+    (rules / "one.yar").write_text(f'rule one {{ strings: $a = "{corpus.tokens[0]}" condition: $a }}\n')
+    (tmp_path / "rule-list").write_text(f"{rules / 'one.yar'}\n# a comment\n{rules / 'all.yar'}\n")
+    root, addr = tmp_path / "forest", _free_addr()
+
+    done = _run(
+        "index_bench.sh",
+        "--root",
+        str(root),
+        "--addr",
+        addr,
+        "--out",
+        str(tmp_path / "idx"),
+        "--init",
+        "--sample-interval",
+        "0.2",
+        str(corpus.directory),
+    )
+    assert done.returncode == 0, done.stderr
+    (row,) = _table(tmp_path / "idx" / "index_summary.tsv")
+    assert int(row["files"]) == len(corpus.files)
+    assert int(row["input_bytes"]) == sum(p.stat().st_size for p in corpus.files)
+    assert float(row["mb_per_s"]) > 0 and int(row["db_bytes_after"]) > int(row["db_bytes_before"])
+    assert int(row["server_max_vmrss_kb"]) > 0
+    assert json.loads((tmp_path / "idx" / "index.json").read_text())["submitted_documents"] == len(
+        corpus.files
+    )
+
+    done = _run(
+        "server_search_bench.sh",
+        "--root",
+        str(root),
+        "--addr",
+        addr,
+        "--out",
+        str(tmp_path / "s"),
+        "--rule-list",
+        str(tmp_path / "rule-list"),
+        "--bundle-rule",
+        str(rules / "all.yar"),
+        "--sample-interval",
+        "0.2",
+        "--mode-label",
+        "smoke",
+    )
+    assert done.returncode == 0, done.stderr
+    individual = _table(tmp_path / "s" / "individual_summary.tsv")
+    assert [r["rule_file"] for r in individual] == [str(rules / "one.yar"), str(rules / "all.yar")]
+    assert all(r["exit"] == "0" and float(r["elapsed_s"]) > 0 for r in individual)
+    bundle = json.loads((tmp_path / "s" / "searches" / "bundle.json").read_text())
+    assert int(individual[1]["candidates"]) == sum(r["candidate_count"] for r in bundle["rules"]) > 0
+    phases = _table(tmp_path / "s" / "phase_summary.tsv")
+    assert [(p["mode_label"], p["phase"]) for p in phases] == [("smoke", "individual"), ("smoke", "bundle")]
+    assert all(int(p["sample_count"]) >= 2 and int(p["server_max_vmrss_kb"]) > 0 for p in phases)
+    samples = _table(tmp_path / "s" / "server_samples.tsv")
+    assert {"individual", "bundle"} <= {s["phase"] for s in samples}
+    # the server was shut down: nothing answers on the address any more
+    with pytest.raises(OSError), socket.create_connection(tuple(addr.rsplit(":", 1)), timeout=1):
+        pass
