@@ -14,12 +14,19 @@ from sspry.query.search import search_rule_file
 from sspry.store.forest import Forest
 from sspry.verify import verify
 
-# The public rule set beside the repository (not vendored: it is GPL-2.0); SSPRY_RULES points elsewhere.
-REAL_RULES = Path(
-    os.environ.get(
-        "SSPRY_RULES", Path(__file__).resolve().parents[2] / "shared" / "data" / "rules" / "yara-rules"
-    )
-)
+
+def _real_rules() -> Path:
+    """The public rule set (not vendored: it is GPL-2.0): $SSPRY_RULES, else `shared/data/rules/
+    yara-rules` beside the repository or beside any directory above it (a CI checkout may sit deeper)."""
+    if "SSPRY_RULES" in os.environ:
+        return Path(os.environ["SSPRY_RULES"])
+    relative = Path("shared", "data", "rules", "yara-rules")
+    here = Path(__file__).resolve().parent
+    found = [parent / relative for parent in here.parents if (parent / relative).is_dir()]
+    return found[0] if found else here.parents[1] / relative
+
+
+REAL_RULES = _real_rules()
 
 
 def truth(rules: yara.Rules, files) -> dict[str, set[bytes]]:
