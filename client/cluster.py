@@ -12,19 +12,16 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
 from sspry.client.connection import ClientError, Connection, OfflineError
 from sspry.document import resolve_value
+from sspry.indexing import IndexSummary
 from sspry.policy import Policy
 from sspry.query.results import Candidate, RuleResult, SearchResult, candidate_limit
 from sspry.query.rules import RuleSource
 from sspry.wire import policy_from_proto
-
-if TYPE_CHECKING:
-    from sspry.features.extract import SkippedFile
 
 BATCH_DOCS = 256
 DEFAULT_BATCH_BYTES = 32 << 20
@@ -39,17 +36,8 @@ class Member:
 
 
 @dataclass
-class RemoteIndexSummary:
-    submitted_documents: int = 0
-    processed_documents: int = 0
-    inserted_documents: int = 0
-    duplicate_documents: int = 0
-    skipped_files: int = 0
-    input_bytes: int = 0
+class RemoteIndexSummary(IndexSummary):
     servers: dict[str, int] = field(default_factory=dict)  # addr -> documents sent
-
-    def counts(self) -> dict:
-        return {k: v for k, v in self.__dict__.items()}
 
 
 class Cluster:
@@ -112,15 +100,17 @@ class Cluster:
         workers: int = 0,
         batch_bytes: int = DEFAULT_BATCH_BYTES,
         progress: bool = True,
-    ) -> tuple[RemoteIndexSummary, list[SkippedFile]]:
-        """Extract locally, upload each batch to the server with the fewest documents, publish."""
+    ) -> RemoteIndexSummary:
+        """Extract locally, upload each batch to the server with the fewest documents, publish.
+        Files that could not be read are in the summary's `problems`."""
         from sspry.features.extract import default_workers, extract_many, walk  # compiled kernels: 0.3 s
 
         members = self.discover()
         policy = members[0].policy
         summary = RemoteIndexSummary()
         found = walk(paths, path_list)
-        problems = list(found.problems)
+        problems = summary.problems
+        problems.extend(found.problems)
         for problem in problems:
             if progress:
                 tqdm.write(f"skipped: {problem}", file=sys.stderr)
@@ -185,7 +175,7 @@ class Cluster:
         summary.processed_documents = summary.inserted_documents + summary.duplicate_documents
         summary.skipped_files = len(problems)
         summary.servers = {m.connection.addr: m.assigned for m in members}
-        return summary, problems
+        return summary
 
     def _not_indexed(self, batch: list, sent: set[bytes], members: list[Member]) -> list:
         """The documents of a batch that neither this run nor any server has already: with several

@@ -217,7 +217,7 @@ def main() -> None:
             with Cluster([addr], timeout=600) as cluster:
                 if fresh:
                     started = time.perf_counter()
-                    summary, _ = cluster.index([str(corpus_dir / "files")], progress=False)
+                    summary = cluster.index([str(corpus_dir / "files")], progress=False)
                     elapsed = time.perf_counter() - started
                     report["server_index"] = {
                         "seconds": round(elapsed, 1),

@@ -490,11 +490,11 @@ def index(
     """Index files on server(s): extracted here, each batch sent to the server with the fewest documents,
     published when the command returns."""
     with _cluster(addr, timeout, max_message_bytes, ignore_offline, token, tls_ca) as cluster:
-        summary, problems = _remote(
+        summary = _remote(
             lambda: cluster.index(list(paths), path_list=path_list, workers=workers, batch_bytes=batch_bytes)
         )
         offline = cluster.offline
-    if summary.submitted_documents == 0 and problems:
+    if summary.submitted_documents == 0 and summary.problems:
         raise InputError("no files could be indexed")
     counts = summary.counts()
     if offline:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from sspry.features.extract import SkippedFile, default_workers, extract_many, walk
 from sspry.store.forest import PUBLISH_BYTES, Forest
+
+if TYPE_CHECKING:
+    from sspry.features.extract import SkippedFile
 
 BATCH_DOCS = 256
 BATCH_BYTES = 32 << 20
@@ -17,6 +20,9 @@ BATCH_BYTES = 32 << 20
 
 @dataclass
 class IndexSummary:
+    """What an index run did (local here; client.cluster adds the servers); `counts()` is what the CLI
+    prints."""
+
     submitted_documents: int = 0
     processed_documents: int = 0
     inserted_documents: int = 0
@@ -33,6 +39,8 @@ def index_paths(
     forest: Forest, paths: Iterable[str], path_list: bool = False, workers: int = 0, progress: bool = True
 ) -> IndexSummary:
     """Index every file under `paths` and publish; problems are collected (and shown on stderr)."""
+    from sspry.features.extract import default_workers, extract_many, walk  # compiled kernels: 0.3 s
+
     summary = IndexSummary()
     found = walk(paths, path_list)
 

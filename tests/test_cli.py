@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 from sspry import indexing
 from sspry.cli import main
+from sspry.features import extract
 from sspry.policy import Policy
 from sspry.store.forest import Forest
 
@@ -158,14 +159,14 @@ def test_bad_rule_files(tmp_path, files) -> None:
 
 def test_vanished_file_is_reported_and_the_rest_indexed(tmp_path, files, monkeypatch) -> None:
     Forest.init(tmp_path / "forest", Policy())
-    real_walk = indexing.walk
+    real_walk = extract.walk
 
     def walk_then_delete(paths, path_list=False):
         found = real_walk(paths, path_list)
         os.unlink(files / "b.txt")  # vanishes between the walk and its extraction
         return found
 
-    monkeypatch.setattr(indexing, "walk", walk_then_delete)
+    monkeypatch.setattr(extract, "walk", walk_then_delete)  # index_paths imports it when called
     with Forest.open(tmp_path / "forest", writable=True) as forest:
         summary = indexing.index_paths(forest, [str(files)], progress=False)
         assert summary.skipped_files == 1
