@@ -254,6 +254,21 @@ def local_index(root, paths, path_list, workers, as_json):
             click.echo(f"{key}: {value}")
 
 
+def _print_deleted(rows: list[dict], as_json: bool) -> None:
+    """Per value: status and identity (and, from servers, which deleted it); exit 1 unless all deleted."""
+    if as_json:
+        click.echo(json.dumps(rows))
+    else:
+        for row in rows:
+            click.echo(f"value: {row['value']}")
+            click.echo(f"status: {row['status']}")
+            click.echo(f"identity: {row['identity']}")
+            if row.get("servers"):
+                click.echo(f"server: {', '.join(row['servers'])}")
+    if any(row["status"] != "deleted" for row in rows):
+        sys.exit(1)
+
+
 def _print_search(result, verify: bool) -> None:
     several = len(result.rules) > 1
     for number, rule in enumerate(result.rules):
@@ -329,15 +344,7 @@ def local_delete(root, values, as_json):
         done = [i for i in group if deleted.get(i)]
         identity = (done or group or [b""])[0].hex() or None
         rows.append({"value": value, "status": "deleted" if done else "missing", "identity": identity})
-    if as_json:
-        click.echo(json.dumps(rows))
-    else:
-        for row in rows:
-            click.echo(f"value: {row['value']}")
-            click.echo(f"status: {row['status']}")
-            click.echo(f"identity: {row['identity']}")
-    if any(row["status"] != "deleted" for row in rows):
-        sys.exit(1)
+    _print_deleted(rows, as_json)
 
 
 @local.command("compact")
@@ -560,17 +567,7 @@ def delete(values, addr, timeout, max_message_bytes, ignore_offline, token, tls_
     """Delete documents on every server, by Source ID (hex) or file path."""
     with _cluster(addr, timeout, max_message_bytes, ignore_offline, token, tls_ca) as cluster:
         rows = _remote(lambda: cluster.delete(list(values)))
-    if as_json:
-        click.echo(json.dumps(rows))
-    else:
-        for row in rows:
-            click.echo(f"value: {row['value']}")
-            click.echo(f"status: {row['status']}")
-            click.echo(f"identity: {row['identity']}")
-            if row["servers"]:
-                click.echo(f"server: {', '.join(row['servers'])}")
-    if any(row["status"] != "deleted" for row in rows):
-        sys.exit(1)
+    _print_deleted(rows, as_json)
 
 
 @main.command()
