@@ -1,29 +1,32 @@
 """Several servers, each owning its own Forest, used as one: discovery, policy checks, routing and
 merging. Nothing cluster-like beyond that: index routes each batch to the server with the fewest
 documents; search, delete and info go to every server and merge.
+
+Indexing and deleting run the engine's own pipelines (`sspry.indexing`, `sspry.deleting`) with the
+servers as their sink and backend, so local and remote runs count and report the same way.
 """
 
 from __future__ import annotations
 
 import json
-import queue
-import sys
 import threading
-import time
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from tqdm import tqdm
-
 from sspry.client.connection import ClientError, Connection, OfflineError
-from sspry.document import resolve_value
-from sspry.indexing import IndexSummary
+from sspry.deleting import Deletion, delete_values
+from sspry.document import Document
+from sspry.indexing import IndexSummary, index_files
 from sspry.policy import Policy
-from sspry.query.results import Candidate, RuleResult, SearchResult, candidate_limit
+from sspry.progress import SILENT, Progress
+from sspry.query.results import SearchResult, attach_paths, candidate_limit, rule_result
 from sspry.query.rules import RuleSource
-from sspry.wire import policy_from_proto
+from sspry.store.files import SHOWN_PATHS, PathDeletion, PathsOf
+from sspry.store.forest import IngestResult
+from sspry.v1 import sspry_pb2
+from sspry.wire import file_stamp, policy_from_proto
 
-BATCH_DOCS = 256
 DEFAULT_BATCH_BYTES = 32 << 20
 
 
@@ -32,18 +35,22 @@ class Member:
     connection: Connection
     policy: Policy
     documents: int
-    assigned: int = 0  # documents sent during this run, for routing
-
-
-@dataclass
-class RemoteIndexSummary(IndexSummary):
-    servers: dict[str, int] = field(default_factory=dict)  # addr -> documents sent
+    inserted: int = 0  # new documents this run gave it (for routing and the summary)
+    duplicates: int = 0  # documents of this run it already held
 
 
 class Cluster:
-    def __init__(self, addrs: list[str], *, ignore_offline: bool = False, **connection_options):
+    def __init__(
+        self,
+        addrs: list[str],
+        *,
+        ignore_offline: bool = False,
+        progress: Progress = SILENT,
+        **connection_options,
+    ):
         self.addrs = addrs
         self.ignore_offline = ignore_offline
+        self.progress = progress
         self.connections = [Connection(addr, **connection_options) for addr in addrs]
         self.offline: list[str] = []
 
@@ -58,8 +65,8 @@ class Cluster:
         self.close()
 
     def _each(self, call, connections: list[Connection] | None = None) -> list[tuple[Connection, object]]:
-        """Run call(connection) on every server concurrently; offline servers are skipped with
-        --ignore-offline and are an error otherwise. Results in address order."""
+        """Run call(connection) on every server concurrently; offline servers are skipped (and named)
+        with ignore_offline and are an error otherwise. Results in address order."""
         connections = self.connections if connections is None else connections
         results: list[tuple[Connection, object]] = []
         with ThreadPoolExecutor(max_workers=max(1, len(connections))) as pool:
@@ -67,11 +74,12 @@ class Cluster:
             for connection, future in futures:
                 try:
                     results.append((connection, future.result()))
-                except OfflineError:
+                except OfflineError as exc:
                     if not self.ignore_offline:
                         raise
                     if connection.addr not in self.offline:
                         self.offline.append(connection.addr)
+                        self.progress.note(f"skipped offline server: {exc}")
         if not results:
             raise ClientError("no server answered")
         return results
@@ -94,181 +102,75 @@ class Cluster:
     # --- index -------------------------------------------------------------------------------------
     def index(
         self,
-        paths: list[str],
+        paths: Iterable[str],
         *,
         path_list: bool = False,
         workers: int = 0,
         batch_bytes: int = DEFAULT_BATCH_BYTES,
-        progress: bool = True,
-    ) -> RemoteIndexSummary:
-        """Extract locally, upload each batch to the server with the fewest documents, publish.
-        Files that could not be read are in the summary's `problems`."""
-        from sspry.features.extract import default_workers, extract_many, walk  # compiled kernels: 0.3 s
-
-        members = self.discover()
-        policy = members[0].policy
-        summary = RemoteIndexSummary()
-        found = walk(paths, path_list)
-        problems = summary.problems
-        problems.extend(found.problems)
-        for problem in problems:
-            if progress:
-                tqdm.write(f"skipped: {problem}", file=sys.stderr)
-        uploads: queue.Queue = queue.Queue(maxsize=2)  # extraction runs ahead of the upload by 2 batches
-        failure: list[BaseException] = []
-
-        sent: set[bytes] = set()
-
-        def uploader() -> None:
-            while (batch := uploads.get()) is not None:
-                if failure:
-                    continue
-                try:
-                    fresh = self._not_indexed(batch, sent, members)
-                    summary.duplicate_documents += len(batch) - len(fresh)
-                    if fresh:
-                        target = min(members, key=lambda m: m.documents + m.assigned)
-                        target.connection.insert([doc.to_row() for doc in fresh])
-                        target.assigned += len(fresh)
-                except BaseException as exc:  # reported by the main thread
-                    failure.append(exc)
-                    continue
-                summary.submitted_documents += len(batch)
-
-        thread = threading.Thread(target=uploader, name="sspry-upload", daemon=True)
-        thread.start()
-        batch, size = [], 0
-        try:
-            with tqdm(
-                total=len(found.files),
-                unit="file",
-                desc="indexing",
-                disable=None if progress else True,
-                file=sys.stderr,
-            ) as bar:
-                for _, doc, problem in extract_many(found.files, policy, workers or default_workers()):
-                    bar.update(1)
-                    if failure:
-                        break
-                    if problem is not None:
-                        problems.append(problem)
-                        if progress:
-                            tqdm.write(f"skipped: {problem}", file=sys.stderr)
-                        continue
-                    summary.input_bytes += doc.filesize
-                    batch.append(doc)
-                    size += len(doc.tier1) + len(doc.tier2)
-                    if len(batch) >= BATCH_DOCS or size >= batch_bytes:
-                        uploads.put(batch)
-                        batch, size = [], 0
-                if batch and not failure:
-                    uploads.put(batch)
-        finally:
-            uploads.put(None)
-            thread.join()
-        if failure:
-            raise failure[0]
-        touched = [m.connection for m in members if m.assigned]
-        for _, published in self._each(lambda c: c.publish(), touched) if touched else []:
-            summary.inserted_documents += published.inserted
-            summary.duplicate_documents += published.duplicates
-        summary.processed_documents = summary.inserted_documents + summary.duplicate_documents
-        summary.skipped_files = len(problems)
-        summary.servers = {m.connection.addr: m.assigned for m in members}
+        progress: Progress = SILENT,
+        stop: threading.Event | None = None,
+    ) -> IndexSummary:
+        """Extract locally, send each batch's new documents to the server with the fewest documents,
+        publish. The summary counts, per server and in total, what the servers took."""
+        sink = _ClusterSink(self, self.discover())
+        summary = index_files(
+            sink,
+            paths,
+            path_list=path_list,
+            workers=workers,
+            batch_bytes=batch_bytes,
+            progress=progress,
+            stop=stop,
+        )
+        summary.servers = {
+            m.connection.addr: {"inserted": m.inserted, "duplicates": m.duplicates} for m in sink.members
+        }
         return summary
-
-    def _not_indexed(self, batch: list, sent: set[bytes], members: list[Member]) -> list:
-        """The documents of a batch that neither this run nor any server has already: with several
-        servers a re-indexed file could otherwise land on another server than the first time."""
-        fresh = []
-        for doc in batch:
-            if doc.source_id not in sent:
-                sent.add(doc.source_id)
-                fresh.append(doc)
-        if fresh:
-            ids = [doc.source_id for doc in fresh]
-            answers = self._each(lambda c: c.exists(ids), [m.connection for m in members])
-            fresh = [doc for i, doc in enumerate(fresh) if not any(present[i] for _, present in answers)]
-        return fresh
 
     # --- search ------------------------------------------------------------------------------------
     def search(
-        self, source: RuleSource, max_candidates: float, max_anchors: int
+        self, source: RuleSource, max_candidates: float, max_anchors: int, progress: Progress = SILENT
     ) -> tuple[SearchResult, Policy]:
-        """Search every server, merge per rule (first path seen kept), deduplicate, then cap."""
-        started = time.perf_counter()
+        """Search every server; per rule merge, deduplicate, then cap; paths of a document found on
+        several servers are merged."""
         members = self.discover()
         targets = list(source.targets)
+        lock = threading.Lock()
+        with progress.stage("planning (servers)", len(targets) * len(members), "rule") as stage:
+            planned: dict[str, int] = {}
 
-        def run(connection: Connection):
-            per_rule: list[list[tuple[bytes, str]]] = [[] for _ in targets]
-            documents = 0
-            for frame in connection.search(source.text or "", targets, max_anchors):
-                if frame.HasField("summary"):
-                    documents = frame.summary.documents
-                else:
-                    part = frame.candidates
-                    per_rule[part.rule].extend(zip(part.source_ids, part.paths, strict=True))
-            return per_rule, documents
+            def report(addr: str, done: int) -> None:
+                with lock:
+                    stage.advance(done - planned.get(addr, 0))
+                    planned[addr] = done
 
-        answers = self._each(run, [m.connection for m in members])
-        documents = sum(docs for _, (_, docs) in answers)
-        limit = candidate_limit(documents, max_candidates)
-        rules = []
-        for index, name in enumerate(targets):
-            merged: dict[bytes, Candidate] = {}
-            for _, (per_rule, _) in answers:
-                for source_id, path in per_rule[index]:
-                    merged.setdefault(source_id, Candidate(source_id, path or None))
-            candidates = list(merged.values())
-            truncated = limit is not None and len(candidates) > limit
-            rules.append(
-                RuleResult(
-                    rule=name,
-                    candidates=candidates[:limit] if truncated else candidates,
-                    candidate_count=len(candidates),
-                    truncated=truncated,
-                    limit=limit if truncated else None,
-                )
+            answers = self._each(
+                lambda c: _search_one(c, source.text or "", targets, max_anchors, report),
+                [m.connection for m in members],
             )
-        servers = [c.addr for c, _ in answers]
-        return SearchResult(rules, documents, (time.perf_counter() - started) * 1000, servers), members[
-            0
-        ].policy
+        documents = sum(a.documents for _, a in answers)
+        limit = candidate_limit(documents, max_candidates)
+        rules = [
+            rule_result(name, [i for _, a in answers for i in a.per_rule[index]], limit)
+            for index, name in enumerate(targets)
+        ]
+        result = SearchResult(
+            rules,
+            documents,
+            {
+                "plan": max(a.plan_ms for _, a in answers),
+                "search": max(a.search_ms for _, a in answers),
+            },
+            servers=[c.addr for c, _ in answers],
+            offline=list(self.offline),
+        )
+        attach_paths(result, lambda ids: _merge_paths(a.paths for _, a in answers))
+        return result, members[0].policy
 
     # --- delete, info, shutdown --------------------------------------------------------------------
-    def delete(self, values: list[str]) -> list[dict]:
-        """Delete VALUES (files, hex Source IDs, or stored paths) on every server; a value is deleted
-        if any server deleted it."""
-        members = self.discover()
-        policy = members[0].policy
-        try:
-            resolved = [resolve_value(value, policy) for value in values]
-        except ValueError as exc:
-            raise ClientError(str(exc)) from exc
-        ids = [v for v in resolved if isinstance(v, bytes)]
-        paths = [v for v in resolved if isinstance(v, str)]
-        answers = self._each(lambda c: c.delete(ids, paths), [m.connection for m in members])
-        rows = []
-        for value, target in zip(values, resolved, strict=True):
-            if isinstance(target, bytes):
-                at = ids.index(target)
-                done = [c.addr for c, reply in answers if reply.deleted[at]]
-                identity = target.hex()
-            else:
-                at = paths.index(target)
-                done = [c.addr for c, reply in answers if reply.by_path[at].source_ids]
-                found = [i.hex() for _, reply in answers for i in reply.by_path[at].source_ids]
-                identity = found[0] if found else None
-            rows.append(
-                {
-                    "value": value,
-                    "status": "deleted" if done else "missing",
-                    "identity": identity,
-                    "servers": done,
-                }
-            )
-        return rows
+    def delete(self, values: list[str]) -> list[Deletion]:
+        """Delete VALUES (see sspry.deleting) on every server."""
+        return delete_values(_ClusterDeleter(self, self.discover()), values)
 
     def info(self) -> list[dict]:
         out = []
@@ -280,3 +182,130 @@ class Cluster:
 
     def shutdown(self) -> list[tuple[str, str]]:
         return [(c.addr, message) for c, message in self._each(lambda c: c.shutdown())]
+
+
+class _ClusterSink:
+    """The index pipeline's sink over servers: a document some server holds is a duplicate there (and
+    that server records its file); the rest of a batch goes to the server with the fewest documents."""
+
+    def __init__(self, cluster: Cluster, members: list[Member]):
+        self.cluster = cluster
+        self.members = members
+        self.policy = members[0].policy
+        self._connections = [m.connection for m in members]
+
+    def known(self, stamps: Sequence[tuple[bytes, int, int]]) -> list[bool]:
+        files = [sspry_pb2.FileStamp(path_key=k, size=s, mtime_ns=m) for k, s, m in stamps]
+        answers = self.cluster._each(lambda c: c.known_files(files), self._connections)
+        return [any(known[i] for _, known in answers) for i in range(len(stamps))]
+
+    def put(self, docs: list[Document]) -> IngestResult:
+        ids = [doc.source_id for doc in docs]
+        files = [file_stamp(doc) for doc in docs]
+        answers = dict(self.cluster._each(lambda c: c.exists(ids, files), self._connections))
+        result = IngestResult()
+        fresh = []
+        for i, doc in enumerate(docs):
+            holder = next(
+                (m for m in self.members if m.connection in answers and answers[m.connection][i]), None
+            )
+            if holder is None:
+                fresh.append(doc)
+            else:
+                holder.duplicates += 1
+                result.duplicates += 1
+        if fresh:
+            target = min(self.members, key=lambda m: m.documents + m.inserted)
+            reply = target.connection.insert([doc.to_row() for doc in fresh])
+            target.inserted += reply.inserted
+            target.duplicates += reply.duplicates
+            result += IngestResult(reply.inserted, reply.duplicates)
+        return result
+
+    def finish(self) -> None:
+        touched = [m.connection for m in self.members if m.inserted]
+        if touched:
+            self.cluster._each(lambda c: c.publish(), touched)
+
+
+class _ClusterDeleter:
+    def __init__(self, cluster: Cluster, members: list[Member]):
+        self.cluster = cluster
+        self.policy = members[0].policy
+        self._connections = [m.connection for m in members]
+
+    def delete_ids(self, source_ids: list[bytes]) -> list[list[str]]:
+        if not source_ids:
+            return []
+        answers = self.cluster._each(lambda c: c.delete(source_ids, []), self._connections)
+        return [[c.addr for c, reply in answers if reply.deleted[i]] for i in range(len(source_ids))]
+
+    def delete_paths(self, paths: list[str]) -> list[list[tuple[str, PathDeletion]]]:
+        if not paths:
+            return []
+        answers = self.cluster._each(lambda c: c.delete([], paths), self._connections)
+        out = []
+        for i, path in enumerate(paths):
+            found = []
+            for connection, reply in answers:
+                match = reply.by_path[i]
+                if match.source_id:
+                    deletion = PathDeletion(
+                        path, bytes(match.source_id), match.document_deleted, match.remaining_paths
+                    )
+                    found.append((connection.addr, deletion))
+            out.append(found)
+        return out
+
+
+@dataclass
+class _Answer:
+    """One server's answer to a search."""
+
+    per_rule: list[list[bytes]]
+    paths: dict[bytes, PathsOf] = field(default_factory=dict)
+    documents: int = 0
+    plan_ms: float = 0.0
+    search_ms: float = 0.0
+
+
+def _search_one(
+    connection: Connection,
+    source: str,
+    targets: list[str],
+    max_anchors: int,
+    report: Callable[[str, int], None],
+) -> _Answer:
+    answer = _Answer([[] for _ in targets])
+    for frame in connection.search(source, targets, max_anchors):
+        kind = frame.WhichOneof("frame")
+        if kind == "candidates":
+            answer.per_rule[frame.candidates.rule].extend(frame.candidates.source_ids)
+        elif kind == "paths":
+            for doc in frame.paths.documents:
+                answer.paths[doc.source_id] = PathsOf(tuple(doc.paths), doc.path_count)
+        elif kind == "progress":
+            report(connection.addr, frame.progress.done)
+        elif kind == "summary":
+            summary = frame.summary
+            answer.documents, answer.plan_ms, answer.search_ms = (
+                summary.documents,
+                summary.plan_ms,
+                summary.search_ms,
+            )
+    report(connection.addr, len(targets))
+    return answer
+
+
+def _merge_paths(found: Iterable[dict[bytes, PathsOf]]) -> dict[bytes, PathsOf]:
+    """One document's paths from several servers (each holds the files it was sent)."""
+    merged: dict[bytes, PathsOf] = {}
+    for answer in found:
+        for source_id, paths in answer.items():
+            before = merged.get(source_id)
+            if before is None:
+                merged[source_id] = paths
+            else:
+                shown = tuple(dict.fromkeys(before.paths + paths.paths))[:SHOWN_PATHS]
+                merged[source_id] = PathsOf(shown, before.count + paths.count)
+    return merged

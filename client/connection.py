@@ -104,8 +104,14 @@ class Connection:
         except grpc.RpcError as exc:
             raise self._error(exc) from None
 
-    def exists(self, source_ids: list[bytes]) -> list[bool]:
-        return list(self._unary(self.stub.Exists, sspry_pb2.ExistsRequest(source_ids=source_ids)).present)
+    def exists(self, source_ids: list[bytes], files: list[sspry_pb2.FileStamp] | None = None) -> list[bool]:
+        """Which documents the server holds; with `files`, it records them for those it holds."""
+        request = sspry_pb2.ExistsRequest(source_ids=source_ids, files=files or [])
+        return list(self._unary(self.stub.Exists, request).present)
+
+    def known_files(self, files: list[sspry_pb2.FileStamp]) -> list[bool]:
+        request = sspry_pb2.KnownFilesRequest(files=files)
+        return list(self._unary(self.stub.KnownFiles, request, timeout=max(self.timeout, 120.0)).known)
 
     def publish(self) -> sspry_pb2.PublishResponse:
         return self._unary(self.stub.Publish, sspry_pb2.PublishRequest(), timeout=max(self.timeout, 3600.0))

@@ -33,7 +33,7 @@ import numpy as np
 import yara
 
 from sspry.client.cluster import Cluster
-from sspry.features.extract import walk
+from sspry.features.walk import walk
 from sspry.indexing import IndexSummary, index_paths
 from sspry.policy import Policy
 from sspry.query.rules import load_rule_file
@@ -117,7 +117,7 @@ def main() -> None:
     work = args.work / f"docs-{args.docs}"
     corpus_dir = work / "corpus"
     corpus = benchmark_corpus(corpus_dir, args.docs)
-    files = walk([str(corpus_dir / "files")]).files
+    files = walk([str(corpus_dir / "files")]).paths
     corpus_bytes = corpus["bytes"]
     rules_dir = corpus_dir / "rules"
     report: dict = {"docs": args.docs, "corpus_bytes": corpus_bytes, "cores": CORES}
@@ -128,7 +128,7 @@ def main() -> None:
         Forest.init(local, Policy(store_path=True))
         with Forest.open(local, writable=True) as forest:
             report["local_index"] = timed_index(
-                lambda: index_paths(forest, [str(corpus_dir / "files")], progress=False),
+                lambda: index_paths(forest, [str(corpus_dir / "files")]),
                 work / "local-index.json",
             )
     else:
@@ -227,7 +227,7 @@ def main() -> None:
             with Cluster([addr], timeout=600) as cluster:
                 if fresh:
                     report["server_index"] = timed_index(
-                        lambda: cluster.index([str(corpus_dir / "files")], progress=False),
+                        lambda: cluster.index([str(corpus_dir / "files")]),
                         work / "server-index.json",
                     )
                 else:

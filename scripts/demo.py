@@ -23,7 +23,7 @@ from pathlib import Path
 import yara
 
 from sspry import synthetic
-from sspry.features.extract import walk
+from sspry.features.walk import walk
 
 REPO = Path(__file__).resolve().parents[1]
 WORK = REPO / "demo-work"
@@ -54,7 +54,7 @@ def main() -> None:
     sspry("local", "index", "--root", root, *roots)
     index_s = time.perf_counter() - started
 
-    files = walk(roots).files
+    files = walk(roots).paths
     total_bytes = sum(os.path.getsize(p) for p in files)
 
     verified: dict[str, set[str]] = {}
@@ -71,7 +71,7 @@ def main() -> None:
                 f"  {rule['rule']:28s} candidates {rule['candidate_count']:5d}   verified {len(matched):5d}"
             )
             for candidate in matched[:3]:
-                print(f"      {candidate['source_id'][:16]}…  {candidate['path']}")
+                print(f"      {candidate['source_id'][:16]}…  {', '.join(candidate['paths'])}")
 
     # The bundle, searched in one pass; then the same rules by brute force: YARA over every file.
     started = time.perf_counter()

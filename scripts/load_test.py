@@ -62,7 +62,7 @@ def main() -> None:
         }
         try:
             with Cluster([addr]) as cluster:
-                cluster.index([str(base.directory)], progress=False)
+                cluster.index([str(base.directory)])
             stop = time.monotonic() + args.seconds
             errors: list[str] = []
             counts = {"searches": 0}
@@ -104,7 +104,7 @@ def main() -> None:
                         )
                         started = time.perf_counter()
                         try:
-                            cluster.index([str(batch.directory)], progress=False)
+                            cluster.index([str(batch.directory)])
                         except Exception as exc:
                             errors.append(f"index: {exc}")
                         indexed["seconds"] += time.perf_counter() - started

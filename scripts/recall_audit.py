@@ -24,7 +24,7 @@ from pathlib import Path
 import yara
 from tqdm import tqdm
 
-from sspry.features.extract import walk
+from sspry.features.walk import walk
 from sspry.indexing import index_paths
 from sspry.policy import Policy
 from sspry.query.condition import plan_rules
@@ -102,7 +102,7 @@ def main() -> int:
                 file=sys.stderr,
             )
 
-    files = walk(args.corpus).files
+    files = walk(args.corpus).paths
     paths = rule_files(args.rules)
     compiled, namespaces, compile_errors = compile_all(paths)
     truth, scan_failures = ground_truth(compiled, files, args.workers)

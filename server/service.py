@@ -19,14 +19,16 @@ import grpc
 import yara
 
 from sspry.policy import PolicyError
-from sspry.query.condition import plan_rules
+from sspry.query.condition import iter_plans
 from sspry.query.search import search_snapshot
 from sspry.store.forest import PUBLISH_BYTES, Forest
 from sspry.v1 import sspry_pb2, sspry_pb2_grpc
-from sspry.wire import RowAssembler, WireError, policy_to_proto
+from sspry.wire import RowAssembler, WireError, file_record, policy_to_proto
 
 CANDIDATES_PER_FRAME = 10_000
+PATH_FRAME_BYTES = 1 << 20  # paths sent per frame, roughly
 MAX_TARGETS = 100_000
+PROGRESS_INTERVAL_S = 0.5
 
 
 class SspryService(sspry_pb2_grpc.SspryServicer):
@@ -76,15 +78,41 @@ class SspryService(sspry_pb2_grpc.SspryServicer):
             for frame in request_iterator:
                 assembler.add(frame)
             rows = assembler.finish()
-            self.forest.ingest_rows(rows)
+            result = self.forest.ingest_rows(rows)
         except (WireError, PolicyError) as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"nothing written: {exc}")
         self._wrote()
-        return sspry_pb2.InsertSummary(rows=len(rows), bytes=assembler.bytes)
+        return sspry_pb2.InsertSummary(
+            rows=len(rows), bytes=assembler.bytes, inserted=result.inserted, duplicates=result.duplicates
+        )
+
+    def _source_ids(self, ids, context) -> list[bytes]:
+        """The request's Source IDs, each checked against the policy's length."""
+        policy = self.forest.policy
+        for source_id in ids:
+            if len(source_id) != policy.id_bytes:
+                message = f"source id of {len(source_id)} bytes: this forest uses {policy.id_source}"
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+        return list(ids)
 
     def Exists(self, request, context):
         self._authorize(context)
-        return sspry_pb2.ExistsResponse(present=self.forest.contains(list(request.source_ids)).tolist())
+        ids = self._source_ids(request.source_ids, context)
+        if not request.files:
+            return sspry_pb2.ExistsResponse(present=self.forest.holds(ids).tolist())
+        if len(request.files) != len(ids):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "files and source_ids differ in length")
+        try:
+            records = [file_record(f, i, self.forest.policy) for f, i in zip(request.files, ids, strict=True)]
+        except WireError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        self._wrote()
+        return sspry_pb2.ExistsResponse(present=self.forest.record_files(ids, records).tolist())
+
+    def KnownFiles(self, request, context):
+        self._authorize(context)
+        stamps = [(bytes(f.path_key), f.size, f.mtime_ns) for f in request.files]
+        return sspry_pb2.KnownFilesResponse(known=self.forest.known_files(stamps))
 
     def Publish(self, request, context):
         self._authorize(context)
@@ -96,16 +124,19 @@ class SspryService(sspry_pb2_grpc.SspryServicer):
 
     def Delete(self, request, context):
         self._authorize(context)
-        policy = self.forest.policy
-        for source_id in request.source_ids:
-            if len(source_id) != policy.id_bytes:
-                message = f"source id of {len(source_id)} bytes: this forest uses {policy.id_source}"
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
-        by_path = [sspry_pb2.PathMatch(path=p, source_ids=self.forest.find_paths([p])) for p in request.paths]
-        ids = list(request.source_ids) + [i for match in by_path for i in match.source_ids]
+        ids = self._source_ids(request.source_ids, context)
         deleted = self.forest.delete(ids) if ids else []
+        by_path = [
+            sspry_pb2.PathMatch(
+                path=d.path,
+                source_id=d.source_id or b"",
+                document_deleted=d.document_deleted,
+                remaining_paths=d.remaining_paths,
+            )
+            for d in (self.forest.delete_paths(list(request.paths)) if request.paths else [])
+        ]
         self._wrote()
-        return sspry_pb2.DeleteResponse(deleted=deleted[: len(request.source_ids)], by_path=by_path)
+        return sspry_pb2.DeleteResponse(deleted=deleted, by_path=by_path)
 
     def Search(self, request: sspry_pb2.SearchRequest, context):
         self._authorize(context)
@@ -127,27 +158,52 @@ class SspryService(sspry_pb2_grpc.SspryServicer):
         with self._counter_lock:
             self.active_searches += 1
         try:
-            plans = plan_rules(source, targets, self.forest.policy, request.max_anchors or 16)
+            started = time.perf_counter()
+            plans = []
+            reported = started
+            for plan in iter_plans(source, targets, self.forest.policy, request.max_anchors or 16):
+                plans.append(plan)
+                if time.perf_counter() - reported >= PROGRESS_INTERVAL_S:
+                    reported = time.perf_counter()
+                    progress = sspry_pb2.SearchProgress(stage="plan", done=len(plans), total=len(targets))
+                    yield sspry_pb2.SearchFrame(progress=progress)
+            planned = time.perf_counter()
             result = search_snapshot(
                 self.forest.snapshot(), plans, self.forest.policy, 0.0, self.search_workers
             )
+            paths = self.forest.paths_of(result.source_ids())
+            searched = time.perf_counter()
         finally:
             with self._counter_lock:
                 self.active_searches -= 1
         for index, rule in enumerate(result.rules):
-            candidates = rule.candidates
-            for start in range(0, max(len(candidates), 1), CANDIDATES_PER_FRAME):
-                part = candidates[start : start + CANDIDATES_PER_FRAME]
+            ids = [c.source_id for c in rule.candidates]
+            for start in range(0, max(len(ids), 1), CANDIDATES_PER_FRAME):
                 yield sspry_pb2.SearchFrame(
                     candidates=sspry_pb2.RuleCandidates(
                         rule=index,
-                        source_ids=[c.source_id for c in part],
-                        paths=[c.path or "" for c in part],
-                        rule_end=start + CANDIDATES_PER_FRAME >= len(candidates),
+                        source_ids=ids[start : start + CANDIDATES_PER_FRAME],
+                        rule_end=start + CANDIDATES_PER_FRAME >= len(ids),
                     )
                 )
+        documents, size = [], 0
+        for source_id, found in paths.items():
+            documents.append(
+                sspry_pb2.CandidatePaths(source_id=source_id, paths=found.paths, path_count=found.count)
+            )
+            size += len(source_id) + sum(len(p) + 8 for p in found.paths)
+            if size >= PATH_FRAME_BYTES:
+                yield sspry_pb2.SearchFrame(paths=sspry_pb2.PathsFrame(documents=documents))
+                documents, size = [], 0
+        if documents:
+            yield sspry_pb2.SearchFrame(paths=sspry_pb2.PathsFrame(documents=documents))
         yield sspry_pb2.SearchFrame(
-            summary=sspry_pb2.SearchSummary(documents=result.documents, elapsed_ms=result.elapsed_ms)
+            summary=sspry_pb2.SearchSummary(
+                documents=result.documents,
+                elapsed_ms=(searched - started) * 1000,
+                plan_ms=(planned - started) * 1000,
+                search_ms=(searched - planned) * 1000,
+            )
         )
 
     def Shutdown(self, request, context):

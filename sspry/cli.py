@@ -1,21 +1,31 @@
 """The `sspry` command.
 
 Exit codes: 0 success; 1 the operation ran but did not do everything asked (a value to delete was
-missing); 2 bad input (invalid option value, rule file that does not compile, uninitialised forest).
+missing); 2 bad input (invalid option value, rule file that does not compile, uninitialised forest);
+130 interrupted (SIGINT/SIGTERM): what was done is kept and summarised.
 Results go to stdout, progress and problems to stderr.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import sys
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
 
 from sspry.policy import FP_RANGE, ID_SOURCES, Policy, PolicyError, parse_gram_sizes
+from sspry.progress import Progress, Stage
 
 DEFAULT_ROOT = "candidate_db"
+ROOT_ENV = "SSPRY_ROOT"
+INTERRUPTED = 130
 
 
 class InputError(click.ClickException):
@@ -43,16 +53,82 @@ root_option = click.option(
     "--root",
     default=DEFAULT_ROOT,
     show_default=True,
+    envvar=ROOT_ENV,
+    show_envvar=True,
     type=click.Path(file_okay=False),
     help="Forest root directory.",
 )
 
 
+class _Bar(Stage):
+    def __init__(self, bar):
+        self.bar = bar
+
+    def advance(self, amount: int = 1) -> None:
+        self.bar.update(amount)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class TqdmProgress(Progress):
+    """Progress bars on stderr (shown on a terminal, after half a second), notes always."""
+
+    def stage(self, what: str, total: int | None, unit: str) -> Stage:
+        from tqdm import tqdm
+
+        byte_unit = unit == "B"
+        return _Bar(
+            tqdm(
+                total=total,
+                desc=what,
+                unit=unit,
+                unit_scale=byte_unit,
+                unit_divisor=1024 if byte_unit else 1000,
+                file=sys.stderr,
+                disable=None,
+                delay=0.5,
+                leave=False,
+            )
+        )
+
+    def note(self, message: str) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(message, file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _interruptible() -> Iterator[threading.Event]:
+    """SIGINT/SIGTERM set the event once (the work stops taking new files and keeps what it has); a
+    second signal exits at once (what was acknowledged is durable in the ingest log)."""
+    stop = threading.Event()
+
+    def handler(signum, frame) -> None:
+        if stop.is_set():
+            click.echo("interrupted again: exiting now", err=True)
+            os._exit(INTERRUPTED)
+        stop.set()
+        click.echo(
+            "interrupted: finishing the files being read and keeping what is indexed "
+            "(interrupt again to exit at once)",
+            err=True,
+        )
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 class _Sspry(click.Group):
-    """`sspry --rule RULE FILE...` (no command) scans files directly with YARA, as the original did."""
+    """`sspry --rule RULE FILE...` (options first, no command) scans files directly with YARA, as the
+    original did; an unknown command word is an error with a suggestion, never a file to scan."""
 
     def parse_args(self, ctx, args):
-        if args and args[0] not in self.commands and args[0] not in ("-h", "--help", "--version"):
+        if args and args[0].startswith("-") and args[0] not in ("-h", "--help", "--version"):
             args = ["scan", *args]
         return super().parse_args(ctx, args)
 
@@ -60,7 +136,9 @@ class _Sspry(click.Group):
 @click.group(
     cls=_Sspry,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
-    epilog="Default scan mode: sspry --rule RULE FILE...",
+    epilog="Default scan mode: sspry --rule RULE FILE|DIR...  (YARA over the files, no database). "
+    "Environment: SSPRY_ROOT (--root), SSPRY_ADDR (--addr), SSPRY_TOKEN (--token). "
+    'Shell completion: eval "$(_SSPRY_COMPLETE=bash_source sspry)" (zsh_source, fish_source).',
 )
 @click.version_option(package_name="sspry")
 def main() -> None:
@@ -232,44 +310,77 @@ def local() -> None:
     """Work on a Forest in this process, without a server (the embedded mode)."""
 
 
+workers_option = click.option(
+    "--workers",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Extraction threads (0: one per core).",
+)
+
+
+def _print_index(summary) -> None:
+    """Plain `key: value` lines; exit 130 when the run was interrupted."""
+    for key, value in summary.counts().items():
+        if key == "servers":
+            for addr, counts in value.items():
+                click.echo(f"server: {addr} " + " ".join(f"{k}={v}" for k, v in counts.items()))
+        elif isinstance(value, bool):
+            click.echo(f"{key}: {str(value).lower()}")
+        else:
+            click.echo(f"{key}: {value}")
+
+
+def _finish_index(summary, as_json: bool) -> None:
+    if summary.submitted_documents == 0 and summary.already_indexed_files == 0 and summary.problems:
+        raise InputError("no files could be indexed")
+    if as_json:
+        _emit(summary.counts())
+    else:
+        _print_index(summary)
+    if summary.interrupted:
+        sys.exit(INTERRUPTED)
+
+
 @local.command("index")
 @root_option
 @click.argument("paths", nargs=-1, required=True)
 @click.option("--path-list", is_flag=True, help="Each PATH is a file listing one path per line.")
-@click.option("--workers", default=0, type=click.IntRange(0), help="Extraction threads (0: one per core).")
+@workers_option
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def local_index(root, paths, path_list, workers, as_json):
-    """Index files (directories are walked recursively) into the Forest at ROOT."""
+    """Index files (directories are walked recursively) into the Forest at ROOT. Files indexed before
+    and unchanged since (same path, size and mtime) are not read again. Interrupting keeps what was
+    indexed, prints the summary so far and exits 130."""
     from sspry.indexing import index_paths
 
-    with _open_forest(root, writable=True) as forest:
-        summary = index_paths(forest, paths, path_list, workers)
-    if summary.submitted_documents == 0 and summary.problems:
-        raise InputError("no files could be indexed")
-    counts = summary.counts()
-    if as_json:
-        _emit(counts)
-    else:
-        for key, value in counts.items():
-            click.echo(f"{key}: {value}")
+    with _open_forest(root, writable=True) as forest, _interruptible() as stop:
+        summary = index_paths(forest, paths, path_list, workers, progress=TqdmProgress(), stop=stop)
+    _finish_index(summary, as_json)
 
 
-def _print_deleted(rows: list[dict], as_json: bool) -> None:
-    """Per value: status and identity (and, from servers, which deleted it); exit 1 unless all deleted."""
+def _print_deleted(rows: list, as_json: bool) -> None:
+    """Per value: status, identity, and why (exit 1 unless every value was deleted or path-removed)."""
     if as_json:
-        click.echo(json.dumps(rows))
+        click.echo(json.dumps([row.to_json() for row in rows]))
     else:
         for row in rows:
-            click.echo(f"value: {row['value']}")
-            click.echo(f"status: {row['status']}")
-            click.echo(f"identity: {row['identity']}")
-            if row.get("servers"):
-                click.echo(f"server: {', '.join(row['servers'])}")
-    if any(row["status"] != "deleted" for row in rows):
+            click.echo(f"value: {row.value}")
+            click.echo(f"status: {row.status}")
+            click.echo(f"identity: {row.identity or ''}")
+            if row.remaining_paths is not None:
+                click.echo(f"remaining_paths: {row.remaining_paths}")
+            if row.servers:
+                click.echo(f"server: {', '.join(row.servers)}")
+            if row.reason:
+                click.echo(f"reason: {row.reason}")
+    if any(row.status == "missing" for row in rows):
         sys.exit(1)
 
 
 def _print_search(result, verify: bool) -> None:
+    """Per rule: counts, then a line per candidate: Source ID, with --verify its outcome, and its
+    paths, tab separated (matches first when verified)."""
     several = len(result.rules) > 1
     for number, rule in enumerate(result.rules):
         if several:
@@ -282,14 +393,39 @@ def _print_search(result, verify: bool) -> None:
             click.echo(f"truncated_limit: {rule.limit}")
         rows = rule.candidates
         if verify:
-            matched = [c for c in rows if c.verified]
-            skipped = [c for c in rows if c.verified is None]
-            click.echo(f"verified_checked: {sum(1 for c in rows if c.verified is not None)}")
-            click.echo(f"verified_matched: {len(matched)}")
-            click.echo(f"verified_skipped: {len(skipped)}")
-            rows = matched + skipped
+            for key, value in rule.verified_counts().items():
+                click.echo(f"{key}: {value}")
+            order = {"match": 0, "no-match": 2}
+            rows = sorted(rows, key=lambda c: order.get(c.outcome, 1))
         for candidate in rows:
-            click.echo(candidate.source_id.hex())
+            fields = [candidate.source_id.hex()]
+            if verify:
+                fields.append(candidate.outcome)
+            fields.extend(candidate.paths)
+            if candidate.path_count > len(candidate.paths):
+                fields.append(f"(+{candidate.path_count - len(candidate.paths)} more paths)")
+            click.echo("\t".join(fields))
+
+
+def _print_result(result, verify: bool, as_json: bool, started: float) -> None:
+    result.timings_ms["total"] = (time.perf_counter() - started) * 1000
+    if as_json:
+        click.echo(json.dumps(result.to_json()))
+    else:
+        _print_search(result, verify)
+    if verify:
+        skipped = {c.source_id: c for r in result.rules for c in r.candidates if c.skipped}
+        for candidate in skipped.values():
+            click.echo(f"not verified: {candidate.source_id.hex()}: {candidate.skip_detail}", err=True)
+
+
+search_workers_option = click.option(
+    "--search-workers",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Threads over segments (0: up to 4, one per core).",
+)
 
 
 @local.command("search")
@@ -299,28 +435,27 @@ def _print_search(result, verify: bool) -> None:
 @max_candidates_option
 @click.option("--verify", is_flag=True, help="Scan candidates with YARA (needs a forest with --store-path).")
 @max_anchors_option
-@click.option("--search-workers", default=0, type=click.IntRange(0), help="Threads over segments (0: auto).")
+@search_workers_option
 def local_search(root, rule, as_json, max_candidates, verify, max_anchors_per_pattern, search_workers):
     """Return every indexed file that may match each public rule of RULE."""
     from sspry.query.rules import RuleError
     from sspry.query.search import search_rule_file
     from sspry.verify import verify as run_verify
 
+    started = time.perf_counter()
+    progress = TqdmProgress()
     with _open_forest(root, writable=False) as forest:
         if verify and not forest.policy.store_path:
             raise InputError("--verify needs stored paths: this forest was initialised without --store-path")
         try:
             result, compiled = search_rule_file(
-                forest, rule, max_candidates, max_anchors_per_pattern, search_workers
+                forest, rule, max_candidates, max_anchors_per_pattern, search_workers, progress
             )
         except RuleError as exc:
             raise InputError(str(exc)) from exc
         if verify:
-            run_verify(result, compiled, forest.policy)
-    if as_json:
-        click.echo(json.dumps(result.to_json()))
-    else:
-        _print_search(result, verify)
+            run_verify(result, compiled, forest.policy, progress=progress)
+    _print_result(result, verify, as_json, started)
 
 
 @local.command("delete")
@@ -328,22 +463,13 @@ def local_search(root, rule, as_json, max_candidates, verify, max_anchors_per_pa
 @click.argument("values", nargs=-1, required=True)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
 def local_delete(root, values, as_json):
-    """Delete documents by Source ID (hex) or by file path."""
-    from sspry.document import resolve_value
+    """Delete by VALUE: a hex Source ID deletes its document; a path forgets that file, and deletes its
+    document when no other path of the same content is recorded; an unrecorded existing file deletes the
+    document with its content. Exit 1 if a value matched nothing."""
+    from sspry.deleting import ForestDeleter, delete_values
 
     with _open_forest(root, writable=True) as forest:
-        try:
-            targets = [resolve_value(value, forest.policy) for value in values]
-        except ValueError as exc:
-            raise InputError(str(exc)) from exc
-        found = [[t] if isinstance(t, bytes) else forest.find_paths([t]) for t in targets]
-        ids = [i for group in found for i in group]
-        deleted = dict(zip(ids, forest.delete(ids), strict=True))
-    rows = []
-    for value, group in zip(values, found, strict=True):
-        done = [i for i in group if deleted.get(i)]
-        identity = (done or group or [b""])[0].hex() or None
-        rows.append({"value": value, "status": "deleted" if done else "missing", "identity": identity})
+        rows = delete_values(ForestDeleter(forest), list(values))
     _print_deleted(rows, as_json)
 
 
@@ -381,7 +507,9 @@ def _client_options(function):
         click.option(
             "--addr",
             default=None,
-            help="Server address(es), comma separated (default: $SSPRY_ADDR or 127.0.0.1:17653).",
+            envvar="SSPRY_ADDR",
+            show_envvar=True,
+            help="Server address(es), comma separated  [default: 127.0.0.1:17653]",
         ),
         click.option(
             "--timeout", default=30.0, show_default=True, type=click.FloatRange(0.1), help="Seconds per call."
@@ -391,12 +519,22 @@ def _client_options(function):
             default=64 << 20,
             show_default=True,
             type=click.IntRange(1 << 16),
-            help="Largest gRPC message sent or received.",
+            help="Largest gRPC message sent or received (larger rows are sent in pieces).",
         ),
-        click.option("--ignore-offline", is_flag=True, help="Skip servers that cannot be reached."),
-        click.option("--token", envvar="SSPRY_TOKEN", default=None, help="Shared token ($SSPRY_TOKEN)."),
         click.option(
-            "--tls-ca", type=click.Path(dir_okay=False, exists=True), help="CA certificate for TLS."
+            "--ignore-offline",
+            is_flag=True,
+            help="Go on without servers that cannot be reached (named on stderr and in --json).",
+        ),
+        click.option(
+            "--token",
+            envvar="SSPRY_TOKEN",
+            show_envvar=True,
+            default=None,
+            help="Shared token of the servers.",
+        ),
+        click.option(
+            "--tls-ca", type=click.Path(dir_okay=False, exists=True), help="CA certificate (PEM) for TLS."
         ),
     ]
     for option in reversed(options):
@@ -415,6 +553,7 @@ def _cluster(addr, timeout, max_message_bytes, ignore_offline, token, tls_ca):
     return Cluster(
         addrs,
         ignore_offline=ignore_offline,
+        progress=TqdmProgress(),
         token=token,
         tls_ca=Path(tls_ca).read_bytes() if tls_ca else None,
         timeout=timeout,
@@ -478,8 +617,14 @@ def serve(root, addr, search_workers, max_message_bytes, token, tls_cert, tls_ke
 @click.argument("paths", nargs=-1, required=True)
 @_client_options
 @click.option("--path-list", is_flag=True, help="Each PATH is a file listing one path per line.")
-@click.option("--workers", default=0, type=click.IntRange(0), help="Extraction threads (0: one per core).")
-@click.option("--batch-bytes", default=32 << 20, show_default=True, type=click.IntRange(1 << 16))
+@workers_option
+@click.option(
+    "--batch-bytes",
+    default=32 << 20,
+    show_default=True,
+    type=click.IntRange(1 << 16),
+    help="Bloom bytes sent per insert call (a batch also ends at 256 documents).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def index(
     paths,
@@ -494,27 +639,24 @@ def index(
     batch_bytes,
     as_json,
 ):
-    """Index files on server(s): extracted here, each batch sent to the server with the fewest documents,
-    published when the command returns."""
-    with _cluster(addr, timeout, max_message_bytes, ignore_offline, token, tls_ca) as cluster:
+    """Index files on server(s): extracted here, each batch's new documents sent to the server with the
+    fewest documents, published when the command returns. Files indexed before and unchanged since are
+    not read again. Interrupting keeps what was sent, prints the summary so far and exits 130."""
+    with (
+        _cluster(addr, timeout, max_message_bytes, ignore_offline, token, tls_ca) as cluster,
+        _interruptible() as stop,
+    ):
         summary = _remote(
-            lambda: cluster.index(list(paths), path_list=path_list, workers=workers, batch_bytes=batch_bytes)
+            lambda: cluster.index(
+                paths,
+                path_list=path_list,
+                workers=workers,
+                batch_bytes=batch_bytes,
+                progress=TqdmProgress(),
+                stop=stop,
+            )
         )
-        offline = cluster.offline
-    if summary.submitted_documents == 0 and summary.problems:
-        raise InputError("no files could be indexed")
-    counts = summary.counts()
-    if offline:
-        counts["offline_servers"] = offline
-    if as_json:
-        _emit(counts)
-    else:
-        for key, value in counts.items():
-            if isinstance(value, dict):
-                value = ", ".join(f"{k}={v}" for k, v in value.items())
-            elif isinstance(value, list):
-                value = ", ".join(value)
-            click.echo(f"{key}: {value}")
+    _finish_index(summary, as_json)
 
 
 @main.command()
@@ -543,20 +685,23 @@ def search(
     from sspry.query.rules import RuleError, load_rule_file
     from sspry.verify import verify as run_verify
 
+    started = time.perf_counter()
     try:
         source, compiled = load_rule_file(rule)
     except RuleError as exc:
         raise InputError(str(exc)) from exc
+    loaded = time.perf_counter()
+    progress = TqdmProgress()
     with _cluster(addr, timeout, max_message_bytes, ignore_offline, token, tls_ca) as cluster:
-        result, policy = _remote(lambda: cluster.search(source, max_candidates, max_anchors_per_pattern))
+        result, policy = _remote(
+            lambda: cluster.search(source, max_candidates, max_anchors_per_pattern, progress)
+        )
+    result.timings_ms["compile"] = (loaded - started) * 1000
     if verify:
         if not policy.store_path:
             raise InputError("--verify needs stored paths: the forest was initialised without --store-path")
-        run_verify(result, compiled, policy)
-    if as_json:
-        click.echo(json.dumps(result.to_json()))
-    else:
-        _print_search(result, verify)
+        run_verify(result, compiled, policy, progress=progress)
+    _print_result(result, verify, as_json, started)
 
 
 @main.command()
@@ -564,7 +709,7 @@ def search(
 @_client_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
 def delete(values, addr, timeout, max_message_bytes, ignore_offline, token, tls_ca, as_json):
-    """Delete documents on every server, by Source ID (hex) or file path."""
+    """Delete on every server by VALUE, as `local delete` does (Source ID, path, or file content)."""
     with _cluster(addr, timeout, max_message_bytes, ignore_offline, token, tls_ca) as cluster:
         rows = _remote(lambda: cluster.delete(list(values)))
     _print_deleted(rows, as_json)
@@ -599,25 +744,41 @@ def shutdown(addr, timeout, max_message_bytes, ignore_offline, token, tls_ca):
     "--scan-timeout", default=60, show_default=True, type=click.IntRange(1), help="Seconds per file."
 )
 @click.option("--show-tags", is_flag=True, help="Print the tags of matching rules.")
-def scan(rule, files, scan_timeout, show_tags):
-    """Scan FILES directly with YARA (the default mode: `sspry --rule RULE FILE...`)."""
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per file (JSON lines).")
+def scan(rule, files, scan_timeout, show_tags, as_json):
+    """Scan FILES directly with YARA (the default mode: `sspry --rule RULE FILE|DIR...`). Directories
+    are walked recursively; FIFOs, devices and sockets are passed over. Exit 1 if a file could not be
+    scanned."""
     import yara
 
+    from sspry.features.walk import walk
     from sspry.query.rules import RuleError, compile_rules
 
     try:
         compiled = compile_rules(rule)
     except RuleError as exc:
         raise InputError(str(exc)) from exc
-    failed = False
-    for path in files:
-        click.echo(f"file: {path}")
-        click.echo(f"rule: {rule}")
+    found = walk(files)
+    for problem in found.problems:
+        click.echo(f"skipped: {problem}", err=True)
+    failed = bool(found.problems)
+    for path in found.paths:
         try:
             matches = compiled.match(path, timeout=scan_timeout)
+            error = None
         except yara.Error as exc:
-            click.echo(f"error: {exc}")
-            failed = True
+            matches, error, failed = [], str(exc), True
+        if as_json:
+            row = {"file": path, "rule_file": rule, "matched": bool(matches)}
+            row["matches"] = [{"rule": m.rule, "tags": list(m.tags)} for m in matches]
+            if error:
+                row["error"] = error
+            click.echo(json.dumps(row))
+            continue
+        click.echo(f"file: {path}")
+        click.echo(f"rule: {rule}")
+        if error:
+            click.echo(f"error: {error}")
             continue
         click.echo(f"matched: {'yes' if matches else 'no'}")
         click.echo(f"match_count: {len(matches)}")

@@ -6,6 +6,7 @@ ingest log as a `sspry.v1.DocumentRow` protobuf message.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 
@@ -16,6 +17,13 @@ from sspry.v1 import sspry_pb2
 
 ENTRY_BYTES = 16
 MAX_FIELDS = 512
+PATH_KEY_BYTES = 16
+
+
+def path_key(path: str) -> bytes:
+    """The key a file is recorded under: blake2b-128 of its canonical path. Recorded for every forest,
+    also those that do not store paths, so that a re-run recognises files it has already indexed."""
+    return hashlib.blake2b(os.fsencode(path), digest_size=PATH_KEY_BYTES).digest()
 
 
 @dataclass(eq=False)
@@ -32,6 +40,8 @@ class Document:
     fields: dict[str, int] = field(default_factory=dict)
     entry_bytes: bytes = b""
     modules_scanned: bool = False
+    path_key: bytes = b""  # where the file was read (see path_key()); b"": not recorded
+    mtime_ns: int = -1  # its modification time then
 
     def bloom(self, tier: int) -> np.ndarray:
         return self.tier1 if tier == 1 else self.tier2
@@ -50,6 +60,8 @@ class Document:
             fields=self.fields,
             entry_bytes=self.entry_bytes,
             modules_scanned=self.modules_scanned,
+            path_key=self.path_key,
+            mtime_ns=self.mtime_ns,
         )
         if self.path is not None:
             row.path = self.path
@@ -84,6 +96,10 @@ class Document:
         if len(row.fields) > MAX_FIELDS or any(len(name) > 128 for name in row.fields):
             raise PolicyError("too many or too long metadata fields")
         path = row.path if row.HasField("path") else None
+        if len(row.path_key) not in (0, PATH_KEY_BYTES):
+            raise PolicyError(f"path key of {len(row.path_key)} bytes, {PATH_KEY_BYTES} expected")
+        if path is not None and row.path_key != path_key(path):
+            raise PolicyError("path key does not match the path")
         if path is not None and not policy.store_path:
             path = None
         return cls(
@@ -99,6 +115,8 @@ class Document:
             fields=dict(row.fields),
             entry_bytes=bytes(row.entry_bytes),
             modules_scanned=row.modules_scanned,
+            path_key=bytes(row.path_key),
+            mtime_ns=row.mtime_ns,
         )
 
 

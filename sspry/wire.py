@@ -11,7 +11,9 @@ from collections.abc import Iterable, Iterator
 
 from google.protobuf.message import DecodeError
 
+from sspry.document import PATH_KEY_BYTES, Document, path_key
 from sspry.policy import Policy
+from sspry.store.files import FileRecord
 from sspry.v1 import sspry_pb2
 
 FRAME_OVERHEAD = 64  # bytes a frame adds around its chunk, generously
@@ -49,6 +51,26 @@ def policy_from_proto(message: sspry_pb2.Policy) -> Policy:
         ladder_steps=message.ladder_steps,
         prefix_bytes=message.prefix_bytes,
         fold_case=message.fold_case,
+    )
+
+
+def file_stamp(doc: Document) -> sspry_pb2.FileStamp:
+    """Where a document was read, without its content (the path only if the document carries it)."""
+    stamp = sspry_pb2.FileStamp(path_key=doc.path_key, size=doc.filesize, mtime_ns=doc.mtime_ns)
+    if doc.path is not None:
+        stamp.path = doc.path
+    return stamp
+
+
+def file_record(stamp: sspry_pb2.FileStamp, source_id: bytes, policy: Policy) -> FileRecord:
+    """A received stamp as a catalog record; WireError when it is malformed."""
+    if len(stamp.path_key) != PATH_KEY_BYTES:
+        raise WireError(f"path key of {len(stamp.path_key)} bytes, {PATH_KEY_BYTES} expected")
+    path = stamp.path if stamp.HasField("path") else None
+    if path is not None and path_key(path) != stamp.path_key:
+        raise WireError("path key does not match the path")
+    return FileRecord(
+        bytes(stamp.path_key), path if policy.store_path else None, source_id, stamp.size, stamp.mtime_ns
     )
 
 

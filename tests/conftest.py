@@ -65,9 +65,7 @@ def indexed_corpus(tmp_path_factory) -> IndexedCorpus:
     root = base / "forest"
     Forest.init(root, Policy(store_path=True, shards=4))
     with Forest.open(root, writable=True) as forest:
-        summary = index_paths(
-            forest, [str(corpus.directory), str(extra), *map(str, binaries)], progress=False
-        )
+        summary = index_paths(forest, [str(corpus.directory), str(extra), *map(str, binaries)])
     assert summary.skipped_files == 0
     files = [*corpus.files, *sorted(extra.iterdir()), *binaries]
     return IndexedCorpus(root, corpus, files, rules)

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from sspry import indexing
 from sspry.cli import main
-from sspry.features import extract
+from sspry.features import walk
 from sspry.policy import Policy
 from sspry.store.forest import Forest
 
@@ -76,24 +76,31 @@ def test_local_index_search_delete_compact(tmp_path, files, rules) -> None:
     assert "submitted_documents: 5" in result.output
     assert "processed_documents: 5" in result.output
     assert "inserted_documents: 4" in result.output  # dup.txt has a.txt's content
-    again = run("local", "index", "--root", root, "--json", str(files))
-    assert json.loads(again.stdout)["inserted_documents"] == 0  # re-indexing is a no-op
+    assert "duplicate_documents: 1" in result.output
+    assert "elapsed_s: " in result.output and "mb_per_s: " in result.output
+    again = json.loads(run("local", "index", "--root", root, "--json", str(files)).stdout)
+    assert again["inserted_documents"] == 0 and again["submitted_documents"] == 0  # nothing read again
+    assert again["already_indexed_files"] == 5
 
+    a_txt, dup_txt = str(files / "a.txt"), str(files / "sub" / "dup.txt")
     plain = run("local", "search", "--root", root, "--rule", str(rules)).stdout
     blocks = plain.strip().split("\n\n")
     assert blocks[0].splitlines()[:3] == ["rule: alpha", "candidates: 1", "truncated: false"]
     alpha_id = hashlib.sha256((files / "a.txt").read_bytes()).hexdigest()
-    assert blocks[0].splitlines()[3] == alpha_id
+    assert blocks[0].splitlines()[3].split("\t") == [alpha_id, a_txt, dup_txt]  # every path of the content
 
     data = json.loads(
         run("local", "search", "--root", root, "--rule", str(rules), "--json", "--verify").stdout
     )
-    assert data["documents"] == 4 and data["elapsed_ms"] >= 0
+    assert data["documents"] == 4
+    timings = data["timings_ms"]
+    assert set(timings) == {"compile", "plan", "search", "verify", "total"}
+    assert data["elapsed_ms"] == timings["total"] >= timings["plan"] + timings["search"] + timings["verify"]
     by_rule = {r["rule"]: r for r in data["rules"]}
-    assert by_rule["alpha"]["candidates"][0]["verified"] is True
-    assert by_rule["alpha"]["candidates"][0]["path"] in (str(files / "a.txt"), str(files / "sub" / "dup.txt"))
+    alpha = by_rule["alpha"]["candidates"][0]
+    assert (alpha["verified"], alpha["paths"], alpha["path_count"]) == (True, [a_txt, dup_txt], 2)
     assert [c["verified"] for c in by_rule["beta"]["candidates"]] == [True]
-    assert sorted(c["path"] for c in by_rule["big"]["candidates"]) == [str(files / "sub" / "c.bin")]
+    assert [c["paths"] for c in by_rule["big"]["candidates"]] == [[str(files / "sub" / "c.bin")]]
 
     capped = json.loads(
         run("local", "search", "--root", root, "--rule", str(rules), "--json", "--max-candidates", "1").stdout
@@ -111,16 +118,31 @@ def test_local_index_search_delete_compact(tmp_path, files, rules) -> None:
     assert (rule["candidate_count"], rule["truncated"], rule["truncated_limit"]) == (4, True, 1)
     assert len(rule["candidates"]) == 1
 
-    deleted = run("local", "delete", "--root", root, str(files / "b.txt"), "ab" * 32, code=1).stdout
-    assert deleted.splitlines()[1] == "status: deleted" and deleted.splitlines()[4] == "status: missing"
-    run("local", "delete", "--root", root, alpha_id)
+    # one path of a content two paths hold: that path goes, the document stays, found by the other
+    deleted = json.loads(run("local", "delete", "--root", root, "--json", dup_txt).stdout)
+    assert deleted == [
+        {"value": dup_txt, "status": "path-removed", "identity": alpha_id, "remaining_paths": 1}
+    ]
+    data = json.loads(run("local", "search", "--root", root, "--rule", str(rules), "--json").stdout)
+    assert data["rules"][0]["candidates"][0]["paths"] == [a_txt]
+    deleted = run("local", "delete", "--root", root, str(files / "b.txt"), "ab" * 32, "abc", code=1).stdout
+    lines = deleted.splitlines()
+    assert lines[1] == "status: deleted" and lines[4] == "status: missing"
+    assert lines[6] == "reason: no document with this Source ID"
+    assert lines[10] == (
+        "reason: not a sha256 Source ID (64 hex digits, this is 3), and no file or recorded path of that name"
+    )
+    run("local", "delete", "--root", root, a_txt)  # its last path: the document goes
     info = json.loads(run("local", "info", "--root", root).stdout)
-    assert (info["documents"], info["deleted"]) == (2, 2)
+    assert (info["documents"], info["deleted"], info["files"]) == (2, 2, 2)
     compacted = run("local", "compact", "--root", root, "--json")
     assert json.loads(compacted.stdout)["purged_documents"] == 2
     info = json.loads(run("local", "info", "--root", root).stdout)
     assert (info["documents"], info["deleted"]) == (2, 0) and info["segments"] <= 2  # one per shard at most
     assert info["policy"]["store_path"] is True and info["disk_bytes"] > 0
+    # deleted files are read again by the next run: they are no longer indexed
+    again = json.loads(run("local", "index", "--root", root, "--json", str(files)).stdout)
+    assert (again["inserted_documents"], again["already_indexed_files"]) == (2, 2)
 
 
 def test_uninitialised_root_is_a_clear_error(tmp_path, rules) -> None:
@@ -159,16 +181,16 @@ def test_bad_rule_files(tmp_path, files) -> None:
 
 def test_vanished_file_is_reported_and_the_rest_indexed(tmp_path, files, monkeypatch) -> None:
     Forest.init(tmp_path / "forest", Policy())
-    real_walk = extract.walk
+    real_walk = walk.walk
 
     def walk_then_delete(paths, path_list=False):
         found = real_walk(paths, path_list)
         os.unlink(files / "b.txt")  # vanishes between the walk and its extraction
         return found
 
-    monkeypatch.setattr(extract, "walk", walk_then_delete)  # index_paths imports it when called
+    monkeypatch.setattr(walk, "walk", walk_then_delete)  # index_paths imports it when called
     with Forest.open(tmp_path / "forest", writable=True) as forest:
-        summary = indexing.index_paths(forest, [str(files)], progress=False)
+        summary = indexing.index_paths(forest, [str(files)])
         assert summary.skipped_files == 1
         assert "b.txt" in summary.problems[0].path and "No such file" in summary.problems[0].reason
         assert summary.inserted_documents == 3

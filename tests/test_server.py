@@ -80,10 +80,18 @@ def test_two_servers_index_search_delete_info_shutdown(servers, indexed_corpus, 
     generated = str(indexed_corpus.corpus.directory)
     summary = json.loads(run("index", "--addr", addrs, "--json", "--batch-bytes", "65536", generated).stdout)
     assert summary["submitted_documents"] == len(indexed_corpus.corpus.files)
-    assert all(count > 0 for count in summary["servers"].values()), "batches go to both servers"
+    per_server = summary["servers"]
+    assert all(counts["inserted"] > 0 for counts in per_server.values()), "batches go to both servers"
+    infos = {i["addr"]: i for i in json.loads(run("info", "--addr", addrs).stdout)}
+    # the summary is what the servers hold after the run, per server and in total
+    assert {addr: counts["inserted"] for addr, counts in per_server.items()} == {
+        addr: info["documents"] for addr, info in infos.items()
+    }
+    assert summary["inserted_documents"] == sum(i["documents"] for i in infos.values())
+    assert summary["inserted_documents"] + summary["duplicate_documents"] == summary["submitted_documents"]
     again = json.loads(run("index", "--addr", addrs, "--json", "--batch-bytes", "65536", generated).stdout)
-    assert again["inserted_documents"] == 0  # re-indexing is a no-op across servers too
-    assert again["duplicate_documents"] == again["submitted_documents"] == len(indexed_corpus.corpus.files)
+    assert again["inserted_documents"] == again["submitted_documents"] == 0  # nothing read again
+    assert again["already_indexed_files"] == len(indexed_corpus.corpus.files)
 
     # the same rules on a local forest built from the same files give the same candidates
     local = tmp_path / "local"
@@ -91,7 +99,7 @@ def test_two_servers_index_search_delete_info_shutdown(servers, indexed_corpus, 
     with Forest.open(local, writable=True) as forest:
         from sspry.indexing import index_paths
 
-        index_paths(forest, [generated], progress=False)
+        index_paths(forest, [generated])
         expected, _ = search_rule_file(forest, str(indexed_corpus.rules))
     remote = json.loads(run("search", "--addr", addrs, "--rule", str(indexed_corpus.rules), "--json").stdout)
     assert sorted(remote["servers"]) == sorted(addrs.split(","))

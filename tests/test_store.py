@@ -9,11 +9,12 @@ import random
 import numpy as np
 import pytest
 
-from sspry.document import Document
+from sspry.document import Document, path_key
 from sspry.features.sizing import bloom_positions, ladder
 from sspry.policy import BLOCK_BITS, Policy, PolicyError
 from sspry.query.gather import read_leaves
-from sspry.store.forest import Forest, ForestError
+from sspry.store.files import PathsOf
+from sspry.store.forest import Forest, ForestError, IngestResult
 from sspry.store.ingest_log import read_log
 from sspry.store.segment import FreshPart, SegmentPart, SegmentReader, build_segment
 
@@ -38,6 +39,8 @@ def make_doc(
         entropy=rng.random() * 8,
         prefix=content[: rng.randrange(33)],
         path=path,
+        path_key=path_key(path) if path else b"",
+        mtime_ns=rng.randrange(1 << 60) if path else -1,
     )
 
 
@@ -69,7 +72,6 @@ def test_segment_round_trip(tmp_path, count: int) -> None:
         assert int(reader.filesize[i]) == doc.filesize
         assert float(reader.entropy[i]) == doc.entropy
         assert reader.prefix[i, : reader.prefix_len[i]].tobytes() == doc.prefix
-        assert reader.path(i) == doc.path
     # the query-side read of gram leaves agrees with testing each stored bloom directly
     for tier in (1, 2):
         k = rng.choice([1, 2, 3])
@@ -114,12 +116,11 @@ def test_merging_segments_keeps_survivors_exactly(tmp_path) -> None:
             expected[reader.source_id(int(i))] = (
                 stored_bloom(reader, int(i), 1),
                 stored_bloom(reader, int(i), 2),
-                reader.path(int(i)),
             )
     assert merged.docs == len(expected)
     for i in range(merged.docs):
         want = expected[merged.source_id(i)]
-        assert (stored_bloom(merged, i, 1), stored_bloom(merged, i, 2), merged.path(i)) == want
+        assert (stored_bloom(merged, i, 1), stored_bloom(merged, i, 2)) == want
 
 
 def test_init_validates_and_is_idempotent(tmp_path) -> None:
@@ -159,19 +160,20 @@ def test_publish_dedups_deletes_and_compacts(tmp_path) -> None:
     rng = random.Random(11)
     docs = [make_doc(policy, rng, path=f"/d/{i}") for i in range(60)]
     with Forest.open(tmp_path / "f", writable=True) as forest:
-        forest.ingest(docs[:30])
-        forest.ingest(docs[:10])  # duplicates inside one publish
+        assert forest.ingest(docs[:30]) == IngestResult(30, 0)
+        assert forest.ingest(docs[:10]) == IngestResult(0, 10)  # waiting in the log: duplicates already
         first = forest.publish()
-        assert (first.inserted, first.duplicates) == (30, 10)
-        forest.ingest(docs[25:60])
-        second = forest.publish()
-        assert (second.inserted, second.duplicates) == (30, 5)
+        assert (first.inserted, first.duplicates) == (30, 0)
+        assert forest.ingest(docs[25:60] + docs[59:60]) == IngestResult(30, 6)
+        assert forest.publish().inserted == 30
         info = forest.info()
         assert info["documents"] == 60
         assert info["trees"] == 3  # 25 + 25 + 10: trees roll over at tree_docs
         assert forest.delete([docs[0].source_id, docs[0].source_id, b"\x01" * 32]) == [True, True, False]
         assert forest.delete([docs[0].source_id]) == [False]
-        assert forest.find_paths(["/d/5"]) == [docs[5].source_id]
+        assert forest.paths_of([docs[0].source_id, docs[5].source_id]) == {
+            docs[5].source_id: PathsOf(("/d/5",), 1)  # a deleted document's paths are forgotten
+        }
         segments_before = info["segments"]
         forest.ingest([docs[0]])  # a deleted document can be indexed again
         assert forest.publish().inserted == 1

@@ -14,17 +14,18 @@ from __future__ import annotations
 import math
 import os
 import stat
+import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 
-from sspry.document import Document
+from sspry.document import Document, path_key
 from sspry.features import kernels
 from sspry.features.metadata import module_fields
 from sspry.features.sizing import HLL_PRECISION, bloom_blocks
+from sspry.features.walk import SkippedFile
 from sspry.policy import BLOCK_BITS, Policy
 
 IN_MEMORY_BYTES = 256 << 20
@@ -32,15 +33,6 @@ STREAM_CHUNK = 16 << 20
 EXACT_MIN_BYTES = 1 << 20  # below this, scanning the 2 MiB 3-gram bitmap costs more than hashing windows
 KEEP_HASHES_MAX_BYTES = 32 << 20  # up to this size a file's bloom hashes are kept between the two scans
 HLL_THRESHOLD = 15500  # datasketch's linear-counting threshold for precision 14
-
-
-class SkippedFile(Exception):
-    """A file that could not be indexed (unreadable, vanished, changed while read); the run goes on."""
-
-    def __init__(self, path: str, reason: str):
-        super().__init__(f"{path}: {reason}")
-        self.path = path
-        self.reason = reason
 
 
 def shannon_entropy(hist: np.ndarray) -> float:
@@ -193,6 +185,7 @@ def extract_file(path: str, policy: Policy) -> Document:
         raise SkippedFile(path, exc.strerror or str(exc)) from exc
     finally:
         handle.close()
+    canonical = os.path.realpath(path)
     return Document(
         source_id=source_id,
         filesize=info.st_size,
@@ -202,57 +195,13 @@ def extract_file(path: str, policy: Policy) -> Document:
         tier2_estimate=tiers[1].estimate,
         entropy=shannon_entropy(hist),
         prefix=prefix,
-        path=os.path.realpath(path) if policy.store_path else None,
+        path=canonical if policy.store_path else None,
         fields=fields,
         entry_bytes=entry_bytes,
         modules_scanned=scanned,
+        path_key=path_key(canonical),
+        mtime_ns=info.st_mtime_ns,
     )
-
-
-@dataclass
-class WalkResult:
-    files: list[str]
-    problems: list[SkippedFile]
-
-
-def walk(paths: Iterable[str], path_list: bool = False) -> WalkResult:
-    """Expand PATHS (files, directories walked recursively, or with `path_list` manifests of paths)
-    into a sorted, de-duplicated file list, collecting what could not be read instead of failing."""
-    files: set[str] = set()
-    problems: list[SkippedFile] = []
-    roots: list[str] = []
-    for given in paths:
-        if not path_list:
-            roots.append(given)
-            continue
-        try:
-            with open(given, encoding="utf-8", errors="surrogateescape") as manifest:
-                base = os.path.dirname(os.path.abspath(given))
-                for line in manifest:
-                    entry = line.rstrip("\r\n")
-                    if entry.strip():
-                        roots.append(entry if os.path.isabs(entry) else os.path.join(base, entry))
-        except OSError as exc:
-            problems.append(SkippedFile(given, f"cannot read path list: {exc.strerror}"))
-
-    def on_error(exc: OSError) -> None:
-        problems.append(SkippedFile(exc.filename or "?", exc.strerror or str(exc)))
-
-    for root in roots:
-        if os.path.isdir(root):
-            for directory, subdirs, names in os.walk(root, onerror=on_error):
-                subdirs.sort()
-                for name in names:
-                    full = os.path.join(directory, name)
-                    if os.path.isfile(full):
-                        files.add(os.path.abspath(full))
-        elif os.path.isfile(root):
-            files.add(os.path.abspath(root))
-        elif os.path.lexists(root):
-            problems.append(SkippedFile(root, "not a regular file or directory"))
-        else:
-            problems.append(SkippedFile(root, "no such file or directory"))
-    return WalkResult(sorted(files), problems)
 
 
 def default_workers() -> int:
@@ -260,13 +209,16 @@ def default_workers() -> int:
 
 
 def extract_many(
-    files: Iterable[str], policy: Policy, workers: int
+    files: Iterable[str], policy: Policy, workers: int, stop: threading.Event | None = None
 ) -> Iterator[tuple[str, Document | None, SkippedFile | None]]:
-    """Extract files on `workers` threads, yielding (path, document, problem) in input order."""
+    """Extract files on `workers` threads, yielding (path, document, problem) in input order. Once
+    `stop` is set no further file is started; those already started are finished and yielded."""
     pending: deque[tuple[str, Future]] = deque()
     window = max(2, workers * 2)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sspry-extract") as pool:
         for path in files:
+            if stop is not None and stop.is_set():
+                break
             pending.append((path, pool.submit(extract_file, path, policy)))
             if len(pending) >= window:
                 yield _collect(*pending.popleft())

@@ -14,13 +14,14 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import yaramod
 
 from sspry.features.metadata import MODULES, constants
 from sspry.policy import Policy
+from sspry.progress import SILENT, Progress
 from sspry.query.literals import GramMapper, fold_case, literal, map_sets, pattern_plan
 from sspry.query.plan import (
     FALSE,
@@ -732,29 +733,47 @@ def make_mapper(policy: Policy, max_anchors: int = DEFAULT_MAX_ANCHORS) -> GramM
     return GramMapper(policy.gram_sizes, max_anchors, policy.fold_case)
 
 
+def iter_plans(
+    source: str | yaramod.YaraFile | None,
+    targets: Sequence[str],
+    policy: Policy,
+    max_anchors: int = DEFAULT_MAX_ANCHORS,
+    now: float | None = None,
+) -> Iterator[RulePlan]:
+    """One plan per target rule, in order, from source text (or an already parsed file), yielded as each
+    is done (a server reports progress between them). A source yaramod cannot parse plans every rule as
+    TRUE."""
+    if source is None:
+        yield from (RulePlan(name, TRUE, [Note(name, "not-parsed", "")]) for name in targets)
+        return
+    if isinstance(source, str):
+        try:
+            source = yaramod_parser().parse_string(source)
+        except Exception as exc:  # yaramod.ParserError and occasional RuntimeError
+            yield from (RulePlan(name, TRUE, [Note(name, "not-parsed", str(exc))]) for name in targets)
+            return
+    planner = RulesetPlanner(
+        source, policy, make_mapper(policy, max_anchors), time.time() if now is None else now
+    )
+    for name in targets:
+        if name not in planner.rules:
+            yield RulePlan(name, TRUE, [Note(name, "not-parsed", "rule not found by yaramod")])
+        else:
+            yield planner.plan(name)
+
+
 def plan_rules(
     source: str | yaramod.YaraFile | None,
     targets: Sequence[str],
     policy: Policy,
     max_anchors: int = DEFAULT_MAX_ANCHORS,
     now: float | None = None,
+    progress: Progress = SILENT,
 ) -> list[RulePlan]:
-    """One plan per target rule, from source text (or an already parsed file). A source yaramod cannot
-    parse plans every rule as TRUE."""
-    if source is None:
-        return [RulePlan(name, TRUE, [Note(name, "not-parsed", "")]) for name in targets]
-    if isinstance(source, str):
-        try:
-            source = yaramod_parser().parse_string(source)
-        except Exception as exc:  # yaramod.ParserError and occasional RuntimeError
-            return [RulePlan(name, TRUE, [Note(name, "not-parsed", str(exc))]) for name in targets]
-    planner = RulesetPlanner(
-        source, policy, make_mapper(policy, max_anchors), time.time() if now is None else now
-    )
+    """`iter_plans` as a list, reporting progress per rule."""
     plans = []
-    for name in targets:
-        if name not in planner.rules:
-            plans.append(RulePlan(name, TRUE, [Note(name, "not-parsed", "rule not found by yaramod")]))
-        else:
-            plans.append(planner.plan(name))
+    with progress.stage("planning", len(targets), "rule") as stage:
+        for plan in iter_plans(source, targets, policy, max_anchors, now):
+            plans.append(plan)
+            stage.advance()
     return plans

@@ -12,13 +12,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import yara
 
 from sspry.policy import Policy
-from sspry.query.condition import RulePlan
+from sspry.progress import SILENT, Progress
+from sspry.query.condition import RulePlan, plan_rules
 from sspry.query.evaluate import Batch, SegmentEvaluator
 from sspry.query.plan import Gram, leaves
-from sspry.query.results import Candidate, RuleResult, SearchResult, candidate_limit
-from sspry.store.forest import Snapshot
+from sspry.query.results import SearchResult, attach_paths, candidate_limit, rule_result
+from sspry.query.rules import RuleSource, load_rule_file
+from sspry.store.forest import Forest, Snapshot
 
 LEAF_CELLS = 1 << 26  # grams x documents held per segment and tier while a batch is evaluated
 
@@ -60,40 +63,50 @@ def search_snapshot(
                     docs = np.flatnonzero(mask)
                     if len(docs):
                         hits[plan_index].append((view_index, docs))
-    documents = snapshot.documents
-    limit = candidate_limit(documents, max_candidates)
-    results = []
-    for plan, found in zip(plans, hits, strict=True):
-        seen: set[bytes] = set()
-        candidates = []
-        for view_index, docs in found:
-            reader = snapshot.views[view_index].reader
-            for doc in docs.tolist():
-                source_id = reader.source_id(doc)
-                if source_id not in seen:
-                    seen.add(source_id)
-                    candidates.append(Candidate(source_id, reader.path(doc)))
-        truncated = limit is not None and len(candidates) > limit
-        results.append(
-            RuleResult(
-                rule=plan.name,
-                candidates=candidates[:limit] if truncated else candidates,
-                candidate_count=len(candidates),
-                truncated=truncated,
-                limit=limit if truncated else None,
-            )
+    readers = [v.reader for v in snapshot.views]
+    limit = candidate_limit(snapshot.documents, max_candidates)
+    results = [
+        rule_result(
+            plan.name,
+            [readers[view].source_id(doc) for view, docs in found for doc in docs.tolist()],
+            limit,
         )
-    return SearchResult(results, documents, (time.perf_counter() - started) * 1000)
+        for plan, found in zip(plans, hits, strict=True)
+    ]
+    return SearchResult(results, snapshot.documents, {"search": (time.perf_counter() - started) * 1000})
+
+
+def search_forest(
+    forest: Forest,
+    source: RuleSource,
+    max_candidates: float = 0.0,
+    max_anchors: int = 16,
+    workers: int = 0,
+    progress: Progress = SILENT,
+) -> SearchResult:
+    """Plan the rules of `source` and search a Forest with them; candidates carry their paths."""
+    started = time.perf_counter()
+    plans = plan_rules(source.text, source.targets, forest.policy, max_anchors, progress=progress)
+    planned = time.perf_counter()
+    result = search_snapshot(forest.snapshot(), plans, forest.policy, max_candidates, workers)
+    attach_paths(result, forest.paths_of)
+    result.timings_ms["plan"] = (planned - started) * 1000
+    result.timings_ms["search"] = (time.perf_counter() - planned) * 1000
+    return result
 
 
 def search_rule_file(
-    forest, rule_path: str, max_candidates: float = 0.0, max_anchors: int = 16, workers: int = 0
-):
-    """Load, plan and search one rule file on a Forest; returns (SearchResult, compiled yara rules)."""
-    from sspry.query.condition import plan_rules
-    from sspry.query.rules import load_rule_file
-
+    forest: Forest,
+    rule_path: str,
+    max_candidates: float = 0.0,
+    max_anchors: int = 16,
+    workers: int = 0,
+    progress: Progress = SILENT,
+) -> tuple[SearchResult, yara.Rules]:
+    """Load (compile and parse), plan and search one rule file on a Forest."""
+    started = time.perf_counter()
     source, compiled = load_rule_file(rule_path)
-    plans = plan_rules(source.text, source.targets, forest.policy, max_anchors)
-    result = search_snapshot(forest.snapshot(), plans, forest.policy, max_candidates, workers)
+    loaded = time.perf_counter()
+    result = search_forest(forest, source, max_candidates, max_anchors, workers, progress)
+    result.timings_ms["compile"] = (loaded - started) * 1000
     return result, compiled

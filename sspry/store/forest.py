@@ -5,11 +5,13 @@
   <root>/ingest/log_NNNNNNNNNN.bin      durable ingest logs not yet published
   <root>/trees/tree_NNNN/shard_NNN/seg_NNNNNNNNNN/   segments
   <root>/trees/tree_NNNN/shard_NNN/tomb_NNNNNNNNNN.npy  tombstone bitmaps (packed, one per segment version)
+  <root>/files.sqlite                   the file catalog: every file indexed, by path key (files.py)
   <root>/.lock                          held (flock) by the one process allowed to write
 
-Writes go: ingest (append + fsync to the log) -> publish (log rows -> new segments -> manifest swap ->
-logs removed). Documents are deduplicated by Source ID against every live document of the Forest at
-publish. A Tree takes documents until it holds `tree_docs` live ones, then the next Tree opens; inside a
+Writes go: ingest (append + fsync to the log, files recorded in the catalog) -> publish (log rows -> new
+segments -> manifest swap -> logs removed). Documents are deduplicated by Source ID at ingest, against
+every live document and every one waiting in the logs, so an ingest knows what it added; publish checks
+again. A Tree takes documents until it holds `tree_docs` live ones, then the next Tree opens; inside a
 Tree the shard is chosen by the Source ID. Deletes write a new tombstone for each touched segment and swap
 the manifest; compaction rewrites segments without their deleted documents and merges small ones.
 Readers work on a Snapshot: the segments of one manifest generation, opened through memory maps.
@@ -28,9 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
-from sspry.document import Document
+from sspry.document import Document, path_key
 from sspry.policy import Policy, PolicyError
 from sspry.store import compaction
+from sspry.store.files import CATALOG_FILE, FileCatalog, FileRecord, PathDeletion, PathsOf
 from sspry.store.ingest_log import LOG_PREFIX, LogWriter, log_name, log_seq, read_log
 from sspry.store.manifest import MANIFEST, Manifest, SegmentEntry, read_manifest, write_manifest
 from sspry.store.segment import FreshPart, SegmentPart, SegmentReader, build_segment
@@ -74,6 +77,17 @@ class PublishResult:
 
 
 @dataclass
+class IngestResult:
+    inserted: int = 0  # new documents, durable in the log and published by the next publish
+    duplicates: int = 0  # documents the forest already held: only their files were recorded
+
+    def __iadd__(self, other: IngestResult) -> IngestResult:
+        self.inserted += other.inserted
+        self.duplicates += other.duplicates
+        return self
+
+
+@dataclass
 class CompactResult:
     rewritten: int = 0
     written: int = 0
@@ -102,9 +116,12 @@ class Forest:
         self._readers: dict[str, SegmentReader] = {}
         self._tombstones: dict[str, np.ndarray] = {}
         self._log: LogWriter | None = None
-        self._logged_docs: dict[Path, list[Document]] = {}  # log file -> documents appended to it here
+        self._logged_docs: dict[Path, list[Document]] = {}  # unpublished log file -> its documents
+        self._pending: set[bytes] = set()  # Source IDs of those documents (under _log_lock)
+        self._dropped_bytes = 0  # torn log tails found at open, reported by the next publish
         self.manifest = read_manifest(root)
         self._snapshot: Snapshot | None = None
+        self.catalog = FileCatalog(root / CATALOG_FILE)
 
     # --- lifecycle ---------------------------------------------------------------------------------
     @staticmethod
@@ -150,10 +167,21 @@ class Forest:
                     f"{root} is being written by another sspry process (a server or a local index); "
                     "stop it or use the server's commands"
                 ) from None
-        forest = cls(root, policy, writable)
+        try:
+            forest = cls(root, policy, writable)
+        except BaseException:
+            if lock_file is not None:
+                lock_file.close()
+            raise
         forest._lock_file = lock_file
-        if writable:
-            forest._recover()
+        try:
+            if writable:
+                forest._recover()
+            if forest.catalog.created:
+                forest._catalog_legacy_paths()
+        except BaseException:
+            forest.close()
+            raise
         return forest
 
     def close(self) -> None:
@@ -162,6 +190,7 @@ class Forest:
                 self._log.close()
                 self._log = None
         with self._write_lock:
+            self.catalog.close()
             if self._lock_file is not None:
                 self._lock_file.close()
                 self._lock_file = None
@@ -193,6 +222,30 @@ class Forest:
             for child in shard_dir.iterdir():
                 if child not in referenced:
                     shutil.rmtree(child) if child.is_dir() else child.unlink()
+        # What the logs hold waits in memory for the next publish, as it does for rows ingested later;
+        # their files are recorded again, in case the catalog commit did not follow the log's fsync.
+        for path in self._logs():
+            rows, dropped = read_log(path)
+            self._dropped_bytes += dropped
+            docs = []
+            for row in rows:
+                with contextlib.suppress(PolicyError):  # a row this policy refuses is dropped at publish
+                    docs.append(Document.from_row(row, self.policy))
+            self._logged_docs[path] = docs
+            self._pending.update(doc.source_id for doc in docs)
+            self._record_files(docs)
+
+    def _catalog_legacy_paths(self) -> None:
+        """A new catalog beside segments written before it existed takes the paths they stored."""
+        records = []
+        for view in self.snapshot().views:
+            reader = view.reader
+            for doc in np.flatnonzero(view.live).tolist():
+                path = reader.legacy_path(doc)
+                if path is not None:
+                    size = int(reader.filesize[doc])
+                    records.append(FileRecord(path_key(path), path, reader.source_id(doc), size, -1))
+        self.catalog.record(records)
 
     # --- reading -----------------------------------------------------------------------------------
     def snapshot(self) -> Snapshot:
@@ -249,28 +302,77 @@ class Forest:
     def pending_bytes(self) -> int:
         return sum(p.stat().st_size for p in self._logs())
 
-    def ingest_rows(self, rows: Sequence[sspry_pb2.DocumentRow]) -> int:
-        """Validate rows against the policy and append them durably to the ingest log.
+    def ingest_rows(self, rows: Sequence[sspry_pb2.DocumentRow]) -> IngestResult:
+        """Validate rows against the policy, then ingest them as `ingest` does.
         Raises PolicyError (nothing written) if any row is malformed."""
         self._require_writable()
-        return self._append(rows, [Document.from_row(row, self.policy) for row in rows])
+        return self._append([Document.from_row(row, self.policy) for row in rows], rows)
 
-    def ingest(self, docs: Iterable[Document]) -> int:
-        docs = list(docs)
-        return self._append([doc.to_row() for doc in docs], docs)
+    def ingest(self, docs: Iterable[Document]) -> IngestResult:
+        """Append the documents the forest does not hold yet durably to the ingest log, and record every
+        document's file in the catalog; returns how many were new and how many duplicates."""
+        self._require_writable()
+        return self._append(list(docs), None)
 
-    def _append(self, rows: Sequence[sspry_pb2.DocumentRow], docs: list[Document]) -> int:
-        """Make rows durable in the current log, and keep their documents for the next publish so it
-        need not read the log back (the log is for crashes: a new process publishes from it)."""
+    def _append(self, docs: list[Document], rows: Sequence[sspry_pb2.DocumentRow] | None) -> IngestResult:
+        """Keep the new documents in memory for the next publish, so it need not read the log back (the
+        log is for crashes: a new process publishes from it)."""
         with self._log_lock:
-            if self._log is None:
-                logs = self._logs()
-                seq = max([self.manifest.published_log, *(log_seq(p) for p in logs)]) + 1
-                self._log = LogWriter(self.root / "ingest" / log_name(seq))
-                self._logged_docs[self._log.path] = []
-            count = self._log.append(rows)
-            self._logged_docs[self._log.path].extend(docs)
-            return count
+            present = self.contains([doc.source_id for doc in docs])
+            fresh: list[int] = []
+            seen: set[bytes] = set()
+            for i, doc in enumerate(docs):
+                if not (present[i] or doc.source_id in self._pending or doc.source_id in seen):
+                    seen.add(doc.source_id)
+                    fresh.append(i)
+            if fresh:
+                if self._log is None:
+                    logs = self._logs()
+                    seq = max([self.manifest.published_log, *(log_seq(p) for p in logs)]) + 1
+                    self._log = LogWriter(self.root / "ingest" / log_name(seq))
+                    self._logged_docs[self._log.path] = []
+                self._log.append([rows[i] if rows is not None else docs[i].to_row() for i in fresh])
+                self._logged_docs[self._log.path].extend(docs[i] for i in fresh)
+                self._pending |= seen
+            self._record_files(docs)
+        return IngestResult(inserted=len(fresh), duplicates=len(docs) - len(fresh))
+
+    def _record_files(self, docs: Iterable[Document]) -> None:
+        self.catalog.record(
+            [
+                FileRecord(doc.path_key, doc.path, doc.source_id, doc.filesize, doc.mtime_ns)
+                for doc in docs
+                if doc.path_key
+            ]
+        )
+
+    def holds(self, source_ids: Sequence[bytes]) -> np.ndarray:
+        """For each Source ID, whether the forest has it: live, or logged and waiting to be published."""
+        present = self.contains(source_ids)
+        with self._log_lock:
+            pending = self._pending
+            return present | np.array([i in pending for i in source_ids], dtype=bool)
+
+    def record_files(self, source_ids: Sequence[bytes], records: Sequence[FileRecord]) -> np.ndarray:
+        """`holds(source_ids)`, recording records[i] for each document held (a file found again)."""
+        held = self.holds(source_ids)
+        self.catalog.record([r for r, h in zip(records, held, strict=True) if h])
+        return held
+
+    def known_files(self, stamps: Sequence[tuple[bytes, int, int]]) -> list[bool]:
+        """For each (path key, size, mtime_ns): was that file indexed here, unchanged since, and does the
+        forest still hold its document? Such a file need not be read again."""
+        found = self.catalog.lookup([key for key, _, _ in stamps])
+        same: list[bytes | None] = []  # the recorded document where the file is unchanged
+        for key, size, mtime in stamps:
+            record = found.get(key)
+            unchanged = record is not None and mtime >= 0 and (record.size, record.mtime_ns) == (size, mtime)
+            same.append(record.source_id if unchanged else None)
+        held = iter(self.holds([i for i in same if i is not None]).tolist())
+        return [i is not None and next(held) for i in same]
+
+    def paths_of(self, source_ids: Sequence[bytes]) -> dict[bytes, PathsOf]:
+        return self.catalog.paths_of(source_ids)
 
     def publish(self) -> PublishResult:
         """Turn every logged row into segments and swap the manifest."""
@@ -284,6 +386,7 @@ class Forest:
                 logs = [p for p in self._logs() if log_seq(p) > self.manifest.published_log]
             if not logs:
                 return result
+            result.dropped_bytes, self._dropped_bytes = self._dropped_bytes, 0
             docs: list[Document] = []
             for path in logs:
                 kept = self._logged_docs.pop(path, None)
@@ -309,6 +412,8 @@ class Forest:
             self._swap(manifest)
             for path in logs:
                 path.unlink()
+            with self._log_lock:  # now live: held through the manifest, no longer pending
+                self._pending.difference_update(doc.source_id for doc in docs)
             result.inserted = len(fresh)
         return result
 
@@ -392,17 +497,23 @@ class Forest:
                 changed = True
             if changed:
                 self._swap(manifest)
+            self.catalog.forget_documents(list(source_ids))
             return deleted
 
-    def find_paths(self, paths: Sequence[str]) -> list[bytes]:
-        """Source IDs of live documents whose stored path is one of `paths`."""
-        wanted = set(paths)
-        found = []
-        for view in self.snapshot().views:
-            for doc in np.flatnonzero(view.live):
-                if view.reader.path(int(doc)) in wanted:
-                    found.append(view.reader.source_id(int(doc)))
-        return found
+    def delete_paths(self, paths: Sequence[str]) -> list[PathDeletion]:
+        """Forget each (canonical) path; a document goes when the last of its paths goes."""
+        self._require_writable()
+        with self._write_lock:
+            out = []
+            for path in paths:
+                found = self.catalog.forget_path(path_key(path))
+                if found is None:
+                    out.append(PathDeletion(path, None))
+                    continue
+                source_id, left = found
+                gone = left == 0 and self.delete([source_id])[0]
+                out.append(PathDeletion(path, source_id, gone, left))
+            return out
 
     def compact(self, full: bool = False) -> CompactResult:
         """Rewrite segments: all of a shard into one (`full`), or the size-tiered choice (automatic)."""
@@ -454,6 +565,7 @@ class Forest:
             "bloom_bytes": sum(v.reader.bloom_bytes() for v in snapshot.views),
             "disk_bytes": disk,
             "pending_log_bytes": self.pending_bytes,
+            "files": self.catalog.files(),
             "generation": snapshot.generation,
             "policy": self.policy.describe(),
         }

@@ -11,7 +11,9 @@ A segment is a directory written once and never changed:
   estimates.npy (docs x 2)   the distinct-gram estimates the blooms were sized from
   field_names.json, field_doc.npy, field_name.npy, field_value.npy   module fields, sparse
   t2_order.npy      document indices grouped by Tier 2 class
-  paths.bin, path_offsets.npy   stored paths (only with store_path)
+
+Paths are not stored here: a document's paths change (files.py, the file catalog, holds them). Segments
+written before the catalog existed hold them in paths.bin / path_offsets.npy, read once to fill it.
 
 Documents are ordered by Tier 1 class, so a Tier 1 class is a contiguous range of documents; a Tier 2
 class is a range of `t2_order`. Within every class the documents appear in ascending document order.
@@ -116,7 +118,6 @@ class FreshPart(Part):
             "scanned": np.array([d.modules_scanned for d in self.docs], dtype=bool),
             "estimates": np.array([(d.tier1_estimate, d.tier2_estimate) for d in self.docs], dtype=np.uint64),
             "fields": [d.fields for d in self.docs],
-            "paths": [d.path for d in self.docs],
         }
 
     def class_bits(self, tier: int, blocks: int, local: np.ndarray, r0: int, r1: int) -> np.ndarray:
@@ -154,7 +155,6 @@ class SegmentPart(Part):
             "scanned": seg.scanned[keep],
             "estimates": seg.estimates[keep],
             "fields": seg.doc_fields(keep),
-            "paths": [seg.path(int(i)) for i in keep],
         }
 
     def class_bits(self, tier: int, blocks: int, local: np.ndarray, r0: int, r1: int) -> np.ndarray:
@@ -226,13 +226,6 @@ def build_segment(directory: Path, parts: Sequence[Part], policy: Policy) -> int
     for name, array in arrays.items():
         np.save(directory / f"{name}.npy", array)
     _save_fields(directory, [columns[p]["fields"][i] for p, i in zip(part_of, local_of, strict=True)])
-    if policy.store_path:
-        encoded = [
-            (columns[p]["paths"][i] or "").encode("utf-8", "surrogateescape")
-            for p, i in zip(part_of, local_of, strict=True)
-        ]
-        np.save(directory / "path_offsets.npy", np.cumsum([0, *map(len, encoded)], dtype=np.uint64))
-        (directory / "paths.bin").write_bytes(b"".join(encoded))
 
     tables: dict[str, list[dict]] = {}
     with open(directory / "blooms.bin", "wb") as out:
@@ -323,7 +316,8 @@ class SegmentReader:
         self._t2_position: np.ndarray | None = None
 
     # --- documents ---------------------------------------------------------------------------------
-    def path(self, doc: int) -> str | None:
+    def legacy_path(self, doc: int) -> str | None:
+        """The path a segment written before the file catalog stored for `doc` (None: none stored)."""
         if self._paths is None:
             return None
         offsets, blob = self._paths

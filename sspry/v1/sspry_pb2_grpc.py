@@ -50,6 +50,11 @@ class SspryStub:
                 request_serializer=sspry_dot_v1_dot_sspry__pb2.ExistsRequest.SerializeToString,
                 response_deserializer=sspry_dot_v1_dot_sspry__pb2.ExistsResponse.FromString,
                 _registered_method=True)
+        self.KnownFiles = channel.unary_unary(
+                '/sspry.v1.Sspry/KnownFiles',
+                request_serializer=sspry_dot_v1_dot_sspry__pb2.KnownFilesRequest.SerializeToString,
+                response_deserializer=sspry_dot_v1_dot_sspry__pb2.KnownFilesResponse.FromString,
+                _registered_method=True)
         self.Publish = channel.unary_unary(
                 '/sspry.v1.Sspry/Publish',
                 request_serializer=sspry_dot_v1_dot_sspry__pb2.PublishRequest.SerializeToString,
@@ -93,7 +98,17 @@ class SspryServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Exists(self, request, context):
-        """Which of these Source IDs are live documents here (clients skip them: re-indexing is a no-op).
+        """Which of these Source IDs this server holds (live, or acknowledged and waiting to be published);
+        with `files`, it also records those files as paths of the documents it holds. Clients skip
+        documents a server holds: re-indexing is a no-op, and a content is stored on one server.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def KnownFiles(self, request, context):
+        """Which of these files were indexed here and have not changed since (same size and mtime): a re-run
+        need not read them again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -143,6 +158,11 @@ def add_SspryServicer_to_server(servicer, server):
                     servicer.Exists,
                     request_deserializer=sspry_dot_v1_dot_sspry__pb2.ExistsRequest.FromString,
                     response_serializer=sspry_dot_v1_dot_sspry__pb2.ExistsResponse.SerializeToString,
+            ),
+            'KnownFiles': grpc.unary_unary_rpc_method_handler(
+                    servicer.KnownFiles,
+                    request_deserializer=sspry_dot_v1_dot_sspry__pb2.KnownFilesRequest.FromString,
+                    response_serializer=sspry_dot_v1_dot_sspry__pb2.KnownFilesResponse.SerializeToString,
             ),
             'Publish': grpc.unary_unary_rpc_method_handler(
                     servicer.Publish,
@@ -247,6 +267,33 @@ class Sspry:
             '/sspry.v1.Sspry/Exists',
             sspry_dot_v1_dot_sspry__pb2.ExistsRequest.SerializeToString,
             sspry_dot_v1_dot_sspry__pb2.ExistsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def KnownFiles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sspry.v1.Sspry/KnownFiles',
+            sspry_dot_v1_dot_sspry__pb2.KnownFilesRequest.SerializeToString,
+            sspry_dot_v1_dot_sspry__pb2.KnownFilesResponse.FromString,
             options,
             channel_credentials,
             insecure,
