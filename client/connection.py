@@ -26,27 +26,41 @@ class OfflineError(ClientError):
     """A server could not be reached."""
 
 
-def normalize_addr(text: str) -> str:
+def check_port(port: str, *, listen: bool = False) -> int:
+    """A TCP port from 1 to 65535; 0 too when `listen` (the server picks a free one). grpc takes any
+    number and binds something else (99999 became 34463, -5 became 65531), so every address is checked here
+    before grpc sees it."""
+    low = 0 if listen else 1
+    if not (port.isascii() and port.isdigit() and low <= int(port) <= 65535):
+        raise ValueError(f"port {port!r} is not a number from {low} to 65535")
+    return int(port)
+
+
+def normalize_addr(text: str, *, listen: bool = False) -> str:
     """`host`, `host:port`, `[ipv6]`, `[ipv6]:port`, a bare IPv6 address, with or without `http(s)://`,
-    as `host:port` (port 17653 when omitted)."""
+    as `host:port` (port 17653 when omitted; see `check_port` for the range)."""
     addr = re.sub(r"^https?://", "", text.strip()).rstrip("/")
     if not addr:
         raise ValueError("empty server address")
     if addr.startswith("["):
-        host, _, rest = addr[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else ""
-        return f"[{host}]:{port or DEFAULT_PORT}"
-    if addr.count(":") > 1:  # bare IPv6
-        return f"[{addr}]:{DEFAULT_PORT}"
-    host, _, port = addr.partition(":")
-    if port and not port.isdigit():
-        raise ValueError(f"bad port in server address {text!r}")
-    return f"{host}:{port or DEFAULT_PORT}"
+        inside, closed, rest = addr[1:].partition("]")
+        if not closed or (rest and not rest.startswith(":")):
+            raise ValueError(f"bad address {text!r}")
+        host, port = f"[{inside}]", rest[1:]
+    elif addr.count(":") > 1:  # bare IPv6
+        host, port = f"[{addr}]", ""
+    else:
+        host, _, port = addr.partition(":")
+    try:
+        return f"{host}:{check_port(port, listen=listen) if port else DEFAULT_PORT}"
+    except ValueError as exc:
+        raise ValueError(f"bad address {text!r}: {exc}") from None
 
 
-def parse_addrs(text: str | None) -> list[str]:
+def parse_addrs(text: str | None, *, listen: bool = False) -> list[str]:
+    """Comma-separated addresses (default `$SSPRY_ADDR`, then 127.0.0.1:17653), normalised, deduplicated."""
     text = text or os.environ.get(ADDR_ENV) or DEFAULT_ADDR
-    addrs = [normalize_addr(part) for part in text.split(",") if part.strip()]
+    addrs = [normalize_addr(part, listen=listen) for part in text.split(",") if part.strip()]
     if not addrs:
         raise ValueError("no server address")
     return list(dict.fromkeys(addrs))
@@ -63,6 +77,7 @@ class Connection:
         max_message_bytes: int = 64 << 20,
     ):
         self.addr = addr
+        self.tls = tls_ca is not None
         self.timeout = timeout
         self.max_message_bytes = max_message_bytes
         options = [
@@ -84,8 +99,22 @@ class Connection:
     def _error(self, exc: grpc.RpcError) -> ClientError:
         code = exc.code()
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-            return OfflineError(f"server {self.addr} is not reachable ({code.name.lower()}: {exc.details()})")
+            details = exc.details() or ""
+            hint = self._tls_hint(details)
+            return OfflineError(f"server {self.addr} is not reachable ({code.name.lower()}: {details}){hint}")
         return ClientError(f"server {self.addr}: {code.name}: {exc.details()}")
+
+    def _tls_hint(self, details: str) -> str:
+        """A hint when the two ends seem to disagree on TLS. grpc does not say so; these are the details it
+        gives (grpcio 1.85): a plaintext client sees a TLS server close the socket, a TLS client reads a
+        plaintext server's reply as a bad TLS record, and a --tls-ca that is not PEM fails the handshaker."""
+        if not self.tls and re.search(r"socket closed|connection reset", details, re.IGNORECASE):
+            return "; if the server uses TLS, pass its CA certificate with --tls-ca"
+        if self.tls and "WRONG_VERSION_NUMBER" in details:
+            return "; the server may not use TLS: try without --tls-ca"
+        if self.tls and "security handshaker" in details:
+            return "; is the --tls-ca file a PEM certificate?"
+        return ""
 
     def _unary(self, method, request, timeout: float | None = None):
         try:

@@ -591,13 +591,17 @@ def _remote(call):
 def serve(root, addr, search_workers, max_message_bytes, token, tls_cert, tls_key):
     """Serve the Forest at ROOT over gRPC until SIGINT/SIGTERM or `sspry shutdown`."""
     from sspry.client.connection import parse_addrs
+    from sspry.server.app import ServeError
     from sspry.server.app import serve as run
     from sspry.store.forest import ForestError
 
     if bool(tls_cert) != bool(tls_key):
         raise click.UsageError("--tls-cert and --tls-key go together")
     try:
-        (listen,) = parse_addrs(addr)[:1]
+        (listen,) = parse_addrs(addr, listen=True)[:1]
+    except ValueError as exc:
+        raise InputError(str(exc)) from exc
+    try:
         run(
             Path(root),
             listen,
@@ -607,10 +611,10 @@ def serve(root, addr, search_workers, max_message_bytes, token, tls_cert, tls_ke
             max_message_bytes=max_message_bytes,
             search_workers=search_workers,
         )
-    except ForestError as exc:
+    except (ForestError, ServeError) as exc:
         raise InputError(str(exc)) from exc
     except OSError as exc:
-        raise InputError(f"cannot serve on {addr}: {exc}") from exc
+        raise InputError(f"cannot serve {root}: {exc}") from exc
 
 
 @main.command()

@@ -250,9 +250,9 @@ def test_token_is_checked_on_every_call(servers, tmp_path) -> None:
     assert server.process.poll() is None
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl to make a certificate")
-def test_tls(servers, tmp_path) -> None:
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+def make_cert(directory: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its unencrypted key."""
+    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
     subprocess.run(
         [
             "openssl",
@@ -275,9 +275,87 @@ def test_tls(servers, tmp_path) -> None:
         check=True,
         capture_output=True,
     )
+    return cert, key
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl to make a certificate")
+def test_tls(servers, tmp_path) -> None:
+    cert, key = make_cert(tmp_path, "server")
     server = servers("a", "--tls-cert", str(cert), "--tls-key", str(key))
     assert json.loads(run("info", "--addr", server.addr, "--tls-ca", str(cert)).stdout)["documents"] == 0
-    run("info", "--addr", server.addr, "--timeout", "3", code=1)  # plaintext to a TLS server fails
+    # plaintext to a TLS server fails, and says what to do about it
+    result = run("info", "--addr", server.addr, "--timeout", "3", code=1)
+    assert "not reachable" in result.output and "--tls-ca" in result.output
+    plain = servers("b")
+    result = run("info", "--addr", plain.addr, "--tls-ca", str(cert), "--timeout", "3", code=1)
+    assert "may not use TLS" in result.output
+    # a key that is not the certificate's, or not a key at all, stops the server before it listens
+    _, other_key = make_cert(tmp_path, "other")
+    root = tmp_path / "c"
+    Forest.init(root, Policy(shards=2))
+    line = serve_fails(root, "--tls-cert", str(cert), "--tls-key", str(other_key))
+    assert "does not match" in line
+    assert "not a PEM private key" in serve_fails(root, "--tls-cert", str(cert), "--tls-key", str(cert))
+
+
+def serve_fails(root: Path, *args: str) -> str:
+    """Run `sspry serve --root ROOT ARGS...`, which must refuse to start: exit 2 and one line on stderr
+    (no traceback, nothing on stdout). Returns that line."""
+    command = [sys.executable, "-m", "sspry", "serve", "--root", str(root), *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert "Traceback" not in done.stderr, done.stderr
+    assert (done.returncode, done.stdout) == (2, ""), (done.returncode, done.stdout, done.stderr)
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), done.stderr
+    return lines[0]
+
+
+def test_a_port_in_use_is_refused(servers, tmp_path) -> None:
+    a = servers("a")
+    other = tmp_path / "other"
+    Forest.init(other, Policy(shards=2))
+    assert "already in use" in serve_fails(other, "--addr", a.addr)
+    # not shared: every call still reaches the first server's forest
+    roots = {json.loads(run("info", "--addr", a.addr).stdout)["root"] for _ in range(8)}
+    assert roots == {str(a.root)}
+    # in this process too: refused, and the forest is released on the way out
+    result = run("serve", "--root", str(other), "--addr", a.addr, code=2)
+    assert "already in use" in result.output
+    with Forest.open(other, writable=True):
+        pass
+
+
+@pytest.mark.parametrize("port", ["99999", "65536", "-5", "abc"])
+def test_ports_out_of_range_are_refused(tmp_path, port) -> None:
+    root = tmp_path / "a"
+    Forest.init(root, Policy(shards=2))
+    assert "bad address" in serve_fails(root, "--addr", f"127.0.0.1:{port}")
+    assert "bad address" in run("info", "--addr", f"127.0.0.1:{port}", code=2).output
+    assert "bad address" in run("index", "--addr", f"[::1]:{port}", str(tmp_path), code=2).output
+
+
+def test_port_zero_is_for_serve_only(servers) -> None:
+    server = servers("a")  # serves on port 0: a free port, printed
+    assert not server.addr.endswith(":0")
+    assert "from 1 to 65535" in run("info", "--addr", "127.0.0.1:0", code=2).output
+
+
+def test_an_address_not_on_this_host_is_refused(tmp_path) -> None:
+    root = tmp_path / "a"
+    Forest.init(root, Policy(shards=2))
+    # 192.0.2.0/24 is reserved for documentation: no interface here has it, and nothing is sent to it
+    assert "cannot listen on 192.0.2.1:17653" in serve_fails(root, "--addr", "192.0.2.1:17653")
+
+
+def test_tls_files_that_are_not_pem_are_refused(tmp_path) -> None:
+    root = tmp_path / "a"
+    Forest.init(root, Policy(shards=2))
+    junk = tmp_path / "junk.pem"
+    junk.write_bytes(b"\x30\x82 not a certificate\n")
+    line = serve_fails(root, "--addr", "127.0.0.1:0", "--tls-cert", str(junk), "--tls-key", str(junk))
+    assert "is not a PEM certificate" in line
+    with Forest.open(root, writable=True):  # never locked, or released
+        pass
 
 
 def test_signals_drain_and_release_the_forest(servers) -> None:
