@@ -28,7 +28,8 @@ from sspry.wire import RowAssembler, WireError, file_record, policy_to_proto
 CANDIDATES_PER_FRAME = 10_000
 PATH_FRAME_BYTES = 1 << 20  # paths sent per frame, roughly
 MAX_TARGETS = 100_000
-PROGRESS_INTERVAL_S = 0.5
+PROGRESS_INTERVAL_S = 0.5  # while planning, a progress frame at least this often ...
+PROGRESS_RULES = 256  # ... and after every this many rules
 
 
 class SspryService(sspry_pb2_grpc.SspryServicer):
@@ -163,7 +164,7 @@ class SspryService(sspry_pb2_grpc.SspryServicer):
             reported = started
             for plan in iter_plans(source, targets, self.forest.policy, request.max_anchors or 16):
                 plans.append(plan)
-                if time.perf_counter() - reported >= PROGRESS_INTERVAL_S:
+                if len(plans) % PROGRESS_RULES == 0 or time.perf_counter() - reported >= PROGRESS_INTERVAL_S:
                     reported = time.perf_counter()
                     progress = sspry_pb2.SearchProgress(stage="plan", done=len(plans), total=len(targets))
                     yield sspry_pb2.SearchFrame(progress=progress)

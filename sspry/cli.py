@@ -582,10 +582,24 @@ def _remote(call):
 
 @main.command()
 @root_option
-@click.option("--addr", default=None, help="Listen address (default: $SSPRY_ADDR or 127.0.0.1:17653).")
-@click.option("--search-workers", default=0, type=click.IntRange(0), help="Threads per search (0: auto).")
-@click.option("--max-message-bytes", default=64 << 20, show_default=True, type=click.IntRange(1 << 16))
-@click.option("--token", envvar="SSPRY_TOKEN", default=None, help="Require this token on every call.")
+@click.option(
+    "--addr",
+    default=None,
+    envvar="SSPRY_ADDR",
+    show_envvar=True,
+    help="Listen address HOST:PORT (port 0: pick a free one, printed)  [default: 127.0.0.1:17653]",
+)
+@search_workers_option
+@click.option(
+    "--max-message-bytes",
+    default=64 << 20,
+    show_default=True,
+    type=click.IntRange(1 << 16),
+    help="Largest gRPC message sent or received.",
+)
+@click.option(
+    "--token", envvar="SSPRY_TOKEN", show_envvar=True, default=None, help="Require this token on every call."
+)
 @click.option("--tls-cert", type=click.Path(dir_okay=False, exists=True), help="TLS certificate (PEM).")
 @click.option("--tls-key", type=click.Path(dir_okay=False, exists=True), help="TLS private key (PEM).")
 def serve(root, addr, search_workers, max_message_bytes, token, tls_cert, tls_key):
@@ -598,9 +612,12 @@ def serve(root, addr, search_workers, max_message_bytes, token, tls_cert, tls_ke
     if bool(tls_cert) != bool(tls_key):
         raise click.UsageError("--tls-cert and --tls-key go together")
     try:
-        (listen,) = parse_addrs(addr, listen=True)[:1]
+        addrs = parse_addrs(addr, listen=True)
     except ValueError as exc:
         raise InputError(str(exc)) from exc
+    if len(addrs) > 1:
+        raise InputError(f"a server listens on one address, not {len(addrs)}: {', '.join(addrs)}")
+    (listen,) = addrs
     try:
         run(
             Path(root),
@@ -613,6 +630,8 @@ def serve(root, addr, search_workers, max_message_bytes, token, tls_cert, tls_ke
         )
     except (ForestError, ServeError) as exc:
         raise InputError(str(exc)) from exc
+    except PolicyError as exc:
+        raise InputError(f"{root}: {exc}") from exc
     except OSError as exc:
         raise InputError(f"cannot serve {root}: {exc}") from exc
 

@@ -251,11 +251,21 @@ def test_verify_reports_changed_and_missing_files(tmp_path, files, rules) -> Non
     data = json.loads(
         run("local", "search", "--root", root, "--rule", str(rules), "--json", "--verify").stdout
     )
-    by_rule = {r["rule"]: r for r in data["rules"]}
-    assert [c["verified"] for c in by_rule["beta"]["candidates"]] == [None]
-    assert [c["verified"] for c in by_rule["big"]["candidates"]] == [None]
-    plain = run("local", "search", "--root", root, "--rule", str(rules), "--verify").stdout
-    assert "verified_skipped: 1" in plain
+    by_rule = {r["rule"]: r["candidates"] for r in data["rules"]}
+    assert [(c["verified"], c["skipped"]) for c in by_rule["beta"]] == [(None, "changed")]
+    assert [(c["verified"], c["skipped"]) for c in by_rule["big"]] == [(None, "missing")]
+    assert "no longer exists" in by_rule["big"][0]["skip_detail"]
+    result = run("local", "search", "--root", root, "--rule", str(rules), "--verify")
+    beta = result.stdout.split("\n\n")[1].splitlines()
+    assert "verified_skipped: 1" in beta
+    assert beta[-1].split("\t")[1:] == ["skipped:changed", str(files / "b.txt")]
+    assert "changed since it was indexed" in result.stderr
+    # a.txt gone but dup.txt holds the same content: verified from the path that still holds it
+    os.unlink(files / "a.txt")
+    alpha = json.loads(
+        run("local", "search", "--root", root, "--rule", str(rules), "--json", "--verify").stdout
+    )["rules"][0]["candidates"]
+    assert [c["verified"] for c in alpha] == [True]
 
 
 def test_rule_check(tmp_path) -> None:
@@ -297,3 +307,51 @@ def test_remote_search_client_loads_no_compiled_kernels() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_unknown_command_is_an_error_with_a_suggestion(tmp_path, rules) -> None:
+    result = run("serach", "--rule", str(rules), code=2)
+    assert "No such command 'serach'" in result.output and "search" in result.output
+
+
+def test_scan_mode_walks_directories_skips_fifos_and_prints_json(tmp_path, files, rules) -> None:
+    os.mkfifo(files / "sub" / "pipe")  # a reader would block on it forever
+    plain = run("--rule", str(rules), str(files)).stdout
+    assert plain.count("file: ") == 5 and "pipe" not in plain
+    lines = [json.loads(line) for line in run("--rule", str(rules), "--json", str(files)).stdout.splitlines()]
+    matched = {Path(row["file"]).name: [m["rule"] for m in row["matches"]] for row in lines}
+    assert matched == {
+        "a.txt": ["alpha"],
+        "b.txt": ["beta"],
+        "c.bin": ["big"],
+        "dup.txt": ["alpha"],
+        "empty": [],
+    }
+    result = run("--rule", str(rules), str(files / "sub" / "pipe"), code=1)  # named: reported, not read
+    assert "not a regular file" in result.stderr
+
+
+def test_every_option_has_help_and_shows_its_default() -> None:
+    import click
+
+    def options(command, name, parent=None):
+        ctx = click.Context(command, info_name=name, parent=parent)
+        if isinstance(command, click.Group):
+            for sub, child in command.commands.items():
+                yield from options(child, sub, ctx)
+        for param in command.params:
+            if isinstance(param, click.Option):
+                yield ctx, param
+
+    checked = 0
+    for ctx, option in options(main, "sspry"):
+        checked += 1
+        where = f"{ctx.command_path} {option.opts[0]}"
+        assert option.help, f"{where} has no help"
+        _, text = option.get_help_record(ctx)
+        default = option.get_default(ctx)
+        if not option.is_flag and isinstance(default, int | float | str):
+            assert "default" in text, f"{where} hides its default {default!r}"
+    assert checked > 40
+    text = run("--help").stdout
+    assert all(word in text for word in ("SSPRY_ROOT", "SSPRY_ADDR", "SSPRY_TOKEN", "_SSPRY_COMPLETE"))

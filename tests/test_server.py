@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from sspry.cli import main
 from sspry.document import Document
 from sspry.policy import Policy
+from sspry.progress import Progress, Stage
 from sspry.query.search import search_rule_file
 from sspry.store.forest import Forest
 from sspry.v1 import sspry_pb2, sspry_pb2_grpc
@@ -144,7 +145,12 @@ def test_offline_servers(servers, tmp_path) -> None:
     result = run(
         "search", "--addr", f"{server.addr},{down}", "--rule", str(rules), "--ignore-offline", "--json"
     )
-    assert json.loads(result.stdout)["rules"][0]["candidate_count"] == 1
+    data = json.loads(result.stdout)
+    assert data["rules"][0]["candidate_count"] == 1
+    assert data["offline_servers"] == [down] and data["servers"] == [server.addr]
+    assert f"skipped offline server: server {down}" in result.stderr
+    plain = run("search", "--addr", f"{server.addr},{down}", "--rule", str(rules), "--ignore-offline")
+    assert down in plain.stderr
     run("search", "--addr", f"{server.addr},{down}", "--rule", str(rules), code=1)
 
 
@@ -377,3 +383,57 @@ def test_server_rows_round_trip_documents() -> None:
     doc.fields = {"pe.machine": 332}
     back = Document.from_row(doc.to_row(), policy)
     assert back.fields == {"pe.machine": 332} and back.tier1.tobytes() == doc.tier1.tobytes()
+
+
+class Recorder(Progress):
+    """Remembers every stage and how far each got."""
+
+    def __init__(self):
+        self.done: dict[str, int] = {}
+        self.calls: dict[str, int] = {}
+        self.totals: dict[str, int | None] = {}
+
+    def stage(self, what: str, total: int | None, unit: str) -> Stage:
+        recorder = self
+        self.totals[what] = total
+        self.done.setdefault(what, 0)
+        self.calls.setdefault(what, 0)
+
+        class Counting(Stage):
+            def advance(self, amount: int = 1) -> None:
+                recorder.done[what] += amount
+                recorder.calls[what] += 1
+
+        return Counting()
+
+
+def test_progress_of_planning_a_bundle_on_the_server_and_of_verifying(servers, tmp_path) -> None:
+    server = servers("a")
+    files = tmp_path / "files"
+    files.mkdir()
+    for i in range(3):
+        (files / f"f{i}").write_text(f"content with token{i}abcdef inside")
+    rules = tmp_path / "bundle.yar"
+    rules.write_text(
+        "".join(
+            f'rule r{i} {{ strings: $a = "token{i}abcdef" $b = {{ 0{i % 10} 02 ?? 04 [2-4] 05 }} '
+            "condition: $a or $b }\n"
+            for i in range(1500)
+        )
+    )
+    from sspry.client.cluster import Cluster
+    from sspry.query.rules import load_rule_file
+    from sspry.verify import verify
+
+    source, compiled = load_rule_file(str(rules))
+    with Cluster([server.addr]) as cluster:
+        cluster.index([str(files)])
+        recorder = Recorder()
+        result, policy = cluster.search(source, 0.0, 16, recorder)
+        verify(result, compiled, policy, progress=recorder)
+    assert recorder.totals == {"planning (servers)": 1500, "verifying": 3}
+    assert recorder.done == {"planning (servers)": 1500, "verifying": 3}
+    assert recorder.calls["planning (servers)"] > 1500 // 256  # reported while the server planned
+    assert result.timings_ms["plan"] > 0 and result.timings_ms["search"] > 0
+    verified = [[c.verified for c in r.candidates if c.verified] for r in result.rules[:4]]
+    assert verified == [[True], [True], [True], []]
