@@ -125,6 +125,7 @@ class Cluster:
         summary.servers = {
             m.connection.addr: {"inserted": m.inserted, "duplicates": m.duplicates} for m in sink.members
         }
+        summary.offline_servers = list(self.offline)
         return summary
 
     # --- search ------------------------------------------------------------------------------------

@@ -327,6 +327,8 @@ def _print_index(summary) -> None:
                 click.echo(f"server: {addr} " + " ".join(f"{k}={v}" for k, v in counts.items()))
         elif isinstance(value, bool):
             click.echo(f"{key}: {str(value).lower()}")
+        elif isinstance(value, list):
+            click.echo(f"{key}: {', '.join(value)}")
         else:
             click.echo(f"{key}: {value}")
 

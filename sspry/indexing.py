@@ -62,6 +62,7 @@ class IndexSummary:
     elapsed_s: float = 0.0
     interrupted: bool = False
     servers: dict[str, dict[str, int]] = field(default_factory=dict)  # per server: inserted, duplicates
+    offline_servers: list[str] = field(default_factory=list)  # skipped with ignore_offline
     problems: list[SkippedFile] = field(default_factory=list)
 
     @property
@@ -82,6 +83,8 @@ class IndexSummary:
         }
         if self.servers:
             out["servers"] = self.servers
+        if self.offline_servers:
+            out["offline_servers"] = self.offline_servers
         if self.interrupted:
             out["interrupted"] = True
         return out

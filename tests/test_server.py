@@ -141,7 +141,8 @@ def test_offline_servers(servers, tmp_path) -> None:
     rules.write_text('rule alpha { strings: $a = "needle-alpha" condition: $a }')
     result = run("index", "--addr", f"{server.addr},{down}", str(files), code=1)
     assert down in result.output and "not reachable" in result.output
-    run("index", "--addr", f"{server.addr},{down}", "--ignore-offline", "--timeout", "2", str(files))
+    result = run("index", "--addr", f"{server.addr},{down}", "--ignore-offline", "--timeout", "2", str(files))
+    assert f"offline_servers: {down}" in result.stdout and down in result.stderr
     result = run(
         "search", "--addr", f"{server.addr},{down}", "--rule", str(rules), "--ignore-offline", "--json"
     )
