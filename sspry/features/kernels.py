@@ -1,4 +1,4 @@
-"""Compiled (numba, GIL-free) loops over file bytes: the only per-byte work in sspry.
+"""Compiled (numba, GIL-free) loops over file bytes and bloom bytes: the only per-byte work in sspry.
 
 Kernels see one chunk at a time. A chunk after the first starts with the last CARRY bytes of the one
 before, and `first` says where the windows not seen yet begin, so streaming a file in chunks gives the
@@ -12,6 +12,9 @@ hashed into the bloom. Other gram sizes are counted with HyperLogLog and inserte
 With case folding (the policy's `fold_case`), a gram holding ASCII capitals is inserted lowercased too,
 so the bloom holds lower(g) for every gram g of the file and a `nocase` window is one gram to test.
 A run of identical grams (zero padding, for instance) is hashed once: HLL and bloom inserts are idempotent.
+
+The query side's one kernel, `gather_leaves`, lives here too (see query/gather.py), so this is the only
+module that imports numba.
 """
 
 from __future__ import annotations
@@ -351,3 +354,45 @@ def hll_collect(chunk, first, n, fold, reg, out):
 def bloom_apply(hashes, count, k, nblocks, bloom):
     """Set the bits of the first `count` kept hashes (see hll_collect)."""
     _apply(hashes, count, bloom, np.uint64(nblocks), k)
+
+
+@njit(nogil=True, cache=True)
+def gather_leaves(blooms, offsets, blocks, counts, starts, members, wanted, h2, k, out):
+    """Query side: mark in out[gram, document] the documents of every wanted class whose bloom holds all
+    k probe bits of the gram (see query/gather.py and the class layout in store/segment.py)."""
+    for c in range(offsets.shape[0]):
+        if not wanted[c]:
+            continue
+        nblocks = np.uint64(blocks[c])
+        count = counts[c]
+        q = count // 8
+        rest = count - 8 * q
+        nbits = blocks[c] * 512
+        tail = offsets[c] + nbits * q
+        row_bytes = nbits // 8
+        start = starts[c]
+        for g in range(h2.shape[0]):
+            h = h2[g]
+            base = (((h >> np.uint64(32)) * nblocks) >> np.uint64(32)) << np.uint64(9)
+            a = h & np.uint64(511)
+            b = ((h >> np.uint64(9)) & np.uint64(511)) | np.uint64(1)
+            for j in range(q):
+                value = np.uint8(0xFF)
+                for probe in range(k):
+                    position = np.int64(base + ((a + np.uint64(probe) * b) & np.uint64(511)))
+                    value &= blooms[offsets[c] + position * q + j]
+                    if value == 0:
+                        break
+                if value:  # branch-free: a Tier 1 gram is in about 40% of blooms, bits are coin flips
+                    first = start + 8 * j
+                    for bit in range(8):
+                        out[g, members[first + bit]] = (value >> np.uint8(bit)) & np.uint8(1)
+            for t in range(rest):
+                present = True
+                for probe in range(k):
+                    position = np.int64(base + ((a + np.uint64(probe) * b) & np.uint64(511)))
+                    if not (blooms[tail + t * row_bytes + (position >> 3)] >> (position & 7)) & 1:
+                        present = False
+                        break
+                if present:
+                    out[g, members[start + 8 * q + t]] = 1
