@@ -103,12 +103,13 @@ class Cluster:
     ) -> RemoteIndexSummary:
         """Extract locally, upload each batch to the server with the fewest documents, publish.
         Files that could not be read are in the summary's `problems`."""
-        from sspry.features.extract import default_workers, extract_many, walk  # compiled kernels: 0.3 s
+        from sspry.features.extract import default_workers, extract_many, walk, warm_kernels
 
         members = self.discover()
         policy = members[0].policy
         summary = RemoteIndexSummary()
         found = walk(paths, path_list)
+        warm_kernels(policy)
         problems = summary.problems
         problems.extend(found.problems)
         for problem in problems:

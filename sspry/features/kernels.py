@@ -14,21 +14,77 @@ so the bloom holds lower(g) for every gram g of the file and a `nocase` window i
 A run of identical grams (zero padding, for instance) is hashed once: HLL and bloom inserts are idempotent.
 
 The query side's one kernel, `gather_leaves`, lives here too (see query/gather.py), so this is the only
-module that imports numba.
+module that imports numba. numba keeps the machine code on disk (`cache=True`); on a machine's first run,
+or after an upgrade, a kernel compiles on its first call, after COMPILE_NOTICE on stderr.
 """
 
 from __future__ import annotations
 
+import contextlib
+import sys
+
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
-from numba.core import cgutils
+from numba.core import cgutils, event
 from numba.extending import intrinsic
 
 CARRY = 7  # bytes a chunk repeats from the previous one: enough for the largest gram (8)
 PRESENCE_BYTES = 1 << 21  # one bit per possible 3-gram
 _BATCH = 1 << 14
 _PREFETCH_AHEAD = 16
+COMPILE_NOTICE = "sspry: compiling kernels for this machine (first run only, a few seconds)..."
+
+
+def _start_numba_without_scipy() -> None:
+    """Set up numba's CPU target now, with `scipy.linalg.cython_blas` failing to import.
+
+    The target (set up on the first compile or cache load) imports scipy.linalg, 0.1 s, only to see
+    whether np.correlate and np.convolve may call BLAS; no kernel here uses them (without it numba uses
+    its own loop), and np.dot or np.linalg in any jitted function still import scipy when compiled.
+    Relies on numba internals, so any failure just leaves numba to set itself up as usual."""
+    blocked = "scipy.linalg.cython_blas"
+    if blocked in sys.modules:
+        return
+    sys.modules[blocked] = None  # makes `import scipy.linalg.cython_blas` raise ImportError
+    try:
+        from numba.core.registry import cpu_target
+
+        cpu_target.target_context.refresh()
+    except Exception:
+        pass
+    finally:
+        if sys.modules.get(blocked, 0) is None:
+            del sys.modules[blocked]
+
+
+class _CompileNotice(event.Listener):
+    """Print COMPILE_NOTICE on stderr, once per process, when numba starts compiling a kernel of this
+    module. numba compiles only when its on-disk cache ($NUMBA_CACHE_DIR, else `__pycache__` here, else
+    the user's cache directory when that is read-only) holds no machine code for the call, so a warm
+    cache stays silent. Compilations run under numba's global lock: no race on `shown`."""
+
+    def __init__(self) -> None:
+        self.shown = False
+
+    def on_start(self, ev: event.Event) -> None:
+        if self.shown:
+            return
+        try:
+            ours = ev.data["dispatcher"].py_func.__module__ == __name__
+        except Exception:
+            return
+        if ours:
+            self.shown = True
+            print(COMPILE_NOTICE, file=sys.stderr, flush=True)
+
+    def on_end(self, ev: event.Event) -> None:
+        pass
+
+
+_start_numba_without_scipy()
+with contextlib.suppress(Exception):  # should numba's event API change: no notice, never a failure
+    event.register("numba:compile", _CompileNotice())
 
 
 def first_window(carried: int, n: int) -> int:
