@@ -13,10 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from tqdm import tqdm
-
 from sspry.client.connection import ClientError, Connection, OfflineError
-from sspry.document import resolve_value
 from sspry.indexing import IndexSummary
 from sspry.policy import Policy
 from sspry.query.results import Candidate, RuleResult, SearchResult, candidate_limit
@@ -103,6 +100,8 @@ class Cluster:
     ) -> RemoteIndexSummary:
         """Extract locally, upload each batch to the server with the fewest documents, publish.
         Files that could not be read are in the summary's `problems`."""
+        from tqdm import tqdm
+
         from sspry.features.extract import default_workers, extract_many, walk, warm_kernels
 
         members = self.discover()
@@ -241,6 +240,8 @@ class Cluster:
     def delete(self, values: list[str]) -> list[dict]:
         """Delete VALUES (files, hex Source IDs, or stored paths) on every server; a value is deleted
         if any server deleted it."""
+        from sspry.document import resolve_value  # numpy: not for the other commands
+
         members = self.discover()
         policy = members[0].policy
         try:

@@ -7,12 +7,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
-from tqdm import tqdm
-
-from sspry.store.forest import PUBLISH_BYTES, Forest
-
 if TYPE_CHECKING:
     from sspry.features.extract import SkippedFile
+    from sspry.store.forest import Forest
 
 BATCH_DOCS = 256
 BATCH_BYTES = 32 << 20
@@ -39,7 +36,10 @@ def index_paths(
     forest: Forest, paths: Iterable[str], path_list: bool = False, workers: int = 0, progress: bool = True
 ) -> IndexSummary:
     """Index every file under `paths` and publish; problems are collected (and shown on stderr)."""
+    from tqdm import tqdm
+
     from sspry.features.extract import default_workers, extract_many, walk, warm_kernels
+    from sspry.store.forest import PUBLISH_BYTES
 
     summary = IndexSummary()
     found = walk(paths, path_list)

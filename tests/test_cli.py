@@ -267,7 +267,8 @@ def test_rule_check(tmp_path) -> None:
 def test_searches_load_no_compiled_kernels(tmp_path, files, rules) -> None:
     """`sspry search`/`info`/`delete` and a `local search` of a small forest start fast: the client side
     of a search (rule loading, the cluster, verification) and a small local search (numpy gathers its
-    leaves, see query/gather.py) import neither numba nor datasketch (scipy), which cost up to a second."""
+    leaves, see query/gather.py) import neither numba nor datasketch (scipy), which cost up to a second;
+    the client side not even numpy or tqdm."""
     root = str(tmp_path / "forest")
     run("init", "--root", root)
     run("local", "index", "--root", root, str(files))
@@ -281,8 +282,9 @@ def test_searches_load_no_compiled_kernels(tmp_path, files, rules) -> None:
         "from sspry.cli import main\n"
         f"main(['local', 'search', '--root', {root!r}, '--rule', {str(rules)!r}], standalone_mode=False)\n"
     )
-    check = "print(sorted(m for m in ('numba', 'datasketch', 'scipy') if m in sys.modules))\n"
-    for code in (remote, local):
+    heavy = ("numba", "datasketch", "scipy")
+    for code, unwanted in ((remote, (*heavy, "numpy", "tqdm")), (local, heavy)):
+        check = f"print(sorted(m for m in {unwanted!r} if m in sys.modules))\n"
         out = subprocess.run([sys.executable, "-c", code + check], capture_output=True, text=True, check=True)
         assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
     assert "rule: alpha\ncandidates: 1\n" in out.stdout  # the local search did run
