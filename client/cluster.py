@@ -23,7 +23,7 @@ from sspry.progress import SILENT, Progress
 from sspry.query.results import SearchResult, attach_paths, candidate_limit, rule_result
 from sspry.query.rules import RuleSource
 from sspry.store.files import SHOWN_PATHS, PathDeletion, PathsOf
-from sspry.store.forest import IngestResult
+from sspry.store.ingest_log import IngestResult
 from sspry.v1 import sspry_pb2
 from sspry.wire import file_stamp, policy_from_proto
 

@@ -148,14 +148,14 @@ def main() -> None:
             "blooms_vs_original_sizing": round(info["bloom_bytes"] / original, 3),
         }
 
-        # --- searches, in process -----------------------------------------------------------------
+        # --- searches, in process, with the compiled gather a server uses (see query/gather.py) ------
         singles = sorted((rules_dir / "single").glob("rule_*.yar"))
-        search_rule_file(forest, str(singles[0]))  # warm the maps and caches once
+        search_rule_file(forest, str(singles[0]), compiled_gather=True)  # warm the maps and caches once
         latencies = []
         single_candidates = {}
         for path in singles:
             started = time.perf_counter()
-            result, _ = search_rule_file(forest, str(path))
+            result, _ = search_rule_file(forest, str(path), compiled_gather=True)
             latencies.append((time.perf_counter() - started) * 1000)
             single_candidates[result.rules[0].rule] = {c.source_id for c in result.rules[0].candidates}
         report["single_rule_ms"] = {
@@ -170,7 +170,7 @@ def main() -> None:
             runs = []
             for _ in range(BUNDLE_RUNS if size < max(SET_SIZES) else 1):
                 started = time.perf_counter()
-                result, compiled = search_rule_file(forest, str(path))
+                result, compiled = search_rule_file(forest, str(path), compiled_gather=True)
                 runs.append(time.perf_counter() - started)
             bundles[size] = {
                 "bundle_s": round(statistics.median(runs), 3),

@@ -9,11 +9,13 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass, field
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from sspry.policy import BLOCK_BITS, Policy, PolicyError
 from sspry.v1 import sspry_pb2
+
+if TYPE_CHECKING:
+    import numpy as np
 
 ENTRY_BYTES = 16
 MAX_FIELDS = 512
@@ -70,6 +72,8 @@ class Document:
     @classmethod
     def from_row(cls, row: sspry_pb2.DocumentRow, policy: Policy) -> Document:
         """Decode and validate a row against the policy; raise PolicyError on anything malformed."""
+        import numpy as np  # not at import: clients that never decode rows start without numpy
+
         from sspry.features.sizing import is_class
 
         if len(row.source_id) != policy.id_bytes:

@@ -20,10 +20,11 @@ from typing import TYPE_CHECKING, Protocol
 from sspry.document import Document, path_key
 from sspry.policy import Policy
 from sspry.progress import SILENT, Progress
-from sspry.store.forest import PUBLISH_BYTES, Forest, IngestResult
+from sspry.store.ingest_log import IngestResult
 
 if TYPE_CHECKING:
     from sspry.features.walk import FoundFile, SkippedFile
+    from sspry.store.forest import Forest
 
 BATCH_DOCS = 256
 BATCH_BYTES = 32 << 20
@@ -101,6 +102,8 @@ class ForestSink:
         return self.forest.known_files(stamps)
 
     def put(self, docs: list[Document]) -> IngestResult:
+        from sspry.store.forest import PUBLISH_BYTES
+
         result = self.forest.ingest(docs)
         if self.forest.pending_bytes >= PUBLISH_BYTES:
             self.forest.publish()
@@ -166,7 +169,7 @@ def index_files(
     stop: threading.Event | None = None,
 ) -> IndexSummary:
     """Index every file under `paths` into `sink`; problems are collected in the summary (and noted)."""
-    from sspry.features.extract import default_workers, extract_many  # compiled kernels: 0.3 s
+    from sspry.features.extract import default_workers, extract_many, warm_kernels  # compiled kernels
     from sspry.features.walk import walk
 
     started = time.perf_counter()
@@ -182,6 +185,8 @@ def index_files(
         skip(problem)
     files = _unknown(sink, found.files, stop)
     summary.already_indexed_files = len(found.files) - len(files)
+    if files:
+        warm_kernels(sink.policy)  # a first run compiles here, announced, before the progress bar
     writer = _Writer(sink, summary)
     batch: list[Document] = []
     size = 0

@@ -1,4 +1,4 @@
-"""The bench shell scripts against a real server: they run end to end and their tables add up."""
+"""The bench scripts against a real server: they run end to end and their tables add up."""
 
 from __future__ import annotations
 
@@ -99,3 +99,20 @@ def test_index_then_search_bench(tmp_path) -> None:
     # the server was shut down: nothing answers on the address any more
     with pytest.raises(OSError), socket.create_connection(tuple(addr.rsplit(":", 1)), timeout=1):
         pass
+
+
+def test_startup_bench() -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "startup_bench.py"), "--runs", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = done.stdout.splitlines()[1:]
+    assert [row[:36].strip() for row in rows] == [
+        "sspry --help",
+        "sspry local search (3 files)",
+        "sspry search --addr (warm server)",
+    ]
+    assert all(0 < float(value) < 60 for row in rows for value in row[36:].split())

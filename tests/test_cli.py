@@ -296,17 +296,30 @@ def test_rule_check(tmp_path) -> None:
     assert f"{broken}(1)" in run("rule-check", "--rule", str(broken), code=2).output
 
 
-def test_remote_search_client_loads_no_compiled_kernels() -> None:
-    """`sspry search`/`info`/`delete` start fast: the client side of a search (rule loading, the
-    cluster, verification) must not import numba or datasketch (scipy), which cost about a second."""
-    code = (
+def test_searches_load_no_compiled_kernels(tmp_path, files, rules) -> None:
+    """`sspry search`/`info`/`delete` and a `local search` of a small forest start fast: the client side
+    of a search (rule loading, the cluster, verification) and a small local search (numpy gathers its
+    leaves, see query/gather.py) import neither numba nor datasketch (scipy), which cost up to a second;
+    the client side not even numpy or tqdm."""
+    root = str(tmp_path / "forest")
+    run("init", "--root", root)
+    run("local", "index", "--root", root, str(files))
+    remote = (
         "import sys, sspry.cli, sspry.verify\n"
         "from sspry.client.cluster import Cluster\n"
         "from sspry.query.rules import load_rule_file\n"
-        "print(sorted(m for m in ('numba', 'datasketch', 'scipy') if m in sys.modules))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    local = (
+        "import sys\n"
+        "from sspry.cli import main\n"
+        f"main(['local', 'search', '--root', {root!r}, '--rule', {str(rules)!r}], standalone_mode=False)\n"
+    )
+    heavy = ("numba", "datasketch", "scipy")
+    for code, unwanted in ((remote, (*heavy, "numpy", "tqdm")), (local, heavy)):
+        check = f"print(sorted(m for m in {unwanted!r} if m in sys.modules))\n"
+        out = subprocess.run([sys.executable, "-c", code + check], capture_output=True, text=True, check=True)
+        assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+    assert "rule: alpha\ncandidates: 1\n" in out.stdout  # the local search did run
 
 
 def test_unknown_command_is_an_error_with_a_suggestion(tmp_path, rules) -> None:

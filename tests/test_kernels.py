@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
 
 import mmh3
 import numpy as np
@@ -181,3 +183,42 @@ def test_unreadable_and_vanished_files_are_skipped(tmp_path) -> None:
         locked.chmod(0)
         with pytest.raises(extract.SkippedFile, match="Permission denied"):
             extract.extract_file(str(locked), policy)
+
+
+def _python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+
+
+def test_first_run_compiles_after_one_notice_and_later_runs_are_silent(tmp_path) -> None:
+    """With numba's cache empty, `local index` prints kernels.COMPILE_NOTICE once before compiling; with
+    the cache filled by that run, it prints nothing."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba-cache")}
+    (tmp_path / "files").mkdir()
+    (tmp_path / "files" / "a.txt").write_bytes(b"some text to index " * 50)
+    root = str(tmp_path / "forest")
+    command = [sys.executable, "-m", "sspry", "local", "index", "--root", root, str(tmp_path / "files")]
+    subprocess.run([sys.executable, "-m", "sspry", "init", "--root", root], check=True, capture_output=True)
+    runs = [subprocess.run(command, env=env, capture_output=True, text=True, check=True) for _ in range(2)]
+    assert runs[0].stderr.count(kernels.COMPILE_NOTICE) == 1, runs[0].stderr
+    assert kernels.COMPILE_NOTICE not in runs[1].stderr, runs[1].stderr
+
+
+def test_warm_kernels_compiles_what_a_small_file_needs(tmp_path) -> None:
+    """extract.warm_kernels calls the kernels with the types extract_file uses: after it, extracting a
+    small file adds no specialisation (one would compile, silently, inside the first file)."""
+    sample = tmp_path / "sample"
+    sample.write_bytes(random.Random(1).randbytes(100_000))
+    code = (
+        "import sys\n"
+        "from sspry.features import extract, kernels\n"
+        "from sspry.policy import Policy\n"
+        "def loaded():\n"
+        "    return {n: len(k.signatures) for n, k in vars(kernels).items() if hasattr(k, 'signatures')}\n"
+        "policy = Policy()\n"
+        "extract.warm_kernels(policy)\n"
+        "before = loaded()\n"
+        f"extract.extract_file({str(sample)!r}, policy)\n"
+        "print(before == loaded(), sum(before.values()))\n"
+    )
+    same, count = _python(code, dict(os.environ)).stdout.split()
+    assert same == "True" and int(count) >= 4

@@ -79,15 +79,43 @@ def test_segment_round_trip(tmp_path, count: int) -> None:
         # half the hashes are grams of the first document, so leaves are not all False
         doc0 = by_id[reader.source_id(0)].bloom(tier)
         blocks0 = len(doc0) * 8 // BLOCK_BITS
-        leaves = read_leaves(reader, tier, h2, k, None)
-        for i in range(reader.docs):
-            bloom = by_id[reader.source_id(i)].bloom(tier)
-            positions = bloom_positions(h2, len(bloom) * 8 // BLOCK_BITS, k)
-            expect = ((bloom[positions >> 3] >> (positions & 7).astype(np.uint8)) & 1).all(axis=1)
-            assert np.array_equal(leaves[:, i], expect), (tier, i, blocks0)
+        for compiled in (True, False):
+            leaves = read_leaves(reader, tier, h2, k, None, compiled=compiled)
+            for i in range(reader.docs):
+                bloom = by_id[reader.source_id(i)].bloom(tier)
+                positions = bloom_positions(h2, len(bloom) * 8 // BLOCK_BITS, k)
+                expect = ((bloom[positions >> 3] >> (positions & 7).astype(np.uint8)) & 1).all(axis=1)
+                assert np.array_equal(leaves[:, i], expect), (tier, i, blocks0, compiled)
     found = reader.find([d.source_id for d in docs] + [b"\x00" * 16])
     assert [reader.source_id(int(i)) for i in found[:-1]] == [d.source_id for d in docs]
     assert found[-1] == -1
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_numpy_gather_reads_what_the_compiled_one_reads(tmp_path, seed: int) -> None:
+    """The two gathers of query/gather.py agree on a segment of random blooms in several classes per
+    tier (Tier 2 classes are not contiguous in document order), with sliced parts and tails of 1 to 7
+    documents, reading every class or only those holding some documents."""
+    policy = Policy()
+    rng = random.Random(seed)
+    sizes = [int(s) for s in ladder(policy.ladder_steps)]
+    counts = [1, 3, 7, 8, 9, 15, 21, 36]  # documents per Tier 1 class
+    docs = [
+        make_doc(policy, rng, (sizes[c], sizes[rng.randrange(5)]))
+        for c, count in enumerate(counts)
+        for _ in range(count)
+    ]
+    rng.shuffle(docs)
+    build_segment(tmp_path / "seg", [FreshPart(docs, policy)], policy)
+    reader = SegmentReader(tmp_path / "seg")
+    assert len(reader.classes[1]) == len(counts) and len(reader.classes[2]) == 5
+    for tier in (1, 2):
+        for k in (1, 2, 4):
+            h2 = np.array([rng.getrandbits(64) for _ in range(50)], dtype=np.uint64)
+            for documents in (None, np.array([rng.random() < 0.2 for _ in range(reader.docs)])):
+                compiled = read_leaves(reader, tier, h2, k, documents, compiled=True)
+                assert 0 < compiled.sum() < compiled.size
+                assert np.array_equal(read_leaves(reader, tier, h2, k, documents, compiled=False), compiled)
 
 
 def test_merging_segments_keeps_survivors_exactly(tmp_path) -> None:

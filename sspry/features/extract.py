@@ -204,6 +204,21 @@ def extract_file(path: str, policy: Policy) -> Document:
     )
 
 
+def warm_kernels(policy: Policy) -> None:
+    """Run the kernels every file needs (those of a small file in memory) on a few bytes, through the
+    same calls as extract_file. On a machine's first run numba compiles them here, after kernels.py's
+    notice and before any progress is shown, instead of silently inside the first file; the kernels of
+    big or streamed files still compile when such a file first comes (with the notice if none was shown)."""
+    sample = np.frombuffer(bytearray(b"sspry warm-up"), dtype=np.uint8)
+    hist = np.zeros(256, dtype=np.int64)
+    kernels.byte_histogram(sample, 0, hist)
+    shannon_entropy(hist)
+    for tier in (1, 2):
+        counter = _Tier(policy, tier, len(sample), in_memory=True)
+        counter.count(sample, 0)
+        counter.size_bloom()
+
+
 def default_workers() -> int:
     return max(1, len(os.sched_getaffinity(0)))
 

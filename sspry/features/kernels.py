@@ -1,4 +1,4 @@
-"""Compiled (numba, GIL-free) loops over file bytes: the only per-byte work in sspry.
+"""Compiled (numba, GIL-free) loops over file bytes and bloom bytes: the only per-byte work in sspry.
 
 Kernels see one chunk at a time. A chunk after the first starts with the last CARRY bytes of the one
 before, and `first` says where the windows not seen yet begin, so streaming a file in chunks gives the
@@ -12,20 +12,79 @@ hashed into the bloom. Other gram sizes are counted with HyperLogLog and inserte
 With case folding (the policy's `fold_case`), a gram holding ASCII capitals is inserted lowercased too,
 so the bloom holds lower(g) for every gram g of the file and a `nocase` window is one gram to test.
 A run of identical grams (zero padding, for instance) is hashed once: HLL and bloom inserts are idempotent.
+
+The query side's one kernel, `gather_leaves`, lives here too (see query/gather.py), so this is the only
+module that imports numba. numba keeps the machine code on disk (`cache=True`); on a machine's first run,
+or after an upgrade, a kernel compiles on its first call, after COMPILE_NOTICE on stderr.
 """
 
 from __future__ import annotations
 
+import contextlib
+import sys
+
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
-from numba.core import cgutils
+from numba.core import cgutils, event
 from numba.extending import intrinsic
 
 CARRY = 7  # bytes a chunk repeats from the previous one: enough for the largest gram (8)
 PRESENCE_BYTES = 1 << 21  # one bit per possible 3-gram
 _BATCH = 1 << 14
 _PREFETCH_AHEAD = 16
+COMPILE_NOTICE = "sspry: compiling kernels for this machine (first run only, a few seconds)..."
+
+
+def _start_numba_without_scipy() -> None:
+    """Set up numba's CPU target now, with `scipy.linalg.cython_blas` failing to import.
+
+    The target (set up on the first compile or cache load) imports scipy.linalg, 0.1 s, only to see
+    whether np.correlate and np.convolve may call BLAS; no kernel here uses them (without it numba uses
+    its own loop), and np.dot or np.linalg in any jitted function still import scipy when compiled.
+    Relies on numba internals, so any failure just leaves numba to set itself up as usual."""
+    blocked = "scipy.linalg.cython_blas"
+    if blocked in sys.modules:
+        return
+    sys.modules[blocked] = None  # makes `import scipy.linalg.cython_blas` raise ImportError
+    try:
+        from numba.core.registry import cpu_target
+
+        cpu_target.target_context.refresh()
+    except Exception:
+        pass
+    finally:
+        if sys.modules.get(blocked, 0) is None:
+            del sys.modules[blocked]
+
+
+class _CompileNotice(event.Listener):
+    """Print COMPILE_NOTICE on stderr, once per process, when numba starts compiling a kernel of this
+    module. numba compiles only when its on-disk cache ($NUMBA_CACHE_DIR, else `__pycache__` here, else
+    the user's cache directory when that is read-only) holds no machine code for the call, so a warm
+    cache stays silent. Compilations run under numba's global lock: no race on `shown`."""
+
+    def __init__(self) -> None:
+        self.shown = False
+
+    def on_start(self, ev: event.Event) -> None:
+        if self.shown:
+            return
+        try:
+            ours = ev.data["dispatcher"].py_func.__module__ == __name__
+        except Exception:
+            return
+        if ours:
+            self.shown = True
+            print(COMPILE_NOTICE, file=sys.stderr, flush=True)
+
+    def on_end(self, ev: event.Event) -> None:
+        pass
+
+
+_start_numba_without_scipy()
+with contextlib.suppress(Exception):  # should numba's event API change: no notice, never a failure
+    event.register("numba:compile", _CompileNotice())
 
 
 def first_window(carried: int, n: int) -> int:
@@ -351,3 +410,45 @@ def hll_collect(chunk, first, n, fold, reg, out):
 def bloom_apply(hashes, count, k, nblocks, bloom):
     """Set the bits of the first `count` kept hashes (see hll_collect)."""
     _apply(hashes, count, bloom, np.uint64(nblocks), k)
+
+
+@njit(nogil=True, cache=True)
+def gather_leaves(blooms, offsets, blocks, counts, starts, members, wanted, h2, k, out):
+    """Query side: mark in out[gram, document] the documents of every wanted class whose bloom holds all
+    k probe bits of the gram (see query/gather.py and the class layout in store/segment.py)."""
+    for c in range(offsets.shape[0]):
+        if not wanted[c]:
+            continue
+        nblocks = np.uint64(blocks[c])
+        count = counts[c]
+        q = count // 8
+        rest = count - 8 * q
+        nbits = blocks[c] * 512
+        tail = offsets[c] + nbits * q
+        row_bytes = nbits // 8
+        start = starts[c]
+        for g in range(h2.shape[0]):
+            h = h2[g]
+            base = (((h >> np.uint64(32)) * nblocks) >> np.uint64(32)) << np.uint64(9)
+            a = h & np.uint64(511)
+            b = ((h >> np.uint64(9)) & np.uint64(511)) | np.uint64(1)
+            for j in range(q):
+                value = np.uint8(0xFF)
+                for probe in range(k):
+                    position = np.int64(base + ((a + np.uint64(probe) * b) & np.uint64(511)))
+                    value &= blooms[offsets[c] + position * q + j]
+                    if value == 0:
+                        break
+                if value:  # branch-free: a Tier 1 gram is in about 40% of blooms, bits are coin flips
+                    first = start + 8 * j
+                    for bit in range(8):
+                        out[g, members[first + bit]] = (value >> np.uint8(bit)) & np.uint8(1)
+            for t in range(rest):
+                present = True
+                for probe in range(k):
+                    position = np.int64(base + ((a + np.uint64(probe) * b) & np.uint64(511)))
+                    if not (blooms[tail + t * row_bytes + (position >> 3)] >> (position & 7)) & 1:
+                        present = False
+                        break
+                if present:
+                    out[g, members[start + 8 * q + t]] = 1

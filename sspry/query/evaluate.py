@@ -1,7 +1,8 @@
 """Plan evaluation over one segment, Tier 1 before Tier 2.
 
 The gram leaves of all plans of a batch are hashed once; `gather.read_leaves` reads their rows out of
-every bloom class of a segment in one compiled call per tier (k rows per gram, one bit per document).
+every bloom class of a segment, in one compiled call per tier or with numpy for a small search (k rows
+per gram, one bit per document).
 The plans are compiled once into straight-line `Program`s whose And/Or/AtLeast instructions take their
 gram leaves as row-index arrays, so a node costs one numpy reduction per segment.
 
@@ -157,17 +158,18 @@ class Batch:
 
 
 class SegmentEvaluator:
-    def __init__(self, view: SegmentView, batch: Batch, policy: Policy):
+    def __init__(self, view: SegmentView, batch: Batch, policy: Policy, compiled_gather: bool = True):
         self.view = view
         self.reader = view.reader
         self.batch = batch
         self.policy = policy
+        self.compiled_gather = compiled_gather  # see gather.py
 
     def evaluate(self) -> list[np.ndarray]:
         """Per plan of the batch, the live documents it selects."""
         live = self.view.live
         table = self.batch.table
-        bits = {1: read_leaves(self.reader, 1, table.h2[1], self.policy.tier_k(1), None)}
+        bits = {1: self._read(1, table.h2[1], None)}
         first = [selected & live for selected in self.batch.tier1.run(self.reader, bits)]
         alive = [i for i, selected in enumerate(first) if selected.any()]
         if not alive or not table.grams[2]:
@@ -175,7 +177,11 @@ class SegmentEvaluator:
         rows = np.unique(np.concatenate([self.batch.tier2_rows[i] for i in alive]))
         survivors = np.logical_or.reduce([first[i] for i in alive])
         tier2 = np.zeros((len(table.grams[2]), self.reader.docs), dtype=bool)
-        tier2[rows] = read_leaves(self.reader, 2, table.h2[2][rows], self.policy.tier_k(2), survivors)
+        tier2[rows] = self._read(2, table.h2[2][rows], survivors)
         bits[2] = tier2
         full = self.batch.full.run(self.reader, bits)
         return [full[i] & first[i] if i in set(alive) else first[i] for i in range(len(first))]
+
+    def _read(self, tier: int, h2: np.ndarray, documents: np.ndarray | None) -> np.ndarray:
+        k = self.policy.tier_k(tier)
+        return read_leaves(self.reader, tier, h2, k, documents, compiled=self.compiled_gather)

@@ -18,6 +18,7 @@ from sspry.policy import Policy
 from sspry.progress import SILENT, Progress
 from sspry.query.condition import RulePlan, plan_rules
 from sspry.query.evaluate import Batch, SegmentEvaluator
+from sspry.query.gather import compiled_pays
 from sspry.query.plan import Gram, leaves
 from sspry.query.results import SearchResult, attach_paths, candidate_limit, rule_result
 from sspry.query.rules import RuleSource, load_rule_file
@@ -43,20 +44,42 @@ def _batches(plan_grams: list[set], max_grams: int) -> list[list[int]]:
     return batches
 
 
+def _gather_choice(snapshot: Snapshot, plan_grams: list[set], batches: list[list[int]]) -> bool:
+    """Whether this search gathers with the compiled kernel (see gather.compiled_pays): every batch reads
+    its grams in every class of every segment."""
+    views = snapshot.views
+    classes = sum(len(v.reader.classes[1]) + len(v.reader.classes[2]) for v in views)
+    documents = sum(v.reader.docs for v in views)
+    grams = sum(len(set().union(*(plan_grams[i] for i in batch))) for batch in batches)
+    return compiled_pays(classes * len(batches), grams * documents)
+
+
 def search_snapshot(
-    snapshot: Snapshot, plans: list[RulePlan], policy: Policy, max_candidates: float = 0.0, workers: int = 0
+    snapshot: Snapshot,
+    plans: list[RulePlan],
+    policy: Policy,
+    max_candidates: float = 0.0,
+    workers: int = 0,
+    compiled_gather: bool | None = True,
 ) -> SearchResult:
+    """Search a snapshot. `compiled_gather`: read gram leaves with the compiled kernel (True: right for a
+    long-lived process, which loads it once), with numpy (False), or with whichever costs this process
+    less (None: a one-shot command; a small search then never imports numba)."""
     started = time.perf_counter()
     hits: list[list[tuple[int, np.ndarray]]] = [[] for _ in plans]  # per plan: (view index, docs)
     workers = workers or min(4, len(os.sched_getaffinity(0)))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sspry-search") as pool:
         largest = max((v.reader.docs for v in snapshot.views), default=1)
         plan_grams = [leaves(plan.upper, Gram) for plan in plans]
-        for batch in _batches(plan_grams, max(256, LEAF_CELLS // max(largest, 1))):
+        batches = _batches(plan_grams, max(256, LEAF_CELLS // max(largest, 1)))
+        if compiled_gather is None:
+            compiled_gather = _gather_choice(snapshot, plan_grams, batches)
+        for batch in batches:
             compiled = Batch([plans[i].upper for i in batch], [plan_grams[i] for i in batch])
 
             def run(view_index: int, compiled=compiled):
-                return view_index, SegmentEvaluator(snapshot.views[view_index], compiled, policy).evaluate()
+                view = snapshot.views[view_index]
+                return view_index, SegmentEvaluator(view, compiled, policy, compiled_gather).evaluate()
 
             for view_index, selected in pool.map(run, range(len(snapshot.views))):
                 for plan_index, mask in zip(batch, selected, strict=True):
@@ -83,12 +106,15 @@ def search_forest(
     max_anchors: int = 16,
     workers: int = 0,
     progress: Progress = SILENT,
+    compiled_gather: bool | None = None,
 ) -> SearchResult:
-    """Plan the rules of `source` and search a Forest with them; candidates carry their paths."""
+    """Plan the rules of `source` and search a Forest with them; candidates carry their paths.
+    `compiled_gather` as in search_snapshot."""
     started = time.perf_counter()
     plans = plan_rules(source.text, source.targets, forest.policy, max_anchors, progress=progress)
     planned = time.perf_counter()
-    result = search_snapshot(forest.snapshot(), plans, forest.policy, max_candidates, workers)
+    snapshot = forest.snapshot()
+    result = search_snapshot(snapshot, plans, forest.policy, max_candidates, workers, compiled_gather)
     attach_paths(result, forest.paths_of)
     result.timings_ms["plan"] = (planned - started) * 1000
     result.timings_ms["search"] = (time.perf_counter() - planned) * 1000
@@ -102,11 +128,13 @@ def search_rule_file(
     max_anchors: int = 16,
     workers: int = 0,
     progress: Progress = SILENT,
+    compiled_gather: bool | None = None,
 ) -> tuple[SearchResult, yara.Rules]:
-    """Load (compile and parse), plan and search one rule file on a Forest."""
+    """Load (compile and parse), plan and search one rule file on a Forest. `compiled_gather` as in
+    search_snapshot; by default chosen for a one-shot command."""
     started = time.perf_counter()
     source, compiled = load_rule_file(rule_path)
     loaded = time.perf_counter()
-    result = search_forest(forest, source, max_candidates, max_anchors, workers, progress)
+    result = search_forest(forest, source, max_candidates, max_anchors, workers, progress, compiled_gather)
     result.timings_ms["compile"] = (loaded - started) * 1000
     return result, compiled

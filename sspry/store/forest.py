@@ -34,7 +34,7 @@ from sspry.document import Document, path_key
 from sspry.policy import Policy, PolicyError
 from sspry.store import compaction
 from sspry.store.files import CATALOG_FILE, FileCatalog, FileRecord, PathDeletion, PathsOf
-from sspry.store.ingest_log import LOG_PREFIX, LogWriter, log_name, log_seq, read_log
+from sspry.store.ingest_log import LOG_PREFIX, IngestResult, LogWriter, log_name, log_seq, read_log
 from sspry.store.manifest import MANIFEST, Manifest, SegmentEntry, read_manifest, write_manifest
 from sspry.store.segment import FreshPart, SegmentPart, SegmentReader, build_segment
 from sspry.v1 import sspry_pb2
@@ -74,17 +74,6 @@ class PublishResult:
     rejected: int = 0
     dropped_bytes: int = 0
     segments: int = 0
-
-
-@dataclass
-class IngestResult:
-    inserted: int = 0  # new documents, durable in the log and published by the next publish
-    duplicates: int = 0  # documents the forest already held: only their files were recorded
-
-    def __iadd__(self, other: IngestResult) -> IngestResult:
-        self.inserted += other.inserted
-        self.duplicates += other.duplicates
-        return self
 
 
 @dataclass

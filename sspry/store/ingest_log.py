@@ -11,12 +11,24 @@ import os
 import struct
 import zlib
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from sspry.v1 import sspry_pb2
 
 _HEADER = struct.Struct("<II")
 LOG_PREFIX = "log_"
+
+
+@dataclass
+class IngestResult:
+    inserted: int = 0  # new documents, durable in the log and published by the next publish
+    duplicates: int = 0  # documents the forest already held: only their files were recorded
+
+    def __iadd__(self, other: IngestResult) -> IngestResult:
+        self.inserted += other.inserted
+        self.duplicates += other.duplicates
+        return self
 
 
 def log_name(seq: int) -> str:

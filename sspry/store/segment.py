@@ -423,7 +423,8 @@ class SegmentReader:
         return self._t2_position[docs]
 
     # --- bloom bits --------------------------------------------------------------------------------
-    def _matrices(self, tier: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+    def class_matrices(self, tier: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Views of a class's bit-sliced matrix (nbits x q bytes) and of its tail rows (r x nbits/8)."""
         span = self.classes[tier][index]
         q, r, row_bytes = span.count // 8, span.count % 8, span.nbits // 8
         sliced = self.blooms[span.offset : span.offset + span.sliced_bytes].reshape(span.nbits, q)
@@ -434,7 +435,7 @@ class SegmentReader:
     def row_bits(self, tier: int, index: int, r0: int, r1: int) -> np.ndarray:
         """Bloom rows r0..r1 (multiples of 8) of every document in the class: bool (r1-r0) x count."""
         span = self.classes[tier][index]
-        sliced, tail = self._matrices(tier, index)
+        sliced, tail = self.class_matrices(tier, index)
         bits = np.empty((r1 - r0, span.count), dtype=bool)
         full = sliced.shape[1] * 8
         if full:
