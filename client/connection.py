@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Iterator, Sequence
 
 import grpc
 
@@ -16,6 +17,7 @@ DEFAULT_ADDR = f"127.0.0.1:{DEFAULT_PORT}"
 ADDR_ENV = "SSPRY_ADDR"
 TOKEN_ENV = "SSPRY_TOKEN"
 SEARCH_TIMEOUT_MIN_S = 180.0
+BUSY_RETRIES = 6  # a busy server is asked again after 0.5, 1, 2, ... 30 s
 
 
 class ClientError(Exception):
@@ -125,13 +127,21 @@ class Connection:
     def info(self) -> sspry_pb2.InfoResponse:
         return self._unary(self.stub.Info, sspry_pb2.InfoRequest())
 
-    def insert(self, rows: Iterable[sspry_pb2.DocumentRow]) -> sspry_pb2.InsertSummary:
-        """Send rows; returns once the server has made them durable."""
-        frames = row_frames(rows, self.max_message_bytes)
-        try:
-            return self.stub.Insert(frames, timeout=max(self.timeout, 600.0), metadata=self.metadata)
-        except grpc.RpcError as exc:
-            raise self._error(exc) from None
+    def insert(self, rows: Sequence[sspry_pb2.DocumentRow]) -> sspry_pb2.InsertSummary:
+        """Send rows; returns once the server has made them durable. A server busy with other inserts
+        (RESOURCE_EXHAUSTED, nothing written) is asked again after a growing pause."""
+        for attempt in range(BUSY_RETRIES + 1):
+            frames = row_frames(rows, self.max_message_bytes)
+            try:
+                return self.stub.Insert(frames, timeout=max(self.timeout, 600.0), metadata=self.metadata)
+            except grpc.RpcError as exc:
+                busy = exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "server busy" in (
+                    exc.details() or ""
+                )
+                if not busy or attempt == BUSY_RETRIES:
+                    raise self._error(exc) from None
+            time.sleep(min(30.0, 0.5 * 2**attempt))
+        raise AssertionError("unreachable")
 
     def exists(self, source_ids: list[bytes], files: list[sspry_pb2.FileStamp] | None = None) -> list[bool]:
         """Which documents the server holds; with `files`, it records them for those it holds."""

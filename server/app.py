@@ -9,22 +9,22 @@ Forest's writer lock released. A server that cannot start as asked (address, por
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import re
 import signal
 import socket
 import ssl
-import threading
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from sspry.server.service import Maintenance, SspryService
+from sspry.server.service import DEFAULT_LIMITS, Limits, Maintenance, SspryService
 from sspry.store.forest import Forest
-from sspry.v1 import sspry_pb2, sspry_pb2_grpc
+from sspry.v1 import sspry_pb2
 
 SERVICE_NAME = sspry_pb2.DESCRIPTOR.services_by_name["Sspry"].full_name
 DRAIN_SECONDS = 30
@@ -87,7 +87,7 @@ def check_bindable(addr: str) -> None:
 
 
 class Server:
-    """A running server; `wait()` blocks until it has stopped."""
+    """An asyncio gRPC server around one Forest; `run()` serves until `stop()` (a signal, a Shutdown call)."""
 
     def __init__(
         self,
@@ -98,60 +98,71 @@ class Server:
         tls: tuple[bytes, bytes] | None = None,
         max_message_bytes: int = 64 << 20,
         search_workers: int = 0,
+        limits: Limits = DEFAULT_LIMITS,
     ):
         self.forest = forest
-        self._stopped = threading.Event()
-        options = [
+        self.requested = addr
+        self.tls = tls
+        self.options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
             # grpcio sets SO_REUSEPORT by default: a second server on a busy port would share it and clients
             # would alternate between the two forests
             ("grpc.so_reuseport", 0),
         ]
-        self.grpc = grpc.server(
-            ThreadPoolExecutor(max_workers=32, thread_name_prefix="sspry-rpc"), options=options
+        self.service = SspryService(
+            forest, token=token, search_workers=search_workers, limits=limits, on_shutdown=self.stop
         )
-        self.service = SspryService(forest, token=token, search_workers=search_workers, on_shutdown=self.stop)
-        sspry_pb2_grpc.add_SspryServicer_to_server(self.service, self.grpc)
-        self.health = health.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc
-        )
-        check_bindable(addr)
-        try:
-            if tls is None:
-                self.port = self.grpc.add_insecure_port(addr)
-            else:
-                credentials = grpc.ssl_server_credentials([(tls[1], tls[0])])
-                self.port = self.grpc.add_secure_port(addr, credentials)
-        except RuntimeError:  # "Failed to bind": taken since check_bindable, or TLS files grpc refuses
-            self.port = 0
-        if self.port == 0:
-            tls_files = "" if tls is None else " with the TLS certificate and key"
-            raise ServeError(f"cannot listen on {addr}: grpc could not bind it{tls_files}")
-        self.addr = f"{addr.rsplit(':', 1)[0]}:{self.port}"
         self.maintenance = Maintenance(self.service)
+        self.addr = ""
+        self._stopping: asyncio.Event | None = None
+        check_bindable(addr)
 
-    def start(self) -> None:
-        self.grpc.start()
+    async def _bind(self) -> grpc.aio.Server:
+        server = grpc.aio.server(options=self.options)
+        server.add_generic_rpc_handlers((self.service.handler(),))
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        addr = self.requested
+        try:
+            if self.tls is None:
+                port = server.add_insecure_port(addr)
+            else:
+                credentials = grpc.ssl_server_credentials([(self.tls[1], self.tls[0])])
+                port = server.add_secure_port(addr, credentials)
+        except RuntimeError:  # "Failed to bind": taken since check_bindable, or TLS files grpc refuses
+            port = 0
+        if port == 0:
+            tls_files = "" if self.tls is None else " with the TLS certificate and key"
+            raise ServeError(f"cannot listen on {addr}: grpc could not bind it{tls_files}")
+        self.addr = f"{addr.rsplit(':', 1)[0]}:{port}"
+        return server
+
+    async def run(self, on_started: Callable[[str], None] = lambda addr: None) -> None:
+        """Serve until stopped, then drain: no new calls, the ones in flight finish (up to DRAIN_SECONDS),
+        the maintenance thread and the thread pools stop. The caller closes the Forest."""
+        self._loop = asyncio.get_running_loop()
+        self._stopping = asyncio.Event()
+        server = await self._bind()
+        await server.start()
         for name in ("", SERVICE_NAME):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.maintenance.start()
+        on_started(self.addr)
+        await self._stopping.wait()
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.stop(DRAIN_SECONDS)
+        self.maintenance.stop()
+        await asyncio.get_running_loop().run_in_executor(None, self.service.close)
 
     def stop(self) -> None:
-        """Drain and stop (idempotent; safe from a signal handler thread or an RPC)."""
-        if self._stopped.is_set():
-            return
-        for name in ("", SERVICE_NAME):
-            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.grpc.stop(DRAIN_SECONDS).wait()
-        self.maintenance.stop()
-        self.forest.close()
-        self._stopped.set()
-
-    def wait(self) -> None:
-        self._stopped.wait()
+        """Begin draining (idempotent; from the event loop or any thread)."""
+        if self._stopping is not None:
+            self._loop.call_soon_threadsafe(self._stopping.set)
 
 
 def serve(
@@ -163,6 +174,7 @@ def serve(
     tls_key: Path | None,
     max_message_bytes: int,
     search_workers: int,
+    limits: Limits = DEFAULT_LIMITS,
 ) -> None:
     tls = load_tls(tls_cert, tls_key) if tls_cert and tls_key else None
     forest = Forest.open(root, writable=True)
@@ -174,17 +186,16 @@ def serve(
             tls=tls,
             max_message_bytes=max_message_bytes,
             search_workers=search_workers,
+            limits=limits,
         )
-        server.start()
-    except BaseException:
+
+        async def main() -> None:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, server.stop)
+            await server.run(lambda at: print(f"sspry server listening on {at}", flush=True))
+
+        asyncio.run(main())
+    finally:
         forest.close()
-        raise
-
-    def on_signal(signum, frame) -> None:
-        threading.Thread(target=server.stop, daemon=True).start()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    print(f"sspry server listening on {server.addr}", flush=True)
-    server.wait()
     print("sspry server stopped", flush=True)

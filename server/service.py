@@ -1,28 +1,39 @@
-"""The `sspry.v1.Sspry` gRPC service over one writable Forest.
+"""The `sspry.v1.Sspry` gRPC service over one writable Forest, on an asyncio server.
+
+No call can stop the others: the event loop only moves messages, and the blocking work runs on separate
+thread pools — searches on one, writes on another, `Info` on its own — so `Info` and the health check
+answer while every search thread is busy and every insert is stalled. An insert stream that sends
+nothing for `idle_timeout_s` is ended; the bytes of all inserts in flight share one budget (a call that
+would exceed it is refused with RESOURCE_EXHAUSTED, before its bytes are held); a search stops when its
+client leaves or its deadline passes.
 
 Searches run concurrently, each on the snapshot current when it starts, and never wait for writers.
 Inserts are validated in full, then appended to the ingest log and fsynced before the call returns;
 a malformed row fails the call with nothing written. A rule source arrives with its includes already
 inlined by the client, and is compiled here with includes disabled, so the server never opens a path
-a rule names.
+a rule names. Whatever a client sends that is not valid is INVALID_ARGUMENT with the reason — even
+bytes that are not a message at all.
 """
 
 from __future__ import annotations
 
+import asyncio
+import errno
+import functools
 import hmac
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import grpc
-import yara
+from google.protobuf.message import DecodeError
 
 from sspry.policy import PolicyError
-from sspry.query.condition import iter_plans
-from sspry.query.search import search_snapshot
 from sspry.store.forest import PUBLISH_BYTES, Forest
-from sspry.v1 import sspry_pb2, sspry_pb2_grpc
+from sspry.v1 import sspry_pb2
 from sspry.wire import RowAssembler, WireError, file_record, policy_to_proto
 
 CANDIDATES_PER_FRAME = 10_000
@@ -30,161 +41,326 @@ PATH_FRAME_BYTES = 1 << 20  # paths sent per frame, roughly
 MAX_TARGETS = 100_000
 PROGRESS_INTERVAL_S = 0.5  # while planning, a progress frame at least this often ...
 PROGRESS_RULES = 256  # ... and after every this many rules
+SERVICE = sspry_pb2.DESCRIPTOR.services_by_name["Sspry"]
 
 
-class SspryService(sspry_pb2_grpc.SspryServicer):
+@dataclass(frozen=True)
+class Limits:
+    """What one client may take of the server."""
+
+    max_call_bytes: int = 1 << 30  # one insert call
+    insert_budget_bytes: int = 1 << 30  # all insert calls in flight together
+    idle_timeout_s: float = 60.0  # an insert stream silent this long is ended
+    searches: int = 4  # searches running at once (more wait for a turn)
+
+
+DEFAULT_LIMITS = Limits()
+
+
+class _Malformed:
+    """What arrived where a message was expected but does not parse as one."""
+
+    def __init__(self, kind: str, error: str):
+        self.kind, self.error = kind, error
+
+
+def _tolerant(message_class):
+    """A deserializer that turns bytes that are not a `message_class` into `_Malformed`, so that the
+    service answers INVALID_ARGUMENT (grpc itself would answer INTERNAL)."""
+
+    def parse(data: bytes):
+        try:
+            return message_class.FromString(data)
+        except DecodeError as exc:
+            return _Malformed(message_class.__name__, str(exc))
+
+    return parse
+
+
+class _Budget:
+    """Bytes of insert calls in flight, server-wide (used from the event loop only)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+
+    def take(self, amount: int) -> bool:
+        if self.used + amount > self.limit:
+            return False
+        self.used += amount
+        return True
+
+    def give(self, amount: int) -> None:
+        self.used -= amount
+
+
+class _Cancelled(Exception):
+    """The client of a search left, or its deadline passed."""
+
+
+class SspryService:
     def __init__(
         self,
         forest: Forest,
         *,
         token: str | None = None,
-        max_insert_bytes: int = 1 << 30,
         search_workers: int = 0,
+        limits: Limits = DEFAULT_LIMITS,
         on_shutdown: Callable[[], None] = lambda: None,
     ):
         self.forest = forest
         self.token = token
-        self.max_insert_bytes = max_insert_bytes
         self.search_workers = search_workers
+        self.limits = limits
         self.on_shutdown = on_shutdown
         self.last_write = time.monotonic()
         self.active_searches = 0
-        self._counter_lock = threading.Lock()
+        self._budget = _Budget(limits.insert_budget_bytes)
+        self._search_pool = ThreadPoolExecutor(limits.searches, thread_name_prefix="sspry-search-call")
+        self._write_pool = ThreadPoolExecutor(4, thread_name_prefix="sspry-write")
+        self._info_pool = ThreadPoolExecutor(2, thread_name_prefix="sspry-info")
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        """The service's method handlers, each checking for malformed requests first."""
+        handlers = {}
+        for method in SERVICE.methods:
+            request = getattr(sspry_pb2, method.input_type.name)
+            response = getattr(sspry_pb2, method.output_type.name)
+            kind = (
+                grpc.stream_unary_rpc_method_handler
+                if method.client_streaming
+                else grpc.unary_stream_rpc_method_handler
+                if method.server_streaming
+                else grpc.unary_unary_rpc_method_handler
+            )
+            handlers[method.name] = kind(
+                getattr(self, method.name),
+                request_deserializer=_tolerant(request),
+                response_serializer=response.SerializeToString,
+            )
+        return grpc.method_handlers_generic_handler(SERVICE.full_name, handlers)
+
+    def close(self) -> None:
+        for pool in (self._search_pool, self._write_pool, self._info_pool):
+            pool.shutdown(wait=True, cancel_futures=True)
 
     # --- helpers -----------------------------------------------------------------------------------
-    def _authorize(self, context: grpc.ServicerContext) -> None:
-        if self.token is None:
-            return
-        metadata = dict(context.invocation_metadata())
-        given = metadata.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token")
+    async def _check(self, request, context: grpc.aio.ServicerContext) -> None:
+        """Authorize the call and refuse a request that is not a message."""
+        if self.token is not None:
+            given = dict(context.invocation_metadata()).get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token")
+        if isinstance(request, _Malformed):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"not a valid {request.kind} message: {request.error}"
+            )
+
+    async def _run(self, pool: ThreadPoolExecutor, context, call, *args):
+        """`call(*args)` on `pool`; storage and input faults become status codes with one line."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(call, *args))
+        except (WireError, PolicyError) as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server storage is full: {exc}")
+            raise
 
     def _wrote(self) -> None:
         self.last_write = time.monotonic()
 
+    def _source_ids(self, ids) -> list[bytes]:
+        """The request's Source IDs, each checked against the policy's length (PolicyError if not)."""
+        policy = self.forest.policy
+        for source_id in ids:
+            if len(source_id) != policy.id_bytes:
+                raise PolicyError(f"source id of {len(source_id)} bytes: this forest uses {policy.id_source}")
+        return list(ids)
+
     # --- RPCs --------------------------------------------------------------------------------------
-    def Info(self, request, context):
-        self._authorize(context)
-        info = self.forest.info()
+    async def Info(self, request, context):
+        await self._check(request, context)
+        info = await self._run(self._info_pool, context, self.forest.info)
         info["active_searches"] = self.active_searches
+        info["insert_bytes_in_flight"] = self._budget.used
         return sspry_pb2.InfoResponse(
             policy=policy_to_proto(self.forest.policy), documents=info["documents"], json=json.dumps(info)
         )
 
-    def Insert(self, request_iterator: Iterator[sspry_pb2.InsertFrame], context):
-        self._authorize(context)
-        assembler = RowAssembler(self.max_insert_bytes)
+    async def Insert(self, request_iterator: AsyncIterator, context):
+        await self._check(None, context)
+        assembler = RowAssembler(self.limits.max_call_bytes)
+        held = 0
         try:
-            for frame in request_iterator:
-                assembler.add(frame)
-            rows = assembler.finish()
-            result = self.forest.ingest_rows(rows)
-        except (WireError, PolicyError) as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"nothing written: {exc}")
+            while True:
+                try:
+                    frame = await asyncio.wait_for(anext(request_iterator), self.limits.idle_timeout_s)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    await context.abort(
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                        f"insert stream idle for {self.limits.idle_timeout_s:g} s: nothing written",
+                    )
+                await self._check(frame, context)
+                if not self._budget.take(len(frame.chunk)):
+                    await context.abort(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"server busy: {self._budget.used} bytes of inserts in flight (budget "
+                        f"{self._budget.limit}); nothing written, retry later",
+                    )
+                held += len(frame.chunk)
+                try:
+                    assembler.add(frame)
+                except WireError as exc:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"nothing written: {exc}")
+            try:
+                rows = assembler.finish()
+            except WireError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"nothing written: {exc}")
+            result = await self._run(self._write_pool, context, self.forest.ingest_rows, rows)
+        finally:
+            self._budget.give(held)
         self._wrote()
         return sspry_pb2.InsertSummary(
             rows=len(rows), bytes=assembler.bytes, inserted=result.inserted, duplicates=result.duplicates
         )
 
-    def _source_ids(self, ids, context) -> list[bytes]:
-        """The request's Source IDs, each checked against the policy's length."""
-        policy = self.forest.policy
-        for source_id in ids:
-            if len(source_id) != policy.id_bytes:
-                message = f"source id of {len(source_id)} bytes: this forest uses {policy.id_source}"
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
-        return list(ids)
+    async def Exists(self, request, context):
+        await self._check(request, context)
 
-    def Exists(self, request, context):
-        self._authorize(context)
-        ids = self._source_ids(request.source_ids, context)
-        if not request.files:
-            return sspry_pb2.ExistsResponse(present=self.forest.holds(ids).tolist())
-        if len(request.files) != len(ids):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "files and source_ids differ in length")
-        try:
+        def exists():
+            ids = self._source_ids(request.source_ids)
+            if not request.files:
+                return self.forest.holds(ids)
+            if len(request.files) != len(ids):
+                raise WireError("files and source_ids differ in length")
             records = [file_record(f, i, self.forest.policy) for f, i in zip(request.files, ids, strict=True)]
-        except WireError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        self._wrote()
-        return sspry_pb2.ExistsResponse(present=self.forest.record_files(ids, records).tolist())
+            return self.forest.record_files(ids, records)
 
-    def KnownFiles(self, request, context):
-        self._authorize(context)
+        present = await self._run(self._write_pool, context, exists)
+        return sspry_pb2.ExistsResponse(present=present.tolist())
+
+    async def KnownFiles(self, request, context):
+        await self._check(request, context)
         stamps = [(bytes(f.path_key), f.size, f.mtime_ns) for f in request.files]
-        return sspry_pb2.KnownFilesResponse(known=self.forest.known_files(stamps))
+        known = await self._run(self._write_pool, context, self.forest.known_files, stamps)
+        return sspry_pb2.KnownFilesResponse(known=known)
 
-    def Publish(self, request, context):
-        self._authorize(context)
-        result = self.forest.publish()
+    async def Publish(self, request, context):
+        await self._check(request, context)
+        result = await self._run(self._write_pool, context, self.forest.publish)
         self._wrote()
         return sspry_pb2.PublishResponse(
             inserted=result.inserted, duplicates=result.duplicates, documents=self.forest.snapshot().documents
         )
 
-    def Delete(self, request, context):
-        self._authorize(context)
-        ids = self._source_ids(request.source_ids, context)
-        deleted = self.forest.delete(ids) if ids else []
-        by_path = [
-            sspry_pb2.PathMatch(
-                path=d.path,
-                source_id=d.source_id or b"",
-                document_deleted=d.document_deleted,
-                remaining_paths=d.remaining_paths,
-            )
-            for d in (self.forest.delete_paths(list(request.paths)) if request.paths else [])
-        ]
-        self._wrote()
-        return sspry_pb2.DeleteResponse(deleted=deleted, by_path=by_path)
+    async def Delete(self, request, context):
+        await self._check(request, context)
 
-    def Search(self, request: sspry_pb2.SearchRequest, context):
-        self._authorize(context)
+        def delete():
+            ids = self._source_ids(request.source_ids)
+            deleted = self.forest.delete(ids) if ids else []
+            by_path = self.forest.delete_paths(list(request.paths)) if request.paths else []
+            return deleted, by_path
+
+        deleted, by_path = await self._run(self._write_pool, context, delete)
+        self._wrote()
+        return sspry_pb2.DeleteResponse(
+            deleted=deleted,
+            by_path=[
+                sspry_pb2.PathMatch(
+                    path=d.path,
+                    source_id=d.source_id or b"",
+                    document_deleted=d.document_deleted,
+                    remaining_paths=d.remaining_paths,
+                )
+                for d in by_path
+            ],
+        )
+
+    async def Search(self, request: sspry_pb2.SearchRequest, context):
+        await self._check(request, context)
         targets = list(request.targets)
         if not targets or len(targets) > MAX_TARGETS:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"a search names 1 to {MAX_TARGETS} target rules")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"a search names 1 to {MAX_TARGETS} target rules"
+            )
         source = request.source or None
         if source is not None:
+            problem = await self._run(self._search_pool, context, _compile_problem, source, targets)
+            if problem:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        loop = asyncio.get_running_loop()
+        frames: asyncio.Queue = asyncio.Queue()
+        cancelled = threading.Event()
+        context.add_done_callback(lambda _: cancelled.set())  # the client left, or the deadline passed
+
+        def emit(frame) -> None:
+            loop.call_soon_threadsafe(frames.put_nowait, frame)
+
+        def work() -> None:
             try:
-                compiled = yara.compile(source=source, includes=False)
-            except yara.Error as exc:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid YARA rule: {exc}")
-            known = {r.identifier for r in compiled}
-            missing = [t for t in targets if t not in known]
-            if missing:
-                context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT, f"target rules not in the source: {missing[:5]}"
-                )
-        with self._counter_lock:
-            self.active_searches += 1
+                self._search(request, source, targets, emit, cancelled)
+            except _Cancelled:
+                pass
+            except BaseException as exc:
+                emit(exc)
+            finally:
+                emit(None)
+
+        self.active_searches += 1
+        running = loop.run_in_executor(self._search_pool, work)
         try:
-            started = time.perf_counter()
-            plans = []
-            reported = started
-            for plan in iter_plans(source, targets, self.forest.policy, request.max_anchors or 16):
-                plans.append(plan)
-                if len(plans) % PROGRESS_RULES == 0 or time.perf_counter() - reported >= PROGRESS_INTERVAL_S:
-                    reported = time.perf_counter()
-                    progress = sspry_pb2.SearchProgress(stage="plan", done=len(plans), total=len(targets))
-                    yield sspry_pb2.SearchFrame(progress=progress)
-            planned = time.perf_counter()
-            result = search_snapshot(
-                self.forest.snapshot(), plans, self.forest.policy, 0.0, self.search_workers
-            )
-            paths = self.forest.paths_of(result.source_ids())
-            searched = time.perf_counter()
+            while (frame := await frames.get()) is not None:
+                if isinstance(frame, BaseException):
+                    raise frame
+                yield frame
         finally:
-            with self._counter_lock:
+            cancelled.set()
+            try:
+                await asyncio.shield(running)  # the worker notices within a segment's evaluation
+            finally:
                 self.active_searches -= 1
+
+    def _search(self, request, source, targets, emit, cancelled: threading.Event) -> None:
+        """Plan and search on a worker thread, emitting frames; stops early once `cancelled` is set."""
+        from sspry.query.condition import iter_plans
+        from sspry.query.search import search_snapshot
+
+        started = time.perf_counter()
+        plans = []
+        reported = started
+        for plan in iter_plans(source, targets, self.forest.policy, request.max_anchors or 16):
+            if cancelled.is_set():
+                raise _Cancelled
+            plans.append(plan)
+            if len(plans) % PROGRESS_RULES == 0 or time.perf_counter() - reported >= PROGRESS_INTERVAL_S:
+                reported = time.perf_counter()
+                emit(
+                    sspry_pb2.SearchFrame(
+                        progress=sspry_pb2.SearchProgress(stage="plan", done=len(plans), total=len(targets))
+                    )
+                )
+        planned = time.perf_counter()
+        result = search_snapshot(
+            self.forest.snapshot(), plans, self.forest.policy, 0.0, self.search_workers, cancelled=cancelled
+        )
+        if cancelled.is_set():
+            raise _Cancelled
+        paths = self.forest.paths_of(result.source_ids())
+        searched = time.perf_counter()
         for index, rule in enumerate(result.rules):
             ids = [c.source_id for c in rule.candidates]
             for start in range(0, max(len(ids), 1), CANDIDATES_PER_FRAME):
-                yield sspry_pb2.SearchFrame(
-                    candidates=sspry_pb2.RuleCandidates(
-                        rule=index,
-                        source_ids=ids[start : start + CANDIDATES_PER_FRAME],
-                        rule_end=start + CANDIDATES_PER_FRAME >= len(ids),
+                emit(
+                    sspry_pb2.SearchFrame(
+                        candidates=sspry_pb2.RuleCandidates(
+                            rule=index,
+                            source_ids=ids[start : start + CANDIDATES_PER_FRAME],
+                            rule_end=start + CANDIDATES_PER_FRAME >= len(ids),
+                        )
                     )
                 )
         documents, size = [], 0
@@ -194,23 +370,40 @@ class SspryService(sspry_pb2_grpc.SspryServicer):
             )
             size += len(source_id) + sum(len(p) + 8 for p in found.paths)
             if size >= PATH_FRAME_BYTES:
-                yield sspry_pb2.SearchFrame(paths=sspry_pb2.PathsFrame(documents=documents))
+                emit(sspry_pb2.SearchFrame(paths=sspry_pb2.PathsFrame(documents=documents)))
                 documents, size = [], 0
         if documents:
-            yield sspry_pb2.SearchFrame(paths=sspry_pb2.PathsFrame(documents=documents))
-        yield sspry_pb2.SearchFrame(
-            summary=sspry_pb2.SearchSummary(
-                documents=result.documents,
-                elapsed_ms=(searched - started) * 1000,
-                plan_ms=(planned - started) * 1000,
-                search_ms=(searched - planned) * 1000,
+            emit(sspry_pb2.SearchFrame(paths=sspry_pb2.PathsFrame(documents=documents)))
+        emit(
+            sspry_pb2.SearchFrame(
+                summary=sspry_pb2.SearchSummary(
+                    documents=result.documents,
+                    elapsed_ms=(searched - started) * 1000,
+                    plan_ms=(planned - started) * 1000,
+                    search_ms=(searched - planned) * 1000,
+                )
             )
         )
 
-    def Shutdown(self, request, context):
-        self._authorize(context)
-        threading.Thread(target=self.on_shutdown, daemon=True).start()
+    async def Shutdown(self, request, context):
+        await self._check(request, context)
+        asyncio.get_running_loop().call_soon(self.on_shutdown)
         return sspry_pb2.ShutdownResponse(message="shutdown requested")
+
+
+def _compile_problem(source: str, targets: list[str]) -> str | None:
+    """Why YARA refuses `source` (includes disabled), or names a target it does not hold; None if fine."""
+    import yara
+
+    try:
+        compiled = yara.compile(source=source, includes=False)
+    except yara.Error as exc:
+        return f"invalid YARA rule: {exc}"
+    except (ValueError, TypeError) as exc:  # a NUL in the source, for one
+        return f"invalid YARA source: {exc}"
+    known = {r.identifier for r in compiled}
+    missing = [t for t in targets if t not in known]
+    return f"target rules not in the source: {missing[:5]}" if missing else None
 
 
 class Maintenance(threading.Thread):

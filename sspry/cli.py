@@ -604,11 +604,44 @@ def _remote(call):
 )
 @click.option("--tls-cert", type=click.Path(dir_okay=False, exists=True), help="TLS certificate (PEM).")
 @click.option("--tls-key", type=click.Path(dir_okay=False, exists=True), help="TLS private key (PEM).")
-def serve(root, addr, search_workers, max_message_bytes, token, tls_cert, tls_key):
+@click.option(
+    "--max-searches",
+    default=4,
+    show_default=True,
+    type=click.IntRange(1, 256),
+    help="Searches evaluated at once; more wait for a turn.",
+)
+@click.option(
+    "--insert-budget-bytes",
+    default=1 << 30,
+    show_default=True,
+    type=click.IntRange(1 << 20),
+    help="Bytes of all insert calls in flight together; a call beyond it is refused (clients retry).",
+)
+@click.option(
+    "--idle-timeout",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(0.1),
+    help="Seconds an insert stream may send nothing before it is ended.",
+)
+def serve(
+    root,
+    addr,
+    search_workers,
+    max_message_bytes,
+    token,
+    tls_cert,
+    tls_key,
+    max_searches,
+    insert_budget_bytes,
+    idle_timeout,
+):
     """Serve the Forest at ROOT over gRPC until SIGINT/SIGTERM or `sspry shutdown`."""
     from sspry.client.connection import parse_addrs
     from sspry.server.app import ServeError
     from sspry.server.app import serve as run
+    from sspry.server.service import Limits
     from sspry.store.forest import ForestError
 
     if bool(tls_cert) != bool(tls_key):
@@ -629,6 +662,12 @@ def serve(root, addr, search_workers, max_message_bytes, token, tls_cert, tls_ke
             tls_key=Path(tls_key) if tls_key else None,
             max_message_bytes=max_message_bytes,
             search_workers=search_workers,
+            limits=Limits(
+                max_call_bytes=min(1 << 30, insert_budget_bytes),
+                insert_budget_bytes=insert_budget_bytes,
+                idle_timeout_s=idle_timeout,
+                searches=max_searches,
+            ),
         )
     except (ForestError, ServeError) as exc:
         raise InputError(str(exc)) from exc

@@ -8,6 +8,7 @@ gram shared by several rules is read once.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -61,10 +62,13 @@ def search_snapshot(
     max_candidates: float = 0.0,
     workers: int = 0,
     compiled_gather: bool | None = True,
+    cancelled: threading.Event | None = None,
 ) -> SearchResult:
     """Search a snapshot. `compiled_gather`: read gram leaves with the compiled kernel (True: right for a
     long-lived process, which loads it once), with numpy (False), or with whichever costs this process
-    less (None: a one-shot command; a small search then never imports numba)."""
+    less (None: a one-shot command; a small search then never imports numba). Once `cancelled` is set no
+    further segment is evaluated and the result is incomplete (the caller asked for that)."""
+    cancelled = cancelled or threading.Event()
     started = time.perf_counter()
     hits: list[list[tuple[int, np.ndarray]]] = [[] for _ in plans]  # per plan: (view index, docs)
     workers = workers or min(4, len(os.sched_getaffinity(0)))
@@ -75,13 +79,19 @@ def search_snapshot(
         if compiled_gather is None:
             compiled_gather = _gather_choice(snapshot, plan_grams, batches)
         for batch in batches:
+            if cancelled.is_set():
+                break
             compiled = Batch([plans[i].upper for i in batch], [plan_grams[i] for i in batch])
 
             def run(view_index: int, compiled=compiled):
+                if cancelled.is_set():
+                    return view_index, None
                 view = snapshot.views[view_index]
                 return view_index, SegmentEvaluator(view, compiled, policy, compiled_gather).evaluate()
 
             for view_index, selected in pool.map(run, range(len(snapshot.views))):
+                if selected is None:
+                    continue
                 for plan_index, mask in zip(batch, selected, strict=True):
                     docs = np.flatnonzero(mask)
                     if len(docs):
