@@ -9,23 +9,30 @@ servers as their sink and backend, so local and remote runs count and report the
 from __future__ import annotations
 
 import json
+import os
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from sspry.client.connection import ClientError, Connection, OfflineError
+from sspry.client.connection import ClientError, Connection, OfflineError, parse_addrs
 from sspry.deleting import Deletion, delete_values
 from sspry.document import Document
 from sspry.indexing import IndexSummary, index_files
 from sspry.policy import Policy
 from sspry.progress import SILENT, Progress
 from sspry.query.results import SearchResult, attach_paths, candidate_limit, rule_result
-from sspry.query.rules import RuleSource
+from sspry.query.rules import RuleSource, load_rules
 from sspry.store.files import SHOWN_PATHS, PathDeletion, PathsOf
 from sspry.store.ingest_log import IngestResult
 from sspry.v1 import sspry_pb2
 from sspry.wire import file_stamp, policy_from_proto
+
+if TYPE_CHECKING:
+    from sspry.query.rulecheck import RuleReport
 
 DEFAULT_BATCH_BYTES = 32 << 20
 
@@ -130,10 +137,37 @@ class Cluster:
 
     # --- search ------------------------------------------------------------------------------------
     def search(
-        self, source: RuleSource, max_candidates: float, max_anchors: int, progress: Progress = SILENT
+        self,
+        rule: str | None = None,
+        path: str | None = None,
+        *,
+        verify: bool = False,
+        max_candidates: float = 0.0,
+        max_anchors: int = 16,
+        progress: Progress | None = None,
+    ) -> SearchResult:
+        """Every document that may match each public rule of the rule text (`rule=`) or file (`path=`),
+        on every server (merged, deduplicated, then capped); with `verify`, each candidate scanned with
+        YARA here (its recorded paths must be readable). The rules are compiled here first, and sent with
+        their includes inlined."""
+        from sspry.database import needs_paths
+        from sspry.verify import verify as run_verify
+
+        progress = progress or SILENT
+        started = time.perf_counter()
+        source, compiled = load_rules(rule, path)
+        loaded = time.perf_counter()
+        result, policy = self._search(source, max_candidates, max_anchors, progress)
+        result.timings_ms["compile"] = (loaded - started) * 1000
+        if verify:
+            needs_paths(policy)
+            run_verify(result, compiled, policy, progress=progress)
+        result.timings_ms["total"] = (time.perf_counter() - started) * 1000
+        return result
+
+    def _search(
+        self, source: RuleSource, max_candidates: float, max_anchors: int, progress: Progress
     ) -> tuple[SearchResult, Policy]:
-        """Search every server; per rule merge, deduplicate, then cap; paths of a document found on
-        several servers are merged."""
         members = self.discover()
         targets = list(source.targets)
         lock = threading.Lock()
@@ -167,6 +201,14 @@ class Cluster:
         )
         attach_paths(result, lambda ids: _merge_paths(a.paths for _, a in answers))
         return result, members[0].policy
+
+    def check(
+        self, rule: str | None = None, path: str | None = None, *, max_anchors: int = 16
+    ) -> list[RuleReport]:
+        """How each rule would be searched with the servers' policy (`sspry rule-check`)."""
+        from sspry.query.rulecheck import check_rules
+
+        return check_rules(self.discover()[0].policy, max_anchors, rule=rule, path=path)
 
     # --- delete, info, shutdown --------------------------------------------------------------------
     def delete(self, values: list[str]) -> list[Deletion]:
@@ -310,3 +352,31 @@ def _merge_paths(found: Iterable[dict[bytes, PathsOf]]) -> dict[bytes, PathsOf]:
                 shown = tuple(dict.fromkeys(before.paths + paths.paths))[:SHOWN_PATHS]
                 merged[source_id] = PathsOf(shown, before.count + paths.count)
     return merged
+
+
+def connect(
+    addrs: str | list[str] | None = None,
+    *,
+    token: str | None = None,
+    tls_ca: bytes | str | os.PathLike | None = None,
+    timeout: float = 30.0,
+    max_message_bytes: int = 64 << 20,
+    ignore_offline: bool = False,
+    progress: Progress | None = None,
+) -> Cluster:
+    """Servers used as one: `addrs` is "host:port,host:port" (or a list; default $SSPRY_ADDR or
+    127.0.0.1:17653); `tls_ca` the CA certificate (PEM bytes, or a file) when the servers use TLS. The
+    connection is made by the first call; ValueError for an address that is not one."""
+    if isinstance(addrs, list):
+        addrs = ",".join(addrs)
+    if tls_ca is not None and not isinstance(tls_ca, bytes):
+        tls_ca = Path(tls_ca).read_bytes()
+    return Cluster(
+        parse_addrs(addrs),
+        ignore_offline=ignore_offline,
+        progress=progress or SILENT,
+        token=token,
+        tls_ca=tls_ca,
+        timeout=timeout,
+        max_message_bytes=max_message_bytes,
+    )

@@ -21,7 +21,17 @@ BUSY_RETRIES = 6  # a busy server is asked again after 0.5, 1, 2, ... 30 s
 
 
 class ClientError(Exception):
-    """A server refused or failed a call; the message names the server."""
+    """A server refused or failed a call; the message names the server, `code` is the gRPC status (None
+    for problems found before any call)."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None):
+        super().__init__(message)
+        self.code = code
+
+    @property
+    def bad_input(self) -> bool:
+        """The caller's mistake (bad input, wrong token), not the server's trouble."""
+        return self.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED)
 
 
 class OfflineError(ClientError):
@@ -103,8 +113,9 @@ class Connection:
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             details = exc.details() or ""
             hint = self._tls_hint(details)
-            return OfflineError(f"server {self.addr} is not reachable ({code.name.lower()}: {details}){hint}")
-        return ClientError(f"server {self.addr}: {code.name}: {exc.details()}")
+            message = f"server {self.addr} is not reachable ({code.name.lower()}: {details}){hint}"
+            return OfflineError(message, code)
+        return ClientError(f"server {self.addr}: {code.name}: {exc.details()}", code)
 
     def _tls_hint(self, details: str) -> str:
         """A hint when the two ends seem to disagree on TLS. grpc does not say so; these are the details it

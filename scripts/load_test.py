@@ -75,7 +75,7 @@ def main() -> None:
                 with Cluster([addr]) as cluster:
                     while time.monotonic() < stop:
                         try:
-                            result, _ = cluster.search(source, 0.0, 16)
+                            result = cluster.search(path=str(rules))
                         except Exception as exc:
                             errors.append(f"search: {exc}")
                             continue

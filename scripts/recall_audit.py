@@ -127,15 +127,15 @@ def main() -> int:
                 continue
             all_plans.extend(plans)
             for rule in result.rules:
-                per_file_candidates[(path, rule.rule)] = {c.source_id for c in rule.candidates}
+                per_file_candidates[(path, rule.name)] = {c.source_id for c in rule.candidates}
             for rule in result.rules:
                 candidates = {c.source_id for c in rule.candidates}
-                true = truth.get((namespace, rule.rule), set())
+                true = truth.get((namespace, rule.name), set())
                 missed = true - candidates
                 rows.append(
                     {
                         "file": os.path.relpath(path, args.rules),
-                        "rule": rule.rule,
+                        "rule": rule.name,
                         "true_matches": len(true),
                         "candidates": len(candidates),
                         "false_negatives": len(missed),

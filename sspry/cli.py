@@ -14,7 +14,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,15 +37,38 @@ def _emit(data: dict) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=False))
 
 
-def _open_forest(root: str, writable: bool):
-    from sspry.store.forest import Forest, ForestError
+def _local(root: str):
+    """The Database at ROOT, or a clear error (exit 2)."""
+    from sspry.database import Database
+    from sspry.store.forest import ForestError
 
     try:
-        return Forest.open(root, writable=writable)
+        return Database.open(root)
     except ForestError as exc:
         raise InputError(str(exc)) from exc
     except PolicyError as exc:
         raise InputError(f"{root}: {exc}") from exc
+
+
+class ServerError(click.ClickException):
+    """A server refused or failed a call: exit status 1."""
+
+    exit_code = 1
+
+
+@contextlib.contextmanager
+def _failures() -> Iterator[None]:
+    """What a Database or a Cluster raises, as one line: bad input (a rule YARA refuses, a request the
+    policy forbids, a call a server refuses as invalid) exits 2, server trouble 1."""
+    from sspry.client.connection import ClientError
+    from sspry.query.rules import RuleError
+
+    try:
+        yield
+    except (RuleError, PolicyError) as exc:
+        raise InputError(str(exc)) from exc
+    except ClientError as exc:
+        raise (InputError if exc.bad_input else ServerError)(str(exc)) from exc
 
 
 root_option = click.option(
@@ -279,8 +301,8 @@ def rule_check(rule, as_json, root, gram_sizes, id_source, max_anchors_per_patte
     if root and (gram_sizes or id_source):
         raise click.UsageError("--root takes the policy from the Forest: drop --gram-sizes/--id-source")
     if root:
-        with _open_forest(root, writable=False) as forest:
-            policy, source = forest.policy, "local-root"
+        with _local(root) as db:
+            policy, source = db.policy, "local-root"
     else:
         policy = Policy(gram_sizes=gram_sizes or (3, 4), id_source=id_source or "sha256")
         source = "explicit" if (gram_sizes or id_source) else "defaults"
@@ -354,10 +376,16 @@ def local_index(root, paths, path_list, workers, as_json):
     """Index files (directories are walked recursively) into the Forest at ROOT. Files indexed before
     and unchanged since (same path, size and mtime) are not read again. Interrupting keeps what was
     indexed, prints the summary so far and exits 130."""
-    from sspry.indexing import index_paths
+    with _local(root) as db:
+        _index(db, paths, path_list, workers, as_json)
 
-    with _open_forest(root, writable=True) as forest, _interruptible() as stop:
-        summary = index_paths(forest, paths, path_list, workers, progress=TqdmProgress(), stop=stop)
+
+def _index(store, paths, path_list: bool, workers: int, as_json: bool, **options) -> None:
+    """`local index` and `index`: one run over a Database or a Cluster."""
+    with _failures(), _interruptible() as stop:
+        summary = store.index(
+            paths, path_list=path_list, workers=workers, progress=TqdmProgress(), stop=stop, **options
+        )
     _finish_index(summary, as_json)
 
 
@@ -388,7 +416,7 @@ def _print_search(result, verify: bool) -> None:
         if several:
             if number:
                 click.echo("")
-            click.echo(f"rule: {rule.rule}")
+            click.echo(f"rule: {rule.name}")
         click.echo(f"candidates: {rule.candidate_count}")
         click.echo(f"truncated: {str(rule.truncated).lower()}")
         if rule.truncated:
@@ -409,8 +437,19 @@ def _print_search(result, verify: bool) -> None:
             click.echo("\t".join(fields))
 
 
-def _print_result(result, verify: bool, as_json: bool, started: float) -> None:
-    result.timings_ms["total"] = (time.perf_counter() - started) * 1000
+def _search(
+    store, rule: str, as_json: bool, max_candidates: float, verify: bool, max_anchors: int, **options
+):
+    """`local search` and `search`: one search over a Database or a Cluster, printed."""
+    with _failures():
+        result = store.search(
+            path=rule,
+            verify=verify,
+            max_candidates=max_candidates,
+            max_anchors=max_anchors,
+            progress=TqdmProgress(),
+            **options,
+        )
     if as_json:
         click.echo(json.dumps(result.to_json()))
     else:
@@ -440,24 +479,8 @@ search_workers_option = click.option(
 @search_workers_option
 def local_search(root, rule, as_json, max_candidates, verify, max_anchors_per_pattern, search_workers):
     """Return every indexed file that may match each public rule of RULE."""
-    from sspry.query.rules import RuleError
-    from sspry.query.search import search_rule_file
-    from sspry.verify import verify as run_verify
-
-    started = time.perf_counter()
-    progress = TqdmProgress()
-    with _open_forest(root, writable=False) as forest:
-        if verify and not forest.policy.store_path:
-            raise InputError("--verify needs stored paths: this forest was initialised without --store-path")
-        try:
-            result, compiled = search_rule_file(
-                forest, rule, max_candidates, max_anchors_per_pattern, search_workers, progress
-            )
-        except RuleError as exc:
-            raise InputError(str(exc)) from exc
-        if verify:
-            run_verify(result, compiled, forest.policy, progress=progress)
-    _print_result(result, verify, as_json, started)
+    with _local(root) as db:
+        _search(db, rule, as_json, max_candidates, verify, max_anchors_per_pattern, workers=search_workers)
 
 
 @local.command("delete")
@@ -468,10 +491,14 @@ def local_delete(root, values, as_json):
     """Delete by VALUE: a hex Source ID deletes its document; a path forgets that file, and deletes its
     document when no other path of the same content is recorded; an unrecorded existing file deletes the
     document with its content. Exit 1 if a value matched nothing."""
-    from sspry.deleting import ForestDeleter, delete_values
+    with _local(root) as db:
+        _delete(db, values, as_json)
 
-    with _open_forest(root, writable=True) as forest:
-        rows = delete_values(ForestDeleter(forest), list(values))
+
+def _delete(store, values, as_json: bool) -> None:
+    """`local delete` and `delete`."""
+    with _failures():
+        rows = store.delete(list(values))
     _print_deleted(rows, as_json)
 
 
@@ -480,8 +507,8 @@ def local_delete(root, values, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def local_compact(root, as_json):
     """Rewrite every shard into one segment, dropping deleted documents."""
-    with _open_forest(root, writable=True) as forest:
-        result = forest.compact(full=True)
+    with _local(root) as db, _failures():
+        result = db.compact()
     summary = {
         "rewritten_segments": result.rewritten,
         "written_segments": result.written,
@@ -498,8 +525,8 @@ def local_compact(root, as_json):
 @root_option
 def local_info(root):
     """Print the Forest's statistics and policy as JSON."""
-    with _open_forest(root, writable=False) as forest:
-        _emit(forest.info())
+    with _local(root) as db:
+        _emit(db.info())
 
 
 # --- server and remote client ------------------------------------------------------------------------
@@ -545,41 +572,21 @@ def _client_options(function):
 
 
 def _cluster(addr, timeout, max_message_bytes, ignore_offline, token, tls_ca):
-    from sspry.client.cluster import Cluster
-    from sspry.client.connection import parse_addrs
+    """The servers named by --addr, as one Cluster (`sspry.connect`)."""
+    from sspry.client.cluster import connect
 
     try:
-        addrs = parse_addrs(addr)
+        return connect(
+            addr,
+            token=token,
+            tls_ca=tls_ca,
+            timeout=timeout,
+            max_message_bytes=max_message_bytes,
+            ignore_offline=ignore_offline,
+            progress=TqdmProgress(),
+        )
     except ValueError as exc:
         raise InputError(str(exc)) from exc
-    return Cluster(
-        addrs,
-        ignore_offline=ignore_offline,
-        progress=TqdmProgress(),
-        token=token,
-        tls_ca=Path(tls_ca).read_bytes() if tls_ca else None,
-        timeout=timeout,
-        max_message_bytes=max_message_bytes,
-    )
-
-
-class ServerError(click.ClickException):
-    """A server refused or failed a call: exit status 1."""
-
-    exit_code = 1
-
-
-def _remote(call):
-    """Run call(), turning client errors into clear messages (bad input: exit 2, server trouble: 1)."""
-    from sspry.client.connection import ClientError
-
-    try:
-        return call()
-    except ClientError as exc:
-        text = str(exc)
-        if "INVALID_ARGUMENT" in text or "UNAUTHENTICATED" in text:
-            raise InputError(text) from exc
-        raise ServerError(text) from exc
 
 
 @main.command()
@@ -706,21 +713,8 @@ def index(
     """Index files on server(s): extracted here, each batch's new documents sent to the server with the
     fewest documents, published when the command returns. Files indexed before and unchanged since are
     not read again. Interrupting keeps what was sent, prints the summary so far and exits 130."""
-    with (
-        _cluster(addr, timeout, max_message_bytes, ignore_offline, token, tls_ca) as cluster,
-        _interruptible() as stop,
-    ):
-        summary = _remote(
-            lambda: cluster.index(
-                paths,
-                path_list=path_list,
-                workers=workers,
-                batch_bytes=batch_bytes,
-                progress=TqdmProgress(),
-                stop=stop,
-            )
-        )
-    _finish_index(summary, as_json)
+    with _cluster(addr, timeout, max_message_bytes, ignore_offline, token, tls_ca) as cluster:
+        _index(cluster, paths, path_list, workers, as_json, batch_bytes=batch_bytes)
 
 
 @main.command()
@@ -746,26 +740,8 @@ def search(
     max_anchors_per_pattern,
 ):
     """Search server(s) with every public rule of RULE; results merged, deduplicated, then capped."""
-    from sspry.query.rules import RuleError, load_rule_file
-    from sspry.verify import verify as run_verify
-
-    started = time.perf_counter()
-    try:
-        source, compiled = load_rule_file(rule)
-    except RuleError as exc:
-        raise InputError(str(exc)) from exc
-    loaded = time.perf_counter()
-    progress = TqdmProgress()
     with _cluster(addr, timeout, max_message_bytes, ignore_offline, token, tls_ca) as cluster:
-        result, policy = _remote(
-            lambda: cluster.search(source, max_candidates, max_anchors_per_pattern, progress)
-        )
-    result.timings_ms["compile"] = (loaded - started) * 1000
-    if verify:
-        if not policy.store_path:
-            raise InputError("--verify needs stored paths: the forest was initialised without --store-path")
-        run_verify(result, compiled, policy, progress=progress)
-    _print_result(result, verify, as_json, started)
+        _search(cluster, rule, as_json, max_candidates, verify, max_anchors_per_pattern)
 
 
 @main.command()
@@ -775,8 +751,7 @@ def search(
 def delete(values, addr, timeout, max_message_bytes, ignore_offline, token, tls_ca, as_json):
     """Delete on every server by VALUE, as `local delete` does (Source ID, path, or file content)."""
     with _cluster(addr, timeout, max_message_bytes, ignore_offline, token, tls_ca) as cluster:
-        rows = _remote(lambda: cluster.delete(list(values)))
-    _print_deleted(rows, as_json)
+        _delete(cluster, values, as_json)
 
 
 @main.command()
@@ -784,7 +759,8 @@ def delete(values, addr, timeout, max_message_bytes, ignore_offline, token, tls_
 def info(addr, timeout, max_message_bytes, ignore_offline, token, tls_ca):
     """Print each server's statistics and policy as JSON (an array when several)."""
     with _cluster(addr, timeout, max_message_bytes, ignore_offline, token, tls_ca) as cluster:
-        found = _remote(cluster.info)
+        with _failures():
+            found = cluster.info()
         several = len(cluster.addrs) > 1
     if several:
         click.echo(json.dumps(found, indent=2))
@@ -797,7 +773,9 @@ def info(addr, timeout, max_message_bytes, ignore_offline, token, tls_ca):
 def shutdown(addr, timeout, max_message_bytes, ignore_offline, token, tls_ca):
     """Ask server(s) to finish the calls in flight and exit."""
     with _cluster(addr, timeout, max_message_bytes, ignore_offline, token, tls_ca) as cluster:
-        for server, message in _remote(cluster.shutdown):
+        with _failures():
+            answers = cluster.shutdown()
+        for server, message in answers:
             click.echo(f"{server}: {message}")
 
 

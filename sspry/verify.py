@@ -102,5 +102,5 @@ def verify(
                 candidate.verified, candidate.skipped = None, verdict.skipped
                 candidate.skip_detail = verdict.detail
             else:
-                candidate.verified = rule.rule in verdict.matched
+                candidate.verified = rule.name in verdict.matched
     result.timings_ms["verify"] = (time.perf_counter() - started) * 1000

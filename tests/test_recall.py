@@ -48,15 +48,15 @@ def test_generated_rules_recall_and_precision(indexed_corpus) -> None:
     assert sum(len(v) for v in expected.values()) > 40, "the corpus must give the rules real matches"
     for rule in result.rules:
         candidates = {c.source_id for c in rule.candidates}
-        matches = expected.get(rule.rule, set())
-        assert matches <= candidates, f"{rule.rule} missed {len(matches - candidates)} files"
+        matches = expected.get(rule.name, set())
+        assert matches <= candidates, f"{rule.name} missed {len(matches - candidates)} files"
         # verification agrees with yara-python on every candidate
         assert {c.source_id for c in rule.candidates if c.verified} == matches
         assert not any(c.skipped for c in rule.candidates)
         # (nocase prunes like the rest because the forest folds case: see the policy's fold_case)
-        if rule.rule.startswith(("ascii_", "hex_", "wide_", "regex_", "xor_", "nocase_", "small_")):
+        if rule.name.startswith(("ascii_", "hex_", "wide_", "regex_", "xor_", "nocase_", "small_")):
             false_positives = len(candidates - matches)
-            assert false_positives <= 0.05 * documents, f"{rule.rule}: {false_positives} false positives"
+            assert false_positives <= 0.05 * documents, f"{rule.name}: {false_positives} false positives"
 
 
 @pytest.mark.parametrize(
@@ -79,7 +79,7 @@ def test_real_rule_files_recall(indexed_corpus, relative: str) -> None:
     expected = truth(compiled, indexed_corpus.files)
     for rule in result.rules:
         candidates = {c.source_id for c in rule.candidates}
-        assert expected.get(rule.rule, set()) <= candidates, rule.rule
+        assert expected.get(rule.name, set()) <= candidates, rule.name
 
 
 def test_every_construct_through_the_store(indexed_corpus, tmp_path) -> None:
@@ -95,4 +95,4 @@ def test_every_construct_through_the_store(indexed_corpus, tmp_path) -> None:
     assert len(expected) > len(CASES) // 3, "the corpus must give many construct rules real matches"
     for rule in result.rules:
         candidates = {c.source_id for c in rule.candidates}
-        assert expected.get(rule.rule, set()) <= candidates, (rule.rule, CASES[int(rule.rule[1:])][0])
+        assert expected.get(rule.name, set()) <= candidates, (rule.name, CASES[int(rule.name[1:])][0])

@@ -106,7 +106,7 @@ def test_two_servers_index_search_delete_info_shutdown(servers, indexed_corpus, 
     assert sorted(remote["servers"]) == sorted(addrs.split(","))
     assert remote["documents"] == expected.documents
     for mine, theirs in zip(expected.rules, remote["rules"], strict=True):
-        assert mine.rule == theirs["rule"]
+        assert mine.name == theirs["rule"]
         assert {c.source_id.hex() for c in mine.candidates} == {c["source_id"] for c in theirs["candidates"]}
 
     verified = json.loads(
@@ -422,16 +422,12 @@ def test_progress_of_planning_a_bundle_on_the_server_and_of_verifying(servers, t
             for i in range(1500)
         )
     )
-    from sspry.client.cluster import Cluster
-    from sspry.query.rules import load_rule_file
-    from sspry.verify import verify
+    import sspry
 
-    source, compiled = load_rule_file(str(rules))
-    with Cluster([server.addr]) as cluster:
+    with sspry.connect(server.addr) as cluster:
         cluster.index([str(files)])
         recorder = Recorder()
-        result, policy = cluster.search(source, 0.0, 16, recorder)
-        verify(result, compiled, policy, progress=recorder)
+        result = cluster.search(path=str(rules), verify=True, progress=recorder)
     assert recorder.totals == {"planning (servers)": 1500, "verifying": 3}
     assert recorder.done == {"planning (servers)": 1500, "verifying": 3}
     assert recorder.calls["planning (servers)"] > 1500 // 256  # reported while the server planned

@@ -52,7 +52,7 @@ class Candidate:
 
 @dataclass
 class RuleResult:
-    rule: str
+    name: str
     candidates: list[Candidate]
     candidate_count: int  # before truncation
     truncated: bool = False
@@ -60,7 +60,7 @@ class RuleResult:
 
     def to_json(self) -> dict:
         out = {
-            "rule": self.rule,
+            "rule": self.name,
             "candidate_count": self.candidate_count,
             "truncated": self.truncated,
             "candidates": [c.to_json() for c in self.candidates],
@@ -123,7 +123,7 @@ def rule_result(name: str, source_ids: Sequence[bytes], limit: int | None) -> Ru
     truncated = limit is not None and len(unique) > limit
     kept = unique[:limit] if truncated else unique
     return RuleResult(
-        rule=name,
+        name=name,
         candidates=[Candidate(i) for i in kept],
         candidate_count=len(unique),
         truncated=truncated,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from sspry.policy import Policy
 from sspry.query.condition import CODES, RulePlan, plan_rules
 from sspry.query.plan import TRUE, Gram, leaves
-from sspry.query.rules import RuleError, compile_rules, yaramod_parser
+from sspry.query.rules import RuleError, compile_rules, compile_text, parse
 
 STATUS_ORDER = ("searchable", "searchable-needs-verify", "unsearchable")
 
@@ -56,14 +56,18 @@ class RuleReport:
         }
 
 
-def check_rule_file(path: str, policy: Policy, max_anchors: int) -> list[RuleReport]:
-    """Reports for every rule of the file (public ones first reported in file order)."""
-    compiled = compile_rules(path)  # raises RuleError naming file and line
+def check_rules(
+    policy: Policy, max_anchors: int, rule: str | None = None, path: str | None = None
+) -> list[RuleReport]:
+    """Reports for every rule of the rule text or file (exactly one), in file order."""
+    if (rule is None) == (path is None):
+        raise ValueError("give the rule text (rule=) or a rule file (path=), not both")
+    compiled = compile_rules(path) if path is not None else compile_text(rule)  # RuleError: file and line
     names = [(r.identifier, r.is_private) for r in compiled]
     if not names:
-        raise RuleError(f"{path}: no rules in file")
+        raise RuleError(f"{path}: no rules in file" if path is not None else "no rules in the text")
     try:
-        parsed = yaramod_parser().parse_file(path)  # the file itself, so lines are the file's own
+        parsed = parse(rule, path)  # the file itself, so lines are the file's own
     except Exception as exc:
         parsed = None
         error = str(exc)
@@ -72,6 +76,10 @@ def check_rule_file(path: str, policy: Policy, max_anchors: int) -> list[RuleRep
         for plan in plans:
             plan.notes[0].text = error
     return [RuleReport(plan, private) for plan, (_, private) in zip(plans, names, strict=True)]
+
+
+def check_rule_file(path: str, policy: Policy, max_anchors: int) -> list[RuleReport]:
+    return check_rules(policy, max_anchors, path=path)
 
 
 def file_status(reports: list[RuleReport]) -> str:

@@ -51,16 +51,39 @@ def compile_rules(path: str) -> yara.Rules:
         raise RuleError(f"{path}: cannot compile: {exc}") from exc
 
 
-def load_rule_file(path: str) -> tuple[RuleSource, yara.Rules]:
-    compiled = compile_rules(path)
+def compile_text(text: str) -> yara.Rules:
+    """yara-python's compilation of rule text (includes relative to the working directory)."""
+    try:
+        return yara.compile(source=text)
+    except yara.SyntaxError as exc:
+        raise RuleError(f"invalid YARA rule: {exc}") from exc
+    except (yara.Error, ValueError, TypeError) as exc:  # ValueError: a NUL in the text
+        raise RuleError(f"cannot compile the rule text: {exc}") from exc
+
+
+def parse(rule: str | None = None, path: str | None = None) -> yaramod.YaraFile:
+    """yaramod's parse of rule text or a rule file (raises whatever yaramod raises)."""
+    return yaramod_parser().parse_string(rule) if path is None else yaramod_parser().parse_file(path)
+
+
+def load_rules(rule: str | None = None, path: str | None = None) -> tuple[RuleSource, yara.Rules]:
+    """Rule text or a rule file (exactly one), compiled and parsed; RuleError when YARA refuses it."""
+    if (rule is None) == (path is None):
+        raise ValueError("give the rule text (rule=) or a rule file (path=), not both")
+    compiled = compile_rules(path) if path is not None else compile_text(rule)
+    name = path if path is not None else "<rule text>"
     all_rules = list(compiled)
     if not all_rules:
-        raise RuleError(f"{path}: no rules in file")
+        raise RuleError(f"{name}: no rules in file" if path is not None else "no rules in the text")
     public = tuple(r.identifier for r in all_rules if not r.is_private)
     targets = public or tuple(r.identifier for r in all_rules)
     try:
-        text = yaramod_parser().parse_file(path).text
+        text = parse(rule, path).text
         error = None
     except Exception as exc:  # yaramod raises its own ParserError and sometimes RuntimeError
         text, error = None, str(exc)
-    return RuleSource(path, text, targets, error), compiled
+    return RuleSource(name, text, targets, error), compiled
+
+
+def load_rule_file(path: str) -> tuple[RuleSource, yara.Rules]:
+    return load_rules(path=path)

@@ -1,0 +1,150 @@
+"""`sspry.Database`: a Forest in this process, with the calls the CLI's `local` commands make.
+
+    with sspry.Database.create("db", store_path=True) as db:
+        db.index(["/samples"])
+        result = db.search(rule='rule x { strings: $a = "evil" condition: $a }', verify=True)
+
+Reads never take the Forest's writer lock, so a Database can search a Forest a server is writing; the
+first write (`index`, `delete`, `compact`) takes the lock and keeps it until `close()`.
+`sspry.connect()` gives the same calls over servers (client/cluster.py).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from sspry.deleting import Deletion, ForestDeleter, delete_values
+from sspry.indexing import IndexSummary, index_files
+from sspry.policy import Policy, PolicyError
+from sspry.progress import SILENT, Progress
+from sspry.query.results import SearchResult
+from sspry.query.rulecheck import RuleReport, check_rules
+from sspry.query.rules import load_rules
+from sspry.store.forest import CompactResult, Forest
+
+DEFAULT_MAX_ANCHORS = 16
+
+
+def needs_paths(policy: Policy) -> None:
+    """Verification reads the candidates' files: the forest must record their paths."""
+    if not policy.store_path:
+        raise PolicyError("--verify needs stored paths: the forest was initialised without --store-path")
+
+
+class Database:
+    """A Forest opened in this process. Use `create` or `open`; close it (or use `with`)."""
+
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+        self._reader = Forest.open(self.root, writable=False)
+        self._writer: Forest | None = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def create(cls, root: Path | str, *, force: bool = False, **policy) -> Database:
+        """Create a Forest at `root` with the given policy (`Policy` fields: store_path, gram_sizes,
+        id_source, tier1_fp, ...) and open it. Creating one with the same policy again is a no-op."""
+        Forest.init(Path(root), Policy(**policy), force=force)
+        return cls(root)
+
+    @classmethod
+    def open(cls, root: Path | str) -> Database:
+        """Open an existing Forest (ForestError if there is none)."""
+        return cls(root)
+
+    @property
+    def policy(self) -> Policy:
+        return self._reader.policy
+
+    def _forest(self, write: bool = False) -> Forest:
+        """The writable Forest once something was written (its snapshot is current), else the reader."""
+        with self._lock:
+            if write and self._writer is None:
+                self._writer = Forest.open(self.root, writable=True)
+            return self._writer or self._reader
+
+    def close(self) -> None:
+        with self._lock:
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+            self._reader.close()
+
+    def __enter__(self) -> Database:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- the calls ---------------------------------------------------------------------------------
+    def index(
+        self,
+        paths: list[str] | tuple[str, ...],
+        *,
+        path_list: bool = False,
+        workers: int = 0,
+        progress: Progress | None = None,
+        stop: threading.Event | None = None,
+    ) -> IndexSummary:
+        """Index files (directories recursively) and publish. Files indexed before and unchanged since are
+        not read again; setting `stop` ends the run early, keeping what was indexed."""
+        from sspry.indexing import ForestSink
+
+        return index_files(
+            ForestSink(self._forest(write=True)),
+            paths,
+            path_list=path_list,
+            workers=workers,
+            progress=progress or SILENT,
+            stop=stop,
+        )
+
+    def search(
+        self,
+        rule: str | None = None,
+        path: str | None = None,
+        *,
+        verify: bool = False,
+        max_candidates: float = 0.0,
+        max_anchors: int = DEFAULT_MAX_ANCHORS,
+        workers: int = 0,
+        progress: Progress | None = None,
+    ) -> SearchResult:
+        """Every document that may match each public rule of the rule text (`rule=`) or file (`path=`);
+        with `verify`, each candidate scanned with YARA. RuleError if YARA refuses the rules."""
+        from sspry.query.search import search_forest
+        from sspry.verify import verify as run_verify
+
+        progress = progress or SILENT
+        started = time.perf_counter()
+        forest = self._forest()
+        if verify:
+            needs_paths(forest.policy)
+        source, compiled = load_rules(rule, path)
+        loaded = time.perf_counter()
+        result = search_forest(forest, source, max_candidates, max_anchors, workers, progress, None)
+        result.timings_ms["compile"] = (loaded - started) * 1000
+        if verify:
+            run_verify(result, compiled, forest.policy, progress=progress)
+        result.timings_ms["total"] = (time.perf_counter() - started) * 1000
+        return result
+
+    def delete(self, values: list[str] | tuple[str, ...]) -> list[Deletion]:
+        """Delete by Source ID (hex), path, or file content (see sspry.deleting)."""
+        return delete_values(ForestDeleter(self._forest(write=True)), list(values))
+
+    def compact(self) -> CompactResult:
+        """Rewrite every shard into one segment, dropping deleted documents."""
+        return self._forest(write=True).compact(full=True)
+
+    def info(self) -> dict:
+        """Statistics and policy (what `sspry local info` prints)."""
+        return self._forest().info()
+
+    def check(
+        self, rule: str | None = None, path: str | None = None, *, max_anchors: int = DEFAULT_MAX_ANCHORS
+    ) -> list[RuleReport]:
+        """How each rule would be searched on this Forest (`sspry rule-check --root`)."""
+        return check_rules(self.policy, max_anchors, rule=rule, path=path)
