@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yara
 
+from sspry.features.metadata import module_fields
 from sspry.policy import Policy
 from sspry.query.condition import plan_rules
 from sspry.query.plan import TRUE
@@ -61,6 +62,7 @@ def _samples() -> dict[str, bytes]:
 
 SAMPLES = _samples()
 DIGEST = hashlib.sha256(SAMPLES["needle_at_3"]).hexdigest()
+ELF_ENTRY = module_fields(data=SAMPLES["elf"])[1]  # its entry-point bytes: pe.entry_point is undefined there
 
 # rule body -> a sample the plan must exclude (None: only soundness is checked)
 CASES: list[tuple[str, str | None]] = [
@@ -127,6 +129,15 @@ CASES: list[tuple[str, str | None]] = [
     ('strings: $a = "This program" base64 condition: $a', "text"),
     ('strings: $a = "This program" base64wide condition: $a', "b64_0"),
     (f'strings: $a = "This program" base64("{CUSTOM.decode()}") condition: $a', "b64_0"),
+    # YARA's undefined values (pe.entry_point of an ELF file, fields of a non-PE file, reads past the
+    # end): `not` keeps them undefined, `and` counts them as false, so each of these matches some sample
+    (f"condition: not ((uint8(pe.entry_point) == {ELF_ENTRY[0]}) and true)", None),
+    (f"strings: $a = {{ {ELF_ENTRY[:4].hex(' ')} }} condition: not (($a at pe.entry_point) and true)", None),
+    (f"condition: uint8(elf.entry_point) == {ELF_ENTRY[0]} and not (uint8(pe.entry_point) == 0)", "pe32"),
+    ("condition: not ((not (pe.number_of_sections == 2)) and filesize > 0)", None),
+    ("condition: not ((not pe.is_dll()) and not pe.is_64bit())", None),
+    ("condition: not ((not (uint32(filesize - 2) == 0)) and true)", None),
+    ("condition: not ((not (uint16(8) == 0)) or false)", None),
     # strings operators and `defined` stay undecided
     ("condition: pe.sections[0].name matches /text/", None),
     ("condition: defined pe.number_of_sections", None),

@@ -15,7 +15,7 @@ import math
 import re
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import yaramod
 
@@ -38,6 +38,7 @@ from sspry.query.plan import (
     Unscanned,
     and_,
     exact_or_unknown,
+    not_,
     or_,
 )
 from sspry.query.rules import yaramod_parser
@@ -147,9 +148,12 @@ class MaskedField:
 
 @dataclass(frozen=True)
 class EntryOffset:
-    """The entry point's file offset plus `delta` (pe.entry_point + 4, entrypoint, ...)."""
+    """The entry point's file offset plus `delta` (pe.entry_point + 4, entrypoint, ...). `field` is the
+    module field it comes from: pe.entry_point is undefined for an ELF file, whose entry-point bytes are
+    stored all the same (None for `entrypoint`, which YARA defines for both)."""
 
     delta: int
+    field: str | None = None
 
 
 @dataclass(frozen=True)
@@ -158,6 +162,7 @@ class Read:
     source: str | None  # "prefix" or "entry" when the offset is known, else None
     offset: int | None
     mask: int = -1
+    entry_field: str | None = None  # for "entry": EntryOffset.field
 
 
 @dataclass(frozen=True)
@@ -190,6 +195,9 @@ class WholeHash:
 Term = (
     Const | Text | Size | ModuleField | EntryOffset | Read | Count | OfString | Now | WholeEntropy | WholeHash
 )
+# Values YARA always defines while scanning a file; every other term may be undefined (a module field
+# the file lacks, a read past its end, @a[i] without an i-th match, ...).
+DEFINED_TERMS = (Const, Text, Size, Count, Now)
 
 
 # --- plans ------------------------------------------------------------------------------------------
@@ -238,7 +246,8 @@ class RulesetPlanner:
                             else "string-unanchored"
                         )
                         plan.notes.append(Note(name, code, f"{s.identifier}: {s.note}", s.line, s.column))
-                self._approx[name] = ConditionPlanner(self, plan).plan(rule.condition)
+                # as other rules see it: matched or not, never undefined
+                self._approx[name] = ConditionPlanner(self, plan).plan(rule.condition).defined()
             except Exception as exc:  # one rule failing to plan never fails the others
                 plan.notes.append(Note(name, "plan-error", f"{type(exc).__name__}: {exc}", *_where(rule)))
                 self._approx[name] = UNKNOWN
@@ -282,25 +291,32 @@ class ConditionPlanner:
 
     def string(self, identifier: str) -> Approx:
         plan = self.string_plan(identifier)
-        return UNKNOWN if plan is None else Approx.maybe(plan.node)
+        return UNKNOWN if plan is None else Approx.maybe(plan.node, undefined=FALSE)
 
-    def string_at(self, identifier: str, offsets: list[int], source: str) -> Approx:
-        """The string matches at one of `offsets` of the stored bytes of `source`."""
+    def string_at(
+        self, identifier: str, offsets: list[int], source: str, entry_field: str | None = None
+    ) -> Approx:
+        """The string matches at one of `offsets` of the stored bytes of `source`. Constant offsets
+        are always defined; the entry point is undefined for files that are neither PE nor ELF (and
+        pe.entry_point for ELF files: `entry_field`)."""
         plan = self.string_plan(identifier)
         if plan is None:
             return UNKNOWN
+        undefined = FALSE if source == "prefix" else TRUE
         window = self.policy.prefix_bytes if source == "prefix" else ENTRY_WINDOW
         if (
             plan.exact is None
             or len(plan.exact) * len(offsets) > 64
             or any(o < 0 or o + len(seq) > window for seq in plan.exact for o in offsets)
         ):
-            return Approx.maybe(plan.node)
+            return Approx.maybe(plan.node, undefined)
         fact = or_(*(BytesAt(source, o, seq) for o in offsets for seq in sorted(plan.exact)))
+        if entry_field is not None:
+            fact = and_(fact, _present(entry_field))
         sure = FALSE if plan.fullword else fact  # fullword also wants delimiters around the match
         if source == "entry":  # entry-point bytes come from YARA's modules: unknown where they did not run
-            return Approx(or_(fact, Unscanned()), sure)
-        return Approx(fact, sure)
+            return Approx(or_(fact, Unscanned()), sure, undefined)
+        return Approx(fact, sure, undefined)
 
     def strings_of(self, iterable) -> list[StringPlan] | None:
         """The strings a `them` / `($a, $b*)` set names, or None if it is not a string set."""
@@ -389,7 +405,7 @@ class ConditionPlanner:
             if isinstance(left, Const) and not isinstance(right, Const):
                 left, right = right, left
             if isinstance(left, Read) and isinstance(right, Const) and isinstance(right.value, int):
-                return Read(left.function, left.source, left.offset, left.mask & right.value)
+                return replace(left, mask=left.mask & right.value)
             if isinstance(left, ModuleField) and isinstance(right, Const) and isinstance(right.value, int):
                 return MaskedField(left.name, right.value)
             if isinstance(left, Const) and isinstance(right, Const):
@@ -405,11 +421,11 @@ class ConditionPlanner:
         if kind is yaramod.IntFunctionExpression:
             offset = self.term(expr.argument)
             if isinstance(offset, ModuleField) and offset.name in ENTRY_FIELDS:
-                offset = EntryOffset(0)
+                offset = EntryOffset(0, offset.name)
             if isinstance(offset, Const) and isinstance(offset.value, int):
                 return Read(expr.function, "prefix", offset.value)
             if isinstance(offset, EntryOffset):
-                return Read(expr.function, "entry", offset.delta)
+                return Read(expr.function, "entry", offset.delta, entry_field=offset.field)
             return Read(expr.function, None, None)
         if kind is yaramod.FunctionCallExpression:
             function = expr.function.text
@@ -460,12 +476,13 @@ class ConditionPlanner:
             low, high = self.term(expr.range_expr.low), self.term(expr.range_expr.high)
             if isinstance(low, Const) and isinstance(high, Const) and 0 <= high.value - low.value < 64:
                 return self.located(expr, [Const(o) for o in range(int(low.value), int(high.value) + 1)])
-            return self.string(expr.id)
+            return self.undefined_with(self.string(expr.id), [low, high])
         if kind is yaramod.OfExpression:
             items = self.members(expr.iterable)
             if items is None:
                 return self.unknown(expr, "not-understood")
-            return self.quantified(expr, items)
+            # `at`/`in` narrow nothing here (a string found there is found), but may be undefined
+            return self.undefined_with(self.quantified(expr, items), self.location_terms(expr.location))
         if kind is yaramod.ForStringExpression:
             return self.for_strings(expr)
         if kind in (yaramod.ForArrayExpression, yaramod.ForDictExpression):
@@ -494,10 +511,26 @@ class ConditionPlanner:
             return self.string_at(expr.id, [t.value for t in locations], "prefix")  # type: ignore[union-attr]
         term = locations[0] if len(locations) == 1 else None
         if isinstance(term, ModuleField) and term.name in ENTRY_FIELDS:
-            term = EntryOffset(0)
+            term = EntryOffset(0, term.name)
         if isinstance(term, EntryOffset):
-            return self.string_at(expr.id, [term.delta], "entry")
-        return self.string(expr.id)
+            return self.string_at(expr.id, [term.delta], "entry", term.field)
+        return self.undefined_with(self.string(expr.id), locations)
+
+    def location_terms(self, location) -> list[Term | None]:
+        """The terms of an `at X` / `in (X..Y)` location (none when there is no location)."""
+        if location is None:
+            return []
+        if isinstance(location, yaramod.RangeExpression):
+            return [self.term(location.low), self.term(location.high)]
+        return [self.term(location)]
+
+    @staticmethod
+    def undefined_with(approx: Approx, terms: list[Term | None]) -> Approx:
+        """`approx` where it uses these values: YARA's result is undefined wherever one of them is, so
+        it may be undefined anywhere unless each is a value YARA always defines."""
+        if all(isinstance(t, DEFINED_TERMS) for t in terms):
+            return approx
+        return Approx.maybe(approx.upper)  # and never surely true: `lower` did not see the location
 
     def for_strings(self, expr) -> Approx:
         """`for Q of SET : (BODY)`: BODY planned once per string with `$` bound to it."""
@@ -525,10 +558,11 @@ class ConditionPlanner:
             k = self.constant(variable)
             if not isinstance(k, int) or k < 1:
                 return self.unknown(expr, "vacuous-loop")
-        return Approx.maybe(self.plan(expr.body).upper)
+        return Approx.maybe(self.plan(expr.body).upper, undefined=FALSE)  # a loop is never undefined
 
     def field(self, name: str, op: str, value: int) -> Approx:
-        return exact_or_unknown(Field(name, op, value), Unscanned())
+        """A module field compared: undefined where the file does not have the field."""
+        return exact_or_unknown(Field(name, op, value), Unscanned(), not_(_present(name)))
 
     def function(self, expr) -> Approx:
         """Module functions used as booleans."""
@@ -581,9 +615,9 @@ class ConditionPlanner:
         if isinstance(left, Now) or isinstance(right, Now):
             return self.time_now(expr, left, op, right)
         if isinstance(left, WholeEntropy) and isinstance(right, Const):
-            # YARA's entropy of an empty file is undefined, and `not (undefined < 1)` is true there:
-            # exact everywhere else, undecided on empty files
-            return exact_or_unknown(Entropy(op, float(right.value)), Filesize("==", 0))
+            # YARA's entropy of an empty file is undefined, and `undefined < 1` is false there (its `<`
+            # on floats alone turns undefined into false): exact everywhere else, undecided on empty files
+            return exact_or_unknown(Entropy(op, float(right.value)), Filesize("==", 0), FALSE)
         if isinstance(left, WholeHash) and isinstance(right, Text) and op in ("==", "!="):
             return self.whole_hash(expr, left.algorithm, op, right.value)
         if isinstance(left, Read) and isinstance(right, Const) and isinstance(right.value, int):
@@ -593,7 +627,7 @@ class ConditionPlanner:
     def count(self, expr, string: Approx, op: str, value) -> Approx:
         """`#a OP n`: the string must occur whenever the comparison rules out a count of zero."""
         if not _holds(0, op, value):
-            return Approx.maybe(string.upper)
+            return Approx.maybe(string.upper, undefined=FALSE)
         self.unknown(expr, "count-may-be-zero")
         return UNKNOWN
 
@@ -619,7 +653,8 @@ class ConditionPlanner:
             fact: Node = Identity(bytes.fromhex(digest))
         else:
             fact = FALSE  # YARA's digest is lowercase hex of that length: it never equals this text
-        approx = Approx.exact(fact)
+        empty = Filesize("==", 0)  # YARA's hash of an empty file is undefined, never equal or unequal
+        approx = exact_or_unknown(and_(fact, not_(empty)), FALSE, empty)
         return approx if op == "==" else ~approx
 
     def read(self, expr, read: Read, op: str, value: int) -> Approx:
@@ -631,7 +666,12 @@ class ConditionPlanner:
         window = self.policy.prefix_bytes if read.source == "prefix" else ENTRY_WINDOW
         if read.source is not None and read.offset is not None and 0 <= read.offset <= window - width:
             fact = ReadInt(read.source, read.offset, width, signed, big, mask, op, value)
-            approx = Approx.exact(fact) if read.source == "prefix" else exact_or_unknown(fact, Unscanned())
+            if read.source == "prefix":  # undefined past the end of the file, where `fact` is FALSE
+                approx = exact_or_unknown(fact, FALSE, Filesize("<", read.offset + width))
+            else:  # and at an entry point that is not there
+                if read.entry_field is not None:
+                    fact = and_(fact, _present(read.entry_field))
+                approx = exact_or_unknown(fact, Unscanned(), TRUE)
         elif (
             op == "=="
             and mask == (1 << (8 * width)) - 1
@@ -645,6 +685,11 @@ class ConditionPlanner:
         else:
             return self.unknown(expr, "read-offset")
         return approx
+
+
+def _present(name: str) -> Node:
+    """The file has module field `name` (the sidecar keeps exactly the fields YARA defined)."""
+    return or_(Field(name, "==", 0), Field(name, "!=", 0))
 
 
 def _module_code(name: str) -> str:
@@ -693,9 +738,9 @@ def _arithmetic(kind, left: Term | None, right: Term | None) -> Term | None:
         if isinstance(right, EntryOffset | ModuleField) and isinstance(left, Const):
             left, right = right, left
         if isinstance(left, ModuleField) and left.name in ENTRY_FIELDS and isinstance(right, Const):
-            left = EntryOffset(0)
+            left = EntryOffset(0, left.name)
         if isinstance(left, EntryOffset) and isinstance(right, Const) and isinstance(right.value, int):
-            return EntryOffset(left.delta + right.value)
+            return EntryOffset(left.delta + right.value, left.field)
         return None
     # multiply
     if isinstance(left, Const) and isinstance(right, Const):

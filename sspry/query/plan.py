@@ -5,10 +5,16 @@ metadata sidecar (`Filesize`, ...). Nodes are interned: structurally equal nodes
 the plans of a bundle share subtrees, a gram row is read once, and memoised evaluation is by identity.
 The constructors simplify (constant folding, flattening, de-duplication) as they build.
 
-A rule condition is planned as an `Approx(upper, lower)` pair, three-valued logic in two formulas:
-`upper` holds for every document the condition may match (the candidates), `lower` only for documents it
-surely matches. Negation swaps them, so `not $a` gives upper = not(lower($a)) = TRUE: a bloom can prove a
-string absent but never present. Anything the planner does not understand is (TRUE, FALSE).
+A rule condition is planned as an `Approx(upper, lower, undefined)`: `upper` holds for every document the
+condition may match (the candidates), `lower` only for documents it surely matches. Negation swaps them,
+so `not $a` gives upper = not(lower($a)) = TRUE: a bloom can prove a string absent but never present.
+Anything the planner does not understand is (TRUE, FALSE).
+
+YARA's values can also be UNDEFINED (`@a[1]` without a match, a read past the end, a module field a file
+does not have), and undefined is neither true nor false: `not` keeps it undefined, while `and`, `or`,
+`of` and loops count it as false and are always defined. So `undefined` bounds where a condition may be
+undefined, and `not x` is surely true only where x is surely false *and defined*. Without it,
+`not ((not $a) and not (@a[1] == 0))` would require $a, yet YARA matches files without it.
 """
 
 from __future__ import annotations
@@ -289,40 +295,52 @@ def not_(item: Node) -> Node:
 
 @dataclass(frozen=True)
 class Approx:
-    """A condition as (upper, lower) bounds: lower => condition => upper, per document."""
+    """A YARA boolean's bounds, per document: lower => true => upper, and undefined => `undefined`.
+
+    `undefined` defaults to TRUE (may be undefined anywhere): a construct that does not say otherwise
+    only loses precision under a double negation, never recall."""
 
     upper: Node
     lower: Node
+    undefined: Node = TRUE
 
     @staticmethod
     def exact(node: Node) -> Approx:
-        return Approx(node, node)
+        """A two-valued fact: true exactly where `node` holds, false elsewhere."""
+        return Approx(node, node, FALSE)
 
     @staticmethod
-    def maybe(upper: Node = TRUE) -> Approx:
+    def maybe(upper: Node = TRUE, undefined: Node = TRUE) -> Approx:
         """Something only verification can decide; `upper` is what must hold if it is true."""
-        return Approx(upper, FALSE)
+        return Approx(upper, FALSE, undefined)
+
+    def defined(self) -> Approx:
+        """The same bounds on a value YARA never leaves undefined (and, or, of, loops, rule references:
+        each counts an undefined operand as false, which the bounds of being true already say)."""
+        return Approx(self.upper, self.lower, FALSE)
 
     def __and__(self, other: Approx) -> Approx:
-        return Approx(and_(self.upper, other.upper), and_(self.lower, other.lower))
+        return Approx(and_(self.upper, other.upper), and_(self.lower, other.lower), FALSE)
 
     def __or__(self, other: Approx) -> Approx:
-        return Approx(or_(self.upper, other.upper), or_(self.lower, other.lower))
+        return Approx(or_(self.upper, other.upper), or_(self.lower, other.lower), FALSE)
 
     def __invert__(self) -> Approx:
-        return Approx(not_(self.lower), not_(self.upper))
+        """YARA's `not`: true where the operand is false, which is neither true nor undefined."""
+        return Approx(not_(self.lower), and_(not_(self.upper), not_(self.undefined)), self.undefined)
 
     @staticmethod
     def at_least(k: int, items: list[Approx]) -> Approx:
-        return Approx(at_least(k, [i.upper for i in items]), at_least(k, [i.lower for i in items]))
+        return Approx(at_least(k, [i.upper for i in items]), at_least(k, [i.lower for i in items]), FALSE)
 
 
 UNKNOWN = Approx.maybe()
 
 
-def exact_or_unknown(fact: Node, unknown: Node) -> Approx:
-    """A fact that is exact except on documents where `unknown` holds (there it may be anything)."""
-    return Approx(or_(fact, unknown), and_(fact, not_(unknown)))
+def exact_or_unknown(fact: Node, unknown: Node, undefined: Node) -> Approx:
+    """A fact that is exact except on documents where `unknown` holds (there it may be anything,
+    undefined too); elsewhere YARA's value is undefined only where `undefined` holds (and `fact` does not)."""
+    return Approx(or_(fact, unknown), and_(fact, not_(unknown)), or_(undefined, unknown))
 
 
 def leaves(node: Node, kind: type) -> set[Node]:
