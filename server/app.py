@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import re
 import signal
 import socket
@@ -27,6 +28,7 @@ from sspry.store.forest import Forest
 from sspry.v1 import sspry_pb2
 
 SERVICE_NAME = sspry_pb2.DESCRIPTOR.services_by_name["Sspry"].full_name
+log = logging.getLogger("sspry.server")
 DRAIN_SECONDS = 30
 
 
@@ -152,7 +154,9 @@ class Server:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.maintenance.start()
         on_started(self.addr)
+        log.info("serving %s on %s", self.forest.root, self.addr)
         await self._stopping.wait()
+        log.info("stopping: draining calls in flight")
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.stop(DRAIN_SECONDS)

@@ -22,6 +22,7 @@ import errno
 import functools
 import hmac
 import json
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -42,6 +43,7 @@ MAX_TARGETS = 100_000
 PROGRESS_INTERVAL_S = 0.5  # while planning, a progress frame at least this often ...
 PROGRESS_RULES = 256  # ... and after every this many rules
 SERVICE = sspry_pb2.DESCRIPTOR.services_by_name["Sspry"]
+log = logging.getLogger("sspry.server")
 
 
 @dataclass(frozen=True)
@@ -251,6 +253,7 @@ class SspryService:
     async def Publish(self, request, context):
         await self._check(request, context)
         result = await self._run(self._write_pool, context, self.forest.publish)
+        log.info("publish: %d inserted, %d duplicates", result.inserted, result.duplicates)
         self._wrote()
         return sspry_pb2.PublishResponse(
             inserted=result.inserted, duplicates=result.duplicates, documents=self.forest.snapshot().documents
@@ -374,6 +377,13 @@ class SspryService:
                 documents, size = [], 0
         if documents:
             emit(sspry_pb2.SearchFrame(paths=sspry_pb2.PathsFrame(documents=documents)))
+        log.info(
+            "search: %d rules, %d candidates, plan %.1f ms, search %.1f ms",
+            len(targets),
+            sum(r.candidate_count for r in result.rules),
+            (planned - started) * 1000,
+            (searched - planned) * 1000,
+        )
         emit(
             sspry_pb2.SearchFrame(
                 summary=sspry_pb2.SearchSummary(
@@ -431,7 +441,7 @@ class Maintenance(threading.Thread):
                     forest.compact(full=False)
                     self._compacted_generation = forest.manifest.generation
             except Exception as exc:  # keep serving; the next round retries
-                print(f"sspry maintenance: {type(exc).__name__}: {exc}", flush=True)
+                log.warning("maintenance: %s: %s", type(exc).__name__, exc)
 
     def stop(self) -> None:
         self.stopping.set()

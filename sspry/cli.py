@@ -632,6 +632,13 @@ def _cluster(addr, timeout, max_message_bytes, ignore_offline, token, tls_ca):
     type=click.FloatRange(0.1),
     help="Seconds an insert stream may send nothing before it is ended.",
 )
+@click.option(
+    "--log-level",
+    default="warning",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    help="What the server logs on stderr (info: every publish and search).",
+)
 def serve(
     root,
     addr,
@@ -643,8 +650,14 @@ def serve(
     max_searches,
     insert_budget_bytes,
     idle_timeout,
+    log_level,
 ):
     """Serve the Forest at ROOT over gRPC until SIGINT/SIGTERM or `sspry shutdown`."""
+    import logging
+
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
+    )
     from sspry.client.connection import parse_addrs
     from sspry.server.app import ServeError
     from sspry.server.app import serve as run
