@@ -74,7 +74,7 @@ class Document:
         """Decode and validate a row against the policy; raise PolicyError on anything malformed."""
         import numpy as np  # not at import: clients that never decode rows start without numpy
 
-        from sspry.features.sizing import is_class
+        from sspry.bloom import is_class
 
         if len(row.source_id) != policy.id_bytes:
             raise PolicyError(

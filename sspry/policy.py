@@ -15,7 +15,7 @@ POLICY_VERSION = 1
 ID_SOURCES = {"md5": 16, "sha1": 20, "sha256": 32, "sha512": 64}
 GRAM_PAIRS = ((3, 4), (4, 5), (5, 6), (7, 8))
 FP_RANGE = (0.01, 0.5)
-BLOCK_BITS = 512  # blooms are blocked: all k probes of a gram fall in one 512-bit (cache-line) block
+BLOCK_BITS = 512  # blooms are blocked: a gram's k probes fall in one 512-bit block (sspry/bloom.py)
 DEFAULT_PREFIX_BYTES = 64
 
 

@@ -11,6 +11,7 @@ import numpy as np
 from bitarray import bitarray
 from datasketch.hyperloglog import HyperLogLogPlusPlus
 
+from sspry.bloom import bloom_positions
 from sspry.features.sizing import HLL_PRECISION, bloom_blocks
 from sspry.policy import BLOCK_BITS, Policy
 
@@ -41,12 +42,10 @@ def hll_registers(data: bytes, n: int, fold: bool = False) -> np.ndarray:
 def bloom(data: bytes, n: int, k: int, nblocks: int, fold: bool = False) -> bytes:
     bits = bitarray(nblocks * BLOCK_BITS, endian="little")
     bits.setall(0)
-    for gram in set(indexed_grams(data, n, fold)):
-        h2 = mmh3.hash64(gram, seed=0, x64arch=True, signed=False)[1]
-        block = ((h2 >> 32) * nblocks) >> 32
-        a, b = h2 & 511, ((h2 >> 9) & 511) | 1
-        for probe in range(k):
-            bits[block * BLOCK_BITS + ((a + probe * b) & 511)] = 1
+    grams = sorted(set(indexed_grams(data, n, fold)))
+    h2 = np.array([mmh3.hash64(g, seed=0, x64arch=True, signed=False)[1] for g in grams], dtype=np.uint64)
+    for position in bloom_positions(h2, nblocks, k).ravel().tolist():
+        bits[position] = 1
     return bits.tobytes()
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from datasketch.hyperloglog import HyperLogLogPlusPlus
 
+from sspry import bloom
 from sspry.features import extract, kernels
 from sspry.policy import GRAM_PAIRS, Policy
 from tests import reference
@@ -31,6 +32,24 @@ def _samples() -> dict[str, bytes]:
         "mixed": text[:500] + bytes(rng.randrange(256) for _ in range(700)) + b"\x00" * 100,
         "capitals": b"GetProcAddress LoadLibraryA CreateFileW \xc1\xdaZ@[`{" * 5,
     }
+
+
+def test_compiled_probes_equal_the_numpy_reference() -> None:
+    """The one probe formula (sspry/bloom.py), as the kernels compile it and as numpy computes it, for
+    every probe count the fp range allows and bloom sizes across the ladder up to its largest class."""
+    rng = np.random.default_rng(5)
+    h2 = np.concatenate([rng.integers(0, 2**64, 2000, dtype=np.uint64), np.array([0, 2**64 - 1], np.uint64)])
+    sizes = bloom.ladder(8)
+    for nblocks in (1, 2, 3, 7, 1000, int(sizes[len(sizes) // 2]), int(sizes[-1])):
+        for k in range(1, 8):
+            compiled = np.empty((len(h2), k), dtype=np.uint64)
+            kernels.bloom_positions(h2, nblocks, k, compiled)
+            expect = bloom.bloom_positions(h2, nblocks, k)
+            assert np.array_equal(compiled, expect), (nblocks, k)
+            assert (expect < nblocks * bloom.BLOCK_BITS).all()
+            if k > 1:  # b is odd: a gram's k probes are k distinct bits of one block
+                assert all(len(set(row.tolist())) == k for row in expect)
+                assert (expect // bloom.BLOCK_BITS == expect[:, :1] // bloom.BLOCK_BITS).all()
 
 
 @pytest.mark.parametrize("n", range(3, 9))

@@ -9,9 +9,10 @@ import random
 import numpy as np
 import pytest
 
+from sspry.bloom import bloom_positions, ladder
 from sspry.document import Document, path_key
-from sspry.features.sizing import bloom_positions, ladder
 from sspry.policy import BLOCK_BITS, Policy, PolicyError
+from sspry.query import bitmaps
 from sspry.query.gather import read_leaves
 from sspry.store.files import PathsOf
 from sspry.store.forest import Forest, ForestError, IngestResult
@@ -42,6 +43,11 @@ def make_doc(
         path_key=path_key(path) if path else b"",
         mtime_ns=rng.randrange(1 << 60) if path else -1,
     )
+
+
+def unpacked(rows: np.ndarray, docs: int) -> np.ndarray:
+    """Packed gram rows (grams x words) as booleans (grams x docs)."""
+    return np.array([bitmaps.unpack(row, docs) for row in rows]).reshape(len(rows), docs)
 
 
 def stored_bloom(reader: SegmentReader, doc: int, tier: int) -> bytes:
@@ -80,7 +86,7 @@ def test_segment_round_trip(tmp_path, count: int) -> None:
         doc0 = by_id[reader.source_id(0)].bloom(tier)
         blocks0 = len(doc0) * 8 // BLOCK_BITS
         for compiled in (True, False):
-            leaves = read_leaves(reader, tier, h2, k, None, compiled=compiled)
+            leaves = unpacked(read_leaves(reader, tier, h2, k, None, compiled=compiled), reader.docs)
             for i in range(reader.docs):
                 bloom = by_id[reader.source_id(i)].bloom(tier)
                 positions = bloom_positions(h2, len(bloom) * 8 // BLOCK_BITS, k)
@@ -95,7 +101,7 @@ def test_segment_round_trip(tmp_path, count: int) -> None:
 def test_numpy_gather_reads_what_the_compiled_one_reads(tmp_path, seed: int) -> None:
     """The two gathers of query/gather.py agree on a segment of random blooms in several classes per
     tier (Tier 2 classes are not contiguous in document order), with sliced parts and tails of 1 to 7
-    documents, reading every class or only those holding some documents."""
+    documents, reading every document or only some (then exactly those: the others read 0)."""
     policy = Policy()
     rng = random.Random(seed)
     sizes = [int(s) for s in ladder(policy.ladder_steps)]
@@ -112,10 +118,17 @@ def test_numpy_gather_reads_what_the_compiled_one_reads(tmp_path, seed: int) -> 
     for tier in (1, 2):
         for k in (1, 2, 4):
             h2 = np.array([rng.getrandbits(64) for _ in range(50)], dtype=np.uint64)
+            every = read_leaves(reader, tier, h2, k, None, compiled=True)
             for documents in (None, np.array([rng.random() < 0.2 for _ in range(reader.docs)])):
-                compiled = read_leaves(reader, tier, h2, k, documents, compiled=True)
-                assert 0 < compiled.sum() < compiled.size
-                assert np.array_equal(read_leaves(reader, tier, h2, k, documents, compiled=False), compiled)
+                keep = None if documents is None else bitmaps.pack(documents)
+                compiled = read_leaves(reader, tier, h2, k, keep, compiled=True)
+                bits = unpacked(compiled, reader.docs)
+                assert 0 < bits.sum() < bits.size
+                assert np.array_equal(read_leaves(reader, tier, h2, k, keep, compiled=False), compiled)
+                if documents is not None:
+                    assert np.array_equal(bits, unpacked(every, reader.docs) & documents)
+                past = np.unpackbits(compiled.view(np.uint8), axis=1, bitorder="little")[:, reader.docs :]
+                assert not past.any()
 
 
 def test_merging_segments_keeps_survivors_exactly(tmp_path) -> None:

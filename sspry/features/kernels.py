@@ -29,10 +29,13 @@ from numba import njit, types
 from numba.core import cgutils, event
 from numba.extending import intrinsic
 
+from sspry import bloom as geometry
+
 CARRY = 7  # bytes a chunk repeats from the previous one: enough for the largest gram (8)
 PRESENCE_BYTES = 1 << 21  # one bit per possible 3-gram
 _BATCH = 1 << 14
 _PREFETCH_AHEAD = 16
+_BLOCK_BYTES_INT = geometry.BLOCK_BYTES
 COMPILE_NOTICE = "sspry: compiling kernels for this machine (first run only, a few seconds)..."
 
 
@@ -176,25 +179,40 @@ def _load(chunk, i, n):
     return gram
 
 
+# The bloom geometry, compiled from sspry/bloom.py as it is written there. numba's cache is keyed on this
+# file, not that one: the geometry is the on-disk format and never changes without a format version.
+_gram_probes = njit(inline="always")(geometry.gram_probes)
+_probe_bit = njit(inline="always")(geometry.probe_bit)
+
+
 @njit(inline="always")
-def _set_bits(bloom, h2, blocks, k):
-    base = (((h2 >> np.uint64(32)) * blocks) >> np.uint64(32)) << np.uint64(9)
-    a = h2 & np.uint64(511)
-    b = ((h2 >> np.uint64(9)) & np.uint64(511)) | np.uint64(1)
+def _set_bits(bloom_bytes, h2, blocks, k):
+    base, a, b = _gram_probes(h2, blocks)
     for probe in range(k):
-        bit = base + ((a + np.uint64(probe) * b) & np.uint64(511))
-        bloom[bit >> np.uint64(3)] |= np.uint8(1) << np.uint8(bit & np.uint64(7))
+        bit = _probe_bit(base, a, b, np.uint64(probe))
+        bloom_bytes[bit >> np.uint64(3)] |= np.uint8(1) << np.uint8(bit & np.uint64(7))
 
 
 @njit(inline="always")
-def _apply(hashes, count, bloom, blocks, k):
+def _apply(hashes, count, bloom_bytes, blocks, k):
     """Set the bits of a batch of hashed grams, prefetching the blocks a few grams ahead: bloom building
     is bound by cache misses, and this lets them overlap."""
     for q in range(count):
         if q + _PREFETCH_AHEAD < count:
-            ahead = hashes[q + _PREFETCH_AHEAD]
-            _prefetch(bloom, (((ahead >> np.uint64(32)) * blocks) >> np.uint64(32)) << np.uint64(6))
-        _set_bits(bloom, hashes[q], blocks, k)
+            block_bit, _, _ = _gram_probes(hashes[q + _PREFETCH_AHEAD], blocks)
+            _prefetch(bloom_bytes, block_bit >> np.uint64(3))
+        _set_bits(bloom_bytes, hashes[q], blocks, k)
+
+
+@njit(nogil=True, cache=True)
+def bloom_positions(h2, nblocks, k, out):
+    """out[g, i] = bit position of probe i of gram g in a bloom of `nblocks` blocks: the compiled probe
+    functions, for tests to hold against their numpy reference (sspry/bloom.py)."""
+    blocks = np.uint64(nblocks)
+    for g in range(h2.shape[0]):
+        base, a, b = _gram_probes(h2[g], blocks)
+        for probe in range(k):
+            out[g, probe] = _probe_bit(base, a, b, np.uint64(probe))
 
 
 @njit(nogil=True, cache=True)
@@ -412,43 +430,205 @@ def bloom_apply(hashes, count, k, nblocks, bloom):
     _apply(hashes, count, bloom, np.uint64(nblocks), k)
 
 
+# --- query side: gram rows out of bit-sliced class matrices, and plan programs over packed bitmaps ------
 @njit(nogil=True, cache=True)
-def gather_leaves(blooms, offsets, blocks, counts, starts, members, wanted, h2, k, out):
-    """Query side: mark in out[gram, document] the documents of every wanted class whose bloom holds all
-    k probe bits of the gram (see query/gather.py and the class layout in store/segment.py)."""
+def gather_rows(blooms, offsets, blocks, counts, starts, members, contiguous, h2, dest, k, keep, out):
+    """Set in row dest[g] of `out` (a zeroed uint8 view of packed document bitmaps: document d is bit
+    d % 8 of byte d // 8) the documents whose bloom holds all k probe bits of gram g, among those set in
+    `keep` (the same layout; empty: every document). See query/gather.py and store/segment.py.
+
+    The first 8*q documents of a class of count = 8*q + r are bit-sliced: one row of q bytes per bloom
+    bit, 8 documents a byte, so the k probe rows are ANDed byte by byte. With `contiguous` (Tier 1) class
+    c holds documents starts[c]..starts[c]+count-1 and the ANDed bytes are copied into the row shifted
+    by starts[c] % 8; otherwise (Tier 2) its i-th document is members[starts[c] + i] and each set bit is
+    scattered, after the class's bytes were masked with `keep` (a byte none of whose documents is kept is
+    not read). The r tail documents' blooms are plain rows, tested bit by bit."""
+    masked = keep.shape[0] > 0
+    most = 0
     for c in range(offsets.shape[0]):
-        if not wanted[c]:
-            continue
-        nblocks = np.uint64(blocks[c])
+        most = max(most, counts[c] // 8)
+    acc = np.empty(most, dtype=np.uint8)
+    kept = np.full(most, 0xFF, dtype=np.uint8)  # per byte of the class: its documents that are kept
+    rows = np.empty(k, dtype=np.int64)
+    for c in range(offsets.shape[0]):
         count = counts[c]
         q = count // 8
         rest = count - 8 * q
-        nbits = blocks[c] * 512
-        tail = offsets[c] + nbits * q
-        row_bytes = nbits // 8
         start = starts[c]
-        for g in range(h2.shape[0]):
-            h = h2[g]
-            base = (((h >> np.uint64(32)) * nblocks) >> np.uint64(32)) << np.uint64(9)
-            a = h & np.uint64(511)
-            b = ((h >> np.uint64(9)) & np.uint64(511)) | np.uint64(1)
+        nblocks = np.uint64(blocks[c])
+        row_bytes = blocks[c] * _BLOCK_BYTES_INT
+        tail = offsets[c] + row_bytes * 8 * q
+        if masked:
+            wanted = False
             for j in range(q):
-                value = np.uint8(0xFF)
-                for probe in range(k):
-                    position = np.int64(base + ((a + np.uint64(probe) * b) & np.uint64(511)))
-                    value &= blooms[offsets[c] + position * q + j]
-                    if value == 0:
-                        break
-                if value:  # branch-free: a Tier 1 gram is in about 40% of blooms, bits are coin flips
-                    first = start + 8 * j
-                    for bit in range(8):
-                        out[g, members[first + bit]] = (value >> np.uint8(bit)) & np.uint8(1)
+                byte = 0
+                for bit in range(8):
+                    d = start + 8 * j + bit if contiguous else members[start + 8 * j + bit]
+                    byte |= ((keep[d >> 3] >> (d & 7)) & 1) << bit
+                kept[j] = byte
+                wanted |= byte != 0
             for t in range(rest):
+                d = start + 8 * q + t if contiguous else members[start + 8 * q + t]
+                wanted |= ((keep[d >> 3] >> (d & 7)) & 1) != 0
+            if not wanted:
+                continue
+        shift = start & 7
+        first_byte = start >> 3
+        for g in range(h2.shape[0]):
+            base, a, b = _gram_probes(h2[g], nblocks)
+            for i in range(k):
+                rows[i] = offsets[c] + np.int64(_probe_bit(base, a, b, np.uint64(i))) * q
+            row = out[dest[g]]
+            if q and contiguous:
+                for j in range(q):
+                    acc[j] = blooms[rows[0] + j] & kept[j]
+                for i in range(1, k):
+                    for j in range(q):
+                        acc[j] &= blooms[rows[i] + j]
+                if shift == 0:
+                    for j in range(q):
+                        row[first_byte + j] |= acc[j]
+                else:
+                    for j in range(q):
+                        value = np.int64(acc[j]) << shift
+                        row[first_byte + j] |= np.uint8(value & 0xFF)
+                        row[first_byte + j + 1] |= np.uint8(value >> 8)
+            elif q:
+                for j in range(q):
+                    value = kept[j]
+                    for i in range(k):
+                        if value == 0:
+                            break
+                        value &= blooms[rows[i] + j]
+                    if value:
+                        for bit in range(8):
+                            if (value >> bit) & 1:
+                                d = members[start + 8 * j + bit]
+                                row[d >> 3] |= np.uint8(1 << (d & 7))
+            for t in range(rest):
+                d = start + 8 * q + t if contiguous else members[start + 8 * q + t]
+                if masked and not (keep[d >> 3] >> (d & 7)) & 1:
+                    continue
                 present = True
-                for probe in range(k):
-                    position = np.int64(base + ((a + np.uint64(probe) * b) & np.uint64(511)))
+                for i in range(k):
+                    position = np.int64(_probe_bit(base, a, b, np.uint64(i)))
                     if not (blooms[tail + t * row_bytes + (position >> 3)] >> (position & 7)) & 1:
                         present = False
                         break
                 if present:
-                    out[g, members[start + 8 * q + t]] = 1
+                    row[d >> 3] |= np.uint8(1 << (d & 7))
+
+
+@njit(inline="always")
+def _operand(kind, index, leaves1, leaves2, facts, values):
+    if kind == 0:
+        return leaves1[index]
+    if kind == 1:
+        return leaves2[index]
+    if kind == 2:
+        return facts[index]
+    return values[index]
+
+
+@njit(nogil=True, cache=True)
+def run_program(
+    code,
+    refs,
+    emits,
+    deps_start,
+    deps,
+    alive,
+    leaves1,
+    leaves2,
+    facts,
+    values,
+    counters,
+    masks,
+    per_plan,
+    out,
+    nonempty,
+):
+    """query/program.py's code over packed bitmaps (64 documents a word), for the plans marked in
+    `alive`: out[p] = result & (masks[p] if per_plan else masks[0]), nonempty[p] = it has a bit set.
+    `values` (slots x words) and `counters` (AT_LEAST's counter bits x words) are scratch. The opcodes
+    and operand kinds are program.py's; program.run_numpy is the same with numpy."""
+    words = out.shape[1]
+    n = code.shape[0]
+    needed = np.zeros(n, dtype=np.bool_)
+    every = True
+    for p in range(alive.shape[0]):
+        every &= alive[p] != 0
+    if every:
+        needed[:] = True
+    else:
+        for p in range(alive.shape[0]):
+            if alive[p]:
+                for d in range(deps_start[p], deps_start[p + 1]):
+                    needed[deps[d]] = True
+    ones = np.uint64(0xFFFFFFFFFFFFFFFF)
+    for i in range(n):
+        if not needed[i]:
+            continue
+        op = code[i, 0]
+        param = code[i, 1]
+        value = values[code[i, 2]]
+        first = code[i, 3]
+        end = code[i, 4]
+        if op == 0 or op == 1:  # AND, OR
+            source = _operand(refs[first, 0], refs[first, 1], leaves1, leaves2, facts, values)
+            for w in range(words):
+                value[w] = source[w]
+            for r in range(first + 1, end):
+                source = _operand(refs[r, 0], refs[r, 1], leaves1, leaves2, facts, values)
+                if op == 0:
+                    for w in range(words):
+                        value[w] &= source[w]
+                else:
+                    for w in range(words):
+                        value[w] |= source[w]
+        elif op == 3:  # NOT
+            source = _operand(refs[first, 0], refs[first, 1], leaves1, leaves2, facts, values)
+            for w in range(words):
+                value[w] = ~source[w]
+        elif op == 4:  # CONST
+            fill = ones if param else np.uint64(0)
+            for w in range(words):
+                value[w] = fill
+        else:  # AT_LEAST param
+            width = 0
+            while (1 << width) <= end - first:
+                width += 1
+            for j in range(width):
+                for w in range(words):
+                    counters[j, w] = 0
+            for r in range(first, end):
+                source = _operand(refs[r, 0], refs[r, 1], leaves1, leaves2, facts, values)
+                for w in range(words):
+                    carry = source[w]
+                    j = 0
+                    while carry and j < width:
+                        sum_bit = counters[j, w]
+                        counters[j, w] = sum_bit ^ carry
+                        carry &= sum_bit
+                        j += 1
+            for w in range(words):
+                greater = np.uint64(0)
+                equal = ones
+                for j in range(width - 1, -1, -1):
+                    if (param >> j) & 1:
+                        equal &= counters[j, w]
+                    else:
+                        greater |= equal & counters[j, w]
+                value[w] = greater | equal
+        for e in range(code[i, 5], code[i, 6]):
+            p = emits[e]
+            if not alive[p]:
+                continue
+            mask = masks[p] if per_plan else masks[0]
+            target = out[p]
+            seen = np.uint64(0)
+            for w in range(words):
+                bits = value[w] & mask[w]
+                target[w] = bits
+                seen |= bits
+            nonempty[p] = seen != 0

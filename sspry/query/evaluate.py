@@ -1,29 +1,39 @@
-"""Plan evaluation over one segment, Tier 1 before Tier 2.
+"""Plan evaluation over the segments of a snapshot, on packed bits from the gather to each plan's bitmap.
 
-The gram leaves of all plans of a batch are hashed once; `gather.read_leaves` reads their rows out of
-every bloom class of a segment, in one compiled call per tier or with numpy for a small search (k rows
-per gram, one bit per document).
-The plans are compiled once into straight-line `Program`s whose And/Or/AtLeast instructions take their
-gram leaves as row-index arrays, so a node costs one numpy reduction per segment.
+Plans go in batches whose distinct grams stay bounded; a batch is compiled once (query/program.py: its
+grams hashed, its facts listed, its plans turned into straight-line code), and compiled batches are kept
+for the next search with the same plans. On every segment a batch runs twice:
 
-First every plan runs with its Tier 2 leaves replaced by TRUE (gram leaves only ever appear
-un-negated, see plan.Approx, so that is an upper bound); Tier 2 rows are then read only for the plans
-that kept a document, and only in the classes holding their survivors.
+  1. every plan with its Tier 2 leaves replaced by TRUE (gram leaves only ever appear un-negated, see
+     plan.Approx, so that is an upper bound) over the Tier 1 gram rows (gather.read_leaves), masked
+     with the live documents;
+  2. for the plans that kept a document and have Tier 2 grams, the full plans, over Tier 2 rows read
+     only for the documents some such plan kept (its survivors) and masked with each plan's result of 1.
+
+Everything in between is a bitmap of 64 documents a word (query/bitmaps.py); the result per plan and
+segment is the bitmap of its live candidate documents. Segments are independent: a search large enough
+to gain from it spreads them over a thread pool kept for the process (the kernels release the GIL).
 """
 
 from __future__ import annotations
 
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+
 import numpy as np
 
-from sspry.features.sizing import gram_hashes
 from sspry.policy import Policy
-from sspry.query.facts import evaluate_fact
-from sspry.query.gather import read_leaves
+from sspry.query import bitmaps
+from sspry.query.facts import packed_fact
+from sspry.query.gather import compiled_pays, read_leaves
 from sspry.query.plan import (
     TRUE,
     And,
     AtLeast,
-    Const,
     Gram,
     Node,
     Not,
@@ -34,8 +44,15 @@ from sspry.query.plan import (
     not_,
     or_,
 )
-from sspry.store.forest import SegmentView
-from sspry.store.segment import SegmentReader
+from sspry.query.program import Leaves, Program, run_numpy
+from sspry.store.forest import SegmentView, Snapshot
+
+LEAF_BITS = 1 << 29  # gram rows (grams x documents bits, 64 MiB) held per segment and tier in a batch
+INLINE_CELLS = 1 << 22  # a search reading fewer grams x documents runs on the caller's thread
+BATCH_CACHE_COST = 1 << 21  # instructions and grams of the compiled batches kept for later searches
+
+# Per plan and segment: (view index, bitmap of the plan's live candidates), for segments where it has any.
+Hits = list[list[tuple[int, np.ndarray]]]
 
 
 def drop_tier(node: Node, tier: int, memo: dict[int, Node] | None = None) -> Node:
@@ -60,128 +77,209 @@ def drop_tier(node: Node, tier: int, memo: dict[int, Node] | None = None) -> Nod
     return result
 
 
-class GramTable:
-    """The distinct grams of a batch of plans, per tier, with their hashes computed once."""
-
-    def __init__(self, plan_grams: list[set]):
-        found: set[Node] = set().union(*plan_grams)
-        self.grams: dict[int, list[Gram]] = {1: [], 2: []}
-        for leaf in sorted(found, key=lambda g: (g.tier, g.gram)):
-            self.grams[leaf.tier].append(leaf)
-        self.row = {leaf: i for tier in (1, 2) for i, leaf in enumerate(self.grams[tier])}
-        self.h2 = {tier: gram_hashes([g.gram for g in gs])[1] for tier, gs in self.grams.items()}
-
-
-class Program:
-    """Plans compiled to instructions over numbered slots; `outputs[i]` is plan i's slot."""
-
-    def __init__(self, plans: list[Node], table: GramTable):
-        self.table = table
-        self.instructions: list[tuple] = []
-        self._slots: dict[int, int] = {}
-        self.outputs = [self._compile(plan) for plan in plans]
-
-    def _compile(self, node: Node) -> int:
-        slot = self._slots.get(id(node))
-        if slot is not None:
-            return slot
-        if isinstance(node, And | Or | AtLeast | Gram):
-            children = (node,) if isinstance(node, Gram) else node.children
-            rows: dict[int, list[int]] = {1: [], 2: []}
-            others = []
-            for child in children:
-                if isinstance(child, Gram):
-                    rows[child.tier].append(self.table.row[child])
-                else:
-                    others.append(self._compile(child))
-            op = "or" if isinstance(node, Or) else "atleast" if isinstance(node, AtLeast) else "and"
-            k = node.k if isinstance(node, AtLeast) else 0
-            instruction = (op, k, np.array(rows[1], dtype=np.intp), np.array(rows[2], dtype=np.intp), others)
-        elif isinstance(node, Not):
-            instruction = ("not", self._compile(node.child))
-        elif isinstance(node, Const):
-            instruction = ("const", node.value)
-        else:
-            instruction = ("fact", node)
-        self.instructions.append(instruction)
-        slot = len(self.instructions) - 1
-        self._slots[id(node)] = slot
-        return slot
-
-    def run(self, reader: SegmentReader, bits: dict[int, np.ndarray]) -> list[np.ndarray]:
-        docs = reader.docs
-        values: list[np.ndarray] = []
-        for instruction in self.instructions:
-            op = instruction[0]
-            if op in ("and", "or"):
-                _, _, rows1, rows2, others = instruction
-                parts = [values[s] for s in others]
-                for tier, rows in ((1, rows1), (2, rows2)):
-                    if len(rows):
-                        matrix = bits[tier][rows]
-                        parts.append(matrix.all(axis=0) if op == "and" else matrix.any(axis=0))
-                reduce = np.logical_and if op == "and" else np.logical_or
-                value = reduce.reduce(parts) if len(parts) > 1 else parts[0]
-            elif op == "atleast":
-                _, k, rows1, rows2, others = instruction
-                counts = np.zeros(docs, dtype=np.int32)
-                for tier, rows in ((1, rows1), (2, rows2)):
-                    if len(rows):
-                        counts += bits[tier][rows].sum(axis=0, dtype=np.int32)
-                for s in others:
-                    counts += values[s]
-                value = counts >= k
-            elif op == "not":
-                value = ~values[instruction[1]]
-            elif op == "const":
-                value = np.full(docs, instruction[1], dtype=bool)
-            else:
-                value = evaluate_fact(instruction[1], reader)
-            values.append(value)
-        return [values[s] for s in self.outputs]
-
-
 class Batch:
-    """A batch of plans ready to run on any segment: grams hashed, both programs compiled, and for each
-    plan the Tier 2 grams it uses (read only where the plan survived Tier 1)."""
+    """A batch of plans ready to run on any segment: leaves listed and hashed, both programs compiled,
+    and the Tier 2 grams of each plan (read only where the plan survived Tier 1)."""
 
-    def __init__(self, plans: list[Node], plan_grams: list[set] | None = None):
-        plan_grams = [leaves(p, Gram) for p in plans] if plan_grams is None else plan_grams
-        self.table = GramTable(plan_grams)
+    def __init__(self, plans: Sequence[Node]):
+        self.leaves = Leaves(plans)
         memo: dict[int, Node] = {}
-        self.tier1 = Program([drop_tier(p, 2, memo) for p in plans], self.table)
-        self.full = Program(plans, self.table)
-        self.tier2_rows = [
-            np.array(sorted(self.table.row[g] for g in grams if g.tier == 2), dtype=np.intp)
-            for grams in plan_grams
-        ]
+        self.tier1 = Program([drop_tier(p, 2, memo) for p in plans], self.leaves)
+        self.full = Program(plans, self.leaves)
+        row = self.leaves.row
+        tier2 = [sorted(row[g] for g in leaves(p, Gram) if g.tier == 2) for p in plans]
+        self.has_tier2 = np.array([bool(rows) for rows in tier2], dtype=bool)
+        self.tier2_rows = np.array([r for rows in tier2 for r in rows], dtype=np.int64)  # flat, by plan
+        self.tier2_plan = np.array([p for p, rows in enumerate(tier2) for _ in rows], dtype=np.int64)
+        self.cost = len(self.full.code) + len(self.tier1.code) + len(row)
+
+    def tier2_rows_of(self, plans: np.ndarray) -> np.ndarray:
+        """The Tier 2 rows the plans marked in `plans` (bool per plan) use, ascending."""
+        return np.unique(self.tier2_rows[plans[self.tier2_plan]])
+
+
+_batches_kept: OrderedDict[tuple[Node, ...], Batch] = OrderedDict()
+_batches_lock = threading.Lock()
+
+
+def compiled_batch(plans: Sequence[Node]) -> Batch:
+    """The Batch of `plans`, compiled once and kept (least recently used out, by BATCH_CACHE_COST):
+    plan nodes are interned, so the same rules planned again are the same key."""
+    key = tuple(plans)
+    with _batches_lock:
+        found = _batches_kept.get(key)
+        if found is not None:
+            _batches_kept.move_to_end(key)
+            return found
+    batch = Batch(key)
+    with _batches_lock:
+        _batches_kept[key] = batch
+        total = sum(b.cost for b in _batches_kept.values())
+        while total > BATCH_CACHE_COST and len(_batches_kept) > 1:
+            total -= _batches_kept.popitem(last=False)[1].cost
+    return batch
+
+
+@lru_cache(maxsize=4096)
+def plan_grams(plan: Node) -> frozenset[Node]:
+    """The gram leaves of a plan (kept for plans searched again)."""
+    return frozenset(leaves(plan, Gram))
 
 
 class SegmentEvaluator:
-    def __init__(self, view: SegmentView, batch: Batch, policy: Policy, compiled_gather: bool = True):
+    """One batch on one segment; `compiled` chooses the kernels or numpy (see gather.py)."""
+
+    def __init__(self, view: SegmentView, batch: Batch, policy: Policy, compiled: bool = True):
         self.view = view
         self.reader = view.reader
         self.batch = batch
         self.policy = policy
-        self.compiled_gather = compiled_gather  # see gather.py
+        self.compiled = compiled
 
-    def evaluate(self) -> list[np.ndarray]:
-        """Per plan of the batch, the live documents it selects."""
-        live = self.view.live
-        table = self.batch.table
-        bits = {1: self._read(1, table.h2[1], None)}
-        first = [selected & live for selected in self.batch.tier1.run(self.reader, bits)]
-        alive = [i for i, selected in enumerate(first) if selected.any()]
-        if not alive or not table.grams[2]:
-            return first
-        rows = np.unique(np.concatenate([self.batch.tier2_rows[i] for i in alive]))
-        survivors = np.logical_or.reduce([first[i] for i in alive])
-        tier2 = np.zeros((len(table.grams[2]), self.reader.docs), dtype=bool)
-        tier2[rows] = self._read(2, table.h2[2][rows], survivors)
-        bits[2] = tier2
-        full = self.batch.full.run(self.reader, bits)
-        return [full[i] & first[i] if i in set(alive) else first[i] for i in range(len(first))]
+    def evaluate(self) -> tuple[np.ndarray, np.ndarray]:
+        """(plans x words bitmaps of each plan's live candidates, whether each has any)."""
+        reader, batch = self.reader, self.batch
+        plans = batch.tier1.outputs
+        live = bitmaps.pack(self.view.live)
+        facts = bitmaps.empty(len(batch.leaves.facts), reader.docs)
+        for row, fact in enumerate(batch.leaves.facts):
+            facts[row] = packed_fact(fact, reader)
+        tier1 = self._read(1, batch.leaves.h2[1])
+        no_tier2 = bitmaps.empty(0, reader.docs)
+        out = bitmaps.empty(plans, reader.docs)
+        nonempty = np.zeros(plans, dtype=bool)
+        everyone = np.ones(plans, dtype=bool)
+        self._run(batch.tier1, tier1, no_tier2, facts, live[None], False, out, everyone, nonempty)
+        second = nonempty & batch.has_tier2
+        if not second.any():
+            return out, nonempty
+        rows = batch.tier2_rows_of(second)
+        survivors = np.bitwise_or.reduce(out[second], axis=0)
+        tier2 = bitmaps.empty(len(batch.leaves.grams[2]), reader.docs)
+        self._read(2, batch.leaves.h2[2][rows], survivors, tier2, rows)
+        self._run(batch.full, tier1, tier2, facts, out, True, out, second, nonempty)
+        return out, nonempty
 
-    def _read(self, tier: int, h2: np.ndarray, documents: np.ndarray | None) -> np.ndarray:
+    def _read(self, tier: int, h2: np.ndarray, keep=None, out=None, dest=None) -> np.ndarray:
         k = self.policy.tier_k(tier)
-        return read_leaves(self.reader, tier, h2, k, documents, compiled=self.compiled_gather)
+        return read_leaves(self.reader, tier, h2, k, keep, self.compiled, out, dest)
+
+    def _run(self, program: Program, tier1, tier2, facts, masks, per_plan, out, alive, nonempty) -> None:
+        if not self.compiled:
+            run_numpy(program, tier1, tier2, facts, masks, per_plan, out, alive, nonempty)
+            return
+        from sspry.features import kernels  # numba: see gather.py
+
+        words = out.shape[1]
+        kernels.run_program(
+            program.code,
+            program.refs,
+            program.emits,
+            program.deps_start,
+            program.deps,
+            alive.view(np.uint8),
+            tier1,
+            tier2,
+            facts,
+            np.empty((max(program.slots, 1), words), dtype=np.uint64),
+            np.empty((max(program.counter_rows, 1), words), dtype=np.uint64),
+            masks,
+            per_plan,
+            out,
+            nonempty,
+        )
+
+
+def batches(plan_gram_sets: Sequence[frozenset], max_grams: int) -> list[list[int]]:
+    """Consecutive plans grouped so that a batch's distinct grams stay under `max_grams`."""
+    groups: list[list[int]] = []
+    current: list[int] = []
+    grams: set = set()
+    for index, found in enumerate(plan_gram_sets):
+        new = len(found - grams)
+        if current and len(grams) + new > max_grams:
+            groups.append(current)
+            current, grams = [], set()
+        current.append(index)
+        grams |= found
+    if current:
+        groups.append(current)
+    return groups
+
+
+def _batch_grams(plan_gram_sets: Sequence[frozenset], batch: list[int]) -> int:
+    if len(batch) == 1:
+        return len(plan_gram_sets[batch[0]])
+    return len(set().union(*(plan_gram_sets[i] for i in batch)))
+
+
+def _gather_choice(snapshot: Snapshot, cells: int, batch_count: int) -> bool:
+    """Whether this search runs the compiled kernels (see gather.compiled_pays): every batch reads its
+    grams in every class of every segment."""
+    classes = sum(len(v.reader.classes[1]) + len(v.reader.classes[2]) for v in snapshot.views)
+    return compiled_pays(classes * batch_count, cells)
+
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """A thread pool kept for the process (starting threads per search costs more than a small search)."""
+    with _pools_lock:
+        pool = _pools.get(workers)
+        if pool is None:
+            pool = _pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="sspry-search")
+        return pool
+
+
+def evaluate_snapshot(
+    snapshot: Snapshot,
+    plans: Sequence[Node],
+    policy: Policy,
+    workers: int = 0,
+    compiled_gather: bool | None = True,
+    cancelled: threading.Event | None = None,
+) -> Hits:
+    """Evaluate plans (their upper bounds, e.g. RulePlan.upper) over every segment of a snapshot.
+
+    Returns per plan a list of (view index, bitmap): the uint64 words (query/bitmaps.py, bitmaps.words
+    of the segment's documents) of the plan's live candidates in that segment, for each segment where
+    there is one. `compiled_gather`: run the compiled kernels (True: right for a long-lived process,
+    which loads them once), numpy (False), or whichever costs this process less (None: a one-shot
+    command; a small search then never imports numba). `workers`: segments evaluated at once (0: up to 4,
+    as the machine has cores). Once `cancelled` is set no further segment is evaluated and the result is
+    incomplete (the caller asked for that)."""
+    hits: Hits = [[] for _ in plans]
+    views = snapshot.views
+    if not plans or not views:
+        return hits
+    workers = workers or min(4, len(os.sched_getaffinity(0)))
+    documents = sum(v.reader.docs for v in views)
+    largest = max(v.reader.docs for v in views)
+    gram_sets = [plan_grams(plan) for plan in plans]
+    groups = batches(gram_sets, max(256, LEAF_BITS // max(largest, 1)))
+    cells = sum(_batch_grams(gram_sets, group) for group in groups) * documents
+    if compiled_gather is None:
+        compiled_gather = _gather_choice(snapshot, cells, len(groups))
+    inline = workers == 1 or len(views) == 1 or cells < INLINE_CELLS
+    for group in groups:
+        if cancelled is not None and cancelled.is_set():
+            break
+        batch = compiled_batch([plans[i] for i in group])
+
+        def run(view_index: int, batch: Batch = batch) -> tuple[int, tuple[np.ndarray, np.ndarray] | None]:
+            if cancelled is not None and cancelled.is_set():
+                return view_index, None
+            evaluator = SegmentEvaluator(views[view_index], batch, policy, compiled_gather)
+            return view_index, evaluator.evaluate()
+
+        indices = range(len(views))
+        results = map(run, indices) if inline else _pool(workers).map(run, indices)
+        for view_index, found in results:
+            if found is None:
+                continue
+            out, nonempty = found
+            for row in np.flatnonzero(nonempty).tolist():
+                hits[group[row]].append((view_index, out[row].copy()))
+    return hits

@@ -1,15 +1,21 @@
 """Exact facts from a segment's columns: file size, entropy, Source ID, module fields, stored bytes.
 
-Each function returns a boolean per document of the segment. These are the only leaves besides grams;
-they are exact, which is what lets `not` and `lower` bounds use them (see plan.Approx).
+`evaluate_fact` returns a boolean per document of the segment, `packed_fact` the same as a packed
+bitmap (query/bitmaps.py) for plan evaluation, kept per segment (segments never change) so a rule
+searched again does not evaluate its facts again. These are the only leaves besides grams; they are
+exact, which is what lets `not` and `lower` bounds use them (see plan.Approx).
 """
 
 from __future__ import annotations
 
+import threading
+import weakref
+from collections import OrderedDict
 from functools import cache
 
 import numpy as np
 
+from sspry.query import bitmaps
 from sspry.query.literals import members
 from sspry.query.plan import BytesAt, Entropy, Field, Filesize, Identity, Node, ReadInt, Unscanned
 from sspry.store.segment import SegmentReader
@@ -83,3 +89,27 @@ def evaluate_fact(node: Node, reader: SegmentReader) -> np.ndarray:
             result &= _membership(mask)[np.asarray(data[:, node.offset + i])]
         return result
     raise TypeError(f"not a fact: {node!r}")
+
+
+PACKED_PER_SEGMENT = 256  # facts kept per segment, least recently used first out
+_packed: weakref.WeakKeyDictionary[SegmentReader, OrderedDict[Node, np.ndarray]] = weakref.WeakKeyDictionary()
+_packed_lock = threading.Lock()
+
+
+def packed_fact(node: Node, reader: SegmentReader) -> np.ndarray:
+    """`evaluate_fact` as a packed bitmap, remembered for the segment's lifetime (read-only: shared)."""
+    with _packed_lock:
+        kept = _packed.get(reader)
+        if kept is None:
+            kept = _packed[reader] = OrderedDict()
+        found = kept.get(node)
+        if found is not None:
+            kept.move_to_end(node)
+            return found
+    found = bitmaps.pack(evaluate_fact(node, reader))
+    found.flags.writeable = False
+    with _packed_lock:
+        kept[node] = found
+        while len(kept) > PACKED_PER_SEGMENT:
+            kept.popitem(last=False)
+    return found

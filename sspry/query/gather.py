@@ -1,38 +1,42 @@
-"""Reading gram leaves out of a segment's bit-sliced class matrices, compiled or with numpy.
+"""Reading gram rows out of a segment's bit-sliced class matrices into packed document bitmaps.
 
-For every class of the tier (skipping classes the caller marks unwanted) and every gram, the k probe
-rows are ANDed byte by byte over the sliced part (one bit per document), then bit by bit over the tail
-documents, and the documents whose bits survive are marked in `out[gram, document]`. Two ways, the same
-result (tests/test_store.py holds them equal):
+A gram's row is the bitmap (query/bitmaps.py: 64 documents a word, in document order) of the documents
+whose bloom holds all k probe bits of the gram. A class matrix already holds 8 documents a byte in class
+order, so for its first 8*q documents the k probe rows are ANDed byte by byte and the bytes land in the
+gram's row: Tier 1 classes are contiguous document ranges (the bytes are copied, shifted by the class's
+first document mod 8), Tier 2 classes reach their documents through `t2_order` (the set bits are
+scattered, and only among the documents asked for). The last count mod 8 documents of a class are plain
+blooms, tested bit by bit. Two ways, the same bits (tests hold them equal):
 
-  * compiled (`kernels.gather_leaves`): one call per tier; the work is (grams x k x documents / 8) bytes
-    whatever the number of classes. Importing numba and loading the kernel costs 0.22 s per process;
+  * compiled (`kernels.gather_rows`): one call per tier; the work is (grams x k x documents / 8) bytes
+    whatever the number of classes. Importing numba and loading the kernels costs 0.22 s per process;
   * numpy (`_gather_numpy`): the same class by class, paying numpy's call overhead per class. For a
     small search in a fresh process that costs less than loading numba, so it never imports it.
 
-A search picks one for all its segments (`compiled_pays`; a long-lived server always compiles).
+A search picks one for all its segments (`compiled_pays`; a long-lived server always compiles), and the
+same choice runs the plan programs (query/program.py).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from sspry.features.sizing import bloom_positions
+from sspry.bloom import bloom_positions
+from sspry.query import bitmaps
 from sspry.store.segment import SegmentReader
 
 # The choice, measured in fresh processes on forests of 100 to 12,000 documents and bundles of 1 to 1,000
-# rules: numpy costs about 20 us per class read and 2 ns per gram x document more than the kernel (Tier 1
-# less, Tier 2 more), and importing numba, setting it up and loading the cached kernel costs 0.22 s. So
-# numpy wins while its extra cost stays under that. Whole commands: 300 rules over 4,000 documents take
-# 1.06 s with numpy, 1.25 s compiled (chosen: numpy); over 8,000 documents 1.49 s and 1.32 s (compiled).
+# rules: numpy costs about 20 us per class read and 0.25 ns per gram x document more than the kernels,
+# and importing numba, setting it up and loading the cached kernels costs 0.22 s. So numpy wins while its
+# extra cost stays under that.
 NUMPY_EXTRA_SECONDS_PER_CLASS = 20e-6
-NUMPY_EXTRA_SECONDS_PER_CELL = 2e-9
+NUMPY_EXTRA_SECONDS_PER_CELL = 0.25e-9
 COMPILED_LOAD_SECONDS = 0.22
 
 
 def compiled_pays(classes: int, cells: int) -> bool:
     """Is a search that reads `classes` classes and `cells` grams x documents (summed over its segments
-    and batches) worth loading the compiled kernel for, in a process that has not loaded it yet?"""
+    and batches) worth loading the compiled kernels for, in a process that has not loaded them yet?"""
     extra = classes * NUMPY_EXTRA_SECONDS_PER_CLASS + cells * NUMPY_EXTRA_SECONDS_PER_CELL
     return extra > COMPILED_LOAD_SECONDS
 
@@ -42,50 +46,92 @@ def read_leaves(
     tier: int,
     h2: np.ndarray,
     k: int,
-    documents: np.ndarray | None,
+    keep: np.ndarray | None = None,
     compiled: bool = True,
+    out: np.ndarray | None = None,
+    dest: np.ndarray | None = None,
 ) -> np.ndarray:
-    """bool (grams x documents): gram g may be in document d's bloom. Only classes holding one of
-    `documents` (a boolean mask; None: all) are read; the others read False."""
-    out = np.zeros((len(h2), reader.docs), dtype=np.uint8)
-    if len(h2) and reader.docs:
-        arrays = reader.class_arrays(tier)
-        wanted = arrays.holding(documents)
-        h2 = np.ascontiguousarray(h2, dtype=np.uint64)
-        if compiled:
-            from sspry.features import kernels  # numba: see the module docstring
+    """Gram rows: row dest[g] of `out` (uint64, rows x bitmaps.words(docs), zeroed; by default a new one
+    with dest[g] = g) becomes the bitmap of the documents whose `tier` bloom may hold the gram with hash
+    half h2[g], among the documents of the bitmap `keep` (None: all of them). Returns `out`."""
+    if out is None:
+        out = bitmaps.empty(len(h2), reader.docs)
+    if dest is None:
+        dest = np.arange(len(h2), dtype=np.int64)
+    if not len(h2) or not reader.docs:
+        return out
+    h2 = np.ascontiguousarray(h2, dtype=np.uint64)
+    keep_bytes = np.empty(0, dtype=np.uint8) if keep is None else keep.view(np.uint8)
+    out_bytes = out.view(np.uint8)
+    if compiled:
+        from sspry.features import kernels  # numba: see the module docstring
 
-            kernels.gather_leaves(
-                reader.blooms,
-                arrays.offsets,
-                arrays.blocks,
-                arrays.counts,
-                arrays.starts,
-                arrays.members,
-                wanted,
-                h2,
-                k,
-                out,
-            )
-        else:
-            _gather_numpy(reader, tier, wanted, h2, k, out)
-    return out.view(bool)
+        arrays = reader.class_arrays(tier)
+        kernels.gather_rows(
+            reader.blooms,
+            arrays.offsets,
+            arrays.blocks,
+            arrays.counts,
+            arrays.starts,
+            arrays.members,
+            tier == 1,
+            h2,
+            np.asarray(dest, dtype=np.int64),
+            k,
+            keep_bytes,
+            out_bytes,
+        )
+    else:
+        _gather_numpy(reader, tier, h2, k, keep, out_bytes, np.asarray(dest, dtype=np.intp))
+    return out
 
 
 def _gather_numpy(
-    reader: SegmentReader, tier: int, wanted: np.ndarray, h2: np.ndarray, k: int, out: np.ndarray
+    reader: SegmentReader,
+    tier: int,
+    h2: np.ndarray,
+    k: int,
+    keep: np.ndarray | None,
+    out: np.ndarray,
+    dest: np.ndarray,
 ) -> None:
-    """`kernels.gather_leaves` with numpy, one class at a time."""
-    for index in np.flatnonzero(wanted).tolist():
-        span = reader.classes[tier][index]
-        members = reader.class_members(tier, index)
+    """`kernels.gather_rows` with numpy, one class at a time (`out` as bytes)."""
+    kept = None if keep is None else bitmaps.unpack(keep, reader.docs)
+    for index, span in enumerate(reader.classes[tier]):
+        members = reader.class_members(tier, index)  # ascending
+        wanted = None if kept is None else kept[members]
+        if wanted is not None and not wanted.any():
+            continue
         sliced, tail = reader.class_matrices(tier, index)
         positions = bloom_positions(h2, span.blocks, k).astype(np.intp)  # grams x k
         full = sliced.shape[1] * 8
         if full:
             # sliced[positions]: grams x k x q bytes; bit b of byte j is document 8j+b of the class
             present = np.bitwise_and.reduce(sliced[positions], axis=1)
-            out[:, members[:full]] = np.unpackbits(present, axis=1, bitorder="little")
+            if tier == 1:
+                if wanted is not None:
+                    present &= np.packbits(wanted[:full], bitorder="little")
+                at, shift = divmod(span.start, 8)
+                q = present.shape[1]
+                if shift == 0:
+                    out[dest, at : at + q] |= present
+                else:
+                    out[dest, at : at + q] |= present << np.uint8(shift)
+                    out[dest, at + 1 : at + q + 1] |= present >> np.uint8(8 - shift)
+            else:
+                bits = np.unpackbits(present, axis=1, bitorder="little").view(bool)
+                _scatter(out, dest, bits, members[:full], None if wanted is None else wanted[:full])
         if len(tail):
             bits = tail[:, positions >> 3] >> (positions & 7).astype(np.uint8)  # tail docs x grams x k
-            out[:, members[full:]] = (bits & 1).all(axis=2).T
+            present = (bits & 1).all(axis=2).T
+            _scatter(out, dest, present, members[full:], None if wanted is None else wanted[full:])
+
+
+def _scatter(out: np.ndarray, dest: np.ndarray, bits: np.ndarray, docs: np.ndarray, wanted) -> None:
+    """Set the bit of document docs[j] in byte row dest[g] of `out` where bits[g, j] (and wanted[j])."""
+    if wanted is not None:
+        bits, docs = bits[:, wanted], docs[wanted]
+    g, j = np.nonzero(bits)
+    if len(g):
+        d = docs[j]
+        np.bitwise_or.at(out, (dest[g], d >> 3), (1 << (d & 7)).astype(np.uint8))

@@ -1,58 +1,25 @@
 """A search: plans of a rule file, evaluated over every segment of a snapshot, capped and reported.
 
-Segments are independent, so they are evaluated on a thread pool (numpy and the memory maps release the
-GIL). Rules of a big bundle go in batches so the per-segment leaf vectors stay bounded; within a batch a
-gram shared by several rules is read once.
+Evaluation (query/evaluate.py) leaves each rule's candidates as packed bitmaps per segment; they become
+Source IDs only here, at the end, for the SearchResult every caller prints or streams.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import yara
 
 from sspry.policy import Policy
 from sspry.progress import SILENT, Progress
+from sspry.query import bitmaps
 from sspry.query.condition import RulePlan, plan_rules
-from sspry.query.evaluate import Batch, SegmentEvaluator
-from sspry.query.gather import compiled_pays
-from sspry.query.plan import Gram, leaves
+from sspry.query.evaluate import Hits, evaluate_snapshot
 from sspry.query.results import SearchResult, attach_paths, candidate_limit, rule_result
 from sspry.query.rules import RuleSource, load_rule_file
 from sspry.store.forest import Forest, Snapshot
-
-LEAF_CELLS = 1 << 26  # grams x documents held per segment and tier while a batch is evaluated
-
-
-def _batches(plan_grams: list[set], max_grams: int) -> list[list[int]]:
-    """Consecutive plans grouped so that a batch's distinct grams stay under `max_grams`."""
-    batches: list[list[int]] = []
-    current: list[int] = []
-    grams: set = set()
-    for index, found in enumerate(plan_grams):
-        new = len(found - grams)
-        if current and len(grams) + new > max_grams:
-            batches.append(current)
-            current, grams = [], set()
-        current.append(index)
-        grams |= found
-    if current:
-        batches.append(current)
-    return batches
-
-
-def _gather_choice(snapshot: Snapshot, plan_grams: list[set], batches: list[list[int]]) -> bool:
-    """Whether this search gathers with the compiled kernel (see gather.compiled_pays): every batch reads
-    its grams in every class of every segment."""
-    views = snapshot.views
-    classes = sum(len(v.reader.classes[1]) + len(v.reader.classes[2]) for v in views)
-    documents = sum(v.reader.docs for v in views)
-    grams = sum(len(set().union(*(plan_grams[i] for i in batch))) for batch in batches)
-    return compiled_pays(classes * len(batches), grams * documents)
 
 
 def search_snapshot(
@@ -64,49 +31,32 @@ def search_snapshot(
     compiled_gather: bool | None = True,
     cancelled: threading.Event | None = None,
 ) -> SearchResult:
-    """Search a snapshot. `compiled_gather`: read gram leaves with the compiled kernel (True: right for a
-    long-lived process, which loads it once), with numpy (False), or with whichever costs this process
-    less (None: a one-shot command; a small search then never imports numba). Once `cancelled` is set no
-    further segment is evaluated and the result is incomplete (the caller asked for that)."""
-    cancelled = cancelled or threading.Event()
+    """Search a snapshot. `compiled_gather`: run the compiled kernels (True: right for a long-lived
+    process, which loads them once), numpy (False), or whichever costs this process less (None: a
+    one-shot command; a small search then never imports numba). Once `cancelled` is set no further
+    segment is evaluated and the result is incomplete (the caller asked for that)."""
     started = time.perf_counter()
-    hits: list[list[tuple[int, np.ndarray]]] = [[] for _ in plans]  # per plan: (view index, docs)
-    workers = workers or min(4, len(os.sched_getaffinity(0)))
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sspry-search") as pool:
-        largest = max((v.reader.docs for v in snapshot.views), default=1)
-        plan_grams = [leaves(plan.upper, Gram) for plan in plans]
-        batches = _batches(plan_grams, max(256, LEAF_CELLS // max(largest, 1)))
-        if compiled_gather is None:
-            compiled_gather = _gather_choice(snapshot, plan_grams, batches)
-        for batch in batches:
-            if cancelled.is_set():
-                break
-            compiled = Batch([plans[i].upper for i in batch], [plan_grams[i] for i in batch])
-
-            def run(view_index: int, compiled=compiled):
-                if cancelled.is_set():
-                    return view_index, None
-                view = snapshot.views[view_index]
-                return view_index, SegmentEvaluator(view, compiled, policy, compiled_gather).evaluate()
-
-            for view_index, selected in pool.map(run, range(len(snapshot.views))):
-                if selected is None:
-                    continue
-                for plan_index, mask in zip(batch, selected, strict=True):
-                    docs = np.flatnonzero(mask)
-                    if len(docs):
-                        hits[plan_index].append((view_index, docs))
-    readers = [v.reader for v in snapshot.views]
+    hits = evaluate_snapshot(
+        snapshot, [plan.upper for plan in plans], policy, workers, compiled_gather, cancelled
+    )
     limit = candidate_limit(snapshot.documents, max_candidates)
     results = [
-        rule_result(
-            plan.name,
-            [readers[view].source_id(doc) for view, docs in found for doc in docs.tolist()],
-            limit,
-        )
+        rule_result(plan.name, candidate_ids(snapshot, found), limit)
         for plan, found in zip(plans, hits, strict=True)
     ]
     return SearchResult(results, snapshot.documents, {"search": (time.perf_counter() - started) * 1000})
+
+
+def candidate_ids(snapshot: Snapshot, found: Hits) -> list[bytes]:
+    """The Source IDs of one plan's candidates (its bitmaps per segment), in segment and document order."""
+    ids: list[bytes] = []
+    for view_index, bitmap in found:
+        reader = snapshot.views[view_index].reader
+        docs = bitmaps.documents(bitmap, reader.docs)
+        width = reader.ids.shape[1]
+        raw = np.ascontiguousarray(reader.ids[docs]).tobytes()
+        ids.extend(raw[i : i + width] for i in range(0, len(raw), width))
+    return ids
 
 
 def search_forest(

@@ -1,0 +1,242 @@
+"""Plans compiled to straight-line code over packed document bitmaps (query/bitmaps.py), and its numpy runner.
+
+A batch of plans becomes one instruction list; instruction i computes one node of the (shared) plan
+DAG into a value slot, from operands that are gram rows of either tier, fact rows, or the slots of
+earlier instructions:
+
+    AND / OR        the operands ANDed / ORed, word by word
+    AT_LEAST k      at least k operands set (operands may repeat: each occurrence counts), counted per
+                    document with bit-sliced counters: a ripple-carry adder over words, so 64 documents
+                    are counted at once, then a word-wise comparison of the count with k
+    NOT             the complement (only ever over exact facts, see plan.Approx)
+    CONST           all zeros or all ones
+
+Slots are reused once their last reader has run (a linear scan over the instruction order), so a
+batch of 1,000 rules needs a few dozen rows of scratch, not one per node. An instruction that is a plan's
+result is also *emitted*: written, masked, to that plan's output row as soon as it is computed.
+
+`code`, `refs`, `emits` and `deps` are plain int64 arrays, run by `kernels.run_program` (compiled) or
+`run_numpy` below (the same semantics; the choice is query/gather.py's `compiled_pays`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from sspry.features.sizing import gram_hashes
+from sspry.query.plan import And, AtLeast, Const, Gram, Node, Not, Or
+
+# opcodes
+AND, OR, AT_LEAST, NOT, CONST = range(5)
+# operand kinds: a row of the tier 1 leaves, the tier 2 leaves, the facts, or a value slot
+TIER1, TIER2, FACT, VALUE = range(4)
+# columns of `code`
+OP, PARAM, SLOT, FIRST, END, EMIT_FIRST, EMIT_END = range(7)
+
+ALL_ONES = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
+
+
+class Leaves:
+    """The distinct leaves of a batch of plans: gram rows per tier (hashes computed once) and fact rows
+    (every leaf that is neither a gram nor a constant: file size, module fields, stored bytes, ...)."""
+
+    def __init__(self, plans: Sequence[Node]):
+        grams: set[Gram] = set()
+        facts: dict[Node, None] = {}  # insertion-ordered set
+        stack, seen = list(plans), set()
+        while stack:
+            node = stack.pop()
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            if isinstance(node, Gram):
+                grams.add(node)
+            elif isinstance(node, And | Or | AtLeast):
+                stack.extend(node.children)
+            elif isinstance(node, Not):
+                stack.append(node.child)
+            elif not isinstance(node, Const):
+                facts[node] = None
+        self.grams: dict[int, list[Gram]] = {1: [], 2: []}
+        for leaf in sorted(grams, key=lambda g: (g.tier, g.gram)):
+            self.grams[leaf.tier].append(leaf)
+        self.row = {leaf: i for tier in (1, 2) for i, leaf in enumerate(self.grams[tier])}
+        self.h2 = {tier: gram_hashes([g.gram for g in gs])[1] for tier, gs in self.grams.items()}
+        self.facts: list[Node] = list(facts)
+        self.fact_row = {fact: i for i, fact in enumerate(self.facts)}
+
+
+class Program:
+    """`plans` compiled over the rows of `leaves`; `outputs` is the number of plans (output rows)."""
+
+    def __init__(self, plans: Sequence[Node], leaves: Leaves):
+        self.leaves = leaves
+        self.outputs = len(plans)
+        self._memo: dict[int, int] = {}
+        self._ops: list[tuple[int, int, list[tuple[int, int]]]] = []  # (op, param, operands)
+        results = [self._compile(plan) for plan in plans]
+        self._assemble(results)
+
+    # --- compiling ---------------------------------------------------------------------------------
+    def _operand(self, node: Node) -> tuple[int, int]:
+        if isinstance(node, Gram):
+            return (TIER1 if node.tier == 1 else TIER2, self.leaves.row[node])
+        if node in self.leaves.fact_row and not isinstance(node, Const):
+            return (FACT, self.leaves.fact_row[node])
+        return (VALUE, self._compile(node))
+
+    def _compile(self, node: Node) -> int:
+        """Index of the instruction computing `node` (compiled on first sight)."""
+        found = self._memo.get(id(node))
+        if found is not None:
+            return found
+        if isinstance(node, And | Or | AtLeast):
+            operands = [self._operand(child) for child in node.children]
+            op = AND if isinstance(node, And) else OR if isinstance(node, Or) else AT_LEAST
+            instruction = (op, node.k if isinstance(node, AtLeast) else 0, operands)
+        elif isinstance(node, Not):
+            instruction = (NOT, 0, [self._operand(node.child)])
+        elif isinstance(node, Const):
+            instruction = (CONST, int(node.value), [])
+        else:  # a gram or a fact as a whole plan
+            instruction = (AND, 0, [self._operand(node)])
+        self._ops.append(instruction)
+        index = len(self._ops) - 1
+        self._memo[id(node)] = index
+        return index
+
+    def _assemble(self, results: list[int]) -> None:
+        """Instructions to arrays, with value slots allocated by a linear scan over last uses."""
+        ops = self._ops
+        last_use = list(range(len(ops)))  # an instruction nobody reads frees its slot right away
+        for i, (_, _, operands) in enumerate(ops):
+            for kind, index in operands:
+                if kind == VALUE:
+                    last_use[index] = max(last_use[index], i)
+        emits: list[list[int]] = [[] for _ in ops]
+        for plan, index in enumerate(results):
+            emits[index].append(plan)
+        free: list[int] = []
+        slots = 0
+        slot_of = [0] * len(ops)
+        code = np.zeros((len(ops), 7), dtype=np.int64)
+        refs: list[tuple[int, int]] = []
+        flat_emits: list[int] = []
+        for i, (op, param, operands) in enumerate(ops):
+            if free:
+                slot_of[i] = free.pop()
+            else:
+                slot_of[i] = slots
+                slots += 1
+            first = len(refs)
+            for kind, index in operands:
+                refs.append((kind, slot_of[index] if kind == VALUE else index))
+            code[i] = (
+                op,
+                param,
+                slot_of[i],
+                first,
+                len(refs),
+                len(flat_emits),
+                len(flat_emits) + len(emits[i]),
+            )
+            flat_emits.extend(emits[i])
+            # children read for the last time free their slots (after ours is taken: never aliased)
+            for kind, index in operands:
+                if kind == VALUE and last_use[index] == i and slot_of[index] not in free:
+                    free.append(slot_of[index])
+            if last_use[i] == i:
+                free.append(slot_of[i])
+        self.code = code
+        self.refs = np.array(refs, dtype=np.int64).reshape(-1, 2)
+        self.emits = np.array(flat_emits, dtype=np.int64)
+        self.slots = slots
+        at_least = [len(operands) for op, _, operands in ops if op == AT_LEAST]
+        self.counter_rows = max((n.bit_length() for n in at_least), default=0)
+        self.deps_start, self.deps = self._dependencies(results)
+
+    def _dependencies(self, results: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Per plan, the instructions its result needs (CSR): a run for some plans skips the others'."""
+        starts = [0]
+        flat: list[int] = []
+        for result in results:
+            stack, seen = [result], {result}
+            while stack:
+                index = stack.pop()
+                flat.append(index)
+                for kind, child in self._ops[index][2]:
+                    if kind == VALUE and child not in seen:
+                        seen.add(child)
+                        stack.append(child)
+            starts.append(len(flat))
+        return np.array(starts, dtype=np.int64), np.array(flat, dtype=np.int64)
+
+    def needed(self, alive: np.ndarray) -> np.ndarray:
+        """Per instruction: does a plan marked in `alive` need it?"""
+        needed = np.zeros(len(self.code), dtype=bool)
+        for plan in np.flatnonzero(alive).tolist():
+            needed[self.deps[self.deps_start[plan] : self.deps_start[plan + 1]]] = True
+        return needed
+
+
+def run_numpy(
+    program: Program,
+    leaves1: np.ndarray,
+    leaves2: np.ndarray,
+    facts: np.ndarray,
+    masks: np.ndarray,
+    per_plan: bool,
+    out: np.ndarray,
+    alive: np.ndarray,
+    nonempty: np.ndarray,
+) -> None:
+    """Run `program` for the plans marked in `alive`: out[p] = result & (masks[p] if per_plan else
+    masks[0]) and nonempty[p] = whether that has a bit set; other plans' rows are left alone. `out` may be
+    `masks`. The compiled kernels.run_program does the same."""
+    words = out.shape[1]
+    sources = (leaves1, leaves2, facts)
+    values: list[np.ndarray | None] = [None] * program.slots
+    needed = program.needed(alive) if not alive.all() else np.ones(len(program.code), dtype=bool)
+    for i in np.flatnonzero(needed).tolist():
+        op, param, slot, first, end, emit_first, emit_end = program.code[i].tolist()
+        rows = [
+            values[index] if kind == VALUE else sources[kind][index]
+            for kind, index in program.refs[first:end]
+        ]
+        if op in (AND, OR):
+            value = rows[0].copy()
+            combine = np.bitwise_and if op == AND else np.bitwise_or
+            for row in rows[1:]:
+                combine(value, row, out=value)
+        elif op == NOT:
+            value = ~rows[0]
+        elif op == CONST:
+            value = np.full(words, ALL_ONES if param else 0, dtype=np.uint64)
+        else:
+            value = _at_least(param, rows, words)
+        values[slot] = value
+        for plan in program.emits[emit_first:emit_end].tolist():
+            if alive[plan]:
+                np.bitwise_and(value, masks[plan] if per_plan else masks[0], out=out[plan])
+                nonempty[plan] = bool(out[plan].any())
+
+
+def _at_least(k: int, rows: list[np.ndarray], words: int) -> np.ndarray:
+    """Documents set in at least k of `rows`: bit-sliced counters (counter bit j of 64 documents in one
+    word) incremented by a ripple-carry adder, then compared with k from the top bit down."""
+    width = len(rows).bit_length()
+    counters = np.zeros((width, words), dtype=np.uint64)
+    for row in rows:
+        carry = row
+        for j in range(width):
+            carry, counters[j] = counters[j] & carry, counters[j] ^ carry
+    greater = np.zeros(words, dtype=np.uint64)
+    equal = np.full(words, ALL_ONES, dtype=np.uint64)
+    for j in range(width - 1, -1, -1):
+        if (k >> j) & 1:
+            equal &= counters[j]
+        else:
+            greater |= equal & counters[j]
+    return greater | equal
