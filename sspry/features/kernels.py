@@ -106,6 +106,16 @@ def _ctlz64(typingctx, x):
 
 
 @intrinsic
+def _cttz64(typingctx, x):
+    sig = types.uint64(types.uint64)
+
+    def codegen(context, builder, signature, args):
+        return builder.cttz(args[0], ir.Constant(ir.IntType(1), 0))
+
+    return sig, codegen
+
+
+@intrinsic
 def _prefetch(typingctx, array, index):
     """LLVM prefetch (for write, high locality) of array[index]."""
     sig = types.void(array, index)
@@ -432,44 +442,43 @@ def bloom_apply(hashes, count, k, nblocks, bloom):
 
 # --- query side: gram rows out of bit-sliced class matrices, and plan programs over packed bitmaps ------
 @njit(nogil=True, cache=True)
-def gather_rows(blooms, offsets, blocks, counts, starts, members, contiguous, h2, dest, k, keep, out):
+def gather_rows(
+    blooms, offsets, blocks, counts, starts, members, tails, tail_offsets, contiguous, h2, dest, k, keep, out
+):
     """Set in row dest[g] of `out` (a zeroed uint8 view of packed document bitmaps: document d is bit
     d % 8 of byte d // 8) the documents whose bloom holds all k probe bits of gram g, among those set in
     `keep` (the same layout; empty: every document). See query/gather.py and store/segment.py.
 
-    The first 8*q documents of a class of count = 8*q + r are bit-sliced: one row of q bytes per bloom
-    bit, 8 documents a byte, so the k probe rows are ANDed byte by byte. With `contiguous` (Tier 1) class
-    c holds documents starts[c]..starts[c]+count-1 and the ANDed bytes are copied into the row shifted
-    by starts[c] % 8; otherwise (Tier 2) its i-th document is members[starts[c] + i] and each set bit is
-    scattered, after the class's bytes were masked with `keep` (a byte none of whose documents is kept is
-    not read). The r tail documents' blooms are plain rows, tested bit by bit."""
+    A class of count = 8*q + r documents is ceil(count/8) bytes per bloom bit: q bytes of its bit-sliced
+    matrix (stride q) and, when r > 0, one byte of its tail documents sliced in memory (`tails`, stride
+    1). The k probe rows are ANDed byte by byte, each byte masked with the class's documents in `keep`.
+    With `contiguous` (Tier 1) class c holds documents starts[c]..starts[c]+count-1 and the bytes are
+    copied into the row shifted by starts[c] % 8; otherwise (Tier 2) its i-th document is
+    members[starts[c] + i] and each set bit is scattered (a byte none of whose documents is kept is not
+    read)."""
     masked = keep.shape[0] > 0
     most = 0
     for c in range(offsets.shape[0]):
-        most = max(most, counts[c] // 8)
+        most = max(most, (counts[c] + 7) // 8)
     acc = np.empty(most, dtype=np.uint8)
-    kept = np.full(most, 0xFF, dtype=np.uint8)  # per byte of the class: its documents that are kept
+    kept = np.full(most, 0xFF, dtype=np.uint8)  # per byte of the class: which of its documents are kept
     rows = np.empty(k, dtype=np.int64)
+    tail_rows = np.empty(k, dtype=np.int64)
     for c in range(offsets.shape[0]):
         count = counts[c]
         q = count // 8
-        rest = count - 8 * q
+        nbytes = (count + 7) // 8
         start = starts[c]
         nblocks = np.uint64(blocks[c])
-        row_bytes = blocks[c] * _BLOCK_BYTES_INT
-        tail = offsets[c] + row_bytes * 8 * q
         if masked:
             wanted = False
-            for j in range(q):
+            for j in range(nbytes):
                 byte = 0
-                for bit in range(8):
+                for bit in range(min(8, count - 8 * j)):
                     d = start + 8 * j + bit if contiguous else members[start + 8 * j + bit]
                     byte |= ((keep[d >> 3] >> (d & 7)) & 1) << bit
                 kept[j] = byte
                 wanted |= byte != 0
-            for t in range(rest):
-                d = start + 8 * q + t if contiguous else members[start + 8 * q + t]
-                wanted |= ((keep[d >> 3] >> (d & 7)) & 1) != 0
             if not wanted:
                 continue
         shift = start & 7
@@ -477,46 +486,90 @@ def gather_rows(blooms, offsets, blocks, counts, starts, members, contiguous, h2
         for g in range(h2.shape[0]):
             base, a, b = _gram_probes(h2[g], nblocks)
             for i in range(k):
-                rows[i] = offsets[c] + np.int64(_probe_bit(base, a, b, np.uint64(i))) * q
-            row = out[dest[g]]
-            if q and contiguous:
+                position = np.int64(_probe_bit(base, a, b, np.uint64(i)))
+                rows[i] = offsets[c] + position * q
+                tail_rows[i] = tail_offsets[c] + position
+            for j in range(q):
+                acc[j] = blooms[rows[0] + j] & kept[j]
+            if nbytes > q:
+                acc[q] = tails[tail_rows[0]] & kept[q]
+            for i in range(1, k):
                 for j in range(q):
-                    acc[j] = blooms[rows[0] + j] & kept[j]
-                for i in range(1, k):
-                    for j in range(q):
-                        acc[j] &= blooms[rows[i] + j]
+                    acc[j] &= blooms[rows[i] + j]
+                if nbytes > q:
+                    acc[q] &= tails[tail_rows[i]]
+            row = out[dest[g]]
+            if contiguous:
                 if shift == 0:
-                    for j in range(q):
+                    for j in range(nbytes):
                         row[first_byte + j] |= acc[j]
                 else:
-                    for j in range(q):
+                    for j in range(nbytes):
                         value = np.int64(acc[j]) << shift
                         row[first_byte + j] |= np.uint8(value & 0xFF)
-                        row[first_byte + j + 1] |= np.uint8(value >> 8)
-            elif q:
-                for j in range(q):
-                    value = kept[j]
-                    for i in range(k):
-                        if value == 0:
-                            break
-                        value &= blooms[rows[i] + j]
+                        if value >> 8:  # the next byte holds documents of this class: it exists
+                            row[first_byte + j + 1] |= np.uint8(value >> 8)
+            else:
+                for j in range(nbytes):
+                    value = acc[j]
                     if value:
                         for bit in range(8):
                             if (value >> bit) & 1:
                                 d = members[start + 8 * j + bit]
                                 row[d >> 3] |= np.uint8(1 << (d & 7))
-            for t in range(rest):
-                d = start + 8 * q + t if contiguous else members[start + 8 * q + t]
-                if masked and not (keep[d >> 3] >> (d & 7)) & 1:
-                    continue
-                present = True
-                for i in range(k):
-                    position = np.int64(_probe_bit(base, a, b, np.uint64(i)))
-                    if not (blooms[tail + t * row_bytes + (position >> 3)] >> (position & 7)) & 1:
-                        present = False
-                        break
-                if present:
-                    row[d >> 3] |= np.uint8(1 << (d & 7))
+
+
+@njit(nogil=True, cache=True)
+def probe_rows(
+    blooms,
+    offsets,
+    blocks,
+    counts,
+    tails,
+    tail_offsets,
+    doc_class,
+    doc_column,
+    h2,
+    k,
+    plans,
+    plan_starts,
+    plan_rows,
+    candidates,
+    out,
+):
+    """Document at a time: for each plan p of `plans`, each document d set in candidates[p] and each gram
+    row r of plan_rows[plan_starts[p]:plan_starts[p + 1]], set bit d of out[r] (packed uint64 bitmaps)
+    when d's bloom holds all k probe bits of gram h2[r]. Costs k byte reads per (document, gram) pair,
+    against gather_rows' pass over whole classes: the way to read a plan's rows for its few survivors."""
+    for pi in range(plans.shape[0]):
+        p = plans[pi]
+        for w in range(candidates.shape[1]):
+            word = candidates[p, w]
+            while word:
+                d = w * 64 + np.int64(_cttz64(word))
+                word &= word - np.uint64(1)
+                c = doc_class[d]
+                column = doc_column[d]
+                q = counts[c] // 8
+                sliced = column < 8 * q
+                nblocks = np.uint64(blocks[c])
+                for r in range(plan_starts[p], plan_starts[p + 1]):
+                    g = plan_rows[r]
+                    base, a, b = _gram_probes(h2[g], nblocks)
+                    present = True
+                    for i in range(k):
+                        position = np.int64(_probe_bit(base, a, b, np.uint64(i)))
+                        if sliced:
+                            byte = blooms[offsets[c] + position * q + (column >> 3)]
+                            bit = column & 7
+                        else:
+                            byte = tails[tail_offsets[c] + position]
+                            bit = column - 8 * q
+                        if not (byte >> bit) & 1:
+                            present = False
+                            break
+                    if present:
+                        out[g, d >> 6] |= np.uint64(1) << np.uint64(d & 63)
 
 
 @njit(inline="always")

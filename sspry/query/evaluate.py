@@ -29,7 +29,7 @@ import numpy as np
 from sspry.policy import Policy
 from sspry.query import bitmaps
 from sspry.query.facts import packed_fact
-from sspry.query.gather import compiled_pays, read_leaves
+from sspry.query.gather import compiled_pays, probe_leaves, read_leaves
 from sspry.query.plan import (
     TRUE,
     And,
@@ -89,8 +89,10 @@ class Batch:
         row = self.leaves.row
         tier2 = [sorted(row[g] for g in leaves(p, Gram) if g.tier == 2) for p in plans]
         self.has_tier2 = np.array([bool(rows) for rows in tier2], dtype=bool)
-        self.tier2_rows = np.array([r for rows in tier2 for r in rows], dtype=np.int64)  # flat, by plan
+        # per plan its Tier 2 rows (CSR: plan p's are tier2_rows[tier2_starts[p]:tier2_starts[p + 1]])
+        self.tier2_rows = np.array([r for rows in tier2 for r in rows], dtype=np.int64)
         self.tier2_plan = np.array([p for p, rows in enumerate(tier2) for _ in rows], dtype=np.int64)
+        self.tier2_starts = np.cumsum([0] + [len(rows) for rows in tier2], dtype=np.int64)
         self.cost = len(self.full.code) + len(self.tier1.code) + len(row)
 
     def tier2_rows_of(self, plans: np.ndarray) -> np.ndarray:
@@ -153,12 +155,27 @@ class SegmentEvaluator:
         second = nonempty & batch.has_tier2
         if not second.any():
             return out, nonempty
-        rows = batch.tier2_rows_of(second)
-        survivors = np.bitwise_or.reduce(out[second], axis=0)
         tier2 = bitmaps.empty(len(batch.leaves.grams[2]), reader.docs)
-        self._read(2, batch.leaves.h2[2][rows], survivors, tier2, rows)
+        # a plan with few survivors has its rows probed document by document, the others' rows are
+        # gathered class by class for all their survivors
+        survivors = np.bitwise_count(out).sum(axis=1)
+        few = second & (survivors <= self._probe_limit())
+        many = second & ~few
+        if many.any():
+            rows = batch.tier2_rows_of(many)
+            keep = np.bitwise_or.reduce(out[many], axis=0)
+            self._read(2, batch.leaves.h2[2][rows], keep, tier2, rows)
+        if few.any():
+            k = self.policy.tier_k(2)
+            h2, starts, flat = batch.leaves.h2[2], batch.tier2_starts, batch.tier2_rows
+            probe_leaves(reader, 2, h2, k, np.flatnonzero(few), starts, flat, out, tier2, self.compiled)
         self._run(batch.full, tier1, tier2, facts, out, True, out, second, nonempty)
         return out, nonempty
+
+    def _probe_limit(self) -> int:
+        """Survivors up to which probing a plan's Tier 2 grams document by document (k byte reads each)
+        costs less than gathering them class by class (a pass over every class, documents / 8 bytes)."""
+        return len(self.reader.classes[2]) + self.reader.docs // 64
 
     def _read(self, tier: int, h2: np.ndarray, keep=None, out=None, dest=None) -> np.ndarray:
         k = self.policy.tier_k(tier)

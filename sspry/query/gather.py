@@ -74,6 +74,8 @@ def read_leaves(
             arrays.counts,
             arrays.starts,
             arrays.members,
+            arrays.tails,
+            arrays.tail_offsets,
             tier == 1,
             h2,
             np.asarray(dest, dtype=np.int64),
@@ -135,3 +137,79 @@ def _scatter(out: np.ndarray, dest: np.ndarray, bits: np.ndarray, docs: np.ndarr
     if len(g):
         d = docs[j]
         np.bitwise_or.at(out, (dest[g], d >> 3), (1 << (d & 7)).astype(np.uint8))
+
+
+def probe_leaves(
+    reader: SegmentReader,
+    tier: int,
+    h2: np.ndarray,
+    k: int,
+    plans: np.ndarray,
+    plan_starts: np.ndarray,
+    plan_rows: np.ndarray,
+    candidates: np.ndarray,
+    out: np.ndarray,
+    compiled: bool = True,
+) -> None:
+    """Gram rows document at a time: for each plan p of `plans` and each document of its bitmap
+    candidates[p], set the document's bit in row r of `out` (bitmaps) for every gram row r of the plan
+    (plan_rows[plan_starts[p]:plan_starts[p + 1]], rows of h2) whose k probe bits its bloom holds.
+    k byte reads per (document, gram): for plans with few survivors, far less than `read_leaves`' pass
+    over every class."""
+    if not len(plans) or not reader.docs:
+        return
+    arrays = reader.class_arrays(tier)
+    h2 = np.ascontiguousarray(h2, dtype=np.uint64)
+    if compiled:
+        from sspry.features import kernels  # numba: see the module docstring
+
+        kernels.probe_rows(
+            reader.blooms,
+            arrays.offsets,
+            arrays.blocks,
+            arrays.counts,
+            arrays.tails,
+            arrays.tail_offsets,
+            arrays.doc_class,
+            arrays.doc_column,
+            h2,
+            k,
+            np.asarray(plans, dtype=np.int64),
+            plan_starts,
+            plan_rows,
+            candidates,
+            out,
+        )
+        return
+    out_bytes = out.view(np.uint8)
+    for plan in np.asarray(plans).tolist():
+        docs = bitmaps.documents(candidates[plan], reader.docs)
+        rows = plan_rows[plan_starts[plan] : plan_starts[plan + 1]]
+        if not len(docs) or not len(rows):
+            continue
+        classes = arrays.doc_class[docs]
+        for index in np.unique(classes).tolist():
+            members = docs[classes == index]
+            columns = arrays.doc_column[members]
+            span = reader.classes[tier][index]
+            sliced, tail = reader.class_matrices(tier, index)
+            positions = bloom_positions(h2[rows], span.blocks, k).astype(np.intp)  # grams x k
+            full = sliced.shape[1] * 8
+            present = np.zeros((len(rows), len(members)), dtype=bool)
+            inside = columns < full
+            if inside.any():
+                cols = columns[inside]
+                values = sliced[positions[:, :, None], (cols >> 3)[None, None, :]] >> (cols & 7).astype(
+                    np.uint8
+                )
+                present[:, inside] = (values & 1).all(axis=1)
+            if not inside.all():
+                cols = columns[~inside] - full
+                values = tail[cols[None, None, :], (positions >> 3)[:, :, None]] >> (positions & 7)[
+                    :, :, None
+                ].astype(np.uint8)
+                present[:, ~inside] = (values & 1).all(axis=1)
+            g, j = np.nonzero(present)
+            if len(g):
+                d = members[j]
+                np.bitwise_or.at(out_bytes, (rows[g], d >> 3), (1 << (d & 7)).astype(np.uint8))

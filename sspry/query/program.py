@@ -59,11 +59,17 @@ class Leaves:
                 stack.append(node.child)
             elif not isinstance(node, Const):
                 facts[node] = None
-        self.grams: dict[int, list[Gram]] = {1: [], 2: []}
-        for leaf in sorted(grams, key=lambda g: (g.tier, g.gram)):
-            self.grams[leaf.tier].append(leaf)
+        self.grams: dict[int, list[Gram]] = {}
+        self.h2: dict[int, np.ndarray] = {}
+        for tier in (1, 2):
+            found = sorted(g.gram for g in grams if g.tier == tier)
+            h2 = gram_hashes(found)[1]
+            # rows in the order of their blocks: block = (h2 >> 32) * nblocks >> 32 grows with h2 in every
+            # class, so the gather walks each class matrix from its first row to its last
+            order = np.argsort(h2, kind="stable")
+            self.grams[tier] = [Gram(tier, found[i]) for i in order.tolist()]
+            self.h2[tier] = h2[order]
         self.row = {leaf: i for tier in (1, 2) for i, leaf in enumerate(self.grams[tier])}
-        self.h2 = {tier: gram_hashes([g.gram for g in gs])[1] for tier, gs in self.grams.items()}
         self.facts: list[Node] = list(facts)
         self.fact_row = {fact: i for i, fact in enumerate(self.facts)}
 

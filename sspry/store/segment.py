@@ -68,16 +68,12 @@ class ClassArrays:
     counts: np.ndarray  # per class: documents
     starts: np.ndarray  # per class: first position in `members`
     members: np.ndarray  # documents in class order (tier 1: 0..docs-1; tier 2: t2_order)
-    class_of_doc: np.ndarray  # per document: its class
-
-    def holding(self, documents: np.ndarray | None) -> np.ndarray:
-        """Per class: does it hold one of `documents` (a boolean mask; None: every class)."""
-        marks = np.zeros(len(self.offsets), dtype=bool)
-        if documents is None:
-            marks[:] = True
-        else:
-            marks[self.class_of_doc[documents]] = True
-        return marks
+    doc_class: np.ndarray  # per document: its class
+    doc_column: np.ndarray  # per document: its position in its class
+    # the tail documents (count mod 8) of every class bit-sliced in memory, one byte per bloom bit: bit t
+    # of byte p of class c (at tail_offsets[c]) is bit p of the class's tail document t (0: no tail)
+    tails: np.ndarray
+    tail_offsets: np.ndarray
 
 
 class Part:
@@ -384,16 +380,33 @@ class SegmentReader:
             members = (
                 np.arange(self.docs, dtype=np.int64) if tier == 1 else np.asarray(self.t2_order, np.int64)
             )
-            class_of_doc = np.empty(self.docs, dtype=np.int64)
+            doc_class = np.empty(self.docs, dtype=np.int64)
+            doc_column = np.empty(self.docs, dtype=np.int64)
+            tail_offsets = np.zeros(len(spans), dtype=np.int64)
+            sliced_tails = []
+            at = 0
             for index, span in enumerate(spans):
-                class_of_doc[members[span.start : span.start + span.count]] = index
+                doc_class[members[span.start : span.start + span.count]] = index
+                doc_column[members[span.start : span.start + span.count]] = np.arange(span.count)
+                tail = self.class_matrices(tier, index)[1]
+                if len(tail):
+                    tail_offsets[index] = at
+                    sliced_tails.append(
+                        np.packbits(
+                            np.unpackbits(tail, axis=1, bitorder="little"), axis=0, bitorder="little"
+                        )[0]
+                    )
+                    at += span.nbits
             found = ClassArrays(
                 offsets=np.array([s.offset for s in spans], dtype=np.int64),
                 blocks=np.array([s.blocks for s in spans], dtype=np.int64),
                 counts=np.array([s.count for s in spans], dtype=np.int64),
                 starts=np.array([s.start for s in spans], dtype=np.int64),
                 members=members,
-                class_of_doc=class_of_doc,
+                doc_class=doc_class,
+                doc_column=doc_column,
+                tails=np.concatenate(sliced_tails) if sliced_tails else np.zeros(0, dtype=np.uint8),
+                tail_offsets=tail_offsets,
             )
             self._class_arrays[tier] = found
         return found
