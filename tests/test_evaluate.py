@@ -182,7 +182,7 @@ def test_at_least_counts_every_occurrence_in_both_runners() -> None:
         for k in {1, 2, len(operands) // 2, len(operands) - 1, len(operands)}:
             plan = AtLeast(k, *(grams[i] for i in operands))
             leaves = program.Leaves([plan])
-            code = program.Program([plan], leaves)
+            code = program.Program.compile([plan], leaves)
             order = [int(g.gram[0]) for g in leaves.grams[1]]
             expect = bits[operands].sum(axis=0) >= k
             for compiled in (True, False):

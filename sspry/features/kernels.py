@@ -35,7 +35,8 @@ CARRY = 7  # bytes a chunk repeats from the previous one: enough for the largest
 PRESENCE_BYTES = 1 << 21  # one bit per possible 3-gram
 _BATCH = 1 << 14
 _PREFETCH_AHEAD = 16
-_BLOCK_BYTES_INT = geometry.BLOCK_BYTES
+_GATHER_AHEAD = 8
+_BLOCK_BYTES = geometry.BLOCK_BYTES
 COMPILE_NOTICE = "sspry: compiling kernels for this machine (first run only, a few seconds)..."
 
 
@@ -115,21 +116,29 @@ def _cttz64(typingctx, x):
     return sig, codegen
 
 
-@intrinsic
-def _prefetch(typingctx, array, index):
-    """LLVM prefetch (for write, high locality) of array[index]."""
-    sig = types.void(array, index)
-
+def _prefetch_codegen(write: int):
     def codegen(context, builder, signature, args):
         data = context.make_array(signature.args[0])(context, builder, args[0]).data
         pointer = builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(8).as_pointer())
         i32 = ir.IntType(32)
         fnty = ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer(), i32, i32, i32])
         function = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
-        builder.call(function, [pointer, ir.Constant(i32, 1), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        builder.call(function, [pointer, ir.Constant(i32, write), ir.Constant(i32, 3), ir.Constant(i32, 1)])
         return context.get_dummy_value()
 
-    return sig, codegen
+    return codegen
+
+
+@intrinsic
+def _prefetch(typingctx, array, index):
+    """LLVM prefetch (for write, high locality) of array[index]."""
+    return types.void(array, index), _prefetch_codegen(1)
+
+
+@intrinsic
+def _prefetch_read(typingctx, array, index):
+    """LLVM prefetch (for read, high locality) of array[index]."""
+    return types.void(array, index), _prefetch_codegen(0)
 
 
 @njit(inline="always")
@@ -442,20 +451,18 @@ def bloom_apply(hashes, count, k, nblocks, bloom):
 
 # --- query side: gram rows out of bit-sliced class matrices, and plan programs over packed bitmaps ------
 @njit(nogil=True, cache=True)
-def gather_rows(
-    blooms, offsets, blocks, counts, starts, members, tails, tail_offsets, contiguous, h2, dest, k, keep, out
-):
+def gather_rows(blooms, offsets, blocks, counts, starts, members, contiguous, h2, dest, k, keep, out):
     """Set in row dest[g] of `out` (a zeroed uint8 view of packed document bitmaps: document d is bit
     d % 8 of byte d // 8) the documents whose bloom holds all k probe bits of gram g, among those set in
     `keep` (the same layout; empty: every document). See query/gather.py and store/segment.py.
 
-    A class of count = 8*q + r documents is ceil(count/8) bytes per bloom bit: q bytes of its bit-sliced
-    matrix (stride q) and, when r > 0, one byte of its tail documents sliced in memory (`tails`, stride
-    1). The k probe rows are ANDed byte by byte, each byte masked with the class's documents in `keep`.
-    With `contiguous` (Tier 1) class c holds documents starts[c]..starts[c]+count-1 and the bytes are
-    copied into the row shifted by starts[c] % 8; otherwise (Tier 2) its i-th document is
-    members[starts[c] + i] and each set bit is scattered (a byte none of whose documents is kept is not
-    read)."""
+    A class of count = 8*q + r documents is read as ceil(count/8) bytes per bloom bit: q bytes of its
+    bit-sliced matrix and, when r > 0, a byte assembled from its r tail documents' plain blooms. The k
+    probe rows are ANDed byte by byte, each byte masked with the class's documents in `keep`. With
+    `contiguous` (Tier 1) class c holds documents starts[c]..starts[c]+count-1 and the bytes are copied
+    into the row shifted by starts[c] % 8; otherwise (Tier 2) its i-th document is members[starts[c] + i]
+    and each set bit is scattered. Rows are cache misses, so each gram's are prefetched a few grams
+    ahead (the caller orders grams by block, so each class matrix is walked from top to bottom)."""
     masked = keep.shape[0] > 0
     most = 0
     for c in range(offsets.shape[0]):
@@ -463,13 +470,15 @@ def gather_rows(
     acc = np.empty(most, dtype=np.uint8)
     kept = np.full(most, 0xFF, dtype=np.uint8)  # per byte of the class: which of its documents are kept
     rows = np.empty(k, dtype=np.int64)
-    tail_rows = np.empty(k, dtype=np.int64)
     for c in range(offsets.shape[0]):
         count = counts[c]
         q = count // 8
+        rest = count - 8 * q
         nbytes = (count + 7) // 8
         start = starts[c]
         nblocks = np.uint64(blocks[c])
+        row_bytes = blocks[c] * _BLOCK_BYTES
+        tail = offsets[c] + row_bytes * 8 * q
         if masked:
             wanted = False
             for j in range(nbytes):
@@ -484,20 +493,28 @@ def gather_rows(
         shift = start & 7
         first_byte = start >> 3
         for g in range(h2.shape[0]):
+            if g + _GATHER_AHEAD < h2.shape[0]:
+                base, a, b = _gram_probes(h2[g + _GATHER_AHEAD], nblocks)
+                for i in range(k):
+                    position = np.int64(_probe_bit(base, a, b, np.uint64(i)))
+                    if q:
+                        _prefetch_read(blooms, offsets[c] + position * q)
+                    for t in range(rest):
+                        _prefetch_read(blooms, tail + t * row_bytes + (position >> 3))
             base, a, b = _gram_probes(h2[g], nblocks)
             for i in range(k):
                 position = np.int64(_probe_bit(base, a, b, np.uint64(i)))
                 rows[i] = offsets[c] + position * q
-                tail_rows[i] = tail_offsets[c] + position
+                if rest:  # the tail documents' bits at this position, as one more byte of the row
+                    byte = 0
+                    for t in range(rest):
+                        byte |= ((blooms[tail + t * row_bytes + (position >> 3)] >> (position & 7)) & 1) << t
+                    acc[q] = (kept[q] if i == 0 else acc[q]) & byte
             for j in range(q):
                 acc[j] = blooms[rows[0] + j] & kept[j]
-            if nbytes > q:
-                acc[q] = tails[tail_rows[0]] & kept[q]
             for i in range(1, k):
                 for j in range(q):
                     acc[j] &= blooms[rows[i] + j]
-                if nbytes > q:
-                    acc[q] &= tails[tail_rows[i]]
             row = out[dest[g]]
             if contiguous:
                 if shift == 0:
@@ -525,8 +542,6 @@ def probe_rows(
     offsets,
     blocks,
     counts,
-    tails,
-    tail_offsets,
     doc_class,
     doc_column,
     h2,
@@ -551,21 +566,29 @@ def probe_rows(
                 c = doc_class[d]
                 column = doc_column[d]
                 q = counts[c] // 8
-                sliced = column < 8 * q
                 nblocks = np.uint64(blocks[c])
+                if column < 8 * q:  # bit-sliced: bit (column % 8) of byte (column // 8) of each row
+                    at = offsets[c] + (column >> 3)
+                    stride = q
+                    bit = column & 7
+                    tail = False
+                else:  # a tail document: its own bloom row
+                    row_bytes = blocks[c] * _BLOCK_BYTES
+                    at = offsets[c] + row_bytes * 8 * q + (column - 8 * q) * row_bytes
+                    stride = 0
+                    bit = 0
+                    tail = True
                 for r in range(plan_starts[p], plan_starts[p + 1]):
                     g = plan_rows[r]
                     base, a, b = _gram_probes(h2[g], nblocks)
                     present = True
                     for i in range(k):
                         position = np.int64(_probe_bit(base, a, b, np.uint64(i)))
-                        if sliced:
-                            byte = blooms[offsets[c] + position * q + (column >> 3)]
-                            bit = column & 7
+                        if tail:
+                            value = blooms[at + (position >> 3)] >> (position & 7)
                         else:
-                            byte = tails[tail_offsets[c] + position]
-                            bit = column - 8 * q
-                        if not (byte >> bit) & 1:
+                            value = blooms[at + position * stride] >> bit
+                        if not value & 1:
                             present = False
                             break
                     if present:

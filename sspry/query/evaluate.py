@@ -1,14 +1,15 @@
 """Plan evaluation over the segments of a snapshot, on packed bits from the gather to each plan's bitmap.
 
 Plans go in batches whose distinct grams stay bounded; a batch is compiled once (query/program.py: its
-grams hashed, its facts listed, its plans turned into straight-line code), and compiled batches are kept
-for the next search with the same plans. On every segment a batch runs twice:
+grams hashed and ordered by block, its facts listed, its plans turned into straight-line code), and
+compiled batches are kept for the next search with the same plans. On every segment a batch runs twice:
 
-  1. every plan with its Tier 2 leaves replaced by TRUE (gram leaves only ever appear un-negated, see
+  1. every plan with its Tier 2 leaves taken as TRUE (gram leaves only ever appear un-negated, see
      plan.Approx, so that is an upper bound) over the Tier 1 gram rows (gather.read_leaves), masked
      with the live documents;
-  2. for the plans that kept a document and have Tier 2 grams, the full plans, over Tier 2 rows read
-     only for the documents some such plan kept (its survivors) and masked with each plan's result of 1.
+  2. for the plans that kept a document and have Tier 2 grams, the full plans, masked with their result
+     of 1, over Tier 2 rows read only for those plans' survivors: probed document by document for a plan
+     with few survivors (gather.probe_leaves), gathered class by class for the others'.
 
 Everything in between is a bitmap of 64 documents a word (query/bitmaps.py); the result per plan and
 segment is the bitmap of its live candidate documents. Segments are independent: a search large enough
@@ -30,20 +31,7 @@ from sspry.policy import Policy
 from sspry.query import bitmaps
 from sspry.query.facts import packed_fact
 from sspry.query.gather import compiled_pays, probe_leaves, read_leaves
-from sspry.query.plan import (
-    TRUE,
-    And,
-    AtLeast,
-    Gram,
-    Node,
-    Not,
-    Or,
-    and_,
-    at_least,
-    leaves,
-    not_,
-    or_,
-)
+from sspry.query.plan import Gram, Node, leaves
 from sspry.query.program import Leaves, Program, run_numpy
 from sspry.store.forest import SegmentView, Snapshot
 
@@ -55,44 +43,21 @@ BATCH_CACHE_COST = 1 << 21  # instructions and grams of the compiled batches kep
 Hits = list[list[tuple[int, np.ndarray]]]
 
 
-def drop_tier(node: Node, tier: int, memo: dict[int, Node] | None = None) -> Node:
-    """`node` with every Gram leaf of `tier` replaced by TRUE (simplified as it is rebuilt)."""
-    memo = {} if memo is None else memo
-    done = memo.get(id(node))
-    if done is not None:
-        return done
-    if isinstance(node, Gram):
-        result = TRUE if node.tier == tier else node
-    elif isinstance(node, And):
-        result = and_(*(drop_tier(c, tier, memo) for c in node.children))
-    elif isinstance(node, Or):
-        result = or_(*(drop_tier(c, tier, memo) for c in node.children))
-    elif isinstance(node, AtLeast):
-        result = at_least(node.k, [drop_tier(c, tier, memo) for c in node.children])
-    elif isinstance(node, Not):
-        result = not_(drop_tier(node.child, tier, memo))
-    else:
-        result = node
-    memo[id(node)] = result
-    return result
-
-
 class Batch:
-    """A batch of plans ready to run on any segment: leaves listed and hashed, both programs compiled,
-    and the Tier 2 grams of each plan (read only where the plan survived Tier 1)."""
+    """A batch of plans ready to run on any segment: leaves listed and hashed, the full program and its
+    Tier 1 bound compiled, and the Tier 2 grams of each plan (read only where the plan survived Tier 1)."""
 
     def __init__(self, plans: Sequence[Node]):
         self.leaves = Leaves(plans)
-        memo: dict[int, Node] = {}
-        self.tier1 = Program([drop_tier(p, 2, memo) for p in plans], self.leaves)
-        self.full = Program(plans, self.leaves)
+        self.full = Program.compile(plans, self.leaves)
+        self.tier1 = self.full.without_tier2()
         row = self.leaves.row
-        tier2 = [sorted(row[g] for g in leaves(p, Gram) if g.tier == 2) for p in plans]
-        self.has_tier2 = np.array([bool(rows) for rows in tier2], dtype=bool)
+        tier2 = [sorted(row[g] for g in plan_grams(p) if g.tier == 2) for p in plans]
         # per plan its Tier 2 rows (CSR: plan p's are tier2_rows[tier2_starts[p]:tier2_starts[p + 1]])
         self.tier2_rows = np.array([r for rows in tier2 for r in rows], dtype=np.int64)
         self.tier2_plan = np.array([p for p, rows in enumerate(tier2) for _ in rows], dtype=np.int64)
         self.tier2_starts = np.cumsum([0] + [len(rows) for rows in tier2], dtype=np.int64)
+        self.has_tier2 = np.diff(self.tier2_starts) > 0
         self.cost = len(self.full.code) + len(self.tier1.code) + len(row)
 
     def tier2_rows_of(self, plans: np.ndarray) -> np.ndarray:

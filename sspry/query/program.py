@@ -62,60 +62,110 @@ class Leaves:
         self.grams: dict[int, list[Gram]] = {}
         self.h2: dict[int, np.ndarray] = {}
         for tier in (1, 2):
-            found = sorted(g.gram for g in grams if g.tier == tier)
-            h2 = gram_hashes(found)[1]
+            found = sorted((g for g in grams if g.tier == tier), key=lambda g: g.gram)
+            h2 = gram_hashes([g.gram for g in found])[1]
             # rows in the order of their blocks: block = (h2 >> 32) * nblocks >> 32 grows with h2 in every
             # class, so the gather walks each class matrix from its first row to its last
             order = np.argsort(h2, kind="stable")
-            self.grams[tier] = [Gram(tier, found[i]) for i in order.tolist()]
+            self.grams[tier] = [found[i] for i in order.tolist()]
             self.h2[tier] = h2[order]
         self.row = {leaf: i for tier in (1, 2) for i, leaf in enumerate(self.grams[tier])}
         self.facts: list[Node] = list(facts)
         self.fact_row = {fact: i for i, fact in enumerate(self.facts)}
 
 
-class Program:
-    """`plans` compiled over the rows of `leaves`; `outputs` is the number of plans (output rows)."""
+Op = tuple[int, int, list[tuple[int, int]]]  # (opcode, parameter, operands as (kind, index))
+_TRUE, _FALSE = -1, -2  # an instruction found constant while deriving a program
 
-    def __init__(self, plans: Sequence[Node], leaves: Leaves):
-        self.leaves = leaves
-        self.outputs = len(plans)
-        self._memo: dict[int, int] = {}
-        self._ops: list[tuple[int, int, list[tuple[int, int]]]] = []  # (op, param, operands)
-        results = [self._compile(plan) for plan in plans]
+
+class Program:
+    """Instructions (`ops`, VALUE operands naming earlier instructions) assembled into arrays; plan p's
+    result is instruction results[p]. `outputs` is the number of plans (output rows)."""
+
+    def __init__(self, ops: list[Op], results: list[int]):
+        self.ops = ops
+        self.results = results
+        self.outputs = len(results)
         self._assemble(results)
 
-    # --- compiling ---------------------------------------------------------------------------------
-    def _operand(self, node: Node) -> tuple[int, int]:
-        if isinstance(node, Gram):
-            return (TIER1 if node.tier == 1 else TIER2, self.leaves.row[node])
-        if node in self.leaves.fact_row and not isinstance(node, Const):
-            return (FACT, self.leaves.fact_row[node])
-        return (VALUE, self._compile(node))
+    @classmethod
+    def compile(cls, plans: Sequence[Node], leaves: Leaves) -> Program:
+        """`plans` over the rows of `leaves`; a node shared by several plans is computed once."""
+        ops: list[Op] = []
+        memo: dict[int, int] = {}
 
-    def _compile(self, node: Node) -> int:
-        """Index of the instruction computing `node` (compiled on first sight)."""
-        found = self._memo.get(id(node))
-        if found is not None:
-            return found
-        if isinstance(node, And | Or | AtLeast):
-            operands = [self._operand(child) for child in node.children]
-            op = AND if isinstance(node, And) else OR if isinstance(node, Or) else AT_LEAST
-            instruction = (op, node.k if isinstance(node, AtLeast) else 0, operands)
-        elif isinstance(node, Not):
-            instruction = (NOT, 0, [self._operand(node.child)])
-        elif isinstance(node, Const):
-            instruction = (CONST, int(node.value), [])
-        else:  # a gram or a fact as a whole plan
-            instruction = (AND, 0, [self._operand(node)])
-        self._ops.append(instruction)
-        index = len(self._ops) - 1
-        self._memo[id(node)] = index
-        return index
+        def operand(node: Node) -> tuple[int, int]:
+            if isinstance(node, Gram):
+                return (TIER1 if node.tier == 1 else TIER2, leaves.row[node])
+            if node in leaves.fact_row:
+                return (FACT, leaves.fact_row[node])
+            return (VALUE, instruction(node))
+
+        def instruction(node: Node) -> int:
+            found = memo.get(id(node))
+            if found is not None:
+                return found
+            if isinstance(node, And | Or | AtLeast):
+                op = AND if isinstance(node, And) else OR if isinstance(node, Or) else AT_LEAST
+                ops.append((op, node.k if op == AT_LEAST else 0, [operand(c) for c in node.children]))
+            elif isinstance(node, Not):
+                ops.append((NOT, 0, [operand(node.child)]))
+            elif isinstance(node, Const):
+                ops.append((CONST, int(node.value), []))
+            else:  # a gram or a fact as a whole plan
+                ops.append((AND, 0, [operand(node)]))
+            memo[id(node)] = len(ops) - 1
+            return len(ops) - 1
+
+        return cls(ops, [instruction(plan) for plan in plans])
+
+    def without_tier2(self) -> Program:
+        """This program with every Tier 2 operand taken as TRUE and the constants that makes folded: for
+        each plan an upper bound of it (gram leaves only ever appear un-negated, see plan.Approx)."""
+        ops: list[Op] = []
+        mapped: list[int] = []  # per instruction: its index in `ops`, or _TRUE / _FALSE
+        for op, param, operands in self.ops:
+            kept: list[tuple[int, int]] = []
+            trues = falses = 0
+            for kind, index in operands:
+                value = _TRUE if kind == TIER2 else mapped[index] if kind == VALUE else 0
+                if value == _TRUE:
+                    trues += 1
+                elif value == _FALSE:
+                    falses += 1
+                else:
+                    kept.append((kind, value if kind == VALUE else index))
+            if op == CONST:
+                result = _TRUE if param else _FALSE
+            elif op == AND:
+                result = _FALSE if falses else None if kept else _TRUE
+            elif op == OR:
+                result = _TRUE if trues else None if kept else _FALSE
+            elif op == AT_LEAST:
+                param -= trues
+                result = _TRUE if param <= 0 else _FALSE if param > len(kept) else None
+            else:  # NOT
+                result = None if kept else _FALSE if trues else _TRUE
+            if result is None:
+                ops.append((op, param, kept))
+                mapped.append(len(ops) - 1)
+            else:
+                mapped.append(result)
+        constants: dict[int, int] = {}
+        results = []
+        for index in self.results:
+            value = mapped[index]
+            if value < 0:
+                if value not in constants:
+                    ops.append((CONST, int(value == _TRUE), []))
+                    constants[value] = len(ops) - 1
+                value = constants[value]
+            results.append(value)
+        return Program(ops, results)
 
     def _assemble(self, results: list[int]) -> None:
         """Instructions to arrays, with value slots allocated by a linear scan over last uses."""
-        ops = self._ops
+        ops = self.ops
         last_use = list(range(len(ops)))  # an instruction nobody reads frees its slot right away
         for i, (_, _, operands) in enumerate(ops):
             for kind, index in operands:
@@ -172,7 +222,7 @@ class Program:
             while stack:
                 index = stack.pop()
                 flat.append(index)
-                for kind, child in self._ops[index][2]:
+                for kind, child in self.ops[index][2]:
                     if kind == VALUE and child not in seen:
                         seen.add(child)
                         stack.append(child)

@@ -70,10 +70,6 @@ class ClassArrays:
     members: np.ndarray  # documents in class order (tier 1: 0..docs-1; tier 2: t2_order)
     doc_class: np.ndarray  # per document: its class
     doc_column: np.ndarray  # per document: its position in its class
-    # the tail documents (count mod 8) of every class bit-sliced in memory, one byte per bloom bit: bit t
-    # of byte p of class c (at tail_offsets[c]) is bit p of the class's tail document t (0: no tail)
-    tails: np.ndarray
-    tail_offsets: np.ndarray
 
 
 class Part:
@@ -382,21 +378,9 @@ class SegmentReader:
             )
             doc_class = np.empty(self.docs, dtype=np.int64)
             doc_column = np.empty(self.docs, dtype=np.int64)
-            tail_offsets = np.zeros(len(spans), dtype=np.int64)
-            sliced_tails = []
-            at = 0
             for index, span in enumerate(spans):
                 doc_class[members[span.start : span.start + span.count]] = index
                 doc_column[members[span.start : span.start + span.count]] = np.arange(span.count)
-                tail = self.class_matrices(tier, index)[1]
-                if len(tail):
-                    tail_offsets[index] = at
-                    sliced_tails.append(
-                        np.packbits(
-                            np.unpackbits(tail, axis=1, bitorder="little"), axis=0, bitorder="little"
-                        )[0]
-                    )
-                    at += span.nbits
             found = ClassArrays(
                 offsets=np.array([s.offset for s in spans], dtype=np.int64),
                 blocks=np.array([s.blocks for s in spans], dtype=np.int64),
@@ -405,8 +389,6 @@ class SegmentReader:
                 members=members,
                 doc_class=doc_class,
                 doc_column=doc_column,
-                tails=np.concatenate(sliced_tails) if sliced_tails else np.zeros(0, dtype=np.uint8),
-                tail_offsets=tail_offsets,
             )
             self._class_arrays[tier] = found
         return found
