@@ -156,6 +156,7 @@ def test_packed_evaluation_equals_the_reference(tmp_path, monkeypatch, seed: int
     for probe_limit, leaf_bits, inline_cells in ((0, 1 << 30, 1 << 30), (1 << 30, 1, 0), (4, 1 << 30, 0)):
         monkeypatch.setattr(SegmentEvaluator, "_probe_limit", lambda self, limit=probe_limit: limit)
         monkeypatch.setattr(evaluate, "LEAF_BITS", leaf_bits)
+        monkeypatch.setattr(evaluate, "MIN_BATCH_GRAMS", 1)
         monkeypatch.setattr(evaluate, "INLINE_CELLS", inline_cells)
         hits = evaluate_snapshot(snapshot, plans, POLICY, compiled_gather=compiled)
         for p, plan in enumerate(plans):

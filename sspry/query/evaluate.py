@@ -23,7 +23,6 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache
 
 import numpy as np
 
@@ -36,6 +35,7 @@ from sspry.query.program import Leaves, Program, run_numpy
 from sspry.store.forest import SegmentView, Snapshot
 
 LEAF_BITS = 1 << 29  # gram rows (grams x documents bits, 64 MiB) held per segment and tier in a batch
+MIN_BATCH_GRAMS = 256  # however large the segments
 INLINE_CELLS = 1 << 22  # a search reading fewer grams x documents runs on the caller's thread
 BATCH_CACHE_COST = 1 << 21  # instructions and grams of the compiled batches kept for later searches
 
@@ -44,53 +44,54 @@ Hits = list[list[tuple[int, np.ndarray]]]
 
 
 class Batch:
-    """A batch of plans ready to run on any segment: leaves listed and hashed, the full program and its
-    Tier 1 bound compiled, and the Tier 2 grams of each plan (read only where the plan survived Tier 1)."""
+    """A batch of plans ready to run on any segment: leaves listed and hashed (Tier 1 and Tier 2 rows
+    ordered by block), the full program and its Tier 1 bound compiled, and each plan's Tier 2 rows (read
+    only where the plan survived Tier 1)."""
 
-    def __init__(self, plans: Sequence[Node]):
-        self.leaves = Leaves(plans)
+    def __init__(self, plans: Sequence[Node], leaves: Leaves | None = None):
+        self.leaves = Leaves(plans) if leaves is None else leaves
         self.full = Program.compile(plans, self.leaves)
         self.tier1 = self.full.without_tier2()
-        row = self.leaves.row
-        tier2 = [sorted(row[g] for g in plan_grams(p) if g.tier == 2) for p in plans]
         # per plan its Tier 2 rows (CSR: plan p's are tier2_rows[tier2_starts[p]:tier2_starts[p + 1]])
-        self.tier2_rows = np.array([r for rows in tier2 for r in rows], dtype=np.int64)
-        self.tier2_plan = np.array([p for p, rows in enumerate(tier2) for _ in rows], dtype=np.int64)
-        self.tier2_starts = np.cumsum([0] + [len(rows) for rows in tier2], dtype=np.int64)
-        self.has_tier2 = np.diff(self.tier2_starts) > 0
-        self.cost = len(self.full.code) + len(self.tier1.code) + len(row)
+        self.tier2_starts, self.tier2_rows = self.full.tier2_starts, self.full.tier2_rows
+        counts = np.diff(self.tier2_starts)
+        self.tier2_plan = np.repeat(np.arange(len(plans), dtype=np.int64), counts)
+        self.has_tier2 = counts > 0
+        self.grams = len(self.leaves.grams[1]) + len(self.leaves.grams[2])
+        self.cost = len(self.full.code) + len(self.tier1.code) + self.grams
 
     def tier2_rows_of(self, plans: np.ndarray) -> np.ndarray:
         """The Tier 2 rows the plans marked in `plans` (bool per plan) use, ascending."""
         return np.unique(self.tier2_rows[plans[self.tier2_plan]])
 
 
-_batches_kept: OrderedDict[tuple[Node, ...], Batch] = OrderedDict()
-_batches_lock = threading.Lock()
+Layout = list[tuple[list[int], Batch]]  # the batches of a search: (plan indices, compiled batch)
+_layouts: OrderedDict[tuple, Layout] = OrderedDict()
+_layouts_lock = threading.Lock()
 
 
-def compiled_batch(plans: Sequence[Node]) -> Batch:
-    """The Batch of `plans`, compiled once and kept (least recently used out, by BATCH_CACHE_COST):
-    plan nodes are interned, so the same rules planned again are the same key."""
-    key = tuple(plans)
-    with _batches_lock:
-        found = _batches_kept.get(key)
+def compiled_batches(plans: Sequence[Node], max_grams: int) -> Layout:
+    """`plans` in consecutive batches of at most `max_grams` distinct grams (one plan may have more),
+    each compiled; kept for the next search with the same plans (least recently used out, by
+    BATCH_CACHE_COST): plan nodes are interned, so the same rules planned again are the same key."""
+    key = (tuple(plans), max_grams)
+    with _layouts_lock:
+        found = _layouts.get(key)
         if found is not None:
-            _batches_kept.move_to_end(key)
+            _layouts.move_to_end(key)
             return found
-    batch = Batch(key)
-    with _batches_lock:
-        _batches_kept[key] = batch
-        total = sum(b.cost for b in _batches_kept.values())
-        while total > BATCH_CACHE_COST and len(_batches_kept) > 1:
-            total -= _batches_kept.popitem(last=False)[1].cost
-    return batch
-
-
-@lru_cache(maxsize=4096)
-def plan_grams(plan: Node) -> frozenset[Node]:
-    """The gram leaves of a plan (kept for plans searched again)."""
-    return frozenset(leaves(plan, Gram))
+    every = Leaves(plans)
+    if len(every.grams[1]) + len(every.grams[2]) <= max_grams or len(plans) == 1:
+        layout = [(list(range(len(plans))), Batch(plans, every))]
+    else:
+        groups = batches([frozenset(leaves(plan, Gram)) for plan in plans], max_grams)
+        layout = [(group, Batch([plans[i] for i in group])) for group in groups]
+    with _layouts_lock:
+        _layouts[key] = layout
+        total = sum(batch.cost for kept in _layouts.values() for _, batch in kept)
+        while total > BATCH_CACHE_COST and len(_layouts) > 1:
+            total -= sum(batch.cost for _, batch in _layouts.popitem(last=False)[1])
+    return layout
 
 
 class SegmentEvaluator:
@@ -189,12 +190,6 @@ def batches(plan_gram_sets: Sequence[frozenset], max_grams: int) -> list[list[in
     return groups
 
 
-def _batch_grams(plan_gram_sets: Sequence[frozenset], batch: list[int]) -> int:
-    if len(batch) == 1:
-        return len(plan_gram_sets[batch[0]])
-    return len(set().union(*(plan_gram_sets[i] for i in batch)))
-
-
 def _gather_choice(snapshot: Snapshot, cells: int, batch_count: int) -> bool:
     """Whether this search runs the compiled kernels (see gather.compiled_pays): every batch reads its
     grams in every class of every segment."""
@@ -239,16 +234,14 @@ def evaluate_snapshot(
     workers = workers or min(4, len(os.sched_getaffinity(0)))
     documents = sum(v.reader.docs for v in views)
     largest = max(v.reader.docs for v in views)
-    gram_sets = [plan_grams(plan) for plan in plans]
-    groups = batches(gram_sets, max(256, LEAF_BITS // max(largest, 1)))
-    cells = sum(_batch_grams(gram_sets, group) for group in groups) * documents
+    layout = compiled_batches(plans, max(MIN_BATCH_GRAMS, LEAF_BITS // max(largest, 1)))
+    cells = sum(batch.grams for _, batch in layout) * documents
     if compiled_gather is None:
-        compiled_gather = _gather_choice(snapshot, cells, len(groups))
+        compiled_gather = _gather_choice(snapshot, cells, len(layout))
     inline = workers == 1 or len(views) == 1 or cells < INLINE_CELLS
-    for group in groups:
+    for group, batch in layout:
         if cancelled is not None and cancelled.is_set():
             break
-        batch = compiled_batch([plans[i] for i in group])
 
         def run(view_index: int, batch: Batch = batch) -> tuple[int, tuple[np.ndarray, np.ndarray] | None]:
             if cancelled is not None and cancelled.is_set():

@@ -91,7 +91,7 @@ def evaluate_fact(node: Node, reader: SegmentReader) -> np.ndarray:
     raise TypeError(f"not a fact: {node!r}")
 
 
-PACKED_PER_SEGMENT = 256  # facts kept per segment, least recently used first out
+FACT_CACHE_BITS = 1 << 28  # per segment: facts kept as bitmaps (32 MiB), least recently used out
 _packed: weakref.WeakKeyDictionary[SegmentReader, OrderedDict[Node, np.ndarray]] = weakref.WeakKeyDictionary()
 _packed_lock = threading.Lock()
 
@@ -110,6 +110,6 @@ def packed_fact(node: Node, reader: SegmentReader) -> np.ndarray:
     found.flags.writeable = False
     with _packed_lock:
         kept[node] = found
-        while len(kept) > PACKED_PER_SEGMENT:
+        while len(kept) > max(16, FACT_CACHE_BITS // max(reader.docs, 1)):
             kept.popitem(last=False)
     return found

@@ -211,14 +211,14 @@ class Program:
         self.slots = slots
         at_least = [len(operands) for op, _, operands in ops if op == AT_LEAST]
         self.counter_rows = max((n.bit_length() for n in at_least), default=0)
-        self.deps_start, self.deps = self._dependencies(results)
+        self._dependencies(results)
 
-    def _dependencies(self, results: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        """Per plan, the instructions its result needs (CSR): a run for some plans skips the others'."""
-        starts = [0]
-        flat: list[int] = []
+    def _dependencies(self, results: list[int]) -> None:
+        """Per plan (CSR), the instructions its result needs (`deps`: a run for some plans skips the
+        others') and the Tier 2 rows they read (`tier2_rows`: read only for plans that need them)."""
+        starts, flat, tier2_starts, tier2 = [0], [], [0], []
         for result in results:
-            stack, seen = [result], {result}
+            stack, seen, rows = [result], {result}, set()
             while stack:
                 index = stack.pop()
                 flat.append(index)
@@ -226,8 +226,15 @@ class Program:
                     if kind == VALUE and child not in seen:
                         seen.add(child)
                         stack.append(child)
+                    elif kind == TIER2:
+                        rows.add(child)
             starts.append(len(flat))
-        return np.array(starts, dtype=np.int64), np.array(flat, dtype=np.int64)
+            tier2.extend(sorted(rows))
+            tier2_starts.append(len(tier2))
+        self.deps_start = np.array(starts, dtype=np.int64)
+        self.deps = np.array(flat, dtype=np.int64)
+        self.tier2_starts = np.array(tier2_starts, dtype=np.int64)
+        self.tier2_rows = np.array(tier2, dtype=np.int64)
 
     def needed(self, alive: np.ndarray) -> np.ndarray:
         """Per instruction: does a plan marked in `alive` need it?"""

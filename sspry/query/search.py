@@ -53,9 +53,8 @@ def candidate_ids(snapshot: Snapshot, found: Hits) -> list[bytes]:
     for view_index, bitmap in found:
         reader = snapshot.views[view_index].reader
         docs = bitmaps.documents(bitmap, reader.docs)
-        width = reader.ids.shape[1]
-        raw = np.ascontiguousarray(reader.ids[docs]).tobytes()
-        ids.extend(raw[i : i + width] for i in range(0, len(raw), width))
+        rows = np.ascontiguousarray(reader.ids[docs])
+        ids.extend(rows.view(f"V{rows.shape[1]}").ravel().tolist())  # one bytes object per row
     return ids
 
 
