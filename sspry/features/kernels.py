@@ -35,7 +35,7 @@ CARRY = 7  # bytes a chunk repeats from the previous one: enough for the largest
 PRESENCE_BYTES = 1 << 21  # one bit per possible 3-gram
 _BATCH = 1 << 14
 _PREFETCH_AHEAD = 16
-_GATHER_AHEAD = 8
+_GATHER_AHEAD = 12
 _BLOCK_BYTES = geometry.BLOCK_BYTES
 COMPILE_NOTICE = "sspry: compiling kernels for this machine (first run only, a few seconds)..."
 
@@ -450,6 +450,21 @@ def bloom_apply(hashes, count, k, nblocks, bloom):
 
 
 # --- query side: gram rows out of bit-sliced class matrices, and plan programs over packed bitmaps ------
+@njit(inline="always")
+def _prefetch_gram(blooms, offsets, blocks, counts, c, h, k):
+    """Start loading the bytes gram hash `h` reads in class c: its k sliced rows and tail bytes."""
+    q = counts[c] // 8
+    row_bytes = blocks[c] * _BLOCK_BYTES
+    tail = offsets[c] + row_bytes * 8 * q
+    base, a, b = _gram_probes(h, np.uint64(blocks[c]))
+    for i in range(k):
+        position = np.int64(_probe_bit(base, a, b, np.uint64(i)))
+        if q:
+            _prefetch_read(blooms, offsets[c] + position * q)
+        for t in range(counts[c] - 8 * q):
+            _prefetch_read(blooms, tail + t * row_bytes + (position >> 3))
+
+
 @njit(nogil=True, cache=True)
 def gather_rows(blooms, offsets, blocks, counts, starts, members, contiguous, h2, dest, k, keep, out):
     """Set in row dest[g] of `out` (a zeroed uint8 view of packed document bitmaps: document d is bit
@@ -461,16 +476,46 @@ def gather_rows(blooms, offsets, blocks, counts, starts, members, contiguous, h2
     probe rows are ANDed byte by byte, each byte masked with the class's documents in `keep`. With
     `contiguous` (Tier 1) class c holds documents starts[c]..starts[c]+count-1 and the bytes are copied
     into the row shifted by starts[c] % 8; otherwise (Tier 2) its i-th document is members[starts[c] + i]
-    and each set bit is scattered. Rows are cache misses, so each gram's are prefetched a few grams
-    ahead (the caller orders grams by block, so each class matrix is walked from top to bottom)."""
+    and each set bit is scattered. Every (class, gram) read is a cache miss or several, so the reads of
+    the (class, gram) _GATHER_AHEAD steps later are prefetched (the caller orders grams by block, so each
+    class matrix is walked from top to bottom)."""
+    classes = offsets.shape[0]
+    grams = h2.shape[0]
     masked = keep.shape[0] > 0
+    # which classes to read, and per byte of each class (at kept_at[c]) which of its documents are kept
+    kept_at = np.zeros(classes + 1, dtype=np.int64)
     most = 0
-    for c in range(offsets.shape[0]):
+    for c in range(classes):
+        kept_at[c + 1] = kept_at[c] + (counts[c] + 7) // 8
         most = max(most, (counts[c] + 7) // 8)
+    kept = np.full(kept_at[classes], 0xFF, dtype=np.uint8)
+    wanted = np.empty(classes, dtype=np.int64)
+    n_wanted = 0
+    for c in range(classes):
+        any_kept = not masked
+        if masked:
+            for j in range((counts[c] + 7) // 8):
+                byte = 0
+                for bit in range(min(8, counts[c] - 8 * j)):
+                    d = starts[c] + 8 * j + bit if contiguous else members[starts[c] + 8 * j + bit]
+                    byte |= ((keep[d >> 3] >> (d & 7)) & 1) << bit
+                kept[kept_at[c] + j] = byte
+                any_kept |= byte != 0
+        if any_kept and counts[c]:
+            wanted[n_wanted] = c
+            n_wanted += 1
     acc = np.empty(most, dtype=np.uint8)
-    kept = np.full(most, 0xFF, dtype=np.uint8)  # per byte of the class: which of its documents are kept
     rows = np.empty(k, dtype=np.int64)
-    for c in range(offsets.shape[0]):
+    ahead_class = 0  # the (class, gram) to prefetch next, as an index into `wanted` and a gram
+    ahead_gram = 0
+    for _ in range(min(_GATHER_AHEAD, n_wanted * grams)):
+        _prefetch_gram(blooms, offsets, blocks, counts, wanted[ahead_class], h2[ahead_gram], k)
+        ahead_gram += 1
+        if ahead_gram == grams:
+            ahead_gram = 0
+            ahead_class += 1
+    for w in range(n_wanted):
+        c = wanted[w]
         count = counts[c]
         q = count // 8
         rest = count - 8 * q
@@ -479,28 +524,16 @@ def gather_rows(blooms, offsets, blocks, counts, starts, members, contiguous, h2
         nblocks = np.uint64(blocks[c])
         row_bytes = blocks[c] * _BLOCK_BYTES
         tail = offsets[c] + row_bytes * 8 * q
-        if masked:
-            wanted = False
-            for j in range(nbytes):
-                byte = 0
-                for bit in range(min(8, count - 8 * j)):
-                    d = start + 8 * j + bit if contiguous else members[start + 8 * j + bit]
-                    byte |= ((keep[d >> 3] >> (d & 7)) & 1) << bit
-                kept[j] = byte
-                wanted |= byte != 0
-            if not wanted:
-                continue
+        kept_c = kept[kept_at[c] : kept_at[c + 1]]
         shift = start & 7
         first_byte = start >> 3
-        for g in range(h2.shape[0]):
-            if g + _GATHER_AHEAD < h2.shape[0]:
-                base, a, b = _gram_probes(h2[g + _GATHER_AHEAD], nblocks)
-                for i in range(k):
-                    position = np.int64(_probe_bit(base, a, b, np.uint64(i)))
-                    if q:
-                        _prefetch_read(blooms, offsets[c] + position * q)
-                    for t in range(rest):
-                        _prefetch_read(blooms, tail + t * row_bytes + (position >> 3))
+        for g in range(grams):
+            if ahead_class < n_wanted:
+                _prefetch_gram(blooms, offsets, blocks, counts, wanted[ahead_class], h2[ahead_gram], k)
+                ahead_gram += 1
+                if ahead_gram == grams:
+                    ahead_gram = 0
+                    ahead_class += 1
             base, a, b = _gram_probes(h2[g], nblocks)
             for i in range(k):
                 position = np.int64(_probe_bit(base, a, b, np.uint64(i)))
@@ -509,9 +542,9 @@ def gather_rows(blooms, offsets, blocks, counts, starts, members, contiguous, h2
                     byte = 0
                     for t in range(rest):
                         byte |= ((blooms[tail + t * row_bytes + (position >> 3)] >> (position & 7)) & 1) << t
-                    acc[q] = (kept[q] if i == 0 else acc[q]) & byte
+                    acc[q] = (kept_c[q] if i == 0 else acc[q]) & byte
             for j in range(q):
-                acc[j] = blooms[rows[0] + j] & kept[j]
+                acc[j] = blooms[rows[0] + j] & kept_c[j]
             for i in range(1, k):
                 for j in range(q):
                     acc[j] &= blooms[rows[i] + j]

@@ -36,7 +36,7 @@ from sspry.store.forest import SegmentView, Snapshot
 
 LEAF_BITS = 1 << 29  # gram rows (grams x documents bits, 64 MiB) held per segment and tier in a batch
 MIN_BATCH_GRAMS = 256  # however large the segments
-INLINE_CELLS = 1 << 22  # a search reading fewer grams x documents runs on the caller's thread
+INLINE_CELLS = 1 << 20  # a search reading fewer grams x documents runs on the caller's thread
 BATCH_CACHE_COST = 1 << 21  # instructions and grams of the compiled batches kept for later searches
 
 # Per plan and segment: (view index, bitmap of the plan's live candidates), for segments where it has any.
@@ -210,6 +210,18 @@ def _pool(workers: int) -> ThreadPoolExecutor:
         return pool
 
 
+def _shares(sizes: list[int], workers: int) -> list[list[int]]:
+    """Segment indices in at most `workers` shares of about equal documents (largest first to the
+    lightest share), each ascending: one task per worker, not one per segment."""
+    loads = [0] * min(workers, len(sizes))
+    shares: list[list[int]] = [[] for _ in loads]
+    for index in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        lightest = loads.index(min(loads))
+        shares[lightest].append(index)
+        loads[lightest] += sizes[index]
+    return [sorted(share) for share in shares if share]
+
+
 def evaluate_snapshot(
     snapshot: Snapshot,
     plans: Sequence[Node],
@@ -239,22 +251,26 @@ def evaluate_snapshot(
     if compiled_gather is None:
         compiled_gather = _gather_choice(snapshot, cells, len(layout))
     inline = workers == 1 or len(views) == 1 or cells < INLINE_CELLS
+    shares = _shares([v.reader.docs for v in views], 1 if inline else workers)
     for group, batch in layout:
         if cancelled is not None and cancelled.is_set():
             break
 
-        def run(view_index: int, batch: Batch = batch) -> tuple[int, tuple[np.ndarray, np.ndarray] | None]:
-            if cancelled is not None and cancelled.is_set():
-                return view_index, None
-            evaluator = SegmentEvaluator(views[view_index], batch, policy, compiled_gather)
-            return view_index, evaluator.evaluate()
+        def run(share: list[int], batch: Batch = batch) -> list[tuple[int, np.ndarray, np.ndarray]]:
+            done = []
+            for view_index in share:
+                if cancelled is not None and cancelled.is_set():
+                    break
+                evaluator = SegmentEvaluator(views[view_index], batch, policy, compiled_gather)
+                done.append((view_index, *evaluator.evaluate()))
+            return done
 
-        indices = range(len(views))
-        results = map(run, indices) if inline else _pool(workers).map(run, indices)
-        for view_index, found in results:
-            if found is None:
-                continue
-            out, nonempty = found
-            for row in np.flatnonzero(nonempty).tolist():
-                hits[group[row]].append((view_index, out[row].copy()))
+        results = map(run, shares) if len(shares) == 1 else _pool(workers).map(run, shares)
+        for done in results:
+            for view_index, out, nonempty in done:
+                for row in np.flatnonzero(nonempty).tolist():
+                    hits[group[row]].append((view_index, out[row].copy()))
+    if len(shares) > 1:
+        for found in hits:
+            found.sort(key=lambda hit: hit[0])
     return hits
