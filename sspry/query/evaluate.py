@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import cache
 
 import numpy as np
 
@@ -57,6 +59,7 @@ class Batch:
         counts = np.diff(self.tier2_starts)
         self.tier2_plan = np.repeat(np.arange(len(plans), dtype=np.int64), counts)
         self.has_tier2 = counts > 0
+        self.everyone = np.ones(len(plans), dtype=bool)
         self.grams = len(self.leaves.grams[1]) + len(self.leaves.grams[2])
         self.cost = len(self.full.code) + len(self.tier1.code) + self.grams
 
@@ -101,27 +104,25 @@ class SegmentEvaluator:
         self.view = view
         self.reader = view.reader
         self.batch = batch
-        self.policy = policy
+        self.k = _probes(policy)
         self.compiled = compiled
 
     def evaluate(self) -> tuple[np.ndarray, np.ndarray]:
         """(plans x words bitmaps of each plan's live candidates, whether each has any)."""
         reader, batch = self.reader, self.batch
-        plans = batch.tier1.outputs
-        live = bitmaps.pack(self.view.live)
-        facts = bitmaps.empty(len(batch.leaves.facts), reader.docs)
+        words = bitmaps.words(reader.docs)
+        facts = np.empty((len(batch.leaves.facts), words), dtype=np.uint64)
         for row, fact in enumerate(batch.leaves.facts):
             facts[row] = packed_fact(fact, reader)
-        tier1 = self._read(1, batch.leaves.h2[1])
-        no_tier2 = bitmaps.empty(0, reader.docs)
-        out = bitmaps.empty(plans, reader.docs)
-        nonempty = np.zeros(plans, dtype=bool)
-        everyone = np.ones(plans, dtype=bool)
-        self._run(batch.tier1, tier1, no_tier2, facts, live[None], False, out, everyone, nonempty)
+        tier1 = read_leaves(reader, 1, batch.leaves.h2[1], self.k[1], None, self.compiled)
+        out = np.zeros((batch.tier1.outputs, words), dtype=np.uint64)
+        nonempty = np.zeros(batch.tier1.outputs, dtype=bool)
+        live = _live_bitmap(self.view)[None]
+        self._run(batch.tier1, tier1, tier1[:0], facts, live, False, out, batch.everyone, nonempty)
         second = nonempty & batch.has_tier2
         if not second.any():
             return out, nonempty
-        tier2 = bitmaps.empty(len(batch.leaves.grams[2]), reader.docs)
+        tier2 = np.zeros((len(batch.leaves.grams[2]), words), dtype=np.uint64)
         # a plan with few survivors has its rows probed document by document, the others' rows are
         # gathered class by class for all their survivors
         survivors = np.bitwise_count(out).sum(axis=1)
@@ -130,11 +131,12 @@ class SegmentEvaluator:
         if many.any():
             rows = batch.tier2_rows_of(many)
             keep = np.bitwise_or.reduce(out[many], axis=0)
-            self._read(2, batch.leaves.h2[2][rows], keep, tier2, rows)
+            read_leaves(reader, 2, batch.leaves.h2[2][rows], self.k[2], keep, self.compiled, tier2, rows)
         if few.any():
-            k = self.policy.tier_k(2)
             h2, starts, flat = batch.leaves.h2[2], batch.tier2_starts, batch.tier2_rows
-            probe_leaves(reader, 2, h2, k, np.flatnonzero(few), starts, flat, out, tier2, self.compiled)
+            probe_leaves(
+                reader, 2, h2, self.k[2], np.flatnonzero(few), starts, flat, out, tier2, self.compiled
+            )
         self._run(batch.full, tier1, tier2, facts, out, True, out, second, nonempty)
         return out, nonempty
 
@@ -143,18 +145,12 @@ class SegmentEvaluator:
         costs less than gathering them class by class (a pass over every class, documents / 8 bytes)."""
         return len(self.reader.classes[2]) + self.reader.docs // 64
 
-    def _read(self, tier: int, h2: np.ndarray, keep=None, out=None, dest=None) -> np.ndarray:
-        k = self.policy.tier_k(tier)
-        return read_leaves(self.reader, tier, h2, k, keep, self.compiled, out, dest)
-
     def _run(self, program: Program, tier1, tier2, facts, masks, per_plan, out, alive, nonempty) -> None:
         if not self.compiled:
             run_numpy(program, tier1, tier2, facts, masks, per_plan, out, alive, nonempty)
             return
-        from sspry.features import kernels  # numba: see gather.py
-
         words = out.shape[1]
-        kernels.run_program(
+        _kernels().run_program(
             program.code,
             program.refs,
             program.emits,
@@ -164,13 +160,45 @@ class SegmentEvaluator:
             tier1,
             tier2,
             facts,
-            np.empty((max(program.slots, 1), words), dtype=np.uint64),
-            np.empty((max(program.counter_rows, 1), words), dtype=np.uint64),
+            np.empty((program.slots, words), dtype=np.uint64),
+            np.empty((program.counter_rows, words), dtype=np.uint64),
             masks,
             per_plan,
             out,
             nonempty,
         )
+
+
+@cache
+def _probes(policy: Policy) -> dict[int, int]:
+    """k of each tier."""
+    return {tier: policy.tier_k(tier) for tier in (1, 2)}
+
+
+@cache
+def _kernels():
+    from sspry.features import kernels  # numba: see gather.py
+
+    return kernels
+
+
+_live: dict[int, tuple[weakref.ref, np.ndarray]] = {}
+_live_lock = threading.Lock()
+
+
+def _live_bitmap(view: SegmentView) -> np.ndarray:
+    """The view's live documents as a bitmap, packed once per tombstone state (a snapshot's `live`
+    arrays live as long as the snapshot and are never changed)."""
+    key = id(view.live)
+    found = _live.get(key)
+    if found is not None and found[0]() is view.live:
+        return found[1]
+    packed = bitmaps.pack(view.live)
+    with _live_lock:
+        for stale in [k for k, (ref, _) in _live.items() if ref() is None]:
+            del _live[stale]
+        _live[key] = (weakref.ref(view.live), packed)
+    return packed
 
 
 def batches(plan_gram_sets: Sequence[frozenset], max_grams: int) -> list[list[int]]:
@@ -190,11 +218,11 @@ def batches(plan_gram_sets: Sequence[frozenset], max_grams: int) -> list[list[in
     return groups
 
 
-def _gather_choice(snapshot: Snapshot, cells: int, batch_count: int) -> bool:
-    """Whether this search runs the compiled kernels (see gather.compiled_pays): every batch reads its
-    grams in every class of every segment."""
-    classes = sum(len(v.reader.classes[1]) + len(v.reader.classes[2]) for v in snapshot.views)
-    return compiled_pays(classes * batch_count, cells)
+def _gather_choice(segments: int, cells: int, layout: Layout) -> bool:
+    """Whether this search runs the compiled kernels (see gather.compiled_pays): every batch runs both its
+    programs and reads its grams on every segment."""
+    instructions = sum(len(batch.tier1.code) + len(batch.full.code) for _, batch in layout)
+    return compiled_pays(instructions * segments, cells)
 
 
 _pools: dict[int, ThreadPoolExecutor] = {}
@@ -249,7 +277,7 @@ def evaluate_snapshot(
     layout = compiled_batches(plans, max(MIN_BATCH_GRAMS, LEAF_BITS // max(largest, 1)))
     cells = sum(batch.grams for _, batch in layout) * documents
     if compiled_gather is None:
-        compiled_gather = _gather_choice(snapshot, cells, len(layout))
+        compiled_gather = _gather_choice(len(views), cells, layout)
     inline = workers == 1 or len(views) == 1 or cells < INLINE_CELLS
     shares = _shares([v.reader.docs for v in views], 1 if inline else workers)
     for group, batch in layout:

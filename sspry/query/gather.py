@@ -25,19 +25,22 @@ from sspry.bloom import bloom_positions
 from sspry.query import bitmaps
 from sspry.store.segment import SegmentReader
 
-# The choice, measured in fresh processes on forests of 100 to 12,000 documents and bundles of 1 to 1,000
-# rules: numpy costs about 20 us per class read and 0.25 ns per gram x document more than the kernels,
-# and importing numba, setting it up and loading the cached kernels costs 0.22 s. So numpy wins while its
-# extra cost stays under that.
-NUMPY_EXTRA_SECONDS_PER_CLASS = 20e-6
-NUMPY_EXTRA_SECONDS_PER_CELL = 0.25e-9
-COMPILED_LOAD_SECONDS = 0.22
+# The choice, measured in fresh processes (CPU seconds of whole `local search` commands) on forests of
+# 3,300 and 10,000 documents in 8 segments and bundles of 10 to 1,000 rules: numpy costs about 15 us more
+# per program instruction and segment (its plan programs run instruction by instruction in Python) and
+# 1.4 ns more per gram x document than the kernels, and importing numba, setting it up and loading the
+# cached kernels costs 0.3 s. So numpy wins while its extra cost stays under that: 100 rules over 3,300
+# documents take 0.49 s with numpy, 0.68 s compiled; 1,000 rules 2.7 s and 1.8 s.
+NUMPY_EXTRA_SECONDS_PER_STEP = 15e-6
+NUMPY_EXTRA_SECONDS_PER_CELL = 1.4e-9
+COMPILED_LOAD_SECONDS = 0.3
 
 
-def compiled_pays(classes: int, cells: int) -> bool:
-    """Is a search that reads `classes` classes and `cells` grams x documents (summed over its segments
-    and batches) worth loading the compiled kernels for, in a process that has not loaded them yet?"""
-    extra = classes * NUMPY_EXTRA_SECONDS_PER_CLASS + cells * NUMPY_EXTRA_SECONDS_PER_CELL
+def compiled_pays(steps: int, cells: int) -> bool:
+    """Is a search that runs `steps` program instructions x segments and reads `cells` grams x documents
+    (summed over its segments and batches) worth loading the compiled kernels for, in a process that has
+    not loaded them yet?"""
+    extra = steps * NUMPY_EXTRA_SECONDS_PER_STEP + cells * NUMPY_EXTRA_SECONDS_PER_CELL
     return extra > COMPILED_LOAD_SECONDS
 
 

@@ -208,9 +208,9 @@ class Program:
         self.code = code
         self.refs = np.array(refs, dtype=np.int64).reshape(-1, 2)
         self.emits = np.array(flat_emits, dtype=np.int64)
-        self.slots = slots
+        self.slots = max(slots, 1)
         at_least = [len(operands) for op, _, operands in ops if op == AT_LEAST]
-        self.counter_rows = max((n.bit_length() for n in at_least), default=0)
+        self.counter_rows = max((n.bit_length() for n in at_least), default=1)
         self._dependencies(results)
 
     def _dependencies(self, results: list[int]) -> None:
