@@ -37,6 +37,7 @@ _BATCH = 1 << 14
 _PREFETCH_AHEAD = 16
 _GATHER_AHEAD = 12
 _BLOCK_BYTES = geometry.BLOCK_BYTES
+_BLOCK_BITS = geometry.BLOCK_BITS
 COMPILE_NOTICE = "sspry: compiling kernels for this machine (first run only, a few seconds)..."
 
 
@@ -506,9 +507,15 @@ def gather_rows(blooms, offsets, blocks, counts, starts, members, contiguous, h2
             n_wanted += 1
     acc = np.empty(most, dtype=np.uint8)
     rows = np.empty(k, dtype=np.int64)
-    ahead_class = 0  # the (class, gram) to prefetch next, as an index into `wanted` and a gram
+    # Prefetching pays when consecutive grams' rows are far apart (a few grams in big blooms: a cache miss
+    # each); with many grams per class the rows they read are next to each other and it only costs.
+    bits = 0
+    for w in range(n_wanted):
+        bits += blocks[wanted[w]] * _BLOCK_BITS
+    sparse = grams * k * 64 * n_wanted < bits
+    ahead_class = n_wanted if not sparse else 0  # the (class, gram) to prefetch next: index into `wanted`
     ahead_gram = 0
-    for _ in range(min(_GATHER_AHEAD, n_wanted * grams)):
+    for _ in range(min(_GATHER_AHEAD, n_wanted * grams) if sparse else 0):
         _prefetch_gram(blooms, offsets, blocks, counts, wanted[ahead_class], h2[ahead_gram], k)
         ahead_gram += 1
         if ahead_gram == grams:
@@ -554,11 +561,14 @@ def gather_rows(blooms, offsets, blocks, counts, starts, members, contiguous, h2
                     for j in range(nbytes):
                         row[first_byte + j] |= acc[j]
                 else:
-                    for j in range(nbytes):
+                    for j in range(nbytes - 1):  # the next byte holds documents of this class too
                         value = np.int64(acc[j]) << shift
                         row[first_byte + j] |= np.uint8(value & 0xFF)
-                        if value >> 8:  # the next byte holds documents of this class: it exists
-                            row[first_byte + j + 1] |= np.uint8(value >> 8)
+                        row[first_byte + j + 1] |= np.uint8(value >> 8)
+                    value = np.int64(acc[nbytes - 1]) << shift
+                    row[first_byte + nbytes - 1] |= np.uint8(value & 0xFF)
+                    if value >> 8:  # only if it holds documents of this class: it may be past the row
+                        row[first_byte + nbytes] |= np.uint8(value >> 8)
             else:
                 for j in range(nbytes):
                     value = acc[j]
