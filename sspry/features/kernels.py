@@ -555,20 +555,20 @@ def gather_rows(blooms, offsets, blocks, counts, starts, members, contiguous, h2
             for i in range(1, k):
                 for j in range(q):
                     acc[j] &= blooms[rows[i] + j]
-            row = out[dest[g]]
+            row = dest[g]
             if contiguous:
                 if shift == 0:
                     for j in range(nbytes):
-                        row[first_byte + j] |= acc[j]
+                        out[row, first_byte + j] |= acc[j]
                 else:
                     for j in range(nbytes - 1):  # the next byte holds documents of this class too
                         value = np.int64(acc[j]) << shift
-                        row[first_byte + j] |= np.uint8(value & 0xFF)
-                        row[first_byte + j + 1] |= np.uint8(value >> 8)
+                        out[row, first_byte + j] |= np.uint8(value & 0xFF)
+                        out[row, first_byte + j + 1] |= np.uint8(value >> 8)
                     value = np.int64(acc[nbytes - 1]) << shift
-                    row[first_byte + nbytes - 1] |= np.uint8(value & 0xFF)
+                    out[row, first_byte + nbytes - 1] |= np.uint8(value & 0xFF)
                     if value >> 8:  # only if it holds documents of this class: it may be past the row
-                        row[first_byte + nbytes] |= np.uint8(value >> 8)
+                        out[row, first_byte + nbytes] |= np.uint8(value >> 8)
             else:
                 for j in range(nbytes):
                     value = acc[j]
@@ -576,7 +576,7 @@ def gather_rows(blooms, offsets, blocks, counts, starts, members, contiguous, h2
                         for bit in range(8):
                             if (value >> bit) & 1:
                                 d = members[start + 8 * j + bit]
-                                row[d >> 3] |= np.uint8(1 << (d & 7))
+                                out[row, d >> 3] |= np.uint8(1 << (d & 7))
 
 
 @njit(nogil=True, cache=True)
