@@ -116,3 +116,34 @@ def test_startup_bench() -> None:
         "sspry search --addr (warm server)",
     ]
     assert all(0 < float(value) < 60 for row in rows for value in row[36:].split())
+
+
+def test_search_bench_times_evaluation_and_writes_candidates(tmp_path) -> None:
+    from sspry.indexing import index_paths
+    from sspry.policy import Policy
+    from sspry.store.forest import Forest
+
+    corpus = synthetic.generate(tmp_path / "files", 30, seed=4, tokens=3)
+    singles = tmp_path / "singles"
+    singles.mkdir()
+    for i, token in enumerate(corpus.tokens):
+        (singles / f"r{i}.yar").write_text(f'rule r{i} {{ strings: $a = "{token}" condition: $a }}\n')
+    bundle = tmp_path / "all.yar"
+    bundle.write_text(synthetic.rules_for(corpus.tokens))
+    Forest.init(tmp_path / "forest", Policy())
+    with Forest.open(tmp_path / "forest", writable=True) as forest:
+        index_paths(forest, [str(tmp_path / "files")])
+    out = tmp_path / "out.json"
+    args = [str(tmp_path / "forest"), "--singles", str(singles), "--bundle", str(bundle), "--reps", "2"]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "search_bench.py"), *args, "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    assert report["report"]["documents"] == 30 and report["report"]["single_ms"]["rules"] == 3
+    assert len(report["report"]["bundle all.yar"]["runs_s"]) == 2
+    planted = {f"r{i}.yar:r{i}" for i in range(3)}
+    assert planted <= set(report["candidates"]) and any(report["candidates"][k] for k in planted)
