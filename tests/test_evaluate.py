@@ -172,6 +172,12 @@ def test_packed_evaluation_equals_the_reference(tmp_path, monkeypatch, seed: int
                 assert np.array_equal(got[view_index], expect[p][view_index]), (plan, view_index, probe_limit)
 
 
+def test_kernels_and_programs_agree_on_numbers() -> None:
+    """kernels.run_program spells program.py's opcodes and operand kinds as numbers."""
+    assert (program.AND, program.OR, program.AT_LEAST, program.NOT, program.CONST) == (0, 1, 2, 3, 4)
+    assert (program.TIER1, program.TIER2, program.FACT, program.VALUE) == (0, 1, 2, 3)
+
+
 def test_at_least_counts_every_occurrence_in_both_runners() -> None:
     """AT_LEAST over up to 40 operands (counters of 6 bits), repeats included, any k."""
     rng = np.random.default_rng(3)
