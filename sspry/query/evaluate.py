@@ -50,17 +50,23 @@ class Batch:
     ordered by block), the full program and its Tier 1 bound compiled, and each plan's Tier 2 rows (read
     only where the plan survived Tier 1)."""
 
-    def __init__(self, plans: Sequence[Node], leaves: Leaves | None = None):
-        self.leaves = Leaves(plans) if leaves is None else leaves
-        self.full = Program.compile(plans, self.leaves)
+    def __init__(self, plans: Sequence[Node], table: Leaves | None = None):
+        table = Leaves(plans) if table is None else table
+        self.full = Program.compile(plans, table)
         self.tier1 = self.full.without_tier2()
+        # a kept batch holds arrays only: the leaves' node tables and the instruction lists (Python
+        # objects, tens of MB for 10,000 rules) only serve compiling
+        self.full.ops = self.tier1.ops = []
+        self.h2 = table.h2  # per tier, by row
+        self.facts = table.facts
+        self.tier2_grams = len(table.grams[2])
+        self.grams = len(table.grams[1]) + len(table.grams[2])
         # per plan its Tier 2 rows (CSR: plan p's are tier2_rows[tier2_starts[p]:tier2_starts[p + 1]])
         self.tier2_starts, self.tier2_rows = self.full.tier2_starts, self.full.tier2_rows
         counts = np.diff(self.tier2_starts)
         self.tier2_plan = np.repeat(np.arange(len(plans), dtype=np.int64), counts)
         self.has_tier2 = counts > 0
         self.everyone = np.ones(len(plans), dtype=bool)
-        self.grams = len(self.leaves.grams[1]) + len(self.leaves.grams[2])
         self.cost = len(self.full.code) + len(self.tier1.code) + self.grams
 
     def tier2_rows_of(self, plans: np.ndarray) -> np.ndarray:
@@ -111,10 +117,10 @@ class SegmentEvaluator:
         """(plans x words bitmaps of each plan's live candidates, whether each has any)."""
         reader, batch = self.reader, self.batch
         words = bitmaps.words(reader.docs)
-        facts = np.empty((len(batch.leaves.facts), words), dtype=np.uint64)
-        for row, fact in enumerate(batch.leaves.facts):
+        facts = np.empty((len(batch.facts), words), dtype=np.uint64)
+        for row, fact in enumerate(batch.facts):
             facts[row] = packed_fact(fact, reader)
-        tier1 = read_leaves(reader, 1, batch.leaves.h2[1], self.k[1], None, self.compiled)
+        tier1 = read_leaves(reader, 1, batch.h2[1], self.k[1], None, self.compiled)
         out = np.zeros((batch.tier1.outputs, words), dtype=np.uint64)
         nonempty = np.zeros(batch.tier1.outputs, dtype=bool)
         live = _live_bitmap(self.view)[None]
@@ -122,7 +128,7 @@ class SegmentEvaluator:
         second = nonempty & batch.has_tier2
         if not second.any():
             return out, nonempty
-        tier2 = np.zeros((len(batch.leaves.grams[2]), words), dtype=np.uint64)
+        tier2 = np.zeros((batch.tier2_grams, words), dtype=np.uint64)
         # a plan with few survivors has its rows probed document by document, the others' rows are
         # gathered class by class for all their survivors
         survivors = np.bitwise_count(out).sum(axis=1)
@@ -131,9 +137,9 @@ class SegmentEvaluator:
         if many.any():
             rows = batch.tier2_rows_of(many)
             keep = np.bitwise_or.reduce(out[many], axis=0)
-            read_leaves(reader, 2, batch.leaves.h2[2][rows], self.k[2], keep, self.compiled, tier2, rows)
+            read_leaves(reader, 2, batch.h2[2][rows], self.k[2], keep, self.compiled, tier2, rows)
         if few.any():
-            h2, starts, flat = batch.leaves.h2[2], batch.tier2_starts, batch.tier2_rows
+            h2, starts, flat = batch.h2[2], batch.tier2_starts, batch.tier2_rows
             probe_leaves(
                 reader, 2, h2, self.k[2], np.flatnonzero(few), starts, flat, out, tier2, self.compiled
             )
