@@ -42,6 +42,7 @@ PATH_FRAME_BYTES = 1 << 20  # paths sent per frame, roughly
 MAX_TARGETS = 100_000
 PROGRESS_INTERVAL_S = 0.5  # while planning, a progress frame at least this often ...
 PROGRESS_RULES = 256  # ... and after every this many rules
+FRAMES_AHEAD = 32  # frames a search may have produced that its client has not taken yet
 SERVICE = sspry_pb2.DESCRIPTOR.services_by_name["Sspry"]
 log = logging.getLogger("sspry.server")
 
@@ -297,10 +298,14 @@ class SspryService:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         loop = asyncio.get_running_loop()
         frames: asyncio.Queue = asyncio.Queue()
+        room = threading.Semaphore(FRAMES_AHEAD)  # the worker waits for a slow client: memory stays flat
         cancelled = threading.Event()
         context.add_done_callback(lambda _: cancelled.set())  # the client left, or the deadline passed
 
         def emit(frame) -> None:
+            while not room.acquire(timeout=0.5):
+                if cancelled.is_set():
+                    raise _Cancelled
             loop.call_soon_threadsafe(frames.put_nowait, frame)
 
         def work() -> None:
@@ -309,14 +314,15 @@ class SspryService:
             except _Cancelled:
                 pass
             except BaseException as exc:
-                emit(exc)
+                loop.call_soon_threadsafe(frames.put_nowait, exc)
             finally:
-                emit(None)
+                loop.call_soon_threadsafe(frames.put_nowait, None)
 
         self.active_searches += 1
         running = loop.run_in_executor(self._search_pool, work)
         try:
             while (frame := await frames.get()) is not None:
+                room.release()
                 if isinstance(frame, BaseException):
                     raise frame
                 yield frame
@@ -328,11 +334,14 @@ class SspryService:
                 self.active_searches -= 1
 
     def _search(self, request, source, targets, emit, cancelled: threading.Event) -> None:
-        """Plan and search on a worker thread, emitting frames; stops early once `cancelled` is set."""
+        """Plan and search on a worker thread, emitting frames (see SearchFrame in the proto); stops early
+        once `cancelled` is set."""
         from sspry.query.condition import iter_plans
         from sspry.query.search import search_snapshot
 
         started = time.perf_counter()
+        snapshot = self.forest.snapshot()
+        emit(sspry_pb2.SearchFrame(start=sspry_pb2.SearchStart(documents=snapshot.documents)))
         plans = []
         reported = started
         for plan in iter_plans(source, targets, self.forest.policy, request.max_anchors or 16):
@@ -341,46 +350,40 @@ class SspryService:
             plans.append(plan)
             if len(plans) % PROGRESS_RULES == 0 or time.perf_counter() - reported >= PROGRESS_INTERVAL_S:
                 reported = time.perf_counter()
-                emit(
-                    sspry_pb2.SearchFrame(
-                        progress=sspry_pb2.SearchProgress(stage="plan", done=len(plans), total=len(targets))
-                    )
-                )
+                emit(_planned(len(plans), len(targets)))
+        emit(_planned(len(plans), len(targets)))
         planned = time.perf_counter()
         result = search_snapshot(
-            self.forest.snapshot(), plans, self.forest.policy, 0.0, self.search_workers, cancelled=cancelled
+            snapshot, plans, self.forest.policy, 0.0, self.search_workers, cancelled=cancelled
         )
-        if cancelled.is_set():
-            raise _Cancelled
-        paths = self.forest.paths_of(result.source_ids())
-        searched = time.perf_counter()
+        limit = None if request.limit == 0 else request.limit
+        sent: set[bytes] = set()  # documents whose paths this search has sent
+        candidates = 0
         for index, rule in enumerate(result.rules):
-            ids = [c.source_id for c in rule.candidates]
+            if cancelled.is_set():
+                raise _Cancelled
+            ids = [] if request.count_only else [c.source_id for c in rule.candidates[:limit]]
+            fresh = [i for i in ids if i not in sent]
+            sent.update(fresh)
+            self._emit_paths(fresh, emit)
             for start in range(0, max(len(ids), 1), CANDIDATES_PER_FRAME):
+                end = start + CANDIDATES_PER_FRAME >= len(ids)
                 emit(
                     sspry_pb2.SearchFrame(
                         candidates=sspry_pb2.RuleCandidates(
                             rule=index,
                             source_ids=ids[start : start + CANDIDATES_PER_FRAME],
-                            rule_end=start + CANDIDATES_PER_FRAME >= len(ids),
+                            rule_end=end,
+                            count=rule.candidate_count if end else 0,
                         )
                     )
                 )
-        documents, size = [], 0
-        for source_id, found in paths.items():
-            documents.append(
-                sspry_pb2.CandidatePaths(source_id=source_id, paths=found.paths, path_count=found.count)
-            )
-            size += len(source_id) + sum(len(p) + 8 for p in found.paths)
-            if size >= PATH_FRAME_BYTES:
-                emit(sspry_pb2.SearchFrame(paths=sspry_pb2.PathsFrame(documents=documents)))
-                documents, size = [], 0
-        if documents:
-            emit(sspry_pb2.SearchFrame(paths=sspry_pb2.PathsFrame(documents=documents)))
+            candidates += rule.candidate_count
+        searched = time.perf_counter()
         log.info(
             "search: %d rules, %d candidates, plan %.1f ms, search %.1f ms",
             len(targets),
-            sum(r.candidate_count for r in result.rules),
+            candidates,
             (planned - started) * 1000,
             (searched - planned) * 1000,
         )
@@ -395,10 +398,28 @@ class SspryService:
             )
         )
 
+    def _emit_paths(self, source_ids: list[bytes], emit) -> None:
+        """The recorded paths of these documents, in frames of about PATH_FRAME_BYTES."""
+        documents, size = [], 0
+        for source_id, found in self.forest.paths_of(source_ids).items():
+            documents.append(
+                sspry_pb2.CandidatePaths(source_id=source_id, paths=found.paths, path_count=found.count)
+            )
+            size += len(source_id) + sum(len(p) + 8 for p in found.paths)
+            if size >= PATH_FRAME_BYTES:
+                emit(sspry_pb2.SearchFrame(paths=sspry_pb2.PathsFrame(documents=documents)))
+                documents, size = [], 0
+        if documents:
+            emit(sspry_pb2.SearchFrame(paths=sspry_pb2.PathsFrame(documents=documents)))
+
     async def Shutdown(self, request, context):
         await self._check(request, context)
         asyncio.get_running_loop().call_soon(self.on_shutdown)
         return sspry_pb2.ShutdownResponse(message="shutdown requested")
+
+
+def _planned(done: int, total: int) -> sspry_pb2.SearchFrame:
+    return sspry_pb2.SearchFrame(progress=sspry_pb2.SearchProgress(stage="plan", done=done, total=total))
 
 
 def _compile_problem(source: str, targets: list[str]) -> str | None:

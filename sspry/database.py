@@ -19,7 +19,7 @@ from sspry.deleting import Deletion, ForestDeleter, delete_values
 from sspry.indexing import IndexSummary, index_files
 from sspry.policy import Policy, PolicyError
 from sspry.progress import SILENT, Progress
-from sspry.query.results import SearchResult
+from sspry.query.results import SearchResult, SearchStream
 from sspry.query.rulecheck import RuleReport, check_rules
 from sspry.query.rules import load_rules
 from sspry.store.forest import CompactResult, Forest
@@ -109,27 +109,69 @@ class Database:
         verify: bool = False,
         max_candidates: float = 0.0,
         max_anchors: int = DEFAULT_MAX_ANCHORS,
+        limit: int | None = None,
+        count_only: bool = False,
         workers: int = 0,
         progress: Progress | None = None,
     ) -> SearchResult:
         """Every document that may match each public rule of the rule text (`rule=`) or file (`path=`);
         with `verify`, each candidate scanned with YARA. RuleError if YARA refuses the rules."""
-        from sspry.query.search import search_forest
         from sspry.verify import verify as run_verify
 
         progress = progress or SILENT
         started = time.perf_counter()
-        forest = self._forest()
         if verify:
-            needs_paths(forest.policy)
-        source, compiled = load_rules(rule, path)
-        loaded = time.perf_counter()
-        result = search_forest(forest, source, max_candidates, max_anchors, workers, progress, None)
-        result.timings_ms["compile"] = (loaded - started) * 1000
+            needs_paths(self.policy)
+        stream = self.stream(
+            rule,
+            path,
+            max_candidates=max_candidates,
+            max_anchors=max_anchors,
+            limit=limit,
+            count_only=count_only,
+            workers=workers,
+            progress=progress,
+        )
+        result = stream.collect()
         if verify:
-            run_verify(result, compiled, forest.policy, progress=progress)
+            run_verify(result, stream.compiled, self.policy, progress=progress)
         result.timings_ms["total"] = (time.perf_counter() - started) * 1000
         return result
+
+    def stream(
+        self,
+        rule: str | None = None,
+        path: str | None = None,
+        *,
+        max_candidates: float = 0.0,
+        max_anchors: int = DEFAULT_MAX_ANCHORS,
+        limit: int | None = None,
+        count_only: bool = False,
+        workers: int = 0,
+        progress: Progress | None = None,
+    ) -> SearchStream:
+        """`search` without verification, one rule result at a time (memory stays flat whatever the
+        number of candidates). `limit` lists at most that many candidates per rule, `count_only` none;
+        the counts are always complete."""
+        from sspry.query.search import stream_forest
+
+        started = time.perf_counter()
+        source, compiled = load_rules(rule, path)
+        loaded = time.perf_counter()
+        stream = stream_forest(
+            self._forest(),
+            source,
+            max_candidates,
+            max_anchors,
+            workers,
+            progress or SILENT,
+            None,
+            limit,
+            count_only,
+        )
+        stream.timings_ms["compile"] = (loaded - started) * 1000
+        stream.compiled = compiled
+        return stream
 
     def delete(self, values: list[str] | tuple[str, ...]) -> list[Deletion]:
         """Delete by Source ID (hex), path, or file content (see sspry.deleting)."""

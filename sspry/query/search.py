@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -21,7 +22,15 @@ from sspry.query.condition import RulePlan, plan_rules
 from sspry.query.evaluate import Batch, SegmentEvaluator
 from sspry.query.gather import compiled_pays
 from sspry.query.plan import Gram, leaves
-from sspry.query.results import SearchResult, attach_paths, candidate_limit, rule_result
+from sspry.query.results import (
+    RuleResult,
+    SearchResult,
+    SearchStream,
+    attach_paths,
+    candidate_limit,
+    effective_limit,
+    rule_result,
+)
 from sspry.query.rules import RuleSource, load_rule_file
 from sspry.store.forest import Forest, Snapshot
 
@@ -109,6 +118,41 @@ def search_snapshot(
     return SearchResult(results, snapshot.documents, {"search": (time.perf_counter() - started) * 1000})
 
 
+def stream_forest(
+    forest: Forest,
+    source: RuleSource,
+    max_candidates: float = 0.0,
+    max_anchors: int = 16,
+    workers: int = 0,
+    progress: Progress = SILENT,
+    compiled_gather: bool | None = None,
+    limit: int | None = None,
+    count_only: bool = False,
+) -> SearchStream:
+    """Plan the rules of `source`, search a Forest with them, and stream the results rule by rule: the
+    Source IDs and paths of one rule's candidates are looked up when that rule is reached, so memory
+    stays flat whatever the number of candidates. `limit` lists at most that many per rule (the count
+    is always complete); `count_only` lists none. `compiled_gather` as in search_snapshot."""
+    started = time.perf_counter()
+    plans = plan_rules(source.text, source.targets, forest.policy, max_anchors, progress=progress)
+    planned = time.perf_counter()
+    snapshot = forest.snapshot()
+    result = search_snapshot(snapshot, plans, forest.policy, 0.0, workers, compiled_gather)
+    cap = 0 if count_only else effective_limit(snapshot.documents, max_candidates, limit)
+    stream = SearchStream(source.targets, snapshot.documents, {"plan": (planned - started) * 1000})
+
+    def rules() -> Iterator[RuleResult]:
+        for found in result.rules:
+            rule = rule_result(found.name, [c.source_id for c in found.candidates], cap)
+            if count_only:
+                rule.truncated, rule.limit, rule.counted_only = False, None, True
+            attach_paths([rule], forest.paths_of)
+            yield rule
+        stream.timings_ms["search"] = (time.perf_counter() - planned) * 1000
+
+    return stream.feed(rules())
+
+
 def search_forest(
     forest: Forest,
     source: RuleSource,
@@ -118,17 +162,9 @@ def search_forest(
     progress: Progress = SILENT,
     compiled_gather: bool | None = None,
 ) -> SearchResult:
-    """Plan the rules of `source` and search a Forest with them; candidates carry their paths.
-    `compiled_gather` as in search_snapshot."""
-    started = time.perf_counter()
-    plans = plan_rules(source.text, source.targets, forest.policy, max_anchors, progress=progress)
-    planned = time.perf_counter()
-    snapshot = forest.snapshot()
-    result = search_snapshot(snapshot, plans, forest.policy, max_candidates, workers, compiled_gather)
-    attach_paths(result, forest.paths_of)
-    result.timings_ms["plan"] = (planned - started) * 1000
-    result.timings_ms["search"] = (time.perf_counter() - planned) * 1000
-    return result
+    """`stream_forest`, collected."""
+    stream = stream_forest(forest, source, max_candidates, max_anchors, workers, progress, compiled_gather)
+    return stream.collect()
 
 
 def search_rule_file(
