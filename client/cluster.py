@@ -178,7 +178,7 @@ class Cluster:
         result = stream.collect()
         if verify:
             needs_paths(self.policy)
-            run_verify(result, stream.compiled, self.policy, progress=progress)
+            run_verify(result, stream.compiled, self.policy, stream.parsed, progress=progress)
         result.timings_ms["total"] = (time.perf_counter() - started) * 1000
         return result
 
@@ -216,7 +216,7 @@ class Cluster:
         documents = sum(a.documents for a in answers)
         cap = 0 if count_only else effective_limit(documents, max_candidates, limit)
         stream = SearchStream(targets, documents, {"compile": (loaded - started) * 1000})
-        stream.compiled = compiled
+        stream.compiled, stream.parsed = compiled, source.parsed
         stream.servers = [a.connection.addr for a in answers]
         stream.offline = list(self.offline)
 

@@ -292,10 +292,6 @@ class SspryService:
                 grpc.StatusCode.INVALID_ARGUMENT, f"a search names 1 to {MAX_TARGETS} target rules"
             )
         source = request.source or None
-        if source is not None:
-            problem = await self._run(self._search_pool, context, _compile_problem, source, targets)
-            if problem:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         loop = asyncio.get_running_loop()
         frames: asyncio.Queue = asyncio.Queue()
         room = threading.Semaphore(FRAMES_AHEAD)  # the worker waits for a slow client: memory stays flat
@@ -310,6 +306,9 @@ class SspryService:
 
         def work() -> None:
             try:
+                problem = _compile_problem(source, targets) if source is not None else None
+                if problem:
+                    raise WireError(problem)
                 self._search(request, source, targets, emit, cancelled)
             except _Cancelled:
                 pass
@@ -323,6 +322,8 @@ class SspryService:
         try:
             while (frame := await frames.get()) is not None:
                 room.release()
+                if isinstance(frame, WireError):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(frame))
                 if isinstance(frame, BaseException):
                     raise frame
                 yield frame

@@ -134,7 +134,7 @@ class Database:
         )
         result = stream.collect()
         if verify:
-            run_verify(result, stream.compiled, self.policy, progress=progress)
+            run_verify(result, stream.compiled, self.policy, stream.parsed, progress=progress)
         result.timings_ms["total"] = (time.perf_counter() - started) * 1000
         return result
 
@@ -170,7 +170,7 @@ class Database:
             count_only,
         )
         stream.timings_ms["compile"] = (loaded - started) * 1000
-        stream.compiled = compiled
+        stream.compiled, stream.parsed = compiled, source.parsed
         return stream
 
     def delete(self, values: list[str] | tuple[str, ...]) -> list[Deletion]:

@@ -108,8 +108,8 @@ def test_a_search_stops_when_its_client_leaves(serve, how) -> None:
     server = serve()
     channel = grpc.insecure_channel(server.addr)
     stub = sspry_pb2_grpc.SspryStub(channel)
-    source = _bundle(30_000)
-    request = sspry_pb2.SearchRequest(source=source, targets=[f"r{i}" for i in range(30_000)])
+    source = _bundle(12_000)
+    request = sspry_pb2.SearchRequest(source=source, targets=[f"r{i}" for i in range(12_000)])
     call = stub.Search(request, timeout=2 if how == "deadline" else 600)
     deadline = time.monotonic() + 60
     while info(stub)["active_searches"] == 0:
@@ -119,7 +119,7 @@ def test_a_search_stops_when_its_client_leaves(serve, how) -> None:
         call.cancel()
     left = time.monotonic()
     while info(stub)["active_searches"]:
-        assert time.monotonic() - left < 20, "the search kept running after its client left"
+        assert time.monotonic() - left < 30, "the search kept running after its client left"
         time.sleep(0.1)
     with pytest.raises(grpc.RpcError):
         list(call)

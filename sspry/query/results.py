@@ -83,6 +83,7 @@ class SearchResult:
     timings_ms: dict[str, float] = field(default_factory=dict)  # stage -> ms; "total": wall clock
     servers: list[str] = field(default_factory=list)  # the servers that answered (remote searches)
     offline: list[str] = field(default_factory=list)  # servers skipped with --ignore-offline
+    verification: dict | None = None  # what verifying took (files, bytes, rates), when it ran
 
     @property
     def elapsed_ms(self) -> float:
@@ -101,6 +102,8 @@ class SearchResult:
             out["servers"] = self.servers
         if self.offline:
             out["offline_servers"] = self.offline
+        if self.verification is not None:
+            out["verification"] = self.verification
         return out
 
     def summary_json(self) -> dict:
@@ -153,6 +156,7 @@ class SearchStream:
         self.servers: list[str] = []
         self.offline: list[str] = []
         self.compiled = None  # the yara.Rules the search compiled, for verification
+        self.parsed = None  # and yaramod's parse of them
         self._rules: Iterator[RuleResult] = iter(())
 
     def feed(self, rules: Iterator[RuleResult]) -> SearchStream:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import yara
 import yaramod
@@ -37,6 +37,7 @@ class RuleSource:
     text: str | None  # the source with includes inlined; None when yaramod could not parse it
     targets: tuple[str, ...]  # rules to report: the public ones, in file order
     parse_error: str | None = None
+    parsed: yaramod.YaraFile | None = field(default=None, compare=False, repr=False)  # yaramod's parse
 
 
 def compile_rules(path: str) -> yara.Rules:
@@ -78,11 +79,11 @@ def load_rules(rule: str | None = None, path: str | None = None) -> tuple[RuleSo
     public = tuple(r.identifier for r in all_rules if not r.is_private)
     targets = public or tuple(r.identifier for r in all_rules)
     try:
-        text = parse(rule, path).text
-        error = None
+        parsed = parse(rule, path)
+        text, error = parsed.text, None
     except Exception as exc:  # yaramod raises its own ParserError and sometimes RuntimeError
-        text, error = None, str(exc)
-    return RuleSource(name, text, targets, error), compiled
+        parsed, text, error = None, None, str(exc)
+    return RuleSource(name, text, targets, error, parsed), compiled
 
 
 def load_rule_file(path: str) -> tuple[RuleSource, yara.Rules]:

@@ -134,7 +134,8 @@ def stream_forest(
     stays flat whatever the number of candidates. `limit` lists at most that many per rule (the count
     is always complete); `count_only` lists none. `compiled_gather` as in search_snapshot."""
     started = time.perf_counter()
-    plans = plan_rules(source.text, source.targets, forest.policy, max_anchors, progress=progress)
+    parsed = source.parsed if source.parsed is not None else source.text  # parse once per search
+    plans = plan_rules(parsed, source.targets, forest.policy, max_anchors, progress=progress)
     planned = time.perf_counter()
     snapshot = forest.snapshot()
     result = search_snapshot(snapshot, plans, forest.policy, 0.0, workers, compiled_gather)
