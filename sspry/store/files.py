@@ -26,10 +26,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from sspry.store import diskio
+
 CATALOG_FILE = "files.sqlite"
 FORMAT_VERSION = 1
 SHOWN_PATHS = 16  # paths reported per candidate (the total is reported beside them)
 _CHUNK = 500  # parameters per IN (...) query, under SQLite's limit
+_PAGE = 4096  # what a write transaction costs at least, for the disk-full injector (diskio.charge)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -113,6 +116,7 @@ class FileCatalog:
             (r.key, None if r.path is None else os.fsencode(r.path), r.source_id, r.size, r.mtime_ns)
             for r in records
         ]
+        diskio.charge(_PAGE + sum(64 + len(row[1] or b"") for row in rows), self.path)
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -129,6 +133,7 @@ class FileCatalog:
 
     def forget_documents(self, source_ids: Sequence[bytes]) -> None:
         """Drop every path of these documents (they were deleted)."""
+        diskio.charge(_PAGE, self.path)
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             for part in _chunks(list(source_ids)):
@@ -139,6 +144,7 @@ class FileCatalog:
     def forget_path(self, key: bytes) -> tuple[bytes, int] | None:
         """Forget one file: (the document it was recorded for, paths that document has left), or None
         when the path was not recorded."""
+        diskio.charge(_PAGE, self.path)
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             found = self._db.execute("SELECT source_id FROM files WHERE key = ?", (key,)).fetchone()

@@ -32,7 +32,8 @@ import numpy as np
 
 from sspry.document import Document, path_key
 from sspry.policy import Policy, PolicyError
-from sspry.store import compaction
+from sspry.store import compaction, diskio
+from sspry.store.errors import ForestError, StorageFull  # noqa: F401 - the store's errors, importable here
 from sspry.store.files import CATALOG_FILE, FileCatalog, FileRecord, PathDeletion, PathsOf
 from sspry.store.ingest_log import LOG_PREFIX, IngestResult, LogWriter, log_name, log_seq, read_log
 from sspry.store.manifest import MANIFEST, Manifest, SegmentEntry, read_manifest, write_manifest
@@ -42,10 +43,6 @@ from sspry.v1 import sspry_pb2
 POLICY_FILE = "sspry.json"
 LOCK_FILE = ".lock"
 PUBLISH_BYTES = 256 << 20  # a local index publishes whenever this much is waiting in the log
-
-
-class ForestError(Exception):
-    """A Forest that cannot be opened or written as asked (not initialised, locked, corrupt)."""
 
 
 @dataclass
@@ -479,10 +476,7 @@ class Forest:
                 entry.tombstone = manifest.new_name("tomb") + ".npy"
                 entry.deleted = int(dead.sum())
                 path = self._shard_dir(view.tree, view.shard) / entry.tombstone
-                with open(path, "wb") as out:
-                    np.save(out, np.packbits(dead, bitorder="little"))
-                    out.flush()
-                    os.fsync(out.fileno())
+                diskio.save_array(path, np.packbits(dead, bitorder="little"))
                 changed = True
             if changed:
                 self._swap(manifest)

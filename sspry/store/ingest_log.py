@@ -7,13 +7,13 @@ is short or fails its checksum and report how many bytes they dropped, so nothin
 
 from __future__ import annotations
 
-import os
 import struct
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from sspry.store import diskio
 from sspry.v1 import sspry_pb2
 
 _HEADER = struct.Struct("<II")
@@ -44,7 +44,7 @@ class LogWriter:
 
     def __init__(self, path: Path):
         self.path = path
-        self._file = open(path, "ab")  # noqa: SIM115 - lives as long as the writer
+        self._file = diskio.OutFile(path, append=True)
         self.bytes = self._file.tell()
         self.rows = 0
 
@@ -57,8 +57,7 @@ class LogWriter:
             self._file.write(payload)
             self.bytes += _HEADER.size + len(payload)
             count += 1
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        self._file.sync()
         self.rows += count
         return count
 

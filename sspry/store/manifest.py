@@ -8,9 +8,10 @@ are garbage from an interrupted writer and are removed when a writer opens the F
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from sspry.store.diskio import atomic_write
 
 MANIFEST = "manifest.json"
 
@@ -59,28 +60,9 @@ class Manifest:
         return cls(trees=trees, **data)
 
 
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as out:
-        out.write(text)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
-    fsync_path(path.parent)
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or a directory (a directory's fsync makes renames and new entries durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def read_manifest(root: Path) -> Manifest:
     return Manifest.from_json((root / MANIFEST).read_text(encoding="utf-8"))
 
 
 def write_manifest(root: Path, manifest: Manifest) -> None:
-    atomic_write(root / MANIFEST, manifest.to_json())
+    atomic_write(root / MANIFEST, manifest.to_json().encode(), "manifest")

@@ -36,7 +36,8 @@ import numpy as np
 
 from sspry.document import ENTRY_BYTES, Document
 from sspry.policy import BLOCK_BITS, Policy
-from sspry.store.manifest import fsync_path
+from sspry.store import diskio
+from sspry.store.diskio import fsync_path
 
 CHUNK_CELLS = 1 << 25  # bits held in memory per transposition step (rows x documents)
 
@@ -224,11 +225,11 @@ def build_segment(directory: Path, parts: Sequence[Part], policy: Policy) -> int
         "t2_order": t2_order.astype(np.uint32),
     }
     for name, array in arrays.items():
-        np.save(directory / f"{name}.npy", array)
+        diskio.save_array(directory / f"{name}.npy", array)
     _save_fields(directory, [columns[p]["fields"][i] for p, i in zip(part_of, local_of, strict=True)])
 
     tables: dict[str, list[dict]] = {}
-    with open(directory / "blooms.bin", "wb") as out:
+    with diskio.OutFile(directory / "blooms.bin", exclusive=True) as out:
         for tier, doc_blocks, sequence in ((1, t1, np.arange(total)), (2, t2, t2_order)):
             table = []
             sorted_blocks = doc_blocks[sequence]
@@ -246,10 +247,9 @@ def build_segment(directory: Path, parts: Sequence[Part], policy: Policy) -> int
                     {"blocks": int(blocks), "start": int(lo), "count": int(hi - lo), "offset": offset}
                 )
             tables[str(tier)] = table
-        out.flush()
-        os.fsync(out.fileno())
+        out.sync()
     meta = {"docs": total, "classes": tables}
-    (directory / "segment.json").write_text(json.dumps(meta))
+    diskio.write_file(directory / "segment.json", json.dumps(meta).encode())
     _fsync_tree(directory)
     return total
 
@@ -266,10 +266,10 @@ def _save_fields(directory: Path, per_doc: Sequence[dict[str, int]]) -> None:
     names = sorted({name for fields in per_doc for name in fields})
     index = {name: i for i, name in enumerate(names)}
     triples = sorted((index[n], d, v) for d, fields in enumerate(per_doc) for n, v in fields.items())
-    (directory / "field_names.json").write_text(json.dumps(names))
-    np.save(directory / "field_name.npy", np.array([t[0] for t in triples], dtype=np.uint16))
-    np.save(directory / "field_doc.npy", np.array([t[1] for t in triples], dtype=np.uint32))
-    np.save(directory / "field_value.npy", np.array([t[2] for t in triples], dtype=np.int64))
+    diskio.write_file(directory / "field_names.json", json.dumps(names).encode())
+    diskio.save_array(directory / "field_name.npy", np.array([t[0] for t in triples], dtype=np.uint16))
+    diskio.save_array(directory / "field_doc.npy", np.array([t[1] for t in triples], dtype=np.uint32))
+    diskio.save_array(directory / "field_value.npy", np.array([t[2] for t in triples], dtype=np.int64))
 
 
 def _fsync_tree(directory: Path) -> None:
