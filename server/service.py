@@ -213,11 +213,45 @@ class SspryService(sspry_pb2_grpc.SspryServicer):
         return sspry_pb2.ShutdownResponse(message="shutdown requested")
 
 
+class Backoff:
+    """When a maintenance task may run again after failing: exponentially later (BASE_S, doubling up to
+    CAP_S), reset by a success. A failure streak is logged once, when it starts, and its end once."""
+
+    BASE_S = 0.5
+    CAP_S = 30.0
+
+    def __init__(self, task: str):
+        self.task = task
+        self.failures = 0
+        self.next_at = 0.0
+
+    def ready(self, now: float) -> bool:
+        return now >= self.next_at
+
+    def failed(self, exc: Exception, now: float) -> None:
+        self.failures += 1
+        self.next_at = now + min(self.CAP_S, self.BASE_S * 2 ** (self.failures - 1))
+        if self.failures == 1:
+            print(
+                f"sspry maintenance: {self.task} failed: {type(exc).__name__}: {exc} "
+                f"(retrying every {self.BASE_S:g}-{self.CAP_S:g} s until it works)",
+                flush=True,
+            )
+
+    def succeeded(self) -> None:
+        if self.failures:
+            print(f"sspry maintenance: {self.task} works again after {self.failures} failures", flush=True)
+        self.failures = 0
+        self.next_at = 0.0
+
+
 class Maintenance(threading.Thread):
     """Publishes what was inserted once inserts pause for a moment (or enough waits: inserted documents
     are held in memory until published), and merges small segments
     (size-tiered compaction) whenever the segment set changed, so neither waits for a client to ask
-    and a server under continuous ingest does not pile up segments every search must visit."""
+    and a server under continuous ingest does not pile up segments every search must visit.
+    A failed publish or compaction (a full disk) changes nothing and is retried with backoff, each on
+    its own schedule: acknowledged rows stay in the log, searches go on over the last manifest."""
 
     def __init__(self, service: SspryService, publish_idle_s: float = 1.0):
         super().__init__(name="sspry-maintenance", daemon=True)
@@ -225,20 +259,29 @@ class Maintenance(threading.Thread):
         self.publish_idle_s = publish_idle_s
         self.stopping = threading.Event()
         self._compacted_generation = -1
+        self.publishing = Backoff("publish")
+        self.compacting = Backoff("compaction")
 
     def run(self) -> None:
         forest = self.service.forest
         while not self.stopping.wait(0.5):
-            idle = time.monotonic() - self.service.last_write
-            try:
-                pending = forest.pending_bytes
-                if pending and (idle >= self.publish_idle_s or pending >= PUBLISH_BYTES):
-                    forest.publish()
-                if forest.manifest.generation != self._compacted_generation:
+            now = time.monotonic()
+            idle = now - self.service.last_write
+            if self.publishing.ready(now):
+                try:
+                    pending = forest.pending_bytes
+                    if pending and (idle >= self.publish_idle_s or pending >= PUBLISH_BYTES):
+                        forest.publish()
+                    self.publishing.succeeded()
+                except Exception as exc:  # keep serving; retried with backoff
+                    self.publishing.failed(exc, now)
+            if forest.manifest.generation != self._compacted_generation and self.compacting.ready(now):
+                try:
                     forest.compact(full=False)
                     self._compacted_generation = forest.manifest.generation
-            except Exception as exc:  # keep serving; the next round retries
-                print(f"sspry maintenance: {type(exc).__name__}: {exc}", flush=True)
+                    self.compacting.succeeded()
+                except Exception as exc:
+                    self.compacting.failed(exc, now)
 
     def stop(self) -> None:
         self.stopping.set()

@@ -1,8 +1,9 @@
 """The `sspry` command.
 
 Exit codes: 0 success; 1 the operation ran but did not do everything asked (a value to delete was
-missing); 2 bad input (invalid option value, rule file that does not compile, uninitialised forest);
-130 interrupted (SIGINT/SIGTERM): what was done is kept and summarised.
+missing), or the forest could not be written (a full disk: what was acknowledged is kept, and the same
+command completes once space is freed); 2 bad input (invalid option value, rule file that does not
+compile, uninitialised forest); 130 interrupted (SIGINT/SIGTERM): what was done is kept and summarised.
 Results go to stdout, progress and problems to stderr.
 """
 
@@ -32,6 +33,26 @@ class InputError(click.ClickException):
     """Bad input from the user: a clear message and exit status 2."""
 
     exit_code = 2
+
+
+class WriteError(click.ClickException):
+    """The forest could not be written (a full disk, an I/O error): one line, exit status 1."""
+
+    exit_code = 1
+
+
+@contextlib.contextmanager
+def _writing() -> Iterator[None]:
+    """Report a failed write of the forest in one line (`Error: ...: No space left on device`)."""
+    from sspry.store.errors import ForestError
+
+    try:
+        yield
+    except ForestError as exc:
+        raise WriteError(str(exc)) from exc
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        raise WriteError(f"{where}{exc.strerror or exc}") from exc
 
 
 def _emit(data: dict) -> None:
@@ -356,7 +377,7 @@ def local_index(root, paths, path_list, workers, as_json):
     indexed, prints the summary so far and exits 130."""
     from sspry.indexing import index_paths
 
-    with _open_forest(root, writable=True) as forest, _interruptible() as stop:
+    with _open_forest(root, writable=True) as forest, _interruptible() as stop, _writing():
         summary = index_paths(forest, paths, path_list, workers, progress=TqdmProgress(), stop=stop)
     _finish_index(summary, as_json)
 
@@ -470,7 +491,7 @@ def local_delete(root, values, as_json):
     document with its content. Exit 1 if a value matched nothing."""
     from sspry.deleting import ForestDeleter, delete_values
 
-    with _open_forest(root, writable=True) as forest:
+    with _open_forest(root, writable=True) as forest, _writing():
         rows = delete_values(ForestDeleter(forest), list(values))
     _print_deleted(rows, as_json)
 
@@ -480,7 +501,7 @@ def local_delete(root, values, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def local_compact(root, as_json):
     """Rewrite every shard into one segment, dropping deleted documents."""
-    with _open_forest(root, writable=True) as forest:
+    with _open_forest(root, writable=True) as forest, _writing():
         result = forest.compact(full=True)
     summary = {
         "rewritten_segments": result.rewritten,

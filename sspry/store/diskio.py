@@ -91,6 +91,11 @@ def free() -> None:
     _disk.set(None)
 
 
+def remaining() -> int | None:
+    """Test hook: bytes the store may still write before `fail_after` fails them (None: no limit)."""
+    return _disk.remaining
+
+
 def injected_failures() -> int:
     """Test hook: how many writes the injector has failed in this process."""
     return _disk.injected

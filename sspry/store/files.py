@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sspry.store import diskio
+from sspry.store.errors import ForestError
 
 CATALOG_FILE = "files.sqlite"
 FORMAT_VERSION = 1
@@ -47,7 +48,7 @@ CREATE INDEX IF NOT EXISTS files_by_source ON files(source_id);
 """
 
 
-class CatalogError(Exception):
+class CatalogError(ForestError):
     """A catalog this sspry cannot read (written by a newer version)."""
 
 
@@ -96,12 +97,16 @@ class FileCatalog:
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         if version > FORMAT_VERSION:
             self._db.close()
-            raise CatalogError(f"{path}: file catalog format {version}, this sspry reads {FORMAT_VERSION}")
+            raise CatalogError(
+                f"{path}: file catalog format {version}, this sspry reads format {FORMAT_VERSION}"
+            )
         self.created = version == 0
         if self.created and not readonly:
+            diskio.charge(_PAGE, path)
             with self._lock:
                 self._db.executescript(_SCHEMA)
                 self._db.execute(f"PRAGMA user_version={FORMAT_VERSION}")
+            diskio.fsync_path(path.parent)  # the new file's entry (SQLite syncs its WAL's itself)
 
     def close(self) -> None:
         with self._lock:
