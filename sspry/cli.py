@@ -21,6 +21,7 @@ from pathlib import Path
 
 import click
 
+from sspry.limits import MAX_TREE_DOCS
 from sspry.policy import FP_RANGE, ID_SOURCES, Policy, PolicyError, parse_gram_sizes
 from sspry.progress import Progress, Stage
 
@@ -205,7 +206,7 @@ def _gram_sizes(ctx, param, value: str) -> tuple[int, int]:
     "--tree-docs",
     default=Policy.tree_docs,
     show_default=True,
-    type=click.IntRange(1),
+    type=click.IntRange(1, MAX_TREE_DOCS),
     help="Documents per Tree before the next Tree opens.",
 )
 @click.option(
@@ -507,6 +508,40 @@ def local_compact(root, as_json):
         "rewritten_segments": result.rewritten,
         "written_segments": result.written,
         "purged_documents": result.purged_docs,
+    }
+    if as_json:
+        _emit(summary)
+    else:
+        for key, value in summary.items():
+            click.echo(f"{key}: {value}")
+
+
+@local.command("backup")
+@root_option
+@click.argument("dest", type=click.Path(file_okay=False))
+@click.option("--copy", "copy_files", is_flag=True, help="Copy segments even where hard links would do.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def local_backup(root, dest, copy_files, as_json):
+    """Copy the Forest at ROOT into DEST (new or empty) consistently, while a server or an index may be
+    writing it: the policy, the unpublished logs, the catalog (SQLite's backup), then one manifest and the
+    immutable segments it names (hard links on the same filesystem, else copies), the manifest last.
+    DEST is a forest of its own."""
+    from sspry.store.backup import backup
+    from sspry.store.forest import is_forest
+
+    if not is_forest(Path(root)):
+        raise InputError(f"{root} is not an initialised sspry forest")
+    if Path(dest).exists() and any(Path(dest).iterdir()):
+        raise InputError(f"{dest} exists and is not empty: back up into a new or empty directory")
+    with _writing():
+        result = backup(Path(root), Path(dest), link=not copy_files)
+    summary = {
+        "generation": result.generation,
+        "documents": result.documents,
+        "segments": result.segments,
+        "unpublished_logs": result.logs,
+        "linked_files": result.linked_files,
+        "copied_bytes": result.copied_bytes,
     }
     if as_json:
         _emit(summary)

@@ -449,3 +449,20 @@ def test_a_forest_written_before_format_versions_opens(tmp_path) -> None:
         present, values = view.reader.field("pe.number_of_sections")
         assert values[present].tolist() == [3]
     assert json.loads((root / "manifest.json").read_text())["format"] == 1
+
+
+def test_a_file_over_a_limit_is_skipped_not_a_failed_run(tmp_path) -> None:
+    """A file whose document breaks a limit (here: a path that is not UTF-8, in a forest that stores
+    paths) is reported as skipped; the run indexes the others."""
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "plain.bin").write_bytes(random.Random(1).randbytes(3000))
+    with open(os.path.join(os.fsencode(files), b"\xff\xfe.bin"), "wb") as out:
+        out.write(random.Random(2).randbytes(3000))
+    root = tmp_path / "f"
+    Forest.init(root, Policy(store_path=True))
+    result = CliRunner().invoke(main, ["local", "index", "--root", str(root), "--json", str(files)])
+    assert result.exit_code == 0, result.output
+    assert "not valid UTF-8" in result.stderr
+    summary = json.loads(result.stdout)
+    assert (summary["inserted_documents"], summary["skipped_files"]) == (1, 1)

@@ -112,6 +112,17 @@ class FileCatalog:
         with self._lock:
             self._db.close()
 
+    def backup(self, dest: Path) -> None:
+        """A consistent copy of the catalog at `dest`, through SQLite's online backup (writers go on)."""
+        diskio.charge(self.path.stat().st_size, dest)
+        target = sqlite3.connect(dest)
+        try:
+            with self._lock:
+                self._db.backup(target)
+        finally:
+            target.close()
+        diskio.fsync_path(dest)
+
     # --- writing -----------------------------------------------------------------------------------
     def record(self, records: Sequence[FileRecord]) -> None:
         """Remember where documents were read from (a path seen again now names what it holds now)."""
