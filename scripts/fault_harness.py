@@ -37,6 +37,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -388,19 +389,20 @@ def kill_case(base: Path, case: str, seed: int) -> Row:
     """The workload in a child process SIGKILLed at `case` ("point:count"), then the checks."""
     root = base / f"kill-{case.replace(':', '-')}"
     Forest.init(root, POLICY)
-    journal = root.with_suffix(".journal")
+    journal = root.with_name(root.name + ".journal")
     status = run_child(root, journal, seed, case)
     check = check_forest(root, expectations(journal))
     killed = status == -signal.SIGKILL
     return Row("kill", case, killed, int(killed), check)
 
 
-def scenario_kill(base: Path, points: int, seed: int) -> list[Row]:
+def scenario_kill(base: Path, points: int, seed: int) -> Iterator[Row]:
     passed = census(base, seed)
     never = [name for name in KILL_POINTS if not passed[name]]
     if never:
         raise SystemExit(f"the workload never passes kill points {never}")
-    return [kill_case(base, case, seed) for case in kill_cases(passed, points)]
+    for case in kill_cases(passed, points):
+        yield kill_case(base, case, seed)
 
 
 def free_after(failures: int):
@@ -434,7 +436,7 @@ def enospc_case(base: Path, budget: int, seed: int) -> Row:
     without a restart; then the checks (after a reopen)."""
     root = base / f"full-{budget}"
     Forest.init(root, POLICY)
-    journal_path = root.with_suffix(".journal")
+    journal_path = root.with_name(root.name + ".journal")
     journal = Journal(journal_path)
     before = diskio.injected_failures()
     problems = []
@@ -475,19 +477,19 @@ def enospc_child_case(base: Path, budget: int, seed: int) -> Row:
     must find every acknowledged row."""
     root = base / f"fullkill-{budget}"
     Forest.init(root, POLICY)
-    journal = root.with_suffix(".journal")
+    journal = root.with_name(root.name + ".journal")
     status = run_child(root, journal, seed, None, enospc=f"{budget}:0.2")
     check = check_forest(root, expectations(journal))
     return Row("enospc", f"child, full after {budget} B, then SIGKILL", status == -signal.SIGKILL, 1, check)
 
 
-def scenario_enospc(base: Path, budgets: int, seed: int) -> list[Row]:
+def scenario_enospc(base: Path, budgets: int, seed: int) -> Iterator[Row]:
     total = workload_bytes(base, seed)
-    rows = [enospc_case(base, total * number // budgets, seed) for number in range(budgets)]
+    for number in range(budgets):
+        yield enospc_case(base, total * number // budgets, seed)
     children = max(1, budgets // 8)
     for number in range(children):
-        rows.append(enospc_child_case(base, total * (2 * number + 1) // (2 * children), seed))
-    return rows
+        yield enospc_child_case(base, total * (2 * number + 1) // (2 * children), seed)
 
 
 class Server:
@@ -554,7 +556,7 @@ def server_kill_case(base: Path, what: str, kill_at: str | None, seed: int) -> R
     policy = Policy(shards=1, store_path=True)  # one shard: four publishes make a compaction
     root = base / f"server-{what.replace(' ', '-')}"
     Forest.init(root, policy)
-    journal_path = root.with_suffix(".journal")
+    journal_path = root.with_name(root.name + ".journal")
     journal = Journal(journal_path)
     rng = random.Random(seed)
     server = Server(root, {"SSPRY_KILL_AT": kill_at} if kill_at else None)
@@ -588,9 +590,10 @@ def server_kill_case(base: Path, what: str, kill_at: str | None, seed: int) -> R
     return Row("server", what, reached, 1, check)
 
 
-def scenario_server(base: Path, seed: int) -> list[Row]:
-    rows = [server_kill_case(base, what, kill_at, seed) for what, kill_at in SERVER_KILLS]
-    return [*rows, server_disk_full(base, seed)]
+def scenario_server(base: Path, seed: int) -> Iterator[Row]:
+    for what, kill_at in SERVER_KILLS:
+        yield server_kill_case(base, what, kill_at, seed)
+    yield server_disk_full(base, seed)
 
 
 def server_disk_full(base: Path, seed: int) -> Row:
@@ -665,16 +668,17 @@ def scenario_poison(base: Path, seed: int) -> list[Row]:
     return [Row("poison", "170 x 400 field names + an old row over a limit", True, 171, check)]
 
 
-def scenario_tmpfs(base: Path, seed: int) -> list[Row]:
+def scenario_tmpfs(base: Path, seed: int) -> Iterator[Row]:
     """A real disk full: a 64 MiB tmpfs, filled to the last bytes by a file, then freed."""
     if os.geteuid() != 0:
         print("tmpfs: skipped (needs root to mount a tmpfs)", file=sys.stderr)
-        return []
+        return
     mount = base / "tmpfs"
     mount.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)], check=True)
     try:
-        return [tmpfs_server(mount, seed), tmpfs_local_index(mount, seed)]
+        yield tmpfs_server(mount, seed)
+        yield tmpfs_local_index(mount, seed)
     finally:
         Server.kill_all()  # nothing of ours may keep the mount busy
         subprocess.run(["umount", str(mount)], check=True)
@@ -785,6 +789,7 @@ def main() -> int:
         "scenario ~5x faster: a SIGKILL loses nothing in the page cache, so fsyncs only cost time there)",
     )
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up (servers, the tmpfs) on SIGTERM
     scenarios = args.only.split(",")
     rows: list[Row] = []
     started = time.perf_counter()

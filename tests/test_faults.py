@@ -25,7 +25,7 @@ from sspry.policy import Policy, PolicyError
 from sspry.store import diskio
 from sspry.store.errors import ForestError, StorageFull
 from sspry.store.forest import Forest
-from sspry.store.ingest_log import LogWriter, log_name, read_log
+from sspry.store.ingest_log import LogWriter, log_name, read_log, write_log
 from sspry.store.segment import FreshPart
 from tests.test_store import make_doc
 
@@ -165,22 +165,74 @@ def test_embedded_index_on_a_full_disk_says_so_in_one_line(tmp_path, budget: int
     assert len(held) == 20 == len(set(held))
 
 
-@contextlib.contextmanager
-def synced_directories(monkeypatch):
-    """Record every directory fsynced inside the block, by inode (a directory built under a temporary
-    name and renamed is the same directory)."""
-    synced: set[tuple[int, int]] = set()
-    real = os.fsync
+class DirectoryEvents:
+    """What happened to directories inside a block, in order: an entry created or renamed into one
+    (keyed by the directory's inode and the entry's name: a directory built under a temporary name and
+    renamed is the same inode), and fsyncs of directories."""
 
-    def fsync(fd: int) -> None:
+    def __init__(self) -> None:
+        self.clock = 0
+        self.created: dict[tuple[int, int, str], int] = {}  # (dev, ino of the directory, name) -> when
+        self.synced: dict[tuple[int, int], int] = {}  # (dev, ino) -> the last fsync
+
+    def _tick(self) -> int:
+        self.clock += 1
+        return self.clock
+
+    def create(self, path) -> None:
+        path = os.fsdecode(path)
+        parent = os.stat(os.path.dirname(os.path.abspath(path)))
+        self.created[(parent.st_dev, parent.st_ino, os.path.basename(path))] = self._tick()
+
+    def fsync(self, fd: int) -> None:
         info = os.fstat(fd)
         if stat.S_ISDIR(info.st_mode):
-            synced.add((info.st_dev, info.st_ino))
-        real(fd)
+            self.synced[(info.st_dev, info.st_ino)] = self._tick()
 
+    def durable(self, entry: str) -> bool:
+        """Was `entry`'s directory fsynced after the entry last came to be there? (Entries this block
+        did not create through `os`, SQLite's: after the block began.)"""
+        parent = os.stat(os.path.dirname(entry))
+        synced = self.synced.get((parent.st_dev, parent.st_ino), -1)
+        return synced > self.created.get((parent.st_dev, parent.st_ino, os.path.basename(entry)), 0)
+
+
+@contextlib.contextmanager
+def directory_events(monkeypatch):
+    """Record creations, renames and directory fsyncs made through `os` inside the block."""
+    events = DirectoryEvents()
+    real = {name: getattr(os, name) for name in ("open", "mkdir", "rename", "replace", "link", "fsync")}
+
+    def opened(path, flags, *args, **kwargs):
+        fd = real["open"](path, flags, *args, **kwargs)
+        if flags & os.O_CREAT:
+            events.create(path)
+        return fd
+
+    def made(path, *args, **kwargs):
+        real["mkdir"](path, *args, **kwargs)
+        events.create(path)
+
+    def moved(name):
+        def move(source, target, *args, **kwargs):
+            real[name](source, target, *args, **kwargs)
+            events.create(target)
+
+        return move
+
+    def fsync(fd: int) -> None:
+        real["fsync"](fd)
+        events.fsync(fd)
+
+    monkeypatch.setattr(os, "open", opened)
+    monkeypatch.setattr(os, "mkdir", made)
+    for name in ("rename", "replace", "link"):
+        monkeypatch.setattr(os, name, moved(name))
     monkeypatch.setattr(os, "fsync", fsync)
-    yield synced
-    monkeypatch.undo()
+    try:
+        yield events
+    finally:
+        monkeypatch.undo()
 
 
 NOT_DURABLE = {".lock", "files.sqlite-wal", "files.sqlite-shm", "files.sqlite-journal"}  # SQLite's own
@@ -209,6 +261,12 @@ def test_every_new_entry_is_made_durable_in_its_directory(tmp_path, monkeypatch)
         nonlocal forest
         forest = Forest.open(root, writable=True)
 
+    def set_aside() -> None:  # a row an older sspry logged, over a limit: quarantined by the publish
+        old = make_doc(policy, rng)
+        old.fields = {f"pe.f{i}": i for i in range(limits.MAX_FIELDS_PER_ROW + 1)}
+        write_log(root / "ingest" / log_name(1000), [old.to_row()])
+        assert forest.publish().quarantined == 1
+
     steps = [
         ("init", init),
         ("open", open_),
@@ -218,15 +276,15 @@ def test_every_new_entry_is_made_durable_in_its_directory(tmp_path, monkeypatch)
         ("publish again", lambda: forest.publish()),
         ("delete", lambda: forest.delete([docs[0].source_id, docs[13].source_id])),
         ("compact", lambda: forest.compact(full=True)),
+        ("quarantine", set_aside),
     ]
     try:
         for name, step in steps:
             before = entries(root) if root.exists() else set()
-            with synced_directories(monkeypatch) as synced:
+            with directory_events(monkeypatch) as events:
                 step()
             for entry in sorted(entries(root) - before):
-                parent = os.stat(os.path.dirname(entry))
-                assert (parent.st_dev, parent.st_ino) in synced, f"{name}: {entry} not made durable"
+                assert events.durable(entry), f"{name}: {entry} not made durable"
     finally:
         if forest is not None:
             forest.close()
