@@ -4,6 +4,7 @@ forest recovers by itself once the fault is gone. (Crashes at kill points: test_
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import random
@@ -524,3 +525,31 @@ def test_a_file_over_a_limit_is_skipped_not_a_failed_run(tmp_path) -> None:
     assert "not valid UTF-8" in result.stderr
     summary = json.loads(result.stdout)
     assert (summary["inserted_documents"], summary["skipped_files"]) == (1, 1)
+
+
+def test_a_swap_whose_directory_fsync_fails_still_counts(tmp_path, monkeypatch) -> None:
+    """The manifest was renamed into place but fsyncing its directory failed (EIO): the publish raises,
+    yet the new manifest is the current one, so its segments must stay and its documents be live."""
+    policy = Policy(shards=1)
+    root = tmp_path / "f"
+    Forest.init(root, policy)
+    rng = random.Random(6)
+    docs = [make_doc(policy, rng) for _ in range(5)]
+    real = diskio.fsync_path
+
+    def failing(path: Path) -> None:
+        if Path(path) == root:
+            raise OSError(errno.EIO, "Input/output error")
+        real(path)
+
+    with Forest.open(root, writable=True) as forest:
+        forest.ingest(docs)
+        monkeypatch.setattr(diskio, "fsync_path", failing)
+        with pytest.raises(OSError, match="Input/output"):
+            forest.publish()
+        monkeypatch.undo()
+        assert forest.snapshot().documents == 5
+        assert forest.delete([docs[0].source_id]) == [True]
+        assert forest.ingest([docs[0]]).inserted == 1  # not mistaken for a document still pending
+        forest.publish()
+    assert sorted(held_ids(root)) == sorted(d.source_id for d in docs)

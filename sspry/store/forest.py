@@ -480,7 +480,9 @@ class Forest:
             kill_point("publish.built")
             self._swap(manifest)
         except BaseException:
-            if self.manifest is not manifest:  # not swapped: remove this attempt's files
+            if self.manifest is manifest:  # swapped, but its directory's fsync failed: published
+                self._published(logs, docs)  # (the logs stay: the next writer to open removes them)
+            else:  # not swapped: remove this attempt's files
                 for path in made:
                     diskio.remove(path)
             raise
@@ -489,12 +491,17 @@ class Forest:
             with contextlib.suppress(OSError):
                 path.unlink()
             kill_point("publish.log_removed")
-            self._logged.pop(path, None)
-        with self._log_lock:  # now live: held through the manifest, no longer pending
-            self._pending.difference_update(doc.source_id for doc in docs)
+        self._published(logs, docs)
         result.quarantined = len(set_aside)
         result.inserted = len(fresh) - len(failed)
         return result
+
+    def _published(self, logs: list[Path], docs: list[Document]) -> None:
+        """Forget what a publish made live: held through the manifest now, no longer pending."""
+        for path in logs:
+            self._logged.pop(path, None)
+        with self._log_lock:
+            self._pending.difference_update(doc.source_id for doc in docs)
 
     def _build_fresh(
         self,
