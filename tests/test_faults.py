@@ -146,7 +146,7 @@ def _files(directory: Path, count: int, size: int = 64 << 10) -> Path:
     return directory
 
 
-@pytest.mark.parametrize("budget", [300_000, 1_100_000])
+@pytest.mark.parametrize("budget", [300_000, 1_100_000])  # full in the append; full in the publish
 def test_embedded_index_on_a_full_disk_says_so_in_one_line(tmp_path, budget: int) -> None:
     """Finding: `sspry local index` on a full disk ended in a traceback. Now: one line, a non-zero exit,
     and the same command once space is freed indexes the rest without logging anything twice."""
@@ -160,8 +160,12 @@ def test_embedded_index_on_a_full_disk_says_so_in_one_line(tmp_path, budget: int
     lines = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert len(lines) == 1 and lines[0].endswith("No space left on device"), result.output
     diskio.free()
+    logged = {row.source_id for log in (root / "ingest").iterdir() for row in read_log(log).rows}
+    published = set(held_ids(root))
     again = CliRunner().invoke(main, ["local", "index", "--root", str(root), "--json", str(files)])
     assert again.exit_code == 0, again.output
+    summary = json.loads(again.stdout)
+    assert summary["inserted_documents"] == 20 - len(logged | published)  # nothing logged twice
     held = held_ids(root)
     assert len(held) == 20 == len(set(held))
 
