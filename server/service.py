@@ -33,6 +33,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from sspry.policy import PolicyError
+from sspry.store.errors import StorageFull
 from sspry.store.forest import PUBLISH_BYTES, Forest
 from sspry.v1 import sspry_pb2
 from sspry.wire import RowAssembler, WireError, file_record, policy_to_proto
@@ -165,6 +166,8 @@ class SspryService:
             return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(call, *args))
         except (WireError, PolicyError) as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except StorageFull as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server storage is full: {exc}")
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server storage is full: {exc}")
@@ -438,11 +441,48 @@ def _compile_problem(source: str, targets: list[str]) -> str | None:
     return f"target rules not in the source: {missing[:5]}" if missing else None
 
 
+class Backoff:
+    """When a maintenance task may run again after failing: exponentially later (BASE_S, doubling up to
+    CAP_S), reset by a success. A failure streak is logged once, when it starts, and its end once."""
+
+    BASE_S = 0.5
+    CAP_S = 30.0
+
+    def __init__(self, task: str):
+        self.task = task
+        self.failures = 0
+        self.next_at = 0.0
+
+    def ready(self, now: float) -> bool:
+        return now >= self.next_at
+
+    def failed(self, exc: Exception, now: float) -> None:
+        self.failures += 1
+        self.next_at = now + min(self.CAP_S, self.BASE_S * 2 ** (self.failures - 1))
+        if self.failures == 1:
+            log.warning(
+                "maintenance: %s failed: %s: %s (retrying every %g-%g s until it works)",
+                self.task,
+                type(exc).__name__,
+                exc,
+                self.BASE_S,
+                self.CAP_S,
+            )
+
+    def succeeded(self) -> None:
+        if self.failures:
+            log.warning("maintenance: %s works again after %d failures", self.task, self.failures)
+        self.failures = 0
+        self.next_at = 0.0
+
+
 class Maintenance(threading.Thread):
     """Publishes what was inserted once inserts pause for a moment (or enough waits: inserted documents
     are held in memory until published), and merges small segments
     (size-tiered compaction) whenever the segment set changed, so neither waits for a client to ask
-    and a server under continuous ingest does not pile up segments every search must visit."""
+    and a server under continuous ingest does not pile up segments every search must visit.
+    A failed publish or compaction (a full disk) changes nothing and is retried with backoff, each on
+    its own schedule: acknowledged rows stay in the log, searches go on over the last manifest."""
 
     def __init__(self, service: SspryService, publish_idle_s: float = 1.0):
         super().__init__(name="sspry-maintenance", daemon=True)
@@ -450,20 +490,29 @@ class Maintenance(threading.Thread):
         self.publish_idle_s = publish_idle_s
         self.stopping = threading.Event()
         self._compacted_generation = -1
+        self.publishing = Backoff("publish")
+        self.compacting = Backoff("compaction")
 
     def run(self) -> None:
         forest = self.service.forest
         while not self.stopping.wait(0.5):
-            idle = time.monotonic() - self.service.last_write
-            try:
-                pending = forest.pending_bytes
-                if pending and (idle >= self.publish_idle_s or pending >= PUBLISH_BYTES):
-                    forest.publish()
-                if forest.manifest.generation != self._compacted_generation:
+            now = time.monotonic()
+            idle = now - self.service.last_write
+            if self.publishing.ready(now):
+                try:
+                    pending = forest.pending_bytes
+                    if pending and (idle >= self.publish_idle_s or pending >= PUBLISH_BYTES):
+                        forest.publish()
+                    self.publishing.succeeded()
+                except Exception as exc:  # keep serving; retried with backoff
+                    self.publishing.failed(exc, now)
+            if forest.manifest.generation != self._compacted_generation and self.compacting.ready(now):
+                try:
                     forest.compact(full=False)
                     self._compacted_generation = forest.manifest.generation
-            except Exception as exc:  # keep serving; the next round retries
-                log.warning("maintenance: %s: %s", type(exc).__name__, exc)
+                    self.compacting.succeeded()
+                except Exception as exc:
+                    self.compacting.failed(exc, now)
 
     def stop(self) -> None:
         self.stopping.set()

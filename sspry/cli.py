@@ -1,8 +1,9 @@
 """The `sspry` command.
 
 Exit codes: 0 success; 1 the operation ran but did not do everything asked (a value to delete was
-missing); 2 bad input (invalid option value, rule file that does not compile, uninitialised forest);
-130 interrupted (SIGINT/SIGTERM): what was done is kept and summarised.
+missing), or the forest could not be written (a full disk: what was acknowledged is kept, and the same
+command completes once space is freed); 2 bad input (invalid option value, rule file that does not
+compile, uninitialised forest); 130 interrupted (SIGINT/SIGTERM): what was done is kept and summarised.
 Results go to stdout, progress and problems to stderr.
 """
 
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import click
 
+from sspry.limits import MAX_TREE_DOCS
 from sspry.policy import FP_RANGE, ID_SOURCES, Policy, PolicyError, parse_gram_sizes
 from sspry.progress import Progress, Stage
 
@@ -32,6 +34,12 @@ class InputError(click.ClickException):
     """Bad input from the user: a clear message and exit status 2."""
 
     exit_code = 2
+
+
+class WriteError(click.ClickException):
+    """The forest could not be written (a full disk, an I/O error): one line, exit status 1."""
+
+    exit_code = 1
 
 
 def _emit(data: dict) -> None:
@@ -60,9 +68,11 @@ class ServerError(click.ClickException):
 @contextlib.contextmanager
 def _failures() -> Iterator[None]:
     """What a Database or a Cluster raises, as one line: bad input (a rule YARA refuses, a request the
-    policy forbids, a call a server refuses as invalid) exits 2, server trouble 1."""
+    policy forbids, a call a server refuses as invalid) exits 2; server trouble and a write the forest
+    could not make (`Error: ...: No space left on device`) exit 1."""
     from sspry.client.connection import ClientError
     from sspry.query.rules import RuleError
+    from sspry.store.errors import ForestError, StorageFull
 
     try:
         yield
@@ -70,6 +80,13 @@ def _failures() -> Iterator[None]:
         raise InputError(str(exc)) from exc
     except ClientError as exc:
         raise (InputError if exc.bad_input else ServerError)(str(exc)) from exc
+    except StorageFull as exc:  # a write failed: nothing acknowledged is lost
+        raise WriteError(str(exc)) from exc
+    except ForestError as exc:  # locked, or of another format
+        raise InputError(str(exc)) from exc
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        raise WriteError(f"{where}{exc.strerror or exc}") from exc
 
 
 root_option = click.option(
@@ -207,7 +224,7 @@ def _gram_sizes(ctx, param, value: str) -> tuple[int, int]:
     "--tree-docs",
     default=Policy.tree_docs,
     show_default=True,
-    type=click.IntRange(1),
+    type=click.IntRange(1, MAX_TREE_DOCS),
     help="Documents per Tree before the next Tree opens.",
 )
 @click.option(
@@ -573,6 +590,40 @@ def local_compact(root, as_json):
         "rewritten_segments": result.rewritten,
         "written_segments": result.written,
         "purged_documents": result.purged_docs,
+    }
+    if as_json:
+        _emit(summary)
+    else:
+        for key, value in summary.items():
+            click.echo(f"{key}: {value}")
+
+
+@local.command("backup")
+@root_option
+@click.argument("dest", type=click.Path(file_okay=False))
+@click.option("--copy", "copy_files", is_flag=True, help="Copy segments even where hard links would do.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def local_backup(root, dest, copy_files, as_json):
+    """Copy the Forest at ROOT into DEST (new or empty) consistently, while a server or an index may be
+    writing it: the policy, the unpublished logs, the catalog (SQLite's backup), then one manifest and the
+    immutable segments it names (hard links on the same filesystem, else copies), the manifest last.
+    DEST is a forest of its own."""
+    from sspry.store.backup import backup
+    from sspry.store.forest import is_forest
+
+    if not is_forest(Path(root)):
+        raise InputError(f"{root} is not an initialised sspry forest")
+    if Path(dest).exists() and any(Path(dest).iterdir()):
+        raise InputError(f"{dest} exists and is not empty: back up into a new or empty directory")
+    with _failures():
+        result = backup(Path(root), Path(dest), link=not copy_files)
+    summary = {
+        "generation": result.generation,
+        "documents": result.documents,
+        "segments": result.segments,
+        "unpublished_logs": result.logs,
+        "linked_files": result.linked_files,
+        "copied_bytes": result.copied_bytes,
     }
     if as_json:
         _emit(summary)

@@ -4,6 +4,7 @@ wire, token and TLS. Each server is a separate `sspry serve` process, stopped by
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -27,7 +28,7 @@ from tests.test_store import make_doc
 
 
 class ServerProcess:
-    def __init__(self, root: Path, *extra: str):
+    def __init__(self, root: Path, *extra: str, env: dict[str, str] | None = None):
         self.root = root
         command = [
             sys.executable,
@@ -40,7 +41,13 @@ class ServerProcess:
             "127.0.0.1:0",
             *extra,
         ]
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
         line = self.process.stdout.readline()
         if "listening on" not in line:
             self.process.kill()
