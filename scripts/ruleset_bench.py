@@ -85,17 +85,27 @@ def brute_force(bundle: Path, files: list[str], processes: int) -> float:
 
 
 def timed(command: list[str]) -> tuple[float, int, str]:
-    """(wall seconds, peak RSS in KiB, stdout) of a command that must succeed."""
+    """(wall seconds, peak RSS in KiB, stdout) of a command that must succeed. The peak is the largest
+    VmHWM read while it runs: a child's own rusage would count the memory of this process it was forked
+    from."""
     started = time.perf_counter()
-    with tempfile.TemporaryFile() as out:
-        child = subprocess.Popen(command, stdout=out, stderr=subprocess.PIPE)
-        _, status, usage = os.wait4(child.pid, 0)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        child = subprocess.Popen(command, stdout=out, stderr=err)
+        peak = 0
+        while child.poll() is None:
+            time.sleep(0.05)  # first: a forked child shows this process's memory until it execs
+            try:
+                with open(f"/proc/{child.pid}/status") as status:
+                    line = next((x for x in status if x.startswith("VmHWM:")), "VmHWM: 0 kB")
+                peak = max(peak, int(line.split()[1]))
+            except (OSError, ValueError):
+                pass
         elapsed = time.perf_counter() - started
-        err = child.stderr.read().decode(errors="replace") if child.stderr else ""
-        if os.waitstatus_to_exitcode(status) != 0:
-            raise SystemExit(f"{' '.join(command)} failed: {err}")
+        if child.returncode != 0:
+            err.seek(0)
+            raise SystemExit(f"{' '.join(command)} failed: {err.read().decode(errors='replace')}")
         out.seek(0)
-        return elapsed, usage.ru_maxrss, out.read().decode()
+        return elapsed, peak, out.read().decode()
 
 
 class Server:
