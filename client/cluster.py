@@ -24,6 +24,7 @@ from sspry.document import Document
 from sspry.indexing import IndexSummary, index_files
 from sspry.policy import Policy
 from sspry.progress import SILENT, Progress
+from sspry.query.literals import DEFAULT_MAX_ANCHORS
 from sspry.query.results import SearchResult, attach_paths, candidate_limit, rule_result
 from sspry.query.rules import RuleSource, load_rules
 from sspry.store.files import SHOWN_PATHS, PathDeletion, PathsOf
@@ -143,7 +144,7 @@ class Cluster:
         *,
         verify: bool = False,
         max_candidates: float = 0.0,
-        max_anchors: int = 16,
+        max_anchors: int = DEFAULT_MAX_ANCHORS,
         progress: Progress | None = None,
     ) -> SearchResult:
         """Every document that may match each public rule of the rule text (`rule=`) or file (`path=`),
@@ -203,7 +204,7 @@ class Cluster:
         return result, members[0].policy
 
     def check(
-        self, rule: str | None = None, path: str | None = None, *, max_anchors: int = 16
+        self, rule: str | None = None, path: str | None = None, *, max_anchors: int = DEFAULT_MAX_ANCHORS
     ) -> list[RuleReport]:
         """How each rule would be searched with the servers' policy (`sspry rule-check`)."""
         from sspry.query.rulecheck import check_rules

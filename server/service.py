@@ -326,13 +326,16 @@ class SspryService:
 
     def _search(self, request, source, targets, emit, cancelled: threading.Event) -> None:
         """Plan and search on a worker thread, emitting frames; stops early once `cancelled` is set."""
-        from sspry.query.condition import iter_plans
+        from sspry.query.literals import DEFAULT_MAX_ANCHORS
+        from sspry.query.ruleset import iter_plans
         from sspry.query.search import search_snapshot
 
         started = time.perf_counter()
         plans = []
         reported = started
-        for plan in iter_plans(source, targets, self.forest.policy, request.max_anchors or 16):
+        for plan in iter_plans(
+            source, targets, self.forest.policy, request.max_anchors or DEFAULT_MAX_ANCHORS
+        ):
             if cancelled.is_set():
                 raise _Cancelled
             plans.append(plan)

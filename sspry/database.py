@@ -19,12 +19,11 @@ from sspry.deleting import Deletion, ForestDeleter, delete_values
 from sspry.indexing import IndexSummary, index_files
 from sspry.policy import Policy, PolicyError
 from sspry.progress import SILENT, Progress
+from sspry.query.literals import DEFAULT_MAX_ANCHORS
 from sspry.query.results import SearchResult
 from sspry.query.rulecheck import RuleReport, check_rules
 from sspry.query.rules import load_rules
 from sspry.store.forest import CompactResult, Forest
-
-DEFAULT_MAX_ANCHORS = 16
 
 
 def needs_paths(policy: Policy) -> None:

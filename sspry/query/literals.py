@@ -26,6 +26,7 @@ from itertools import product
 from sspry.query.plan import TRUE, Gram, Node, and_, or_
 
 ALL = (1 << 256) - 1
+DEFAULT_MAX_ANCHORS = 16  # grams read per literal and tier unless a search asks otherwise
 MAX_SET = 16  # exact / prefix / suffix sets larger than this are abandoned
 MAX_SEQ = 32  # prefixes and suffixes are trimmed to this many positions
 MAX_VARIANTS = 16  # a window expanding to more grams than this tells us nothing worth reading

@@ -17,12 +17,14 @@ import yara
 
 from sspry.policy import Policy
 from sspry.progress import SILENT, Progress
-from sspry.query.condition import RulePlan, plan_rules
 from sspry.query.evaluate import Batch, SegmentEvaluator
 from sspry.query.gather import compiled_pays
+from sspry.query.literals import DEFAULT_MAX_ANCHORS
 from sspry.query.plan import Gram, leaves
 from sspry.query.results import SearchResult, attach_paths, candidate_limit, rule_result
+from sspry.query.ruleplan import RulePlan
 from sspry.query.rules import RuleSource, load_rule_file
+from sspry.query.ruleset import plan_rules
 from sspry.store.forest import Forest, Snapshot
 
 LEAF_CELLS = 1 << 26  # grams x documents held per segment and tier while a batch is evaluated
@@ -113,7 +115,7 @@ def search_forest(
     forest: Forest,
     source: RuleSource,
     max_candidates: float = 0.0,
-    max_anchors: int = 16,
+    max_anchors: int = DEFAULT_MAX_ANCHORS,
     workers: int = 0,
     progress: Progress = SILENT,
     compiled_gather: bool | None = None,
@@ -135,7 +137,7 @@ def search_rule_file(
     forest: Forest,
     rule_path: str,
     max_candidates: float = 0.0,
-    max_anchors: int = 16,
+    max_anchors: int = DEFAULT_MAX_ANCHORS,
     workers: int = 0,
     progress: Progress = SILENT,
     compiled_gather: bool | None = None,
