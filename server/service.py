@@ -119,6 +119,9 @@ class SspryService:
         self._search_pool = ThreadPoolExecutor(limits.searches, thread_name_prefix="sspry-search-call")
         self._write_pool = ThreadPoolExecutor(4, thread_name_prefix="sspry-write")
         self._info_pool = ThreadPoolExecutor(2, thread_name_prefix="sspry-info")
+        from sspry.query.plancache import PlanCache  # here: the planner loads yaramod
+
+        self.plan_cache = PlanCache(forest.plan_cache_dir)  # plans of earlier searches, across restarts
 
     def handler(self) -> grpc.GenericRpcHandler:
         """The service's method handlers, each checking for malformed requests first."""
@@ -333,9 +336,8 @@ class SspryService:
         started = time.perf_counter()
         plans = []
         reported = started
-        for plan in iter_plans(
-            source, targets, self.forest.policy, request.max_anchors or DEFAULT_MAX_ANCHORS
-        ):
+        anchors = request.max_anchors or DEFAULT_MAX_ANCHORS
+        for plan in iter_plans(source, targets, self.forest.policy, anchors, cache=self.plan_cache):
             if cancelled.is_set():
                 raise _Cancelled
             plans.append(plan)

@@ -20,6 +20,7 @@ from sspry.indexing import IndexSummary, index_files
 from sspry.policy import Policy, PolicyError
 from sspry.progress import SILENT, Progress
 from sspry.query.literals import DEFAULT_MAX_ANCHORS
+from sspry.query.plancache import PlanCache
 from sspry.query.results import SearchResult
 from sspry.query.rulecheck import RuleReport, check_rules
 from sspry.query.rules import load_rules
@@ -40,6 +41,7 @@ class Database:
         self._reader = Forest.open(self.root, writable=False)
         self._writer: Forest | None = None
         self._lock = threading.Lock()
+        self._plan_cache: PlanCache | None = None  # opened by the first search
 
     @classmethod
     def create(cls, root: Path | str, *, force: bool = False, **policy) -> Database:
@@ -70,6 +72,9 @@ class Database:
                 self._writer.close()
                 self._writer = None
             self._reader.close()
+            if self._plan_cache is not None:
+                self._plan_cache.close()
+                self._plan_cache = None
 
     def __enter__(self) -> Database:
         return self
@@ -123,7 +128,12 @@ class Database:
             needs_paths(forest.policy)
         source, compiled = load_rules(rule, path)
         loaded = time.perf_counter()
-        result = search_forest(forest, source, max_candidates, max_anchors, workers, progress, None)
+        with self._lock:
+            if self._plan_cache is None:
+                self._plan_cache = PlanCache(forest.plan_cache_dir)
+        result = search_forest(
+            forest, source, max_candidates, max_anchors, workers, progress, None, self._plan_cache
+        )
         result.timings_ms["compile"] = (loaded - started) * 1000
         if verify:
             run_verify(result, compiled, forest.policy, progress=progress)

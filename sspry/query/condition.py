@@ -408,6 +408,7 @@ class ConditionPlanner:
         """time.now at verification is at least the search's start, T. A comparison is planned as what
         some now >= T allows: `x > now` needs x > T, `x >= now` and `x == now` need x >= T; `x < now`
         and the like become true as time passes, so only verification decides them."""
+        self.ruleset.uses_now.add(self.rule_plan.name)  # such a plan is never cached
         if isinstance(left, Now):
             left, right, op = right, left, FLIP[op]
         if op in (">", ">=", "=="):

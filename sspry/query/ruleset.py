@@ -21,6 +21,7 @@ from sspry.progress import SILENT, Progress
 from sspry.query.condition import ConditionPlanner, where
 from sspry.query.literals import DEFAULT_MAX_ANCHORS, GramMapper
 from sspry.query.plan import TRUE, UNKNOWN, Approx, and_
+from sspry.query.plancache import PlanCache, RuleKeys, context_digest, source_key
 from sspry.query.ruleplan import Note, RulePlan
 from sspry.query.rules import yaramod_parser
 from sspry.query.strings import plan_string
@@ -37,6 +38,7 @@ class RulesetPlanner:
         self.now = int(now)
         self._plans: dict[str, RulePlan] = {}
         self._approx: dict[str, Approx] = {}
+        self.uses_now: set[str] = set()  # rules whose plan depends on when the search runs
 
     def approx(self, name: str) -> Approx:
         """The rule's condition as other rules see it: matched or not, never undefined."""
@@ -106,13 +108,22 @@ def iter_plans(
     policy: Policy,
     max_anchors: int = DEFAULT_MAX_ANCHORS,
     now: float | None = None,
+    cache: PlanCache | None = None,
 ) -> Iterator[RulePlan]:
     """One plan per target rule, in order, from source text (or an already parsed file), yielded as each
     is done (a server reports progress between them). A source yaramod cannot parse plans every rule as
-    TRUE."""
+    TRUE. With a `cache` (and source text), plans it holds are reused and new ones stored in it once the
+    iterator is done or closed."""
     if source is None:
         yield from (RulePlan(name, TRUE, [Note(name, "not-parsed", "")]) for name in targets)
         return
+    text = source if isinstance(source, str) else None
+    context = context_digest(policy, max_anchors) if cache is not None and text is not None else b""
+    if cache is not None and text is not None:
+        known = _known_plans(cache, source_key(text, context), targets)
+        if known is not None:  # a source seen before, every target cached: not even parsed
+            yield from known
+            return
     if isinstance(source, str):
         try:
             source = yaramod_parser().parse_string(source)
@@ -122,12 +133,54 @@ def iter_plans(
     planner = RulesetPlanner(
         source, policy, make_mapper(policy, max_anchors), time.time() if now is None else now
     )
-    with gc_paused():  # until the last plan is out, or the caller closes the iterator
-        for name in targets:
-            if name not in planner.rules:
-                yield RulePlan(name, TRUE, [Note(name, "not-parsed", "rule not found by yaramod")])
-            else:
-                yield planner.plan(name)
+    keys = None
+    if cache is not None and text is not None:
+        keys = RuleKeys(text, source, context)
+    cached: dict[bytes, RulePlan] = {}
+    if keys is not None:
+        wanted = [(keys.key(n), n, keys.line(n)) for n in targets if n in planner.rules]
+        cached = cache.get_many((k, n, line) for k, n, line in wanted if k is not None)  # type: ignore[union-attr]
+    planned: list[tuple[bytes, RulePlan]] = []
+    try:
+        with gc_paused():  # until the last plan is out, or the caller closes the iterator
+            for name in targets:
+                if name not in planner.rules:
+                    yield RulePlan(name, TRUE, [Note(name, "not-parsed", "rule not found by yaramod")])
+                    continue
+                key = keys.key(name) if keys is not None else None
+                plan = cached.get(key) if key is not None else None
+                if plan is None:
+                    plan = planner.plan(name)
+                    if key is not None:
+                        planned.append((key, plan))
+                yield plan
+    finally:
+        if keys is not None and cache is not None and text is not None:
+            storable = [
+                (key, plan, keys.line(plan.name))
+                for key, plan in planned
+                if not keys.closure(plan.name) & planner.uses_now
+                and not any(n.code == "plan-error" for n in plan.notes)
+            ]
+            cache.put_many(storable)
+            stored = {key for key, _, _ in storable} | set(cached)
+            entry = {}
+            for name in targets:
+                key = keys.key(name) if name in planner.rules else None
+                if key in stored:
+                    entry[name] = (key, keys.line(name))
+            cache.put_source(source_key(text, context), entry)  # type: ignore[arg-type]
+
+
+def _known_plans(cache: PlanCache, key: bytes, targets: Sequence[str]) -> list[RulePlan] | None:
+    """Every target's plan from the cache, when the source text was seen and all of them are there."""
+    entry = cache.source(key)
+    if entry is None or any(name not in entry for name in targets):
+        return None
+    found = cache.get_many((entry[name][0], name, entry[name][1]) for name in targets)
+    if any(entry[name][0] not in found for name in targets):
+        return None
+    return [found[entry[name][0]] for name in targets]
 
 
 def plan_rules(
@@ -137,11 +190,12 @@ def plan_rules(
     max_anchors: int = DEFAULT_MAX_ANCHORS,
     now: float | None = None,
     progress: Progress = SILENT,
+    cache: PlanCache | None = None,
 ) -> list[RulePlan]:
     """`iter_plans` as a list, reporting progress per rule."""
     plans = []
     with progress.stage("planning", len(targets), "rule") as stage:
-        for plan in iter_plans(source, targets, policy, max_anchors, now):
+        for plan in iter_plans(source, targets, policy, max_anchors, now, cache):
             plans.append(plan)
             stage.advance()
     return plans

@@ -21,6 +21,7 @@ from sspry.query.evaluate import Batch, SegmentEvaluator
 from sspry.query.gather import compiled_pays
 from sspry.query.literals import DEFAULT_MAX_ANCHORS
 from sspry.query.plan import Gram, leaves
+from sspry.query.plancache import PlanCache
 from sspry.query.results import SearchResult, attach_paths, candidate_limit, rule_result
 from sspry.query.ruleplan import RulePlan
 from sspry.query.rules import RuleSource, load_rule_file
@@ -119,11 +120,14 @@ def search_forest(
     workers: int = 0,
     progress: Progress = SILENT,
     compiled_gather: bool | None = None,
+    plan_cache: PlanCache | None = None,
 ) -> SearchResult:
-    """Plan the rules of `source` and search a Forest with them; candidates carry their paths.
-    `compiled_gather` as in search_snapshot."""
+    """Plan the rules of `source` (reusing what `plan_cache` holds) and search a Forest with them;
+    candidates carry their paths. `compiled_gather` as in search_snapshot."""
     started = time.perf_counter()
-    plans = plan_rules(source.text, source.targets, forest.policy, max_anchors, progress=progress)
+    plans = plan_rules(
+        source.text, source.targets, forest.policy, max_anchors, progress=progress, cache=plan_cache
+    )
     planned = time.perf_counter()
     snapshot = forest.snapshot()
     result = search_snapshot(snapshot, plans, forest.policy, max_candidates, workers, compiled_gather)
