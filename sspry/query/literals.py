@@ -21,7 +21,7 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
-from itertools import product
+from itertools import accumulate, product
 
 from sspry.query.plan import TRUE, Gram, Node, and_, or_
 
@@ -148,8 +148,12 @@ class GramMapper:
     def seq(self, seq: Seq) -> Node:
         node = self._memo.get(seq)
         if node is None:
-            first = [members(s)[0] for s in seq]  # the byte of a single-byte position
-            loose = [s & (s - 1) != 0 for s in seq] if not _all_single(seq) else None
+            try:  # most Seqs are one byte at every position
+                first = list(map(_BYTE_OF.__getitem__, seq))
+                loose = None
+            except KeyError:
+                first = [members(s)[0] for s in seq]  # the byte of a single-byte position
+                loose = [s & (s - 1) != 0 for s in seq]
             node = and_(
                 *(self._tier(seq, first, loose, tier, n) for tier, n in enumerate(self.gram_sizes, start=1))
             )
@@ -186,9 +190,6 @@ class GramMapper:
         return and_(*alternatives)
 
 
-LONG_SEQ = 32  # windows from which numpy ranks them faster than Python
-
-
 def choose_windows(
     first: list[int], loose: list[bool] | None, counts: list[int] | None, n: int, k: int
 ) -> tuple[list[int], Sequence[bool]]:
@@ -199,8 +200,6 @@ def choose_windows(
     count = len(first) - n + 1
     if loose is None and count <= k:
         return list(range(count)), [True] * count
-    if count > LONG_SEQ:
-        return _choose_numpy(first, loose, counts, n, k)
     if loose is None or counts is None:
         exact: Sequence[bool] = [True] * count
         variants = [1] * count
@@ -209,50 +208,19 @@ def choose_windows(
         variants = [1 if e else math.prod(w) for e, w in zip(exact, _windows(counts, n), strict=False)]
     starts = [s for s in range(count) if variants[s] <= MAX_VARIANTS]
     if len(starts) > k:
-        weight = [_WEIGHT[b] for b in first]
-        rarity = [sum(w) + len(set(f)) for w, f in zip(_windows(weight, n), _windows(first, n), strict=True)]
-        ranked = sorted(starts, key=lambda s: (variants[s], -rarity[s], s))
+        # -(weights summed + distinct bytes), per window; sorting is stable, so ties keep the earliest
+        weights = list(accumulate(map(_WEIGHT.__getitem__, first), initial=0.0))
+        distinct = map(len, map(set, _windows(first, n)))
+        rarity = [-(b - a + d) for a, b, d in zip(weights, weights[n:], distinct)]  # noqa: B905
+        if loose is None:
+            ranked = sorted(starts, key=rarity.__getitem__)
+        else:
+            ranked = sorted(starts, key=lambda s: (variants[s], rarity[s]))
         starts = sorted(ranked[:k])
     return starts, exact
 
 
-def _choose_numpy(
-    first: list[int], loose: list[bool] | None, counts: list[int] | None, n: int, k: int
-) -> tuple[list[int], Sequence[bool]]:
-    """choose_windows on arrays: the same windows, for long sequences (hex strings of hundreds of
-    bytes). Set sizes are capped at MAX_VARIANTS + 1, which decides the same: a product over a capped
-    size exceeds MAX_VARIANTS either way, and products of uncapped sizes fit in int64."""
-    import numpy as np  # here: short patterns (most) and the client side never need it
-
-    count = len(first) - n + 1
-
-    def shifted(values: np.ndarray) -> list[np.ndarray]:  # column i: the i-th position of each window
-        return [values[i : i + count] for i in range(n)]
-
-    if loose is None or counts is None:
-        exact = np.ones(count, dtype=bool)
-        variants = np.ones(count, dtype=np.int64)
-    else:
-        exact = ~np.logical_or.reduce(shifted(np.array(loose, dtype=bool)))
-        sizes = np.minimum(np.array(counts, dtype=np.int64), MAX_VARIANTS + 1)
-        variants = np.where(exact, 1, np.multiply.reduce(shifted(sizes)))
-    starts = np.flatnonzero(variants <= MAX_VARIANTS)
-    if len(starts) > k:
-        data = np.frombuffer(bytes(first), dtype=np.uint8)
-        windows = np.sort(np.stack(shifted(data), axis=1)[starts], axis=1)
-        distinct = 1 + (windows[:, 1:] != windows[:, :-1]).sum(axis=1)
-        rarity = np.add.reduce(shifted(_weight_array()[data]))[starts] + distinct
-        order = np.lexsort((starts, -rarity, variants[starts]))  # the last key sorts first
-        starts = np.sort(starts[order[:k]])
-    return starts.tolist(), exact.tolist()
-
-
-def _all_single(seq: Seq) -> bool:
-    """Every position is one byte."""
-    return all(s in _SINGLE for s in seq)
-
-
-_SINGLE = frozenset(1 << b for b in range(256))
+_BYTE_OF = {1 << b: b for b in range(256)}  # a set of one byte -> that byte
 
 
 def _windows(values: list, n: int) -> Iterator[tuple]:
@@ -272,14 +240,6 @@ def _weight(b: int) -> float:
 
 
 _WEIGHT = [_weight(b) for b in range(256)]
-
-
-@cache
-def _weight_array():
-    """_WEIGHT as an array, built on first use: numpy is imported only then."""
-    import numpy as np
-
-    return np.array(_WEIGHT, dtype=np.float64)
 
 
 def _limit(seqs: frozenset[Seq], keep_start: bool) -> frozenset[Seq]:
