@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Dump a canonical form of every plan of a rule directory, to compare planners (before/after a change).
 
-Each rule file is loaded and planned as a search does (yara-python compile, yaramod text, plan), with a
+Each rule file is compiled by yara-python (for its targets) and planned from yaramod's text of it, with a
 fixed `now`. Per rule it writes one line: file, rule, and the plan in full -- the DAG of `upper` in post
 order (node type and key, children by index), the notes, and per string its gram formula and exact set --
 so two dumps are equal exactly when every plan, note and string plan is. `--digest` prints one sha256 per
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from sspry.policy import Policy
 from sspry.query.plan import Node
-from sspry.query.rules import RuleError, load_rule_file
+from sspry.query.rules import RuleError, load_rule_file, yaramod_parser
 
 try:
     from sspry.query.ruleset import plan_rules
@@ -78,7 +78,8 @@ def main() -> int:
             except RuleError as exc:  # YARA refuses it, or it holds no rules: nothing to plan
                 out.write(f"{relative}\t-\t{exc}\n")
                 continue
-            for plan in plan_rules(source.text, source.targets, policy, args.max_anchors, now=0):
+            text = yaramod_parser().parse_file(str(path)).text  # yaramod's text, whatever a search sends
+            for plan in plan_rules(text, source.targets, policy, args.max_anchors, now=0):
                 text = canonical_plan(plan)
                 if args.digest:
                     text = hashlib.sha256(text.encode()).hexdigest()

@@ -20,10 +20,12 @@ from __future__ import annotations
 import asyncio
 import errno
 import functools
+import hashlib
 import hmac
 import json
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -396,17 +398,31 @@ class SspryService:
         return sspry_pb2.ShutdownResponse(message="shutdown requested")
 
 
+_compiled_lock = threading.Lock()
+_compiled: OrderedDict[bytes, frozenset[str]] = OrderedDict()  # sha256 of a valid source -> its rules
+COMPILED_SOURCES = 64
+
+
 def _compile_problem(source: str, targets: list[str]) -> str | None:
-    """Why YARA refuses `source` (includes disabled), or names a target it does not hold; None if fine."""
+    """Why YARA refuses `source` (includes disabled), or names a target it does not hold; None if fine.
+    The rules of sources that compiled are remembered: a bundle searched again is not compiled again."""
     import yara
 
-    try:
-        compiled = yara.compile(source=source, includes=False)
-    except yara.Error as exc:
-        return f"invalid YARA rule: {exc}"
-    except (ValueError, TypeError) as exc:  # a NUL in the source, for one
-        return f"invalid YARA source: {exc}"
-    known = {r.identifier for r in compiled}
+    digest = hashlib.sha256(source.encode("utf-8", "surrogatepass")).digest()
+    with _compiled_lock:
+        known = _compiled.get(digest)
+    if known is None:
+        try:
+            compiled = yara.compile(source=source, includes=False)
+        except yara.Error as exc:
+            return f"invalid YARA rule: {exc}"
+        except (ValueError, TypeError) as exc:  # a NUL in the source, for one
+            return f"invalid YARA source: {exc}"
+        known = frozenset(r.identifier for r in compiled)
+        with _compiled_lock:
+            _compiled[digest] = known
+            while len(_compiled) > COMPILED_SOURCES:
+                _compiled.popitem(last=False)
     missing = [t for t in targets if t not in known]
     return f"target rules not in the source: {missing[:5]}" if missing else None
 

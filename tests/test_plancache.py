@@ -176,3 +176,25 @@ def test_memory_is_bounded() -> None:
     plans = plan(text, [f"r{i}" for i in range(5)], cache)
     assert len(cache) == 2
     assert plans[4].upper is and_(Filesize("==", 4))
+
+
+def test_local_searches_keep_their_plans_beside_the_forest(tmp_path) -> None:
+    import sspry
+
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "a.bin").write_bytes(b"xx needle-one yy" * 10)
+    (files / "b.bin").write_bytes(b"nothing to see" * 10)
+    rule = 'rule r { strings: $a = "needle-one" condition: $a and filesize < 1KB }'
+    root = tmp_path / "forest"
+    with sspry.Database.create(root) as db:
+        db.index([str(files)])
+        first = db.search(rule=rule)
+    with sspry.Database.open(root) as db:  # a new process would see the same: the plans are on disk
+        again = db.search(rule=rule)
+        assert db._plan_cache is not None and db._plan_cache.hits == 1
+    assert (root / "plans" / FILENAME).is_file()
+    assert [c.source_id for c in first.rules[0].candidates] == [
+        c.source_id for c in again.rules[0].candidates
+    ]
+    assert len(again.rules[0].candidates) == 1
