@@ -83,7 +83,7 @@ class RuleKeys:
     key."""
 
     def __init__(self, text: str, yara_file, context: bytes):
-        self._data = text.encode("utf-8")
+        self._data = text.encode("utf-8", "surrogatepass")
         self._starts = [0]
         self._starts.extend(m.end() for m in re.finditer(rb"\n", self._data))
         self._rules = {rule.name: rule for rule in yara_file.rules}
@@ -171,7 +171,7 @@ class RuleKeys:
 
 def source_key(text: str, context: bytes) -> bytes:
     """The key of a whole source text (what its rules' keys are remembered under)."""
-    return hashlib.sha256(context + b"\0" + text.encode("utf-8")).digest()
+    return hashlib.sha256(context + b"\0" + text.encode("utf-8", "surrogatepass")).digest()
 
 
 class PlanCache:
