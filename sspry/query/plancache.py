@@ -33,7 +33,7 @@ from sspry.query import planformat
 from sspry.query.ruleplan import Note, RulePlan
 
 FILENAME = "plans.sqlite3"
-MEMORY_ENTRIES = 50_000  # plans held in memory (a plan of Yara-Rules is a few KB there)
+MEMORY_ENTRIES = 20_000  # plans held in memory: all of Yara-Rules (12,774 plans) took about 130 MB
 MEMORY_SOURCES = 256  # source texts whose rule keys are held in memory
 DISK_ENTRIES = 500_000  # stored plans; the oldest go first beyond this
 _IDENTIFIER = re.compile(rb"[A-Za-z_][A-Za-z0-9_]*")
