@@ -151,6 +151,16 @@ def test_a_source_seen_before_is_not_parsed_again(tmp_path, monkeypatch) -> None
     assert parses == [1] and cache.hits == 3
 
 
+def test_a_callers_parse_of_the_text_is_used(tmp_path, monkeypatch) -> None:
+    parsed = ruleset.yaramod_parser().parse_string(EVERYTHING)
+    fresh = plan(EVERYTHING, ["texts"])
+    monkeypatch.setattr(ruleset, "yaramod_parser", lambda: pytest.fail("parsed again"))
+    cache = PlanCache(tmp_path)
+    for p, q in zip(fresh, plan(EVERYTHING, ["texts"], cache, parsed=parsed), strict=True):
+        same(p, q)
+    assert cache.misses == 1 and len(cache) == 1
+
+
 def test_the_cache_never_fails_a_search(tmp_path) -> None:
     targets = ["texts", "facts"]
     fresh = plan(EVERYTHING, targets)

@@ -111,11 +111,14 @@ def iter_plans(
     max_anchors: int = DEFAULT_MAX_ANCHORS,
     now: float | None = None,
     cache: PlanCache | None = None,
+    parsed: yaramod.YaraFile | None = None,
 ) -> Iterator[RulePlan]:
     """One plan per target rule, in order, from source text (or an already parsed file), yielded as each
     is done (a server reports progress between them). A source yaramod cannot parse plans every rule as
     TRUE. With a `cache` (and source text), plans it holds are reused and new ones stored in it once the
-    iterator is done or closed."""
+    iterator is done or closed. `parsed`: yaramod's parse_string of exactly the source text, when the
+    caller has it (then it is not parsed again; a parse of a file does not do: its positions are not
+    the text's)."""
     if source is None:
         yield from (RulePlan(name, TRUE, [Note(name, "not-parsed", "")]) for name in targets)
         return
@@ -126,7 +129,9 @@ def iter_plans(
         if known is not None:  # a source seen before, every target cached: not even parsed
             yield from known
             return
-    if isinstance(source, str):
+    if isinstance(source, str) and parsed is not None:
+        source = parsed
+    elif isinstance(source, str):
         try:
             source = yaramod_parser().parse_string(source)
         except Exception as exc:  # yaramod.ParserError and occasional RuntimeError
@@ -193,11 +198,12 @@ def plan_rules(
     now: float | None = None,
     progress: Progress = SILENT,
     cache: PlanCache | None = None,
+    parsed: yaramod.YaraFile | None = None,
 ) -> list[RulePlan]:
     """`iter_plans` as a list, reporting progress per rule."""
     plans = []
     with progress.stage("planning", len(targets), "rule") as stage:
-        for plan in iter_plans(source, targets, policy, max_anchors, now, cache):
+        for plan in iter_plans(source, targets, policy, max_anchors, now, cache, parsed):
             plans.append(plan)
             stage.advance()
     return plans
