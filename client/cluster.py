@@ -25,6 +25,7 @@ from sspry.document import Document
 from sspry.indexing import IndexSummary, index_files
 from sspry.policy import Policy
 from sspry.progress import SILENT, Progress, Stage
+from sspry.query.literals import DEFAULT_MAX_ANCHORS
 from sspry.query.results import (
     RuleResult,
     SearchResult,
@@ -153,7 +154,7 @@ class Cluster:
         *,
         verify: bool = False,
         max_candidates: float = 0.0,
-        max_anchors: int = 16,
+        max_anchors: int = DEFAULT_MAX_ANCHORS,
         limit: int | None = None,
         count_only: bool = False,
         progress: Progress | None = None,
@@ -188,7 +189,7 @@ class Cluster:
         path: str | None = None,
         *,
         max_candidates: float = 0.0,
-        max_anchors: int = 16,
+        max_anchors: int = DEFAULT_MAX_ANCHORS,
         limit: int | None = None,
         count_only: bool = False,
         progress: Progress | None = None,
@@ -216,7 +217,7 @@ class Cluster:
         documents = sum(a.documents for a in answers)
         cap = 0 if count_only else effective_limit(documents, max_candidates, limit)
         stream = SearchStream(targets, documents, {"compile": (loaded - started) * 1000})
-        stream.compiled, stream.parsed = compiled, source.parsed
+        stream.compiled, stream.parsed = compiled, source.parsed or source.text
         stream.servers = [a.connection.addr for a in answers]
         stream.offline = list(self.offline)
 
@@ -246,7 +247,7 @@ class Cluster:
         return stream.feed(rules())
 
     def check(
-        self, rule: str | None = None, path: str | None = None, *, max_anchors: int = 16
+        self, rule: str | None = None, path: str | None = None, *, max_anchors: int = DEFAULT_MAX_ANCHORS
     ) -> list[RuleReport]:
         """How each rule would be searched with the servers' policy (`sspry rule-check`)."""
         from sspry.query.rulecheck import check_rules

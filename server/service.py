@@ -20,11 +20,13 @@ from __future__ import annotations
 import asyncio
 import errno
 import functools
+import hashlib
 import hmac
 import json
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -123,6 +125,9 @@ class SspryService:
         self._search_pool = ThreadPoolExecutor(limits.searches, thread_name_prefix="sspry-search-call")
         self._write_pool = ThreadPoolExecutor(4, thread_name_prefix="sspry-write")
         self._info_pool = ThreadPoolExecutor(2, thread_name_prefix="sspry-info")
+        from sspry.query.plancache import PlanCache  # here: the planner loads yaramod
+
+        self.plan_cache = PlanCache(forest.plan_cache_dir)  # plans of earlier searches, across restarts
 
     def handler(self) -> grpc.GenericRpcHandler:
         """The service's method handlers, each checking for malformed requests first."""
@@ -340,7 +345,8 @@ class SspryService:
     def _search(self, request, source, targets, emit, cancelled: threading.Event) -> None:
         """Plan and search on a worker thread, emitting frames (see SearchFrame in the proto); stops early
         once `cancelled` is set."""
-        from sspry.query.condition import iter_plans
+        from sspry.query.literals import DEFAULT_MAX_ANCHORS
+        from sspry.query.ruleset import iter_plans
         from sspry.query.search import search_snapshot
 
         started = time.perf_counter()
@@ -348,7 +354,8 @@ class SspryService:
         emit(sspry_pb2.SearchFrame(start=sspry_pb2.SearchStart(documents=snapshot.documents)))
         plans = []
         reported = started
-        for plan in iter_plans(source, targets, self.forest.policy, request.max_anchors or 16):
+        anchors = request.max_anchors or DEFAULT_MAX_ANCHORS
+        for plan in iter_plans(source, targets, self.forest.policy, anchors, cache=self.plan_cache):
             if cancelled.is_set():
                 raise _Cancelled
             plans.append(plan)
@@ -426,17 +433,31 @@ def _planned(done: int, total: int) -> sspry_pb2.SearchFrame:
     return sspry_pb2.SearchFrame(progress=sspry_pb2.SearchProgress(stage="plan", done=done, total=total))
 
 
+_compiled_lock = threading.Lock()
+_compiled: OrderedDict[bytes, frozenset[str]] = OrderedDict()  # sha256 of a valid source -> its rules
+COMPILED_SOURCES = 64
+
+
 def _compile_problem(source: str, targets: list[str]) -> str | None:
-    """Why YARA refuses `source` (includes disabled), or names a target it does not hold; None if fine."""
+    """Why YARA refuses `source` (includes disabled), or names a target it does not hold; None if fine.
+    The rules of sources that compiled are remembered: a bundle searched again is not compiled again."""
     import yara
 
-    try:
-        compiled = yara.compile(source=source, includes=False)
-    except yara.Error as exc:
-        return f"invalid YARA rule: {exc}"
-    except (ValueError, TypeError) as exc:  # a NUL in the source, for one
-        return f"invalid YARA source: {exc}"
-    known = {r.identifier for r in compiled}
+    digest = hashlib.sha256(source.encode("utf-8", "surrogatepass")).digest()
+    with _compiled_lock:
+        known = _compiled.get(digest)
+    if known is None:
+        try:
+            compiled = yara.compile(source=source, includes=False)
+        except yara.Error as exc:
+            return f"invalid YARA rule: {exc}"
+        except (ValueError, TypeError) as exc:  # a NUL in the source, for one
+            return f"invalid YARA source: {exc}"
+        known = frozenset(r.identifier for r in compiled)
+        with _compiled_lock:
+            _compiled[digest] = known
+            while len(_compiled) > COMPILED_SOURCES:
+                _compiled.popitem(last=False)
     missing = [t for t in targets if t not in known]
     return f"target rules not in the source: {missing[:5]}" if missing else None
 

@@ -24,6 +24,7 @@ import click
 from sspry.limits import MAX_TREE_DOCS
 from sspry.policy import FP_RANGE, ID_SOURCES, Policy, PolicyError, parse_gram_sizes
 from sspry.progress import Progress, Stage
+from sspry.query.literals import DEFAULT_MAX_ANCHORS
 
 DEFAULT_ROOT = "candidate_db"
 ROOT_ENV = "SSPRY_ROOT"
@@ -286,7 +287,7 @@ max_candidates_option = click.option(
 )
 max_anchors_option = click.option(
     "--max-anchors-per-pattern",
-    default=16,
+    default=DEFAULT_MAX_ANCHORS,
     show_default=True,
     type=click.IntRange(1, 1024),
     help="Grams read per literal and tier; more read costs I/O, fewer cost precision.",

@@ -19,12 +19,12 @@ from sspry.deleting import Deletion, ForestDeleter, delete_values
 from sspry.indexing import IndexSummary, index_files
 from sspry.policy import Policy, PolicyError
 from sspry.progress import SILENT, Progress
+from sspry.query.literals import DEFAULT_MAX_ANCHORS
+from sspry.query.plancache import PlanCache
 from sspry.query.results import SearchResult, SearchStream
 from sspry.query.rulecheck import RuleReport, check_rules
 from sspry.query.rules import load_rules
 from sspry.store.forest import CompactResult, Forest
-
-DEFAULT_MAX_ANCHORS = 16
 
 
 def needs_paths(policy: Policy) -> None:
@@ -41,6 +41,7 @@ class Database:
         self._reader = Forest.open(self.root, writable=False)
         self._writer: Forest | None = None
         self._lock = threading.Lock()
+        self._plan_cache: PlanCache | None = None  # opened by the first search
 
     @classmethod
     def create(cls, root: Path | str, *, force: bool = False, **policy) -> Database:
@@ -71,6 +72,9 @@ class Database:
                 self._writer.close()
                 self._writer = None
             self._reader.close()
+            if self._plan_cache is not None:
+                self._plan_cache.close()
+                self._plan_cache = None
 
     def __enter__(self) -> Database:
         return self
@@ -158,8 +162,12 @@ class Database:
         started = time.perf_counter()
         source, compiled = load_rules(rule, path)
         loaded = time.perf_counter()
+        forest = self._forest()
+        with self._lock:
+            if self._plan_cache is None:
+                self._plan_cache = PlanCache(forest.plan_cache_dir)
         stream = stream_forest(
-            self._forest(),
+            forest,
             source,
             max_candidates,
             max_anchors,
@@ -168,9 +176,10 @@ class Database:
             None,
             limit,
             count_only,
+            self._plan_cache,
         )
         stream.timings_ms["compile"] = (loaded - started) * 1000
-        stream.compiled, stream.parsed = compiled, source.parsed
+        stream.compiled, stream.parsed = compiled, source.parsed or source.text
         return stream
 
     def delete(self, values: list[str] | tuple[str, ...]) -> list[Deletion]:

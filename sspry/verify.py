@@ -25,6 +25,7 @@ import yaramod
 from sspry.policy import Policy
 from sspry.progress import SILENT, Progress
 from sspry.query.results import SearchResult
+from sspry.query.rules import parse
 
 IN_MEMORY_BYTES = 256 << 20
 SCAN_TIMEOUT_S = 120
@@ -145,13 +146,19 @@ def _references(rule: yaramod.Rule, names: set[str]) -> set[str]:
 
 
 def rule_groups(
-    wanted: dict[str, set[bytes]], compiled: yara.Rules, parsed: yaramod.YaraFile | None
+    wanted: dict[str, set[bytes]], compiled: yara.Rules, parsed: yaramod.YaraFile | str | None
 ) -> list[Group]:
     """Split the target rules with candidates (`wanted`: rule -> its candidate documents) into groups
-    (see the module docstring). Without yaramod's parse, or with few rules, one group: `compiled`."""
+    (see the module docstring). `parsed`: the rules as yaramod parsed them, or their source text (parsed
+    here when splitting is worth it). Without either, or with few rules, one group: `compiled`."""
     targets = [name for name, docs in wanted.items() if docs]
     if parsed is None or len(targets) < MIN_SPLIT_RULES:
         return [Group(frozenset(targets), compiled)]
+    if isinstance(parsed, str):
+        try:
+            parsed = parse(rule=parsed)
+        except Exception:  # yaramod refuses what yara-python compiled: scan with everything
+            return [Group(frozenset(targets), compiled)]
     documents = len(set().union(*(wanted[name] for name in targets)))
     broad = [name for name in targets if len(wanted[name]) >= BROAD_SHARE * documents]
     order = {doc: i for i, doc in enumerate(sorted(set().union(*wanted.values())))}
@@ -190,7 +197,7 @@ def verify(
     result: SearchResult,
     rules: yara.Rules,
     policy: Policy,
-    parsed: yaramod.YaraFile | None = None,
+    parsed: yaramod.YaraFile | str | None = None,
     workers: int = 0,
     progress: Progress = SILENT,
 ) -> VerifyStats:

@@ -38,7 +38,7 @@ def test_grouped_verification_equals_scanning_with_every_rule(tmp_path, monkeypa
         result = db.search(rule=text, verify=True)
     source, compiled = load_rules(rule=text)
     wanted = {r.name: {c.source_id for c in r.candidates} for r in result.rules}
-    groups = rule_groups(wanted, compiled, source.parsed)
+    groups = rule_groups(wanted, compiled, source.parsed or source.text)
     assert len(groups) > 2  # split: the broad rules together, the selective ones in small groups
     assert result.verification["group_scans"] < len(groups) * result.verification["files"]
     everything = yara.compile(source=text)

@@ -156,7 +156,7 @@ class SearchStream:
         self.servers: list[str] = []
         self.offline: list[str] = []
         self.compiled = None  # the yara.Rules the search compiled, for verification
-        self.parsed = None  # and yaramod's parse of them
+        self.parsed = None  # and yaramod's parse of them (or their text: verify parses it if it must)
         self._rules: Iterator[RuleResult] = iter(())
 
     def feed(self, rules: Iterator[RuleResult]) -> SearchStream:

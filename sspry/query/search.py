@@ -18,10 +18,11 @@ import yara
 
 from sspry.policy import Policy
 from sspry.progress import SILENT, Progress
-from sspry.query.condition import RulePlan, plan_rules
 from sspry.query.evaluate import Batch, SegmentEvaluator
 from sspry.query.gather import compiled_pays
+from sspry.query.literals import DEFAULT_MAX_ANCHORS
 from sspry.query.plan import Gram, leaves
+from sspry.query.plancache import PlanCache
 from sspry.query.results import (
     RuleResult,
     SearchResult,
@@ -31,7 +32,9 @@ from sspry.query.results import (
     effective_limit,
     rule_result,
 )
+from sspry.query.ruleplan import RulePlan
 from sspry.query.rules import RuleSource, load_rule_file
+from sspry.query.ruleset import plan_rules
 from sspry.store.forest import Forest, Snapshot
 
 LEAF_CELLS = 1 << 26  # grams x documents held per segment and tier while a batch is evaluated
@@ -122,20 +125,23 @@ def stream_forest(
     forest: Forest,
     source: RuleSource,
     max_candidates: float = 0.0,
-    max_anchors: int = 16,
+    max_anchors: int = DEFAULT_MAX_ANCHORS,
     workers: int = 0,
     progress: Progress = SILENT,
     compiled_gather: bool | None = None,
     limit: int | None = None,
     count_only: bool = False,
+    plan_cache: PlanCache | None = None,
 ) -> SearchStream:
-    """Plan the rules of `source`, search a Forest with them, and stream the results rule by rule: the
-    Source IDs and paths of one rule's candidates are looked up when that rule is reached, so memory
-    stays flat whatever the number of candidates. `limit` lists at most that many per rule (the count
-    is always complete); `count_only` lists none. `compiled_gather` as in search_snapshot."""
+    """Plan the rules of `source` (reusing what `plan_cache` holds), search a Forest with them, and
+    stream the results rule by rule: the Source IDs and paths of one rule's candidates are looked up
+    when that rule is reached, so memory stays flat whatever the number of candidates. `limit` lists at
+    most that many per rule (the count is always complete); `count_only` lists none. `compiled_gather`
+    as in search_snapshot."""
     started = time.perf_counter()
-    parsed = source.parsed if source.parsed is not None else source.text  # parse once per search
-    plans = plan_rules(parsed, source.targets, forest.policy, max_anchors, progress=progress)
+    plans = plan_rules(
+        source.text, source.targets, forest.policy, max_anchors, progress=progress, cache=plan_cache
+    )
     planned = time.perf_counter()
     snapshot = forest.snapshot()
     result = search_snapshot(snapshot, plans, forest.policy, 0.0, workers, compiled_gather)
@@ -158,13 +164,16 @@ def search_forest(
     forest: Forest,
     source: RuleSource,
     max_candidates: float = 0.0,
-    max_anchors: int = 16,
+    max_anchors: int = DEFAULT_MAX_ANCHORS,
     workers: int = 0,
     progress: Progress = SILENT,
     compiled_gather: bool | None = None,
+    plan_cache: PlanCache | None = None,
 ) -> SearchResult:
-    """`stream_forest`, collected."""
-    stream = stream_forest(forest, source, max_candidates, max_anchors, workers, progress, compiled_gather)
+    """`stream_forest`, collected (reusing what `plan_cache` holds)."""
+    stream = stream_forest(
+        forest, source, max_candidates, max_anchors, workers, progress, compiled_gather, plan_cache=plan_cache
+    )
     return stream.collect()
 
 
@@ -172,7 +181,7 @@ def search_rule_file(
     forest: Forest,
     rule_path: str,
     max_candidates: float = 0.0,
-    max_anchors: int = 16,
+    max_anchors: int = DEFAULT_MAX_ANCHORS,
     workers: int = 0,
     progress: Progress = SILENT,
     compiled_gather: bool | None = None,

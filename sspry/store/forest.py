@@ -52,6 +52,7 @@ from sspry.v1 import sspry_pb2
 
 POLICY_FILE = "sspry.json"
 LOCK_FILE = ".lock"
+PLANS_DIR = "plans"  # the planner's plan cache (sspry.query.plancache): derived data, safe to delete
 PUBLISH_BYTES = 256 << 20  # a local index publishes whenever this much is waiting in the log
 
 
@@ -701,6 +702,11 @@ class Forest:
         segments[:] = survivors
         result.rewritten += len(group)
         result.purged_docs += sum(e.deleted for e in group)
+
+    @property
+    def plan_cache_dir(self) -> Path:
+        """Where searches of this forest keep their plan cache (the planner owns what is inside)."""
+        return self.root / PLANS_DIR
 
     # --- reporting ---------------------------------------------------------------------------------
     def info(self) -> dict:
