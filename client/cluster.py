@@ -162,8 +162,7 @@ class Cluster:
         """Every document that may match each public rule of the rule text (`rule=`) or file (`path=`),
         on every server (merged, deduplicated, then capped); with `verify`, each candidate scanned with
         YARA here (its recorded paths must be readable)."""
-        from sspry.database import needs_paths
-        from sspry.verify import verify as run_verify
+        from sspry.verify import collect
 
         progress = progress or SILENT
         started = time.perf_counter()
@@ -176,12 +175,8 @@ class Cluster:
             count_only=count_only,
             progress=progress,
         )
-        result = stream.collect()
-        if verify:
-            needs_paths(self.policy)
-            run_verify(result, stream.compiled, self.policy, stream.parsed, progress=progress)
-        result.timings_ms["total"] = (time.perf_counter() - started) * 1000
-        return result
+        assert self.policy is not None  # discovered by stream()
+        return collect(stream, self.policy, verify, progress, started)
 
     def stream(
         self,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from sspry.deleting import Deletion, ForestDeleter, delete_values
 from sspry.indexing import IndexSummary, index_files
-from sspry.policy import Policy, PolicyError
+from sspry.policy import Policy
 from sspry.progress import SILENT, Progress
 from sspry.query.literals import DEFAULT_MAX_ANCHORS
 from sspry.query.plancache import PlanCache
@@ -25,12 +25,6 @@ from sspry.query.results import SearchResult, SearchStream
 from sspry.query.rulecheck import RuleReport, check_rules
 from sspry.query.rules import load_rules
 from sspry.store.forest import CompactResult, Forest
-
-
-def needs_paths(policy: Policy) -> None:
-    """Verification reads the candidates' files: the forest must record their paths."""
-    if not policy.store_path:
-        raise PolicyError("--verify needs stored paths: the forest was initialised without --store-path")
 
 
 class Database:
@@ -120,12 +114,10 @@ class Database:
     ) -> SearchResult:
         """Every document that may match each public rule of the rule text (`rule=`) or file (`path=`);
         with `verify`, each candidate scanned with YARA. RuleError if YARA refuses the rules."""
-        from sspry.verify import verify as run_verify
+        from sspry.verify import collect
 
         progress = progress or SILENT
         started = time.perf_counter()
-        if verify:
-            needs_paths(self.policy)
         stream = self.stream(
             rule,
             path,
@@ -136,11 +128,7 @@ class Database:
             workers=workers,
             progress=progress,
         )
-        result = stream.collect()
-        if verify:
-            run_verify(result, stream.compiled, self.policy, stream.parsed, progress=progress)
-        result.timings_ms["total"] = (time.perf_counter() - started) * 1000
-        return result
+        return collect(stream, self.policy, verify, progress, started)
 
     def stream(
         self,

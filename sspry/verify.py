@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 import yara
 import yaramod
 
-from sspry.policy import Policy
+from sspry.policy import Policy, PolicyError
 from sspry.progress import SILENT, Progress
-from sspry.query.results import SearchResult
+from sspry.query.results import SearchResult, SearchStream
 from sspry.query.rules import parse
 
 IN_MEMORY_BYTES = 256 << 20
@@ -191,6 +191,25 @@ def rule_groups(
         except (yara.Error, ValueError):  # yaramod's text of a rule yara refuses: scan with everything
             groups.append(Group(frozenset(part), compiled))
     return groups
+
+
+def needs_paths(policy: Policy) -> None:
+    """Verification reads the candidates' files: the forest must record their paths."""
+    if not policy.store_path:
+        raise PolicyError("--verify needs stored paths: the forest was initialised without --store-path")
+
+
+def collect(
+    stream: SearchStream, policy: Policy, verify_them: bool, progress: Progress, started: float
+) -> SearchResult:
+    """A search stream's results, gathered; with `verify_them`, every candidate scanned with YARA."""
+    if verify_them:
+        needs_paths(policy)
+    result = stream.collect()
+    if verify_them:
+        verify(result, stream.compiled, policy, stream.parsed, progress=progress)
+    result.timings_ms["total"] = (time.perf_counter() - started) * 1000
+    return result
 
 
 def verify(
