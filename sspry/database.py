@@ -114,10 +114,12 @@ class Database:
     ) -> SearchResult:
         """Every document that may match each public rule of the rule text (`rule=`) or file (`path=`);
         with `verify`, each candidate scanned with YARA. RuleError if YARA refuses the rules."""
-        from sspry.verify import collect
+        from sspry.verify import collect, needs_paths
 
         progress = progress or SILENT
         started = time.perf_counter()
+        if verify:
+            needs_paths(self.policy)  # before any work
         stream = self.stream(
             rule,
             path,
