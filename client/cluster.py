@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,9 +24,17 @@ from sspry.deleting import Deletion, delete_values
 from sspry.document import Document
 from sspry.indexing import IndexSummary, index_files
 from sspry.policy import Policy
-from sspry.progress import SILENT, Progress
-from sspry.query.results import SearchResult, attach_paths, candidate_limit, rule_result
-from sspry.query.rules import RuleSource, load_rules
+from sspry.progress import SILENT, Progress, Stage
+from sspry.query.literals import DEFAULT_MAX_ANCHORS
+from sspry.query.results import (
+    RuleResult,
+    SearchResult,
+    SearchStream,
+    attach_paths,
+    effective_limit,
+    rule_result,
+)
+from sspry.query.rules import load_rules
 from sspry.store.files import SHOWN_PATHS, PathDeletion, PathsOf
 from sspry.store.ingest_log import IngestResult
 from sspry.v1 import sspry_pb2
@@ -60,6 +69,7 @@ class Cluster:
         self.progress = progress
         self.connections = [Connection(addr, **connection_options) for addr in addrs]
         self.offline: list[str] = []
+        self.policy: Policy | None = None  # the servers' policy, once discovered
 
     def close(self) -> None:
         for connection in self.connections:
@@ -98,6 +108,7 @@ class Cluster:
             for c, info in self._each(lambda c: c.info())
         ]
         first = members[0]
+        self.policy = first.policy
         for member in members[1:]:
             if member.policy != first.policy:
                 raise ClientError(
@@ -143,67 +154,95 @@ class Cluster:
         *,
         verify: bool = False,
         max_candidates: float = 0.0,
-        max_anchors: int = 16,
+        max_anchors: int = DEFAULT_MAX_ANCHORS,
+        limit: int | None = None,
+        count_only: bool = False,
         progress: Progress | None = None,
     ) -> SearchResult:
         """Every document that may match each public rule of the rule text (`rule=`) or file (`path=`),
         on every server (merged, deduplicated, then capped); with `verify`, each candidate scanned with
-        YARA here (its recorded paths must be readable). The rules are compiled here first, and sent with
-        their includes inlined."""
-        from sspry.database import needs_paths
-        from sspry.verify import verify as run_verify
+        YARA here (its recorded paths must be readable)."""
+        from sspry.verify import collect
 
+        progress = progress or SILENT
+        started = time.perf_counter()
+        stream = self.stream(
+            rule,
+            path,
+            max_candidates=max_candidates,
+            max_anchors=max_anchors,
+            limit=limit,
+            count_only=count_only,
+            progress=progress,
+        )
+        assert self.policy is not None  # discovered by stream()
+        return collect(stream, self.policy, verify, progress, started)
+
+    def stream(
+        self,
+        rule: str | None = None,
+        path: str | None = None,
+        *,
+        max_candidates: float = 0.0,
+        max_anchors: int = DEFAULT_MAX_ANCHORS,
+        limit: int | None = None,
+        count_only: bool = False,
+        progress: Progress | None = None,
+    ) -> SearchStream:
+        """`search` without verification, rule by rule as the servers answer: a rule is given out once
+        every server has sent it, so memory stays flat whatever the number of candidates. The rules are
+        compiled here first (RuleError if YARA refuses them), and sent with their includes inlined."""
         progress = progress or SILENT
         started = time.perf_counter()
         source, compiled = load_rules(rule, path)
         loaded = time.perf_counter()
-        result, policy = self._search(source, max_candidates, max_anchors, progress)
-        result.timings_ms["compile"] = (loaded - started) * 1000
-        if verify:
-            needs_paths(policy)
-            run_verify(result, compiled, policy, progress=progress)
-        result.timings_ms["total"] = (time.perf_counter() - started) * 1000
-        return result
-
-    def _search(
-        self, source: RuleSource, max_candidates: float, max_anchors: int, progress: Progress
-    ) -> tuple[SearchResult, Policy]:
         members = self.discover()
         targets = list(source.targets)
-        lock = threading.Lock()
-        with progress.stage("planning (servers)", len(targets) * len(members), "rule") as stage:
-            planned: dict[str, int] = {}
-
-            def report(addr: str, done: int) -> None:
-                with lock:
-                    stage.advance(done - planned.get(addr, 0))
-                    planned[addr] = done
-
-            answers = self._each(
-                lambda c: _search_one(c, source.text or "", targets, max_anchors, report),
-                [m.connection for m in members],
-            )
-        documents = sum(a.documents for _, a in answers)
-        limit = candidate_limit(documents, max_candidates)
-        rules = [
-            rule_result(name, [i for _, a in answers for i in a.per_rule[index]], limit)
-            for index, name in enumerate(targets)
-        ]
-        result = SearchResult(
-            rules,
-            documents,
-            {
-                "plan": max(a.plan_ms for _, a in answers),
-                "search": max(a.search_ms for _, a in answers),
-            },
-            servers=[c.addr for c, _ in answers],
-            offline=list(self.offline),
+        request = sspry_pb2.SearchRequest(
+            source=source.text or "",
+            targets=targets,
+            max_anchors=max_anchors,
+            limit=limit or 0,
+            count_only=count_only,
         )
-        attach_paths(result, lambda ids: _merge_paths(a.paths for _, a in answers))
-        return result, members[0].policy
+        stage = progress.stage("planning (servers)", len(targets) * len(members), "rule")
+        answers = [
+            a for _, a in self._each(lambda c: _Answer(c, request, stage), [m.connection for m in members])
+        ]
+        documents = sum(a.documents for a in answers)
+        cap = 0 if count_only else effective_limit(documents, max_candidates, limit)
+        stream = SearchStream(targets, documents, {"compile": (loaded - started) * 1000})
+        stream.compiled, stream.parsed = compiled, source.parsed or source.text
+        stream.servers = [a.connection.addr for a in answers]
+        stream.offline = list(self.offline)
+
+        def rules() -> Iterator[RuleResult]:
+            try:
+                for index, name in enumerate(targets):
+                    ids: list[bytes] = []
+                    count = 0
+                    for answer in answers:
+                        found, total = answer.rule(index)
+                        ids.extend(found)
+                        count += total
+                    result = rule_result(name, ids, cap, count)
+                    if count_only:
+                        result.truncated, result.limit, result.counted_only = False, None, True
+                    attach_paths([result], lambda wanted: _merge_paths(answers, wanted))
+                    yield result
+                for answer in answers:
+                    answer.finish()
+                stream.timings_ms["plan"] = max(a.plan_ms for a in answers)
+                stream.timings_ms["search"] = max(a.search_ms for a in answers)
+            finally:
+                stage.close()
+                for answer in answers:
+                    answer.cancel()
+
+        return stream.feed(rules())
 
     def check(
-        self, rule: str | None = None, path: str | None = None, *, max_anchors: int = 16
+        self, rule: str | None = None, path: str | None = None, *, max_anchors: int = DEFAULT_MAX_ANCHORS
     ) -> list[RuleReport]:
         """How each rule would be searched with the servers' policy (`sspry rule-check`)."""
         from sspry.query.rulecheck import check_rules
@@ -301,50 +340,79 @@ class _ClusterDeleter:
         return out
 
 
-@dataclass
 class _Answer:
-    """One server's answer to a search."""
+    """One server's side of a search: its frames read on a thread (a bounded queue ahead of the
+    reader), taken rule by rule."""
 
-    per_rule: list[list[bytes]]
-    paths: dict[bytes, PathsOf] = field(default_factory=dict)
-    documents: int = 0
-    plan_ms: float = 0.0
-    search_ms: float = 0.0
+    def __init__(self, connection: Connection, request: sspry_pb2.SearchRequest, stage: Stage):
+        self.connection = connection
+        self.paths: dict[bytes, PathsOf] = {}
+        self.plan_ms = self.search_ms = 0.0
+        self._stage = stage
+        self._planned = 0
+        self._frames: queue.Queue = queue.Queue(maxsize=64)
+        self._call = connection.search(request)
+        threading.Thread(target=self._read, name=f"sspry-search {connection.addr}", daemon=True).start()
+        first = self._next()
+        if first.WhichOneof("frame") != "start":
+            raise ClientError(f"server {connection.addr}: the search did not start with its document count")
+        self.documents = first.start.documents  # the server answered: it is not offline
+
+    def _read(self) -> None:
+        try:
+            for frame in self._call:
+                self._frames.put(frame)
+            self._frames.put(None)
+        except BaseException as exc:  # handed to the consumer
+            self._frames.put(exc)
+
+    def _next(self):
+        """The next frame that is not progress (progress goes to the stage)."""
+        while True:
+            frame = self._frames.get()
+            if isinstance(frame, BaseException):
+                raise frame
+            if frame is None:
+                raise ClientError(f"server {self.connection.addr}: the search ended early")
+            if frame.WhichOneof("frame") != "progress":
+                return frame
+            self._stage.advance(frame.progress.done - self._planned)
+            self._planned = frame.progress.done
+
+    def rule(self, index: int) -> tuple[list[bytes], int]:
+        """Rule `index`'s candidates sent by this server, and its candidate count here."""
+        ids: list[bytes] = []
+        while True:
+            frame = self._next()
+            kind = frame.WhichOneof("frame")
+            if kind == "paths":
+                for doc in frame.paths.documents:
+                    self.paths[doc.source_id] = PathsOf(tuple(doc.paths), doc.path_count)
+            elif kind == "candidates" and frame.candidates.rule == index:
+                ids.extend(frame.candidates.source_ids)
+                if frame.candidates.rule_end:
+                    return ids, frame.candidates.count
+            else:
+                raise ClientError(f"server {self.connection.addr}: unexpected {kind} frame for rule {index}")
+
+    def finish(self) -> None:
+        frame = self._next()
+        if frame.WhichOneof("frame") != "summary":
+            raise ClientError(f"server {self.connection.addr}: the search did not end with its summary")
+        self.plan_ms, self.search_ms = frame.summary.plan_ms, frame.summary.search_ms
+
+    def cancel(self) -> None:
+        self._call.cancel()
 
 
-def _search_one(
-    connection: Connection,
-    source: str,
-    targets: list[str],
-    max_anchors: int,
-    report: Callable[[str, int], None],
-) -> _Answer:
-    answer = _Answer([[] for _ in targets])
-    for frame in connection.search(source, targets, max_anchors):
-        kind = frame.WhichOneof("frame")
-        if kind == "candidates":
-            answer.per_rule[frame.candidates.rule].extend(frame.candidates.source_ids)
-        elif kind == "paths":
-            for doc in frame.paths.documents:
-                answer.paths[doc.source_id] = PathsOf(tuple(doc.paths), doc.path_count)
-        elif kind == "progress":
-            report(connection.addr, frame.progress.done)
-        elif kind == "summary":
-            summary = frame.summary
-            answer.documents, answer.plan_ms, answer.search_ms = (
-                summary.documents,
-                summary.plan_ms,
-                summary.search_ms,
-            )
-    report(connection.addr, len(targets))
-    return answer
-
-
-def _merge_paths(found: Iterable[dict[bytes, PathsOf]]) -> dict[bytes, PathsOf]:
-    """One document's paths from several servers (each holds the files it was sent)."""
+def _merge_paths(answers: list[_Answer], wanted: list[bytes]) -> dict[bytes, PathsOf]:
+    """The recorded paths of `wanted` documents, from every server that holds them."""
     merged: dict[bytes, PathsOf] = {}
-    for answer in found:
-        for source_id, paths in answer.items():
+    for answer in answers:
+        for source_id in wanted:
+            paths = answer.paths.get(source_id)
+            if paths is None:
+                continue
             before = merged.get(source_id)
             if before is None:
                 merged[source_id] = paths

@@ -170,14 +170,29 @@ class Connection:
         request = sspry_pb2.DeleteRequest(source_ids=source_ids, paths=paths)
         return self._unary(self.stub.Delete, request, timeout=max(self.timeout, 600.0))
 
-    def search(self, source: str, targets: list[str], max_anchors: int) -> Iterator[sspry_pb2.SearchFrame]:
-        request = sspry_pb2.SearchRequest(source=source, targets=targets, max_anchors=max_anchors)
-        try:
-            yield from self.stub.Search(
-                request, timeout=max(self.timeout, SEARCH_TIMEOUT_MIN_S), metadata=self.metadata
-            )
-        except grpc.RpcError as exc:
-            raise self._error(exc) from None
+    def search(self, request: sspry_pb2.SearchRequest) -> SearchCall:
+        """Start a search; iterate the result for its frames, `cancel()` to abandon it."""
+        call = self.stub.Search(
+            request, timeout=max(self.timeout, SEARCH_TIMEOUT_MIN_S), metadata=self.metadata
+        )
+        return SearchCall(self, call)
 
     def shutdown(self) -> str:
         return self._unary(self.stub.Shutdown, sspry_pb2.ShutdownRequest()).message
+
+
+class SearchCall:
+    """A search's frames from one server, with errors that name it."""
+
+    def __init__(self, connection: Connection, call):
+        self.connection = connection
+        self._call = call
+
+    def __iter__(self) -> Iterator[sspry_pb2.SearchFrame]:
+        try:
+            yield from self._call
+        except grpc.RpcError as exc:
+            raise self.connection._error(exc) from None
+
+    def cancel(self) -> None:
+        self._call.cancel()

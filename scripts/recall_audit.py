@@ -27,8 +27,8 @@ from tqdm import tqdm
 from sspry.features.walk import walk
 from sspry.indexing import index_paths
 from sspry.policy import Policy
-from sspry.query.condition import plan_rules
 from sspry.query.rules import RuleError, load_rule_file
+from sspry.query.ruleset import plan_rules
 from sspry.query.search import search_snapshot
 from sspry.store.forest import Forest, is_forest
 

@@ -18,8 +18,8 @@ import statistics
 import time
 from pathlib import Path
 
-from sspry.query.condition import plan_rules
 from sspry.query.rules import load_rule_file
+from sspry.query.ruleset import plan_rules
 from sspry.query.search import search_snapshot
 from sspry.store.forest import Forest
 

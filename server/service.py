@@ -20,11 +20,13 @@ from __future__ import annotations
 import asyncio
 import errno
 import functools
+import hashlib
 import hmac
 import json
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -33,6 +35,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from sspry.policy import PolicyError
+from sspry.store.errors import StorageFull
 from sspry.store.forest import PUBLISH_BYTES, Forest
 from sspry.v1 import sspry_pb2
 from sspry.wire import RowAssembler, WireError, file_record, policy_to_proto
@@ -42,6 +45,7 @@ PATH_FRAME_BYTES = 1 << 20  # paths sent per frame, roughly
 MAX_TARGETS = 100_000
 PROGRESS_INTERVAL_S = 0.5  # while planning, a progress frame at least this often ...
 PROGRESS_RULES = 256  # ... and after every this many rules
+FRAMES_AHEAD = 32  # frames a search may have produced that its client has not taken yet
 SERVICE = sspry_pb2.DESCRIPTOR.services_by_name["Sspry"]
 log = logging.getLogger("sspry.server")
 
@@ -121,6 +125,9 @@ class SspryService:
         self._search_pool = ThreadPoolExecutor(limits.searches, thread_name_prefix="sspry-search-call")
         self._write_pool = ThreadPoolExecutor(4, thread_name_prefix="sspry-write")
         self._info_pool = ThreadPoolExecutor(2, thread_name_prefix="sspry-info")
+        from sspry.query.plancache import PlanCache  # here: the planner loads yaramod
+
+        self.plan_cache = PlanCache(forest.plan_cache_dir)  # plans of earlier searches, across restarts
 
     def handler(self) -> grpc.GenericRpcHandler:
         """The service's method handlers, each checking for malformed requests first."""
@@ -164,6 +171,8 @@ class SspryService:
             return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(call, *args))
         except (WireError, PolicyError) as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except StorageFull as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server storage is full: {exc}")
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server storage is full: {exc}")
@@ -291,32 +300,38 @@ class SspryService:
                 grpc.StatusCode.INVALID_ARGUMENT, f"a search names 1 to {MAX_TARGETS} target rules"
             )
         source = request.source or None
-        if source is not None:
-            problem = await self._run(self._search_pool, context, _compile_problem, source, targets)
-            if problem:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         loop = asyncio.get_running_loop()
         frames: asyncio.Queue = asyncio.Queue()
+        room = threading.Semaphore(FRAMES_AHEAD)  # the worker waits for a slow client: memory stays flat
         cancelled = threading.Event()
         context.add_done_callback(lambda _: cancelled.set())  # the client left, or the deadline passed
 
         def emit(frame) -> None:
+            while not room.acquire(timeout=0.5):
+                if cancelled.is_set():
+                    raise _Cancelled
             loop.call_soon_threadsafe(frames.put_nowait, frame)
 
         def work() -> None:
             try:
+                problem = _compile_problem(source, targets) if source is not None else None
+                if problem:
+                    raise WireError(problem)
                 self._search(request, source, targets, emit, cancelled)
             except _Cancelled:
                 pass
             except BaseException as exc:
-                emit(exc)
+                loop.call_soon_threadsafe(frames.put_nowait, exc)
             finally:
-                emit(None)
+                loop.call_soon_threadsafe(frames.put_nowait, None)
 
         self.active_searches += 1
         running = loop.run_in_executor(self._search_pool, work)
         try:
             while (frame := await frames.get()) is not None:
+                room.release()
+                if isinstance(frame, WireError):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(frame))
                 if isinstance(frame, BaseException):
                     raise frame
                 yield frame
@@ -328,59 +343,58 @@ class SspryService:
                 self.active_searches -= 1
 
     def _search(self, request, source, targets, emit, cancelled: threading.Event) -> None:
-        """Plan and search on a worker thread, emitting frames; stops early once `cancelled` is set."""
-        from sspry.query.condition import iter_plans
+        """Plan and search on a worker thread, emitting frames (see SearchFrame in the proto); stops early
+        once `cancelled` is set."""
+        from sspry.query.literals import DEFAULT_MAX_ANCHORS
+        from sspry.query.ruleset import iter_plans
         from sspry.query.search import search_snapshot
 
         started = time.perf_counter()
+        snapshot = self.forest.snapshot()
+        emit(sspry_pb2.SearchFrame(start=sspry_pb2.SearchStart(documents=snapshot.documents)))
         plans = []
         reported = started
-        for plan in iter_plans(source, targets, self.forest.policy, request.max_anchors or 16):
+        anchors = request.max_anchors or DEFAULT_MAX_ANCHORS
+        for plan in iter_plans(source, targets, self.forest.policy, anchors, cache=self.plan_cache):
             if cancelled.is_set():
                 raise _Cancelled
             plans.append(plan)
             if len(plans) % PROGRESS_RULES == 0 or time.perf_counter() - reported >= PROGRESS_INTERVAL_S:
                 reported = time.perf_counter()
-                emit(
-                    sspry_pb2.SearchFrame(
-                        progress=sspry_pb2.SearchProgress(stage="plan", done=len(plans), total=len(targets))
-                    )
-                )
+                emit(_planned(len(plans), len(targets)))
+        emit(_planned(len(plans), len(targets)))
         planned = time.perf_counter()
         result = search_snapshot(
-            self.forest.snapshot(), plans, self.forest.policy, 0.0, self.search_workers, cancelled=cancelled
+            snapshot, plans, self.forest.policy, 0.0, self.search_workers, cancelled=cancelled
         )
-        if cancelled.is_set():
-            raise _Cancelled
-        paths = self.forest.paths_of(result.source_ids())
-        searched = time.perf_counter()
+        limit = None if request.limit == 0 else request.limit
+        sent: set[bytes] = set()  # documents whose paths this search has sent
+        candidates = 0
         for index, rule in enumerate(result.rules):
-            ids = [c.source_id for c in rule.candidates]
+            if cancelled.is_set():
+                raise _Cancelled
+            ids = [] if request.count_only else [c.source_id for c in rule.candidates[:limit]]
+            fresh = [i for i in ids if i not in sent]
+            sent.update(fresh)
+            self._emit_paths(fresh, emit)
             for start in range(0, max(len(ids), 1), CANDIDATES_PER_FRAME):
+                end = start + CANDIDATES_PER_FRAME >= len(ids)
                 emit(
                     sspry_pb2.SearchFrame(
                         candidates=sspry_pb2.RuleCandidates(
                             rule=index,
                             source_ids=ids[start : start + CANDIDATES_PER_FRAME],
-                            rule_end=start + CANDIDATES_PER_FRAME >= len(ids),
+                            rule_end=end,
+                            count=rule.candidate_count if end else 0,
                         )
                     )
                 )
-        documents, size = [], 0
-        for source_id, found in paths.items():
-            documents.append(
-                sspry_pb2.CandidatePaths(source_id=source_id, paths=found.paths, path_count=found.count)
-            )
-            size += len(source_id) + sum(len(p) + 8 for p in found.paths)
-            if size >= PATH_FRAME_BYTES:
-                emit(sspry_pb2.SearchFrame(paths=sspry_pb2.PathsFrame(documents=documents)))
-                documents, size = [], 0
-        if documents:
-            emit(sspry_pb2.SearchFrame(paths=sspry_pb2.PathsFrame(documents=documents)))
+            candidates += rule.candidate_count
+        searched = time.perf_counter()
         log.info(
             "search: %d rules, %d candidates, plan %.1f ms, search %.1f ms",
             len(targets),
-            sum(r.candidate_count for r in result.rules),
+            candidates,
             (planned - started) * 1000,
             (searched - planned) * 1000,
         )
@@ -395,32 +409,101 @@ class SspryService:
             )
         )
 
+    def _emit_paths(self, source_ids: list[bytes], emit) -> None:
+        """The recorded paths of these documents, in frames of about PATH_FRAME_BYTES."""
+        documents, size = [], 0
+        for source_id, found in self.forest.paths_of(source_ids).items():
+            documents.append(
+                sspry_pb2.CandidatePaths(source_id=source_id, paths=found.paths, path_count=found.count)
+            )
+            size += len(source_id) + sum(len(p) + 8 for p in found.paths)
+            if size >= PATH_FRAME_BYTES:
+                emit(sspry_pb2.SearchFrame(paths=sspry_pb2.PathsFrame(documents=documents)))
+                documents, size = [], 0
+        if documents:
+            emit(sspry_pb2.SearchFrame(paths=sspry_pb2.PathsFrame(documents=documents)))
+
     async def Shutdown(self, request, context):
         await self._check(request, context)
         asyncio.get_running_loop().call_soon(self.on_shutdown)
         return sspry_pb2.ShutdownResponse(message="shutdown requested")
 
 
+def _planned(done: int, total: int) -> sspry_pb2.SearchFrame:
+    return sspry_pb2.SearchFrame(progress=sspry_pb2.SearchProgress(stage="plan", done=done, total=total))
+
+
+_compiled_lock = threading.Lock()
+_compiled: OrderedDict[bytes, frozenset[str]] = OrderedDict()  # sha256 of a valid source -> its rules
+COMPILED_SOURCES = 64
+
+
 def _compile_problem(source: str, targets: list[str]) -> str | None:
-    """Why YARA refuses `source` (includes disabled), or names a target it does not hold; None if fine."""
+    """Why YARA refuses `source` (includes disabled), or names a target it does not hold; None if fine.
+    The rules of sources that compiled are remembered: a bundle searched again is not compiled again."""
     import yara
 
-    try:
-        compiled = yara.compile(source=source, includes=False)
-    except yara.Error as exc:
-        return f"invalid YARA rule: {exc}"
-    except (ValueError, TypeError) as exc:  # a NUL in the source, for one
-        return f"invalid YARA source: {exc}"
-    known = {r.identifier for r in compiled}
+    digest = hashlib.sha256(source.encode("utf-8", "surrogatepass")).digest()
+    with _compiled_lock:
+        known = _compiled.get(digest)
+    if known is None:
+        try:
+            compiled = yara.compile(source=source, includes=False)
+        except yara.Error as exc:
+            return f"invalid YARA rule: {exc}"
+        except (ValueError, TypeError) as exc:  # a NUL in the source, for one
+            return f"invalid YARA source: {exc}"
+        known = frozenset(r.identifier for r in compiled)
+        with _compiled_lock:
+            _compiled[digest] = known
+            while len(_compiled) > COMPILED_SOURCES:
+                _compiled.popitem(last=False)
     missing = [t for t in targets if t not in known]
     return f"target rules not in the source: {missing[:5]}" if missing else None
+
+
+class Backoff:
+    """When a maintenance task may run again after failing: exponentially later (BASE_S, doubling up to
+    CAP_S), reset by a success. A failure streak is logged once, when it starts, and its end once."""
+
+    BASE_S = 0.5
+    CAP_S = 30.0
+
+    def __init__(self, task: str):
+        self.task = task
+        self.failures = 0
+        self.next_at = 0.0
+
+    def ready(self, now: float) -> bool:
+        return now >= self.next_at
+
+    def failed(self, exc: Exception, now: float) -> None:
+        self.failures += 1
+        self.next_at = now + min(self.CAP_S, self.BASE_S * 2 ** (self.failures - 1))
+        if self.failures == 1:
+            log.warning(
+                "maintenance: %s failed: %s: %s (retrying every %g-%g s until it works)",
+                self.task,
+                type(exc).__name__,
+                exc,
+                self.BASE_S,
+                self.CAP_S,
+            )
+
+    def succeeded(self) -> None:
+        if self.failures:
+            log.warning("maintenance: %s works again after %d failures", self.task, self.failures)
+        self.failures = 0
+        self.next_at = 0.0
 
 
 class Maintenance(threading.Thread):
     """Publishes what was inserted once inserts pause for a moment (or enough waits: inserted documents
     are held in memory until published), and merges small segments
     (size-tiered compaction) whenever the segment set changed, so neither waits for a client to ask
-    and a server under continuous ingest does not pile up segments every search must visit."""
+    and a server under continuous ingest does not pile up segments every search must visit.
+    A failed publish or compaction (a full disk) changes nothing and is retried with backoff, each on
+    its own schedule: acknowledged rows stay in the log, searches go on over the last manifest."""
 
     def __init__(self, service: SspryService, publish_idle_s: float = 1.0):
         super().__init__(name="sspry-maintenance", daemon=True)
@@ -428,20 +511,29 @@ class Maintenance(threading.Thread):
         self.publish_idle_s = publish_idle_s
         self.stopping = threading.Event()
         self._compacted_generation = -1
+        self.publishing = Backoff("publish")
+        self.compacting = Backoff("compaction")
 
     def run(self) -> None:
         forest = self.service.forest
         while not self.stopping.wait(0.5):
-            idle = time.monotonic() - self.service.last_write
-            try:
-                pending = forest.pending_bytes
-                if pending and (idle >= self.publish_idle_s or pending >= PUBLISH_BYTES):
-                    forest.publish()
-                if forest.manifest.generation != self._compacted_generation:
+            now = time.monotonic()
+            idle = now - self.service.last_write
+            if self.publishing.ready(now):
+                try:
+                    pending = forest.pending_bytes
+                    if pending and (idle >= self.publish_idle_s or pending >= PUBLISH_BYTES):
+                        forest.publish()
+                    self.publishing.succeeded()
+                except Exception as exc:  # keep serving; retried with backoff
+                    self.publishing.failed(exc, now)
+            if forest.manifest.generation != self._compacted_generation and self.compacting.ready(now):
+                try:
                     forest.compact(full=False)
                     self._compacted_generation = forest.manifest.generation
-            except Exception as exc:  # keep serving; the next round retries
-                log.warning("maintenance: %s: %s", type(exc).__name__, exc)
+                    self.compacting.succeeded()
+                except Exception as exc:
+                    self.compacting.failed(exc, now)
 
     def stop(self) -> None:
         self.stopping.set()

@@ -1,8 +1,9 @@
 """The `sspry` command.
 
 Exit codes: 0 success; 1 the operation ran but did not do everything asked (a value to delete was
-missing); 2 bad input (invalid option value, rule file that does not compile, uninitialised forest);
-130 interrupted (SIGINT/SIGTERM): what was done is kept and summarised.
+missing), or the forest could not be written (a full disk: what was acknowledged is kept, and the same
+command completes once space is freed); 2 bad input (invalid option value, rule file that does not
+compile, uninitialised forest); 130 interrupted (SIGINT/SIGTERM): what was done is kept and summarised.
 Results go to stdout, progress and problems to stderr.
 """
 
@@ -14,13 +15,16 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import click
 
+from sspry.limits import MAX_TREE_DOCS
 from sspry.policy import FP_RANGE, ID_SOURCES, Policy, PolicyError, parse_gram_sizes
 from sspry.progress import Progress, Stage
+from sspry.query.literals import DEFAULT_MAX_ANCHORS
 
 DEFAULT_ROOT = "candidate_db"
 ROOT_ENV = "SSPRY_ROOT"
@@ -31,6 +35,12 @@ class InputError(click.ClickException):
     """Bad input from the user: a clear message and exit status 2."""
 
     exit_code = 2
+
+
+class WriteError(click.ClickException):
+    """The forest could not be written (a full disk, an I/O error): one line, exit status 1."""
+
+    exit_code = 1
 
 
 def _emit(data: dict) -> None:
@@ -59,9 +69,11 @@ class ServerError(click.ClickException):
 @contextlib.contextmanager
 def _failures() -> Iterator[None]:
     """What a Database or a Cluster raises, as one line: bad input (a rule YARA refuses, a request the
-    policy forbids, a call a server refuses as invalid) exits 2, server trouble 1."""
+    policy forbids, a call a server refuses as invalid) exits 2; server trouble and a write the forest
+    could not make (`Error: ...: No space left on device`) exit 1."""
     from sspry.client.connection import ClientError
     from sspry.query.rules import RuleError
+    from sspry.store.errors import ForestError, StorageFull
 
     try:
         yield
@@ -69,6 +81,13 @@ def _failures() -> Iterator[None]:
         raise InputError(str(exc)) from exc
     except ClientError as exc:
         raise (InputError if exc.bad_input else ServerError)(str(exc)) from exc
+    except StorageFull as exc:  # a write failed: nothing acknowledged is lost
+        raise WriteError(str(exc)) from exc
+    except ForestError as exc:  # locked, or of another format
+        raise InputError(str(exc)) from exc
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        raise WriteError(f"{where}{exc.strerror or exc}") from exc
 
 
 root_option = click.option(
@@ -206,7 +225,7 @@ def _gram_sizes(ctx, param, value: str) -> tuple[int, int]:
     "--tree-docs",
     default=Policy.tree_docs,
     show_default=True,
-    type=click.IntRange(1),
+    type=click.IntRange(1, MAX_TREE_DOCS),
     help="Documents per Tree before the next Tree opens.",
 )
 @click.option(
@@ -268,7 +287,7 @@ max_candidates_option = click.option(
 )
 max_anchors_option = click.option(
     "--max-anchors-per-pattern",
-    default=16,
+    default=DEFAULT_MAX_ANCHORS,
     show_default=True,
     type=click.IntRange(1, 1024),
     help="Grams read per literal and tier; more read costs I/O, fewer cost precision.",
@@ -408,56 +427,103 @@ def _print_deleted(rows: list, as_json: bool) -> None:
         sys.exit(1)
 
 
-def _print_search(result, verify: bool) -> None:
-    """Per rule: counts, then a line per candidate: Source ID, with --verify its outcome, and its
+def _print_rule(rule, number: int, several: bool, verify: bool) -> None:
+    """One rule, plain: counts, then a line per candidate: Source ID, with --verify its outcome, and its
     paths, tab separated (matches first when verified)."""
-    several = len(result.rules) > 1
-    for number, rule in enumerate(result.rules):
-        if several:
-            if number:
-                click.echo("")
-            click.echo(f"rule: {rule.name}")
-        click.echo(f"candidates: {rule.candidate_count}")
-        click.echo(f"truncated: {str(rule.truncated).lower()}")
-        if rule.truncated:
-            click.echo(f"truncated_limit: {rule.limit}")
-        rows = rule.candidates
+    if several:
+        if number:
+            click.echo("")
+        click.echo(f"rule: {rule.name}")
+    click.echo(f"candidates: {rule.candidate_count}")
+    click.echo(f"truncated: {str(rule.truncated).lower()}")
+    if rule.truncated:
+        click.echo(f"truncated_limit: {rule.limit}")
+    rows = rule.candidates
+    if verify:
+        for key, value in rule.verified_counts().items():
+            click.echo(f"{key}: {value}")
+        order = {"match": 0, "no-match": 2}
+        rows = sorted(rows, key=lambda c: order.get(c.outcome, 1))
+    for candidate in rows:
+        fields = [candidate.source_id.hex()]
         if verify:
-            for key, value in rule.verified_counts().items():
-                click.echo(f"{key}: {value}")
-            order = {"match": 0, "no-match": 2}
-            rows = sorted(rows, key=lambda c: order.get(c.outcome, 1))
-        for candidate in rows:
-            fields = [candidate.source_id.hex()]
-            if verify:
-                fields.append(candidate.outcome)
-            fields.extend(candidate.paths)
-            if candidate.path_count > len(candidate.paths):
-                fields.append(f"(+{candidate.path_count - len(candidate.paths)} more paths)")
-            click.echo("\t".join(fields))
+            fields.append(candidate.outcome)
+        fields.extend(candidate.paths)
+        if candidate.path_count > len(candidate.paths):
+            fields.append(f"(+{candidate.path_count - len(candidate.paths)} more paths)")
+        click.echo("\t".join(fields))
 
 
 def _search(
-    store, rule: str, as_json: bool, max_candidates: float, verify: bool, max_anchors: int, **options
-):
-    """`local search` and `search`: one search over a Database or a Cluster, printed."""
+    store,
+    rule: str,
+    output: str,
+    max_candidates: float,
+    verify: bool,
+    max_anchors: int,
+    limit: int | None,
+    count: bool,
+    **options,
+) -> None:
+    """`local search` and `search`: one search over a Database or a Cluster, printed rule by rule as the
+    results come (all at once with --verify, which scans every candidate first). `output` is "plain",
+    "json" (one object, written incrementally) or "ndjson" (a line per rule, then a summary line)."""
+    if verify and count:
+        raise click.UsageError("--count lists no candidates to verify: drop one of them")
+    started = time.perf_counter()
+    asked = dict(max_candidates=max_candidates, max_anchors=max_anchors, limit=limit, progress=TqdmProgress())
     with _failures():
-        result = store.search(
-            path=rule,
-            verify=verify,
-            max_candidates=max_candidates,
-            max_anchors=max_anchors,
-            progress=TqdmProgress(),
-            **options,
-        )
-    if as_json:
-        click.echo(json.dumps(result.to_json()))
-    else:
-        _print_search(result, verify)
+        if verify:
+            found = store.search(path=rule, verify=True, **asked, **options)
+            rules, names, summary = found.rules, [r.name for r in found.rules], found
+        else:
+            found = store.stream(path=rule, count_only=count, **asked, **options)
+            rules, names, summary = found, found.targets, found
+        several = len(names) > 1
+        if output == "json":
+            click.echo('{"rules": [', nl=False)
+        for number, result in enumerate(rules):
+            if output == "plain":
+                _print_rule(result, number, several, verify)
+            else:
+                separator = "," if number and output == "json" else ""
+                click.echo(separator + json.dumps(result.to_json()), nl=output == "ndjson")
+    summary.timings_ms["total"] = (time.perf_counter() - started) * 1000
+    end = summary.summary_json()
+    if output == "json":
+        click.echo("], " + json.dumps(end)[1:])
+    elif output == "ndjson":
+        click.echo(json.dumps({"summary": end}))
     if verify:
-        skipped = {c.source_id: c for r in result.rules for c in r.candidates if c.skipped}
+        skipped = {c.source_id: c for r in found.rules for c in r.candidates if c.skipped}
         for candidate in skipped.values():
             click.echo(f"not verified: {candidate.source_id.hex()}: {candidate.skip_detail}", err=True)
+
+
+def _output_options(function):
+    """--json / --ndjson, --count, --limit: how a search's results are written."""
+    options = [
+        click.option(
+            "--json", "output", flag_value="json", help="Print one JSON object (written as it goes)."
+        ),
+        click.option(
+            "--ndjson",
+            "output",
+            flag_value="ndjson",
+            help="Print a JSON line per rule as each is ready, then a summary line.",
+        ),
+        click.option("--plain", "output", flag_value="plain", default=True, help="Print text (the default)."),
+        click.option("--count", is_flag=True, help="Only count each rule's candidates (no list)."),
+        click.option(
+            "--limit",
+            type=click.IntRange(1),
+            default=None,
+            help="List at most N candidates per rule (counts stay complete).  [default: all]",
+        ),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
 
 
 search_workers_option = click.option(
@@ -472,15 +538,27 @@ search_workers_option = click.option(
 @local.command("search")
 @root_option
 @click.option("--rule", "rule", required=True, type=click.Path(dir_okay=False), help="YARA rule file.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_output_options
 @max_candidates_option
 @click.option("--verify", is_flag=True, help="Scan candidates with YARA (needs a forest with --store-path).")
 @max_anchors_option
 @search_workers_option
-def local_search(root, rule, as_json, max_candidates, verify, max_anchors_per_pattern, search_workers):
+def local_search(
+    root, rule, output, count, limit, max_candidates, verify, max_anchors_per_pattern, search_workers
+):
     """Return every indexed file that may match each public rule of RULE."""
     with _local(root) as db:
-        _search(db, rule, as_json, max_candidates, verify, max_anchors_per_pattern, workers=search_workers)
+        _search(
+            db,
+            rule,
+            output,
+            max_candidates,
+            verify,
+            max_anchors_per_pattern,
+            limit,
+            count,
+            workers=search_workers,
+        )
 
 
 @local.command("delete")
@@ -513,6 +591,40 @@ def local_compact(root, as_json):
         "rewritten_segments": result.rewritten,
         "written_segments": result.written,
         "purged_documents": result.purged_docs,
+    }
+    if as_json:
+        _emit(summary)
+    else:
+        for key, value in summary.items():
+            click.echo(f"{key}: {value}")
+
+
+@local.command("backup")
+@root_option
+@click.argument("dest", type=click.Path(file_okay=False))
+@click.option("--copy", "copy_files", is_flag=True, help="Copy segments even where hard links would do.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def local_backup(root, dest, copy_files, as_json):
+    """Copy the Forest at ROOT into DEST (new or empty) consistently, while a server or an index may be
+    writing it: the policy, the unpublished logs, the catalog (SQLite's backup), then one manifest and the
+    immutable segments it names (hard links on the same filesystem, else copies), the manifest last.
+    DEST is a forest of its own."""
+    from sspry.store.backup import backup
+    from sspry.store.forest import is_forest
+
+    if not is_forest(Path(root)):
+        raise InputError(f"{root} is not an initialised sspry forest")
+    if Path(dest).exists() and any(Path(dest).iterdir()):
+        raise InputError(f"{dest} exists and is not empty: back up into a new or empty directory")
+    with _failures():
+        result = backup(Path(root), Path(dest), link=not copy_files)
+    summary = {
+        "generation": result.generation,
+        "documents": result.documents,
+        "segments": result.segments,
+        "unpublished_logs": result.logs,
+        "linked_files": result.linked_files,
+        "copied_bytes": result.copied_bytes,
     }
     if as_json:
         _emit(summary)
@@ -733,7 +845,7 @@ def index(
 @main.command()
 @click.option("--rule", "rule", required=True, type=click.Path(dir_okay=False), help="YARA rule file.")
 @_client_options
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_output_options
 @max_candidates_option
 @click.option(
     "--verify", is_flag=True, help="Scan candidates with YARA here (the stored paths must be readable)."
@@ -747,14 +859,16 @@ def search(
     ignore_offline,
     token,
     tls_ca,
-    as_json,
+    output,
+    count,
+    limit,
     max_candidates,
     verify,
     max_anchors_per_pattern,
 ):
     """Search server(s) with every public rule of RULE; results merged, deduplicated, then capped."""
     with _cluster(addr, timeout, max_message_bytes, ignore_offline, token, tls_ca) as cluster:
-        _search(cluster, rule, as_json, max_candidates, verify, max_anchors_per_pattern)
+        _search(cluster, rule, output, max_candidates, verify, max_anchors_per_pattern, limit, count)
 
 
 @main.command()

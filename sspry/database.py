@@ -17,20 +17,14 @@ from pathlib import Path
 
 from sspry.deleting import Deletion, ForestDeleter, delete_values
 from sspry.indexing import IndexSummary, index_files
-from sspry.policy import Policy, PolicyError
+from sspry.policy import Policy
 from sspry.progress import SILENT, Progress
-from sspry.query.results import SearchResult
+from sspry.query.literals import DEFAULT_MAX_ANCHORS
+from sspry.query.plancache import PlanCache
+from sspry.query.results import SearchResult, SearchStream
 from sspry.query.rulecheck import RuleReport, check_rules
 from sspry.query.rules import load_rules
 from sspry.store.forest import CompactResult, Forest
-
-DEFAULT_MAX_ANCHORS = 16
-
-
-def needs_paths(policy: Policy) -> None:
-    """Verification reads the candidates' files: the forest must record their paths."""
-    if not policy.store_path:
-        raise PolicyError("--verify needs stored paths: the forest was initialised without --store-path")
 
 
 class Database:
@@ -41,6 +35,7 @@ class Database:
         self._reader = Forest.open(self.root, writable=False)
         self._writer: Forest | None = None
         self._lock = threading.Lock()
+        self._plan_cache: PlanCache | None = None  # opened by the first search
 
     @classmethod
     def create(cls, root: Path | str, *, force: bool = False, **policy) -> Database:
@@ -71,6 +66,9 @@ class Database:
                 self._writer.close()
                 self._writer = None
             self._reader.close()
+            if self._plan_cache is not None:
+                self._plan_cache.close()
+                self._plan_cache = None
 
     def __enter__(self) -> Database:
         return self
@@ -109,27 +107,70 @@ class Database:
         verify: bool = False,
         max_candidates: float = 0.0,
         max_anchors: int = DEFAULT_MAX_ANCHORS,
+        limit: int | None = None,
+        count_only: bool = False,
         workers: int = 0,
         progress: Progress | None = None,
     ) -> SearchResult:
         """Every document that may match each public rule of the rule text (`rule=`) or file (`path=`);
         with `verify`, each candidate scanned with YARA. RuleError if YARA refuses the rules."""
-        from sspry.query.search import search_forest
-        from sspry.verify import verify as run_verify
+        from sspry.verify import collect, needs_paths
 
         progress = progress or SILENT
         started = time.perf_counter()
-        forest = self._forest()
         if verify:
-            needs_paths(forest.policy)
+            needs_paths(self.policy)  # before any work
+        stream = self.stream(
+            rule,
+            path,
+            max_candidates=max_candidates,
+            max_anchors=max_anchors,
+            limit=limit,
+            count_only=count_only,
+            workers=workers,
+            progress=progress,
+        )
+        return collect(stream, self.policy, verify, progress, started)
+
+    def stream(
+        self,
+        rule: str | None = None,
+        path: str | None = None,
+        *,
+        max_candidates: float = 0.0,
+        max_anchors: int = DEFAULT_MAX_ANCHORS,
+        limit: int | None = None,
+        count_only: bool = False,
+        workers: int = 0,
+        progress: Progress | None = None,
+    ) -> SearchStream:
+        """`search` without verification, one rule result at a time (memory stays flat whatever the
+        number of candidates). `limit` lists at most that many candidates per rule, `count_only` none;
+        the counts are always complete."""
+        from sspry.query.search import stream_forest
+
+        started = time.perf_counter()
         source, compiled = load_rules(rule, path)
         loaded = time.perf_counter()
-        result = search_forest(forest, source, max_candidates, max_anchors, workers, progress, None)
-        result.timings_ms["compile"] = (loaded - started) * 1000
-        if verify:
-            run_verify(result, compiled, forest.policy, progress=progress)
-        result.timings_ms["total"] = (time.perf_counter() - started) * 1000
-        return result
+        forest = self._forest()
+        with self._lock:
+            if self._plan_cache is None:
+                self._plan_cache = PlanCache(forest.plan_cache_dir)
+        stream = stream_forest(
+            forest,
+            source,
+            max_candidates,
+            max_anchors,
+            workers,
+            progress or SILENT,
+            None,
+            limit,
+            count_only,
+            self._plan_cache,
+        )
+        stream.timings_ms["compile"] = (loaded - started) * 1000
+        stream.compiled, stream.parsed = compiled, source.parsed or source.text
+        return stream
 
     def delete(self, values: list[str] | tuple[str, ...]) -> list[Deletion]:
         """Delete by Source ID (hex), path, or file content (see sspry.deleting)."""

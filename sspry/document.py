@@ -11,15 +11,20 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from sspry import limits
+from sspry.limits import ENTRY_BYTES
 from sspry.policy import BLOCK_BITS, Policy, PolicyError
 from sspry.v1 import sspry_pb2
 
 if TYPE_CHECKING:
     import numpy as np
 
-ENTRY_BYTES = 16
-MAX_FIELDS = 512
 PATH_KEY_BYTES = 16
+ROW_OVERHEAD_BYTES = 256  # a row's fixed-size fields and framing, for `row_bytes`
+
+
+def _over(what: str, value: int, name: str) -> PolicyError:
+    return PolicyError(f"{what}: {value}, over the limit of {getattr(limits, name)} ({name})")
 
 
 def path_key(path: str) -> bytes:
@@ -69,59 +74,95 @@ class Document:
             row.path = self.path
         return row
 
+    def row_bytes(self) -> int:
+        """The size of this document as a row, from above (what the row limit counts)."""
+        return (
+            len(self.tier1)
+            + len(self.tier2)
+            + len(self.source_id)
+            + len(self.prefix)
+            + len(self.entry_bytes)
+            + len(self.path_key)
+            + (len(self.path.encode("utf-8", "surrogateescape")) if self.path is not None else 0)
+            + sum(len(name) + 16 for name in self.fields)
+            + ROW_OVERHEAD_BYTES
+        )
+
+    def check(self, policy: Policy) -> None:
+        """Raise PolicyError unless the document fits the policy and every limit of `sspry.limits`: what
+        passes here can always be published."""
+        from sspry.bloom import is_class  # numpy: not for clients at import
+        from sspry.features.sizing import bloom_blocks
+
+        if len(self.source_id) != policy.id_bytes:
+            raise PolicyError(
+                f"source id of {len(self.source_id)} bytes, but this forest uses {policy.id_source} "
+                f"({policy.id_bytes} bytes)"
+            )
+        for tier in (1, 2):
+            size = len(self.bloom(tier))
+            blocks = size * 8 // BLOCK_BITS
+            if size == 0 or size % (BLOCK_BITS // 8) or not is_class(blocks, policy.ladder_steps):
+                raise PolicyError(f"tier {tier} bloom of {size} bytes is not a size class of this forest")
+            estimate = self.tier1_estimate if tier == 1 else self.tier2_estimate
+            expected = bloom_blocks(estimate, policy, tier)
+            if blocks != expected:
+                raise PolicyError(
+                    f"tier {tier} bloom of {blocks} blocks does not fit its estimate of {estimate} grams: "
+                    f"this forest's policy sizes it at {expected} blocks"
+                )
+        if len(self.prefix) > policy.prefix_bytes or len(self.prefix) > self.filesize:
+            raise PolicyError(f"prefix of {len(self.prefix)} bytes is longer than allowed")
+        if not 0.0 <= self.entropy <= 8.0:
+            raise PolicyError(f"entropy {self.entropy} is outside [0, 8]")
+        if len(self.entry_bytes) > ENTRY_BYTES:
+            raise _over("entry-point bytes", len(self.entry_bytes), "ENTRY_BYTES")
+        if len(self.fields) > limits.MAX_FIELDS_PER_ROW:
+            raise _over("module fields in one row", len(self.fields), "MAX_FIELDS_PER_ROW")
+        for name in self.fields:
+            if len(name.encode()) > limits.MAX_FIELD_NAME_BYTES:
+                raise _over("bytes in a module field name", len(name.encode()), "MAX_FIELD_NAME_BYTES")
+            if not limits.FIELD_NAME.fullmatch(name):
+                raise PolicyError(f"module field name {name!r} is not a dotted YARA identifier (FIELD_NAME)")
+        if len(self.path_key) not in (0, PATH_KEY_BYTES):
+            raise PolicyError(f"path key of {len(self.path_key)} bytes, {PATH_KEY_BYTES} expected")
+        if self.path is not None:
+            try:
+                encoded = self.path.encode("utf-8")
+            except UnicodeEncodeError:
+                raise PolicyError(f"path {self.path!r} is not valid UTF-8 and cannot be stored") from None
+            if len(encoded) > limits.MAX_PATH_BYTES:
+                raise _over("path bytes", len(encoded), "MAX_PATH_BYTES")
+            if self.path_key != path_key(self.path):
+                raise PolicyError("path key does not match the path")
+        if self.row_bytes() > limits.MAX_ROW_BYTES:
+            raise _over("row bytes", self.row_bytes(), "MAX_ROW_BYTES")
+
     @classmethod
     def from_row(cls, row: sspry_pb2.DocumentRow, policy: Policy) -> Document:
         """Decode and validate a row against the policy; raise PolicyError on anything malformed."""
         import numpy as np  # not at import: clients that never decode rows start without numpy
 
-        from sspry.bloom import is_class
-
-        if len(row.source_id) != policy.id_bytes:
-            raise PolicyError(
-                f"source id of {len(row.source_id)} bytes, but this forest uses {policy.id_source} "
-                f"({policy.id_bytes} bytes)"
-            )
-        blooms = []
-        for tier, bloom in ((1, row.tier1), (2, row.tier2)):
-            size = len(bloom.bits)
-            if (
-                size == 0
-                or size % (BLOCK_BITS // 8)
-                or not is_class(size * 8 // BLOCK_BITS, policy.ladder_steps)
-            ):
-                raise PolicyError(f"tier {tier} bloom of {size} bytes is not a size class of this forest")
-            blooms.append(np.frombuffer(bloom.bits, dtype=np.uint8))
-        if len(row.prefix) > policy.prefix_bytes or len(row.prefix) > row.filesize:
-            raise PolicyError(f"prefix of {len(row.prefix)} bytes is longer than allowed")
-        if not 0.0 <= row.entropy <= 8.0:
-            raise PolicyError(f"entropy {row.entropy} is outside [0, 8]")
-        if len(row.entry_bytes) > ENTRY_BYTES:
-            raise PolicyError(f"{len(row.entry_bytes)} entry-point bytes, at most {ENTRY_BYTES} allowed")
-        if len(row.fields) > MAX_FIELDS or any(len(name) > 128 for name in row.fields):
-            raise PolicyError("too many or too long metadata fields")
-        path = row.path if row.HasField("path") else None
-        if len(row.path_key) not in (0, PATH_KEY_BYTES):
-            raise PolicyError(f"path key of {len(row.path_key)} bytes, {PATH_KEY_BYTES} expected")
-        if path is not None and row.path_key != path_key(path):
-            raise PolicyError("path key does not match the path")
-        if path is not None and not policy.store_path:
-            path = None
-        return cls(
+        doc = cls(
             source_id=bytes(row.source_id),
             filesize=row.filesize,
-            tier1=blooms[0],
-            tier2=blooms[1],
+            tier1=np.frombuffer(row.tier1.bits, dtype=np.uint8),
+            tier2=np.frombuffer(row.tier2.bits, dtype=np.uint8),
             tier1_estimate=row.tier1.estimate,
             tier2_estimate=row.tier2.estimate,
             entropy=row.entropy,
             prefix=bytes(row.prefix),
-            path=path,
+            path=row.path if row.HasField("path") else None,
             fields=dict(row.fields),
             entry_bytes=bytes(row.entry_bytes),
             modules_scanned=row.modules_scanned,
             path_key=bytes(row.path_key),
             mtime_ns=row.mtime_ns,
         )
+        doc.check(policy)
+        if not policy.store_path:
+            doc.path = None
+        return doc
 
 
 def resolve_value(value: str, policy: Policy) -> bytes | str:

@@ -11,7 +11,9 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 
-POLICY_VERSION = 1
+from sspry.limits import MAX_PREFIX_BYTES, MAX_TREE_DOCS
+
+POLICY_VERSION = 1  # the format of sspry.json (its "version" field)
 ID_SOURCES = {"md5": 16, "sha1": 20, "sha256": 32, "sha512": 64}
 GRAM_PAIRS = ((3, 4), (4, 5), (5, 6), (7, 8))
 FP_RANGE = (0.01, 0.5)
@@ -73,8 +75,15 @@ class Policy:
                 raise PolicyError(f"invalid {name.replace('_', '-')}-set-fp {value}: must be in [0.01, 0.5]")
         if not 1 <= self.shards <= 256:
             raise PolicyError(f"invalid shard count {self.shards}: must be in [1, 256]")
-        if self.tree_docs < 1:
-            raise PolicyError(f"invalid tree size {self.tree_docs}: must be at least 1")
+        if not 1 <= self.tree_docs <= MAX_TREE_DOCS:
+            raise PolicyError(
+                f"invalid tree size {self.tree_docs}: must be in [1, {MAX_TREE_DOCS}] (MAX_TREE_DOCS)"
+            )
+        if not 0 <= self.prefix_bytes <= MAX_PREFIX_BYTES:
+            raise PolicyError(
+                f"invalid prefix size {self.prefix_bytes}: must be in [0, {MAX_PREFIX_BYTES}] "
+                "(MAX_PREFIX_BYTES)"
+            )
         if not 1 <= self.ladder_steps <= 64:
             raise PolicyError(f"invalid ladder steps {self.ladder_steps}: must be in [1, 64]")
         if self.version != POLICY_VERSION:

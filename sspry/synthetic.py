@@ -12,6 +12,7 @@ truth to compare with (yara-python's).
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import math
 import random
@@ -306,3 +307,35 @@ def benchmark_corpus(out: Path, docs: int, seed: int = 1, tokens: int = 1000) ->
     }
     stamp.write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def random_document(
+    policy, rng: random.Random, blocks: tuple[int, int] | None = None, path: str | None = None
+):
+    """A Document of random content (no file behind it) that passes `Document.check`: each bloom of a
+    size class of the policy (`blocks`, or one of the smallest six), with the estimate that class is sized
+    for. For tests and the fault harness, where extracting real files would cost the time."""
+    from sspry.bloom import ladder
+    from sspry.document import Document, path_key
+    from sspry.policy import BLOCK_BITS, bits_per_gram
+
+    sizes = ladder(policy.ladder_steps)
+    blooms, estimates = [], []
+    for tier in (1, 2):
+        nblocks = blocks[tier - 1] if blocks else int(sizes[rng.randrange(6)])
+        blooms.append(np.frombuffer(rng.randbytes(nblocks * BLOCK_BITS // 8), dtype=np.uint8))
+        estimates.append(math.floor(nblocks * BLOCK_BITS / bits_per_gram(policy.tier_fp(tier))))
+    content = rng.randbytes(32)
+    return Document(
+        source_id=hashlib.new(policy.id_source, content).digest(),
+        filesize=rng.randrange(1, 1 << 30),
+        tier1=blooms[0],
+        tier2=blooms[1],
+        tier1_estimate=estimates[0],
+        tier2_estimate=estimates[1],
+        entropy=rng.random() * 8,
+        prefix=content[: rng.randrange(33)],
+        path=path,
+        path_key=path_key(path) if path else b"",
+        mtime_ns=rng.randrange(1 << 60) if path else -1,
+    )

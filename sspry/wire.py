@@ -17,6 +17,7 @@ from sspry.store.files import FileRecord
 from sspry.v1 import sspry_pb2
 
 FRAME_OVERHEAD = 64  # bytes a frame adds around its chunk, generously
+FRAME_BYTES = 1 << 20  # row bytes per insert frame
 
 
 class WireError(ValueError):
@@ -77,8 +78,10 @@ def file_record(stamp: sspry_pb2.FileStamp, source_id: bytes, policy: Policy) ->
 def row_frames(
     rows: Iterable[sspry_pb2.DocumentRow], max_message_bytes: int
 ) -> Iterator[sspry_pb2.InsertFrame]:
-    """Each row serialized and cut into frames that fit `max_message_bytes`."""
-    chunk = max(1024, max_message_bytes - FRAME_OVERHEAD)
+    """Each row serialized and cut into frames of at most FRAME_BYTES that fit `max_message_bytes`: small
+    frames keep the copies a server makes of a message in flight small, so its insert budget bounds its
+    memory."""
+    chunk = max(1024, min(FRAME_BYTES, max_message_bytes - FRAME_OVERHEAD))
     for row in rows:
         data = row.SerializeToString()
         for start in range(0, max(len(data), 1), chunk):

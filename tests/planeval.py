@@ -15,10 +15,11 @@ import numpy as np
 from sspry.features.extract import shannon_entropy
 from sspry.features.metadata import module_fields
 from sspry.policy import Policy
-from sspry.query.condition import plan_rules
 from sspry.query.facts import evaluate_fact
+from sspry.query.literals import DEFAULT_MAX_ANCHORS
 from sspry.query.plan import And, AtLeast, Const, Gram, Node, Not, Or
 from sspry.query.rules import yaramod_parser
+from sspry.query.ruleset import plan_rules
 from tests.reference import indexed_grams
 
 
@@ -76,6 +77,8 @@ class Facts:
         return bool(evaluate_fact(node, self.document)[0])
 
 
-def plans_for(source: str, targets, policy: Policy, max_anchors: int = 16) -> dict[str, Node]:
+def plans_for(
+    source: str, targets, policy: Policy, max_anchors: int = DEFAULT_MAX_ANCHORS
+) -> dict[str, Node]:
     text = yaramod_parser().parse_string(source).text
     return {p.name: p.upper for p in plan_rules(text, targets, policy, max_anchors)}

@@ -368,3 +368,34 @@ def test_every_option_has_help_and_shows_its_default() -> None:
     assert checked > 40
     text = run("--help").stdout
     assert all(word in text for word in ("SSPRY_ROOT", "SSPRY_ADDR", "SSPRY_TOKEN", "_SSPRY_COMPLETE"))
+
+
+def test_output_formats_stream_rule_by_rule(tmp_path, files, rules) -> None:
+    root = str(tmp_path / "forest")
+    run("init", "--root", root, "--store-path")
+    run("local", "index", "--root", root, str(files))
+    whole = json.loads(run("local", "search", "--root", root, "--rule", str(rules), "--json").stdout)
+    lines = [
+        json.loads(line)
+        for line in run(
+            "local", "search", "--root", root, "--rule", str(rules), "--ndjson"
+        ).stdout.splitlines()
+    ]
+    assert [line["rule"] for line in lines[:-1]] == ["alpha", "beta", "big"]
+    assert lines[:-1] == whole["rules"] and lines[-1]["summary"]["documents"] == whole["documents"] == 4
+    counted = json.loads(
+        run("local", "search", "--root", root, "--rule", str(rules), "--json", "--count").stdout
+    )
+    assert [(r["candidate_count"], "candidates" in r) for r in counted["rules"]] == [
+        (r["candidate_count"], False) for r in whole["rules"]
+    ]
+    broad = tmp_path / "broad.yar"
+    broad.write_text("rule everything { condition: filesize >= 0 }\n")
+    limited = json.loads(
+        run("local", "search", "--root", root, "--rule", str(broad), "--json", "--limit", "2").stdout
+    )["rules"][0]
+    assert (limited["candidate_count"], len(limited["candidates"]), limited["truncated_limit"]) == (4, 2, 2)
+    assert (
+        "--count"
+        in run("local", "search", "--root", root, "--rule", str(rules), "--count", "--verify", code=2).output
+    )

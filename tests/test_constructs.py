@@ -15,9 +15,9 @@ import yara
 
 from sspry.features.metadata import module_fields
 from sspry.policy import Policy
-from sspry.query.condition import plan_rules
 from sspry.query.plan import TRUE
 from sspry.query.rules import yaramod_parser
+from sspry.query.ruleset import plan_rules
 from tests.pebuild import build_pe
 from tests.planeval import Facts
 

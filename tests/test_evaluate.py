@@ -217,7 +217,7 @@ def test_search_snapshot_returns_the_reference_source_ids_and_stops_when_cancell
     views = [build_view(tmp_path, f"s{i}", rng, n) for i, n in enumerate((23, 150))]
     grams = random_grams(rng, 8)
     plans = [random_plan(rng, grams) for _ in range(10)]
-    from sspry.query.condition import RulePlan
+    from sspry.query.ruleplan import RulePlan
 
     rule_plans = [RulePlan(f"r{i}", plan) for i, plan in enumerate(plans)]
     snapshot = Snapshot(1, views)

@@ -83,14 +83,14 @@ def test_a_second_interrupt_exits_at_once_and_loses_nothing_acknowledged(tmp_pat
     root = tmp_path / "forest"
     Forest.init(root, Policy())
     run = sspry("local", "index", "--root", str(root), "--workers", "1", str(corpus))
-    wait_for(lambda: any(read_log(log)[0] for log in (root / "ingest").iterdir()))  # a batch acknowledged
+    wait_for(lambda: any(read_log(log).rows for log in (root / "ingest").iterdir()))  # a batch acknowledged
     run.send_signal(signal.SIGINT)
     run.send_signal(signal.SIGTERM)  # two of one kind would be merged into one delivery
     _, err = run.communicate(timeout=120)
     assert run.returncode == 130 and "exiting now" in err
     with Forest.open(root) as forest:
         published = forest.snapshot().documents
-    logged_rows = sum(len(read_log(log)[0]) for log in (root / "ingest").iterdir())
+    logged_rows = sum(len(read_log(log).rows) for log in (root / "ingest").iterdir())
     assert published + logged_rows > 0
     with Forest.open(root, writable=True) as forest:  # every acknowledged row is published
         forest.publish()

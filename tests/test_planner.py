@@ -11,10 +11,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sspry.policy import Policy
-from sspry.query.condition import int_literal
 from sspry.query.hexstr import HexError, parse_hex
 from sspry.query.literals import ANY, Alt, Cat, GramMapper, Lit, Rep, byte, literal, pattern_plan
 from sspry.query.plan import FALSE, TRUE, Approx, Filesize, Gram, and_, at_least, not_, or_
+from sspry.query.terms import int_literal
 from tests.planeval import Facts, plans_for
 
 POLICY = Policy()

@@ -4,6 +4,7 @@ wire, token and TLS. Each server is a separate `sspry serve` process, stopped by
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -27,7 +28,7 @@ from tests.test_store import make_doc
 
 
 class ServerProcess:
-    def __init__(self, root: Path, *extra: str):
+    def __init__(self, root: Path, *extra: str, env: dict[str, str] | None = None):
         self.root = root
         command = [
             sys.executable,
@@ -40,7 +41,13 @@ class ServerProcess:
             "127.0.0.1:0",
             *extra,
         ]
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
         line = self.process.stdout.readline()
         if "listening on" not in line:
             self.process.kill()
@@ -109,6 +116,16 @@ def test_two_servers_index_search_delete_info_shutdown(servers, indexed_corpus, 
         assert mine.name == theirs["rule"]
         assert {c.source_id.hex() for c in mine.candidates} == {c["source_id"] for c in theirs["candidates"]}
 
+    streamed = run("search", "--addr", addrs, "--rule", str(indexed_corpus.rules), "--ndjson", "--limit", "3")
+    lines = [json.loads(line) for line in streamed.stdout.splitlines()]
+    assert [line["rule"] for line in lines[:-1]] == [r.name for r in expected.rules]
+    assert [line["candidate_count"] for line in lines[:-1]] == [r.candidate_count for r in expected.rules]
+    assert all(len(line["candidates"]) == min(3, line["candidate_count"]) for line in lines[:-1])
+    assert sorted(lines[-1]["summary"]["servers"]) == sorted(addrs.split(","))
+    counted = run("search", "--addr", addrs, "--rule", str(indexed_corpus.rules), "--json", "--count").stdout
+    assert [r["candidate_count"] for r in json.loads(counted)["rules"]] == [
+        r.candidate_count for r in expected.rules
+    ]
     verified = json.loads(
         run("search", "--addr", addrs, "--rule", str(indexed_corpus.rules), "--json", "--verify").stdout
     )

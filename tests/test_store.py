@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 
@@ -10,7 +9,6 @@ import numpy as np
 import pytest
 
 from sspry.bloom import bloom_positions, ladder
-from sspry.document import Document, path_key
 from sspry.policy import BLOCK_BITS, Policy, PolicyError
 from sspry.query import bitmaps
 from sspry.query.gather import read_leaves
@@ -18,36 +16,19 @@ from sspry.store.files import PathsOf
 from sspry.store.forest import Forest, ForestError, IngestResult
 from sspry.store.ingest_log import read_log
 from sspry.store.segment import FreshPart, SegmentPart, SegmentReader, build_segment
+from sspry.synthetic import random_document
+
+
+def unpacked(rows: np.ndarray, docs: int) -> np.ndarray:
+    """Packed gram rows (grams x words) as booleans (grams x docs)."""
+    return np.array([bitmaps.unpack(row, docs) for row in rows]).reshape(len(rows), docs)
 
 
 def make_doc(
     policy: Policy, rng: random.Random, blocks: tuple[int, int] | None = None, path: str | None = None
 ):
     """A document with random blooms drawn from the policy's size classes."""
-    sizes = ladder(policy.ladder_steps)
-    blooms = []
-    for tier in (1, 2):
-        nblocks = blocks[tier - 1] if blocks else int(sizes[rng.randrange(6)])
-        blooms.append(np.frombuffer(rng.randbytes(nblocks * BLOCK_BITS // 8), dtype=np.uint8))
-    content = rng.randbytes(32)
-    return Document(
-        source_id=hashlib.new(policy.id_source, content).digest(),
-        filesize=rng.randrange(1, 1 << 30),
-        tier1=blooms[0],
-        tier2=blooms[1],
-        tier1_estimate=rng.randrange(1000),
-        tier2_estimate=rng.randrange(1000),
-        entropy=rng.random() * 8,
-        prefix=content[: rng.randrange(33)],
-        path=path,
-        path_key=path_key(path) if path else b"",
-        mtime_ns=rng.randrange(1 << 60) if path else -1,
-    )
-
-
-def unpacked(rows: np.ndarray, docs: int) -> np.ndarray:
-    """Packed gram rows (grams x words) as booleans (grams x docs)."""
-    return np.array([bitmaps.unpack(row, docs) for row in rows]).reshape(len(rows), docs)
+    return random_document(policy, rng, blocks, path)
 
 
 def stored_bloom(reader: SegmentReader, doc: int, tier: int) -> bytes:
@@ -256,8 +237,8 @@ def test_torn_log_tail_is_dropped_and_the_rest_published(tmp_path) -> None:
     log = next((tmp_path / "f" / "ingest").iterdir())
     with open(log, "ab") as handle:  # a crash in the middle of the next append
         handle.write(b"\x40\x00\x00\x00\x12\x34")
-    rows, dropped = read_log(log)
-    assert len(rows) == 5 and dropped == 6
+    contents = read_log(log)
+    assert len(contents.rows) == 5 and contents.torn_tail == 6 and not contents.corrupt
     with Forest.open(tmp_path / "f", writable=True) as forest:
         result = forest.publish()
         assert (result.inserted, result.dropped_bytes) == (5, 6)
@@ -269,6 +250,7 @@ def test_interrupted_publish_leaves_no_garbage(tmp_path, monkeypatch) -> None:
     Forest.init(tmp_path / "f", policy)
     rng = random.Random(2)
     docs = [make_doc(policy, rng) for _ in range(4)]
+    shard = tmp_path / "f" / "trees" / "tree_0000" / "shard_000"
     with Forest.open(tmp_path / "f", writable=True) as forest:
         forest.ingest(docs)
         monkeypatch.setattr(
@@ -276,12 +258,17 @@ def test_interrupted_publish_leaves_no_garbage(tmp_path, monkeypatch) -> None:
         )
         with pytest.raises(OSError):
             forest.publish()
-    monkeypatch.undo()
-    shard = tmp_path / "f" / "trees" / "tree_0000" / "shard_000"
-    assert any(shard.iterdir())  # the half-done segment is there ...
+        monkeypatch.undo()
+        assert not any(shard.iterdir())  # the failed publish removed the segment it had built ...
+        assert forest.publish().inserted == 4  # ... and the same forest publishes: the log held every row
+    # what a writer killed mid-build leaves (a segment under its temporary name, an unreferenced one) is
+    # removed by the next writer to open the forest
+    leftovers = [shard / ".tmp-seg_0000000007-0123456789ab", shard / "seg_0000000008"]
+    for leftover in leftovers:
+        leftover.mkdir()
+        (leftover / "ids.npy").write_bytes(b"partial")
     with Forest.open(tmp_path / "f", writable=True) as forest:
-        assert not any(shard.iterdir())  # ... and recovery removed it
-        assert forest.publish().inserted == 4  # the log still held every row
+        assert not any(p.exists() for p in leftovers)
         assert forest.snapshot().documents == 4
 
 

@@ -26,7 +26,7 @@ from sspry.features import kernels
 from sspry.features.metadata import module_fields
 from sspry.features.sizing import HLL_PRECISION, bloom_blocks
 from sspry.features.walk import SkippedFile
-from sspry.policy import BLOCK_BITS, Policy
+from sspry.policy import BLOCK_BITS, Policy, PolicyError
 
 IN_MEMORY_BYTES = 256 << 20
 STREAM_CHUNK = 16 << 20
@@ -186,7 +186,7 @@ def extract_file(path: str, policy: Policy) -> Document:
     finally:
         handle.close()
     canonical = os.path.realpath(path)
-    return Document(
+    doc = Document(
         source_id=source_id,
         filesize=info.st_size,
         tier1=tiers[0].bloom,
@@ -202,6 +202,11 @@ def extract_file(path: str, policy: Policy) -> Document:
         path_key=path_key(canonical),
         mtime_ns=info.st_mtime_ns,
     )
+    try:
+        doc.check(policy)  # a file over a limit of sspry.limits is a problem reported, not a failed run
+    except PolicyError as exc:
+        raise SkippedFile(path, f"cannot be indexed: {exc}") from None
+    return doc
 
 
 def warm_kernels(policy: Policy) -> None:

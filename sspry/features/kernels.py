@@ -13,9 +13,10 @@ With case folding (the policy's `fold_case`), a gram holding ASCII capitals is i
 so the bloom holds lower(g) for every gram g of the file and a `nocase` window is one gram to test.
 A run of identical grams (zero padding, for instance) is hashed once: HLL and bloom inserts are idempotent.
 
-The query side's one kernel, `gather_leaves`, lives here too (see query/gather.py), so this is the only
-module that imports numba. numba keeps the machine code on disk (`cache=True`); on a machine's first run,
-or after an upgrade, a kernel compiles on its first call, after COMPILE_NOTICE on stderr.
+The query side's kernels, `gather_rows`, `probe_rows` and `run_program` (see query/gather.py and
+query/program.py), live here too, so this is the only module that imports numba. numba keeps the machine
+code on disk (`cache=True`); on a machine's first run, or after an upgrade, a kernel compiles on its
+first call, after COMPILE_NOTICE on stderr.
 """
 
 from __future__ import annotations

@@ -8,18 +8,25 @@ here: bytes `4D`, wildcards `??`, nibbles `4?` / `?A`, negations `~4D` / `~?A`, 
 from __future__ import annotations
 
 import re
+from functools import cache
 
 from sspry.query.literals import ALL, ANY, Alt, Cat, Lit, Pattern, Rep, byte
 
+_BYTE = r"[0-9A-Fa-f?]{2}"
+# a run of bytes (one token for the lot: long hex strings are mostly runs), a negated byte, a jump, or
+# a parenthesis / bar
 _TOKEN = re.compile(
-    r"\s*(?:(?P<not>~)?(?P<byte>[0-9A-Fa-f?]{2})|\[\s*(?P<lo>\d*)\s*(?P<dash>-)?\s*(?P<hi>\d*)\s*\]|(?P<punct>[()|]))"
+    rf"\s*(?:(?P<run>{_BYTE}(?:\s*{_BYTE})*)|~(?P<negated>{_BYTE})"
+    r"|\[\s*(?P<lo>\d*)\s*(?P<dash>-)?\s*(?P<hi>\d*)\s*\]|(?P<punct>[()|]))"
 )
+_PAIR = re.compile(_BYTE)
 
 
 class HexError(ValueError):
     """A hex body this parser does not understand (the planner then treats the string as unknown)."""
 
 
+@cache  # 17 x 17 spellings at most; `??` alone would otherwise cost 256 shifts per use
 def _byte_set(text: str) -> int:
     hi, lo = text[0], text[1]
     highs = range(16) if hi == "?" else (int(hi, 16),)
@@ -40,9 +47,10 @@ def _tokens(body: str) -> list[tuple]:
         if not match or match.end() == at:
             raise HexError(f"unexpected {body[at : at + 10]!r} in hex string")
         at = match.end()
-        if match.group("byte"):
-            mask = _byte_set(match.group("byte"))
-            tokens.append(("set", ALL ^ mask if match.group("not") else mask))
+        if match.group("run"):
+            tokens.append(("run", [_byte_set(pair) for pair in _PAIR.findall(match.group("run"))]))
+        elif match.group("negated"):
+            tokens.append(("run", [ALL ^ _byte_set(match.group("negated"))]))
         elif match.group("punct"):
             tokens.append((match.group("punct"),))
         else:
@@ -82,8 +90,8 @@ def _sequence(tokens: list[tuple], at: int) -> tuple[Pattern, int]:
 
     while at < len(tokens):
         kind = tokens[at][0]
-        if kind == "set":
-            run.append(tokens[at][1])
+        if kind == "run":
+            run.extend(tokens[at][1])
         elif kind == "jump":
             flush()
             items.append(Rep(ANY, tokens[at][1], tokens[at][2]))

@@ -18,14 +18,15 @@ A Seq becomes grams window by window: each window of n positions expands to the 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
-from itertools import product
+from itertools import accumulate, product
 
 from sspry.query.plan import TRUE, Gram, Node, and_, or_
 
 ALL = (1 << 256) - 1
+DEFAULT_MAX_ANCHORS = 16  # grams read per literal and tier unless a search asks otherwise
 MAX_SET = 16  # exact / prefix / suffix sets larger than this are abandoned
 MAX_SEQ = 32  # prefixes and suffixes are trimmed to this many positions
 MAX_VARIANTS = 16  # a window expanding to more grams than this tells us nothing worth reading
@@ -142,40 +143,89 @@ class GramMapper:
         self.max_anchors = max_anchors
         self.fold_case = fold_case
         self._memo: dict[Seq, Node] = {}
+        self._windows: dict[tuple[int, Seq], Node] = {}  # (tier, window of byte sets) -> OR of its grams
 
     def seq(self, seq: Seq) -> Node:
         node = self._memo.get(seq)
         if node is None:
-            node = and_(*(self._tier(seq, tier, n) for tier, n in enumerate(self.gram_sizes, start=1)))
+            try:  # most Seqs are one byte at every position
+                first = list(map(_BYTE_OF.__getitem__, seq))
+                loose = None
+            except KeyError:
+                first = [members(s)[0] for s in seq]  # the byte of a single-byte position
+                loose = [s & (s - 1) != 0 for s in seq]
+            node = and_(
+                *(self._tier(seq, first, loose, tier, n) for tier, n in enumerate(self.gram_sizes, start=1))
+            )
             self._memo[seq] = node
         return node
 
     def any_of(self, seqs: frozenset[Seq]) -> Node:
         return or_(*(self.seq(s) for s in sorted(seqs)))
 
-    def _tier(self, seq: Seq, tier: int, n: int) -> Node:
-        single = [s.bit_count() == 1 for s in seq]
-        tested = [fold_down(s) for s in seq] if self.fold_case and tier == 1 else list(seq)
+    def _tier(self, seq: Seq, first: list[int], loose: list[bool] | None, tier: int, n: int) -> Node:
+        """The AND of the best `max_anchors` windows of n positions (see `choose_windows`); each window
+        is one gram (exact) or the OR of its variants. `loose`: which positions hold more than one byte
+        (None: none does)."""
+        if len(seq) < n:
+            return TRUE
+        raw = bytes(first)
+        if loose is None:
+            starts, _ = choose_windows(first, None, None, n, self.max_anchors)
+            return and_(*(Gram(tier, raw[start : start + n]) for start in starts))
+        tested = [fold_down(s) for s in seq] if self.fold_case and tier == 1 else seq
         counts = [s.bit_count() for s in tested]
-        first = [members(s)[0] for s in seq]
-        weight = [_WEIGHT[b] for b in first]
-        windows = []
-        for start in range(len(seq) - n + 1):
-            exact = all(single[start : start + n])
-            variants = 1 if exact else math.prod(counts[start : start + n])
-            if variants <= MAX_VARIANTS:
-                rarity = sum(weight[start : start + n]) + len(set(first[start : start + n]))
-                windows.append((variants, -rarity, start, exact))
-        windows.sort()
-        chosen = sorted(windows[: self.max_anchors], key=lambda w: w[2])
+        starts, exact = choose_windows(first, loose, counts, n, self.max_anchors)
         alternatives = []
-        for _, _, start, exact in chosen:
-            if exact:
-                alternatives.append(Gram(tier, bytes(first[start : start + n])))
+        for start in starts:
+            if exact[start]:
+                alternatives.append(Gram(tier, raw[start : start + n]))
             else:
-                sets = (members(s) for s in tested[start : start + n])
-                alternatives.append(or_(*(Gram(tier, bytes(v)) for v in product(*sets))))
+                window = tuple(tested[start : start + n])
+                node = self._windows.get((tier, window))
+                if node is None:
+                    node = or_(*(Gram(tier, bytes(v)) for v in product(*map(members, window))))
+                    self._windows[(tier, window)] = node
+                alternatives.append(node)
         return and_(*alternatives)
+
+
+def choose_windows(
+    first: list[int], loose: list[bool] | None, counts: list[int] | None, n: int, k: int
+) -> tuple[list[int], Sequence[bool]]:
+    """(the starts of the k best windows of n positions, in order; per start, whether its window is
+    exact). Best: fewest variants (product of the tested byte-set sizes, 1 for an exact window; windows
+    of more than MAX_VARIANTS are never chosen), then rarest (`_WEIGHT` summed + distinct bytes), then
+    earliest. `loose` and `counts` (the tested set sizes) are None when every position is one byte."""
+    count = len(first) - n + 1
+    if loose is None and count <= k:
+        return list(range(count)), [True] * count
+    if loose is None or counts is None:
+        exact: Sequence[bool] = [True] * count
+        variants = [1] * count
+    else:
+        exact = [not any(w) for w in _windows(loose, n)]
+        variants = [1 if e else math.prod(w) for e, w in zip(exact, _windows(counts, n), strict=False)]
+    starts = [s for s in range(count) if variants[s] <= MAX_VARIANTS]
+    if len(starts) > k:
+        # -(weights summed + distinct bytes), per window; sorting is stable, so ties keep the earliest
+        weights = list(accumulate(map(_WEIGHT.__getitem__, first), initial=0.0))
+        distinct = map(len, map(set, _windows(first, n)))
+        rarity = [-(b - a + d) for a, b, d in zip(weights, weights[n:], distinct)]  # noqa: B905
+        if loose is None:
+            ranked = sorted(starts, key=rarity.__getitem__)
+        else:
+            ranked = sorted(starts, key=lambda s: (variants[s], rarity[s]))
+        starts = sorted(ranked[:k])
+    return starts, exact
+
+
+_BYTE_OF = {1 << b: b for b in range(256)}  # a set of one byte -> that byte
+
+
+def _windows(values: list, n: int) -> Iterator[tuple]:
+    """Every run of n consecutive values, in order."""
+    return zip(*(values[i:] for i in range(n)), strict=False)  # the shifted copies are shorter
 
 
 def _weight(b: int) -> float:

@@ -22,7 +22,21 @@ from __future__ import annotations
 import weakref
 from dataclasses import dataclass
 
-_INTERN: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+class _Ref(weakref.ref):
+    """A weak reference that knows its node's key, to forget the node when it dies."""
+
+    __slots__ = ("key",)
+
+
+def _forget(ref: _Ref) -> None:
+    if _INTERN.get(ref.key) is ref:
+        _INTERN.pop(ref.key, None)
+
+
+# key -> weak reference to the one node with that key. Not a WeakValueDictionary: its Python-level get
+# and KeyedRef construction were a quarter of planning a large bundle.
+_INTERN: dict[tuple, _Ref] = {}
 
 OPS = ("==", "!=", "<", "<=", ">", ">=")
 
@@ -33,11 +47,16 @@ class Node:
 
     def __new__(cls, *key):
         full = (cls, *key)
-        node = _INTERN.get(full)
-        if node is None:
-            node = object.__new__(cls)
-            node.key = full
-            _INTERN[full] = node
+        ref = _INTERN.get(full)
+        if ref is not None:
+            node = ref()
+            if node is not None:
+                return node
+        node = object.__new__(cls)
+        node.key = full
+        ref = _Ref(node, _forget)
+        ref.key = full
+        _INTERN[full] = ref
         return node
 
     def __repr__(self) -> str:
@@ -236,35 +255,34 @@ class Not(Node):
 
 
 def _flatten(kind: type, items) -> list[Node]:
-    out: list[Node] = []
-    seen: set[int] = set()
+    """The children of an And/Or over `items`: nested nodes of the same kind opened, each child once, in
+    first-seen order (nodes are interned, so equal means identical)."""
+    out: dict[Node, None] = {}
     for item in items:
-        for child in item.children if isinstance(item, kind) else (item,):
-            if id(child) not in seen:
-                seen.add(id(child))
-                out.append(child)
-    return out
+        if type(item) is kind:
+            out.update(dict.fromkeys(item.key[1:]))
+        else:
+            out[item] = None
+    return list(out)
 
 
 def and_(*items: Node) -> Node:
-    children = []
-    for child in _flatten(And, items):
-        if child is FALSE:
-            return FALSE
-        if child is not TRUE:
-            children.append(child)
+    children = _flatten(And, items)
+    if FALSE in children:
+        return FALSE
+    if TRUE in children:
+        children.remove(TRUE)
     if not children:
         return TRUE
     return children[0] if len(children) == 1 else And(*children)
 
 
 def or_(*items: Node) -> Node:
-    children = []
-    for child in _flatten(Or, items):
-        if child is TRUE:
-            return TRUE
-        if child is not FALSE:
-            children.append(child)
+    children = _flatten(Or, items)
+    if TRUE in children:
+        return TRUE
+    if FALSE in children:
+        children.remove(FALSE)
     if not children:
         return FALSE
     return children[0] if len(children) == 1 else Or(*children)

@@ -7,7 +7,7 @@ Kept apart from the evaluator so clients of a server (and verification) load no 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -57,14 +57,12 @@ class RuleResult:
     candidate_count: int  # before truncation
     truncated: bool = False
     limit: int | None = None
+    counted_only: bool = False  # only the count was asked for (`--count`)
 
     def to_json(self) -> dict:
-        out = {
-            "rule": self.name,
-            "candidate_count": self.candidate_count,
-            "truncated": self.truncated,
-            "candidates": [c.to_json() for c in self.candidates],
-        }
+        out = {"rule": self.name, "candidate_count": self.candidate_count, "truncated": self.truncated}
+        if not self.counted_only:
+            out["candidates"] = [c.to_json() for c in self.candidates]
         if self.limit is not None:
             out["truncated_limit"] = self.limit
         return out
@@ -85,6 +83,7 @@ class SearchResult:
     timings_ms: dict[str, float] = field(default_factory=dict)  # stage -> ms; "total": wall clock
     servers: list[str] = field(default_factory=list)  # the servers that answered (remote searches)
     offline: list[str] = field(default_factory=list)  # servers skipped with --ignore-offline
+    verification: dict | None = None  # what verifying took (files, bytes, rates), when it ran
 
     @property
     def elapsed_ms(self) -> float:
@@ -103,11 +102,15 @@ class SearchResult:
             out["servers"] = self.servers
         if self.offline:
             out["offline_servers"] = self.offline
+        if self.verification is not None:
+            out["verification"] = self.verification
         return out
 
-    def source_ids(self) -> list[bytes]:
-        """Every distinct candidate, in first-seen order."""
-        return list(dict.fromkeys(c.source_id for r in self.rules for c in r.candidates))
+    def summary_json(self) -> dict:
+        """`to_json()` without the rules (for output written rule by rule)."""
+        out = self.to_json()
+        del out["rules"]
+        return out
 
 
 def candidate_limit(documents: int, percent: float) -> int | None:
@@ -117,24 +120,67 @@ def candidate_limit(documents: int, percent: float) -> int | None:
     return max(1, math.ceil(documents * percent / 100.0))
 
 
-def rule_result(name: str, source_ids: Sequence[bytes], limit: int | None) -> RuleResult:
-    """A rule's candidates, deduplicated in first-seen order, then capped at `limit`."""
+def rule_result(
+    name: str, source_ids: Sequence[bytes], limit: int | None, count: int | None = None
+) -> RuleResult:
+    """A rule's candidates, deduplicated in first-seen order, then cut at `limit`. `count`: the rule's
+    candidates in all, when `source_ids` holds only some of them (a server sent at most a limit)."""
     unique = list(dict.fromkeys(source_ids))
-    truncated = limit is not None and len(unique) > limit
-    kept = unique[:limit] if truncated else unique
+    total = len(unique) if count is None else max(count, len(unique))
+    truncated = limit is not None and total > limit
+    kept = unique[:limit] if limit is not None else unique
     return RuleResult(
         name=name,
         candidates=[Candidate(i) for i in kept],
-        candidate_count=len(unique),
+        candidate_count=total,
         truncated=truncated,
         limit=limit if truncated else None,
     )
 
 
-def attach_paths(result: SearchResult, paths_of: Callable[[list[bytes]], dict[bytes, PathsOf]]) -> None:
+def effective_limit(documents: int, max_candidates: float, limit: int | None) -> int | None:
+    """Candidates listed per rule: the --max-candidates percent cap and the --limit count, the smaller."""
+    caps = [c for c in (candidate_limit(documents, max_candidates), limit) if c is not None]
+    return min(caps) if caps else None
+
+
+class SearchStream:
+    """A search's rule results as they come, in rule order: iterate it once. `documents` is known from
+    the start; `timings_ms` is complete once the stream is exhausted. `collect()` gathers the rest into
+    a SearchResult."""
+
+    def __init__(self, targets: Sequence[str], documents: int, timings_ms: dict[str, float] | None = None):
+        self.targets = list(targets)  # the rules it will give, in order
+        self.documents = documents
+        self.timings_ms = timings_ms if timings_ms is not None else {}
+        self.servers: list[str] = []
+        self.offline: list[str] = []
+        self.compiled = None  # the yara.Rules the search compiled, for verification
+        self.parsed = None  # and yaramod's parse of them (or their text: verify parses it if it must)
+        self._rules: Iterator[RuleResult] = iter(())
+
+    def feed(self, rules: Iterator[RuleResult]) -> SearchStream:
+        self._rules = rules
+        return self
+
+    def __iter__(self) -> Iterator[RuleResult]:
+        return self._rules
+
+    def collect(self) -> SearchResult:
+        rules = list(self)
+        return SearchResult(rules, self.documents, self.timings_ms, self.servers, self.offline)
+
+    def summary_json(self) -> dict:
+        """Everything of `SearchResult.to_json()` but the rules (for output written rule by rule)."""
+        return SearchResult([], self.documents, self.timings_ms, self.servers, self.offline).summary_json()
+
+
+def attach_paths(
+    rules: Sequence[RuleResult], paths_of: Callable[[list[bytes]], dict[bytes, PathsOf]]
+) -> None:
     """Fill in every candidate's recorded paths, looked up once per distinct document."""
-    found = paths_of(result.source_ids())
-    for rule in result.rules:
+    found = paths_of(list(dict.fromkeys(c.source_id for r in rules for c in r.candidates)))
+    for rule in rules:
         for candidate in rule.candidates:
             paths = found.get(candidate.source_id)
             if paths is not None:

@@ -3,7 +3,7 @@
 Per rule: a status (`searchable`: the plan prunes and nothing was left to verification;
 `searchable-needs-verify`: the plan prunes, but parts of the condition became TRUE; `unsearchable`:
 every document is a candidate), the grams chosen for each string, and the notes (stable codes from
-condition.CODES, with the rule file's line and column).
+ruleplan.CODES, with the rule file's line and column).
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sspry.policy import Policy
-from sspry.query.condition import CODES, RulePlan, plan_rules
 from sspry.query.plan import TRUE, Gram, leaves
+from sspry.query.ruleplan import CODES, RulePlan
 from sspry.query.rules import RuleError, compile_rules, compile_text, parse
+from sspry.query.ruleset import plan_rules
 
 STATUS_ORDER = ("searchable", "searchable-needs-verify", "unsearchable")
 

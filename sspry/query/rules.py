@@ -1,15 +1,18 @@
-"""Loading a rule file: compiled by yara-python (the judge of what is valid), parsed by yaramod (the AST).
+"""Loading a rule file: compiled by yara-python (the judge of what is valid and what the rules are).
 
-yara-python compiles the file with its includes and names its rules; yaramod parses the same file and
-gives back the whole source with includes inlined (`text`), which is what a server receives, so a server
-never opens a path named in a rule. A file yaramod refuses is still searched: every rule plans as TRUE.
+A search sends the rules' whole source with includes inlined (`text`), so a server never opens a path
+named in a rule. A source that includes nothing (YARA compiles it with includes disabled: most do) is
+sent as it is, and the planner's one yaramod parse is the only one; otherwise yaramod parses the file
+with its includes and gives back the inlined text. A file yaramod refuses is still searched: every rule
+plans as TRUE.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import yara
 import yaramod
@@ -37,6 +40,7 @@ class RuleSource:
     text: str | None  # the source with includes inlined; None when yaramod could not parse it
     targets: tuple[str, ...]  # rules to report: the public ones, in file order
     parse_error: str | None = None
+    parsed: yaramod.YaraFile | None = field(default=None, compare=False, repr=False)  # yaramod's parse
 
 
 def compile_rules(path: str) -> yara.Rules:
@@ -66,23 +70,42 @@ def parse(rule: str | None = None, path: str | None = None) -> yaramod.YaraFile:
     return yaramod_parser().parse_string(rule) if path is None else yaramod_parser().parse_file(path)
 
 
+def _self_contained(rule: str | None, path: str | None) -> tuple[str, yara.Rules] | None:
+    """(the source, compiled) when it includes nothing and is UTF-8 text, else None."""
+    try:
+        text = rule if path is None else Path(path).read_bytes().decode("utf-8")
+        return text, yara.compile(source=text, includes=False)  # type: ignore[arg-type]
+    except (yara.Error, OSError, UnicodeDecodeError, ValueError, TypeError):
+        return None
+
+
 def load_rules(rule: str | None = None, path: str | None = None) -> tuple[RuleSource, yara.Rules]:
-    """Rule text or a rule file (exactly one), compiled and parsed; RuleError when YARA refuses it."""
+    """Rule text or a rule file (exactly one), compiled, with its source with includes inlined;
+    RuleError when YARA refuses it."""
     if (rule is None) == (path is None):
         raise ValueError("give the rule text (rule=) or a rule file (path=), not both")
+    alone = _self_contained(rule, path)
+    if alone is not None:
+        text, compiled = alone
+        return RuleSource(path or "<rule text>", text, _targets(compiled, path)), compiled
     compiled = compile_rules(path) if path is not None else compile_text(rule)
     name = path if path is not None else "<rule text>"
+    targets = _targets(compiled, path)
+    try:
+        parsed = parse(rule, path)
+        text, error = parsed.text, None
+    except Exception as exc:  # yaramod raises its own ParserError and sometimes RuntimeError
+        parsed, text, error = None, None, str(exc)
+    return RuleSource(name, text, targets, error, parsed), compiled
+
+
+def _targets(compiled: yara.Rules, path: str | None) -> tuple[str, ...]:
+    """The rules a search reports: the public ones, in file order (every one when none is public)."""
     all_rules = list(compiled)
     if not all_rules:
-        raise RuleError(f"{name}: no rules in file" if path is not None else "no rules in the text")
+        raise RuleError(f"{path}: no rules in file" if path is not None else "no rules in the text")
     public = tuple(r.identifier for r in all_rules if not r.is_private)
-    targets = public or tuple(r.identifier for r in all_rules)
-    try:
-        text = parse(rule, path).text
-        error = None
-    except Exception as exc:  # yaramod raises its own ParserError and sometimes RuntimeError
-        text, error = None, str(exc)
-    return RuleSource(name, text, targets, error), compiled
+    return public or tuple(r.identifier for r in all_rules)
 
 
 def load_rule_file(path: str) -> tuple[RuleSource, yara.Rules]:

@@ -1,13 +1,14 @@
 """A search: plans of a rule file, evaluated over every segment of a snapshot, capped and reported.
 
 Evaluation (query/evaluate.py) leaves each rule's candidates as packed bitmaps per segment; they become
-Source IDs only here, at the end, for the SearchResult every caller prints or streams.
+Source IDs only here, at the end, for the SearchResult (or the stream) callers print.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import yara
@@ -15,10 +16,21 @@ import yara
 from sspry.policy import Policy
 from sspry.progress import SILENT, Progress
 from sspry.query import bitmaps
-from sspry.query.condition import RulePlan, plan_rules
 from sspry.query.evaluate import Hits, evaluate_snapshot
-from sspry.query.results import SearchResult, attach_paths, candidate_limit, rule_result
+from sspry.query.literals import DEFAULT_MAX_ANCHORS
+from sspry.query.plancache import PlanCache
+from sspry.query.results import (
+    RuleResult,
+    SearchResult,
+    SearchStream,
+    attach_paths,
+    candidate_limit,
+    effective_limit,
+    rule_result,
+)
+from sspry.query.ruleplan import RulePlan
 from sspry.query.rules import RuleSource, load_rule_file
+from sspry.query.ruleset import plan_rules
 from sspry.store.forest import Forest, Snapshot
 
 
@@ -58,33 +70,67 @@ def candidate_ids(snapshot: Snapshot, found: Hits) -> list[bytes]:
     return ids
 
 
+def stream_forest(
+    forest: Forest,
+    source: RuleSource,
+    max_candidates: float = 0.0,
+    max_anchors: int = DEFAULT_MAX_ANCHORS,
+    workers: int = 0,
+    progress: Progress = SILENT,
+    compiled_gather: bool | None = None,
+    limit: int | None = None,
+    count_only: bool = False,
+    plan_cache: PlanCache | None = None,
+) -> SearchStream:
+    """Plan the rules of `source` (reusing what `plan_cache` holds), search a Forest with them, and
+    stream the results rule by rule: the Source IDs and paths of one rule's candidates are looked up
+    when that rule is reached, so memory stays flat whatever the number of candidates. `limit` lists at
+    most that many per rule (the count is always complete); `count_only` lists none. `compiled_gather`
+    as in search_snapshot."""
+    started = time.perf_counter()
+    plans = plan_rules(
+        source.text, source.targets, forest.policy, max_anchors, progress=progress, cache=plan_cache
+    )
+    planned = time.perf_counter()
+    snapshot = forest.snapshot()
+    result = search_snapshot(snapshot, plans, forest.policy, 0.0, workers, compiled_gather)
+    cap = 0 if count_only else effective_limit(snapshot.documents, max_candidates, limit)
+    stream = SearchStream(source.targets, snapshot.documents, {"plan": (planned - started) * 1000})
+
+    def rules() -> Iterator[RuleResult]:
+        for found in result.rules:
+            rule = rule_result(found.name, [c.source_id for c in found.candidates], cap)
+            if count_only:
+                rule.truncated, rule.limit, rule.counted_only = False, None, True
+            attach_paths([rule], forest.paths_of)
+            yield rule
+        stream.timings_ms["search"] = (time.perf_counter() - planned) * 1000
+
+    return stream.feed(rules())
+
+
 def search_forest(
     forest: Forest,
     source: RuleSource,
     max_candidates: float = 0.0,
-    max_anchors: int = 16,
+    max_anchors: int = DEFAULT_MAX_ANCHORS,
     workers: int = 0,
     progress: Progress = SILENT,
     compiled_gather: bool | None = None,
+    plan_cache: PlanCache | None = None,
 ) -> SearchResult:
-    """Plan the rules of `source` and search a Forest with them; candidates carry their paths.
-    `compiled_gather` as in search_snapshot."""
-    started = time.perf_counter()
-    plans = plan_rules(source.text, source.targets, forest.policy, max_anchors, progress=progress)
-    planned = time.perf_counter()
-    snapshot = forest.snapshot()
-    result = search_snapshot(snapshot, plans, forest.policy, max_candidates, workers, compiled_gather)
-    attach_paths(result, forest.paths_of)
-    result.timings_ms["plan"] = (planned - started) * 1000
-    result.timings_ms["search"] = (time.perf_counter() - planned) * 1000
-    return result
+    """`stream_forest`, collected (reusing what `plan_cache` holds)."""
+    stream = stream_forest(
+        forest, source, max_candidates, max_anchors, workers, progress, compiled_gather, plan_cache=plan_cache
+    )
+    return stream.collect()
 
 
 def search_rule_file(
     forest: Forest,
     rule_path: str,
     max_candidates: float = 0.0,
-    max_anchors: int = 16,
+    max_anchors: int = DEFAULT_MAX_ANCHORS,
     workers: int = 0,
     progress: Progress = SILENT,
     compiled_gather: bool | None = None,

@@ -26,10 +26,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from sspry.store import diskio
+from sspry.store.errors import ForestError
+
 CATALOG_FILE = "files.sqlite"
 FORMAT_VERSION = 1
 SHOWN_PATHS = 16  # paths reported per candidate (the total is reported beside them)
 _CHUNK = 500  # parameters per IN (...) query, under SQLite's limit
+_PAGE = 4096  # what a write transaction costs at least, for the disk-full injector (diskio.charge)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -44,7 +48,7 @@ CREATE INDEX IF NOT EXISTS files_by_source ON files(source_id);
 """
 
 
-class CatalogError(Exception):
+class CatalogError(ForestError):
     """A catalog this sspry cannot read (written by a newer version)."""
 
 
@@ -93,16 +97,31 @@ class FileCatalog:
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         if version > FORMAT_VERSION:
             self._db.close()
-            raise CatalogError(f"{path}: file catalog format {version}, this sspry reads {FORMAT_VERSION}")
+            raise CatalogError(
+                f"{path}: file catalog format {version}, this sspry reads format {FORMAT_VERSION}"
+            )
         self.created = version == 0
         if self.created and not readonly:
+            diskio.charge(_PAGE, path)
             with self._lock:
                 self._db.executescript(_SCHEMA)
                 self._db.execute(f"PRAGMA user_version={FORMAT_VERSION}")
+            diskio.fsync_path(path.parent)  # the new file's entry (SQLite syncs its WAL's itself)
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    def backup(self, dest: Path) -> None:
+        """A consistent copy of the catalog at `dest`, through SQLite's online backup (writers go on)."""
+        diskio.charge(self.path.stat().st_size, dest)
+        target = sqlite3.connect(dest)
+        try:
+            with self._lock:
+                self._db.backup(target)
+        finally:
+            target.close()
+        diskio.fsync_path(dest)
 
     # --- writing -----------------------------------------------------------------------------------
     def record(self, records: Sequence[FileRecord]) -> None:
@@ -113,6 +132,7 @@ class FileCatalog:
             (r.key, None if r.path is None else os.fsencode(r.path), r.source_id, r.size, r.mtime_ns)
             for r in records
         ]
+        diskio.charge(_PAGE + sum(64 + len(row[1] or b"") for row in rows), self.path)
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -129,6 +149,7 @@ class FileCatalog:
 
     def forget_documents(self, source_ids: Sequence[bytes]) -> None:
         """Drop every path of these documents (they were deleted)."""
+        diskio.charge(_PAGE, self.path)
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             for part in _chunks(list(source_ids)):
@@ -139,6 +160,7 @@ class FileCatalog:
     def forget_path(self, key: bytes) -> tuple[bytes, int] | None:
         """Forget one file: (the document it was recorded for, paths that document has left), or None
         when the path was not recorded."""
+        diskio.charge(_PAGE, self.path)
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             found = self._db.execute("SELECT source_id FROM files WHERE key = ?", (key,)).fetchone()

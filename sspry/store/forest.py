@@ -1,11 +1,12 @@
 """The Forest: one database root holding Trees of Shards of immutable Segments.
 
-  <root>/sspry.json                     the policy, fixed at init
+  <root>/sspry.json                     the policy, fixed at init (its "version" is its format)
   <root>/manifest.json                  which segments and tombstones are current (atomic swap)
   <root>/ingest/log_NNNNNNNNNN.bin      durable ingest logs not yet published
   <root>/trees/tree_NNNN/shard_NNN/seg_NNNNNNNNNN/   segments
   <root>/trees/tree_NNNN/shard_NNN/tomb_NNNNNNNNNN.npy  tombstone bitmaps (packed, one per segment version)
   <root>/files.sqlite                   the file catalog: every file indexed, by path key (files.py)
+  <root>/quarantine/q_NNNNNNNNNN/       rows a publish could not publish, with a report (quarantine.py)
   <root>/.lock                          held (flock) by the one process allowed to write
 
 Writes go: ingest (append + fsync to the log, files recorded in the catalog) -> publish (log rows -> new
@@ -15,12 +16,19 @@ again. A Tree takes documents until it holds `tree_docs` live ones, then the nex
 Tree the shard is chosen by the Source ID. Deletes write a new tombstone for each touched segment and swap
 the manifest; compaction rewrites segments without their deleted documents and merges small ones.
 Readers work on a Snapshot: the segments of one manifest generation, opened through memory maps.
+
+Failures: every write builds its files under fresh names and removes them if it fails before its
+manifest swap, so the Forest stays as the last manifest says and the same call can simply be made again;
+a full disk is raised as StorageFull. A writer that opens the Forest removes what a crashed writer left
+(files no manifest names, logs already published) and loads what unpublished logs hold.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
+import json
 import os
 import shutil
 import threading
@@ -31,21 +39,21 @@ from pathlib import Path
 import numpy as np
 
 from sspry.document import Document, path_key
-from sspry.policy import Policy, PolicyError
-from sspry.store import compaction
+from sspry.policy import POLICY_VERSION, Policy, PolicyError
+from sspry.store import compaction, diskio, quarantine
+from sspry.store.errors import ForestError, StorageFull, format_error, full_disk_as, is_full
 from sspry.store.files import CATALOG_FILE, FileCatalog, FileRecord, PathDeletion, PathsOf
 from sspry.store.ingest_log import LOG_PREFIX, IngestResult, LogWriter, log_name, log_seq, read_log
+from sspry.store.killpoints import kill_point
 from sspry.store.manifest import MANIFEST, Manifest, SegmentEntry, read_manifest, write_manifest
+from sspry.store.quarantine import CorruptSpan, SetAside
 from sspry.store.segment import FreshPart, SegmentPart, SegmentReader, build_segment
 from sspry.v1 import sspry_pb2
 
 POLICY_FILE = "sspry.json"
 LOCK_FILE = ".lock"
+PLANS_DIR = "plans"  # the planner's plan cache (sspry.query.plancache): derived data, safe to delete
 PUBLISH_BYTES = 256 << 20  # a local index publishes whenever this much is waiting in the log
-
-
-class ForestError(Exception):
-    """A Forest that cannot be opened or written as asked (not initialised, locked, corrupt)."""
 
 
 @dataclass
@@ -71,8 +79,8 @@ class Snapshot:
 class PublishResult:
     inserted: int = 0
     duplicates: int = 0
-    rejected: int = 0
-    dropped_bytes: int = 0
+    quarantined: int = 0  # rows set aside (quarantine.py) instead of published
+    dropped_bytes: int = 0  # bytes of logs that held no intact frame (torn tails, corrupt spans)
     segments: int = 0
 
 
@@ -82,6 +90,29 @@ class CompactResult:
     written: int = 0
     purged_docs: int = 0
     details: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Logged:
+    """What one unpublished log holds: documents to publish, rows the policy refuses, corrupt spans."""
+
+    docs: list[Document] = field(default_factory=list)
+    refused: list[SetAside] = field(default_factory=list)
+    corrupt: list[CorruptSpan] = field(default_factory=list)
+    torn_tail: int = 0
+
+
+def read_policy(root: Path) -> Policy:
+    """The policy of the forest at `root`; a policy file of another format is refused in one line."""
+    path = root / POLICY_FILE
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as exc:
+        raise ForestError(f"{path}: not a policy sspry can read ({exc})") from None
+    found = data.get("version", POLICY_VERSION) if isinstance(data, dict) else None
+    if found != POLICY_VERSION:
+        raise format_error(path, "policy", found, POLICY_VERSION)
+    return Policy.from_json(path.read_text())
 
 
 def is_forest(root: Path) -> bool:
@@ -105,10 +136,10 @@ class Forest:
         self._readers: dict[str, SegmentReader] = {}
         self._tombstones: dict[str, np.ndarray] = {}
         self._log: LogWriter | None = None
-        self._logged_docs: dict[Path, list[Document]] = {}  # unpublished log file -> its documents
-        self._pending: set[bytes] = set()  # Source IDs of those documents (under _log_lock)
-        self._dropped_bytes = 0  # torn log tails found at open, reported by the next publish
+        self._logged: dict[Path, _Logged] = {}  # unpublished log file -> what it holds
+        self._pending: set[bytes] = set()  # Source IDs of the documents logged (under _log_lock)
         self.manifest = read_manifest(root)
+        self._next_id = self.manifest.next_id  # names handed out, never again in this process
         self._snapshot: Snapshot | None = None
         self.catalog = FileCatalog(root / CATALOG_FILE)
 
@@ -119,7 +150,7 @@ class Forest:
         if root.exists() and any(root.iterdir()):
             if not force:
                 if is_forest(root):
-                    existing = Policy.from_json((root / POLICY_FILE).read_text())
+                    existing = read_policy(root)
                     if existing == policy:
                         return  # re-running init with the same policy is a no-op
                     raise PolicyError(
@@ -131,20 +162,22 @@ class Forest:
             with Forest.open(root, writable=True):
                 pass  # takes the lock: refuse to wipe a forest someone is writing
             shutil.rmtree(root)
-        root.mkdir(parents=True, exist_ok=True)
-        (root / "ingest").mkdir()
-        (root / "trees").mkdir()
-        (root / POLICY_FILE).write_text(policy.to_json())
-        write_manifest(root, Manifest())
+        diskio.make_dirs(root / "ingest")
+        diskio.make_dirs(root / "trees")
+        diskio.atomic_write(root / POLICY_FILE, policy.to_json().encode(), "policy")
+        write_manifest(root, Manifest())  # last: a root without a manifest is no forest yet
 
     @classmethod
     def open(cls, root: Path | str, writable: bool = False) -> Forest:
+        """Open a forest; a writable open recovers from an interrupted writer first. Files of another
+        format (policy, manifest, catalog, segments, logs) are refused with a ForestError naming both
+        versions."""
         root = Path(root)
         if not is_forest(root):
             raise ForestError(
                 f"{root} is not an initialised sspry forest: run `sspry init --root {root}` first"
             )
-        policy = Policy.from_json((root / POLICY_FILE).read_text())
+        policy = read_policy(root)
         lock_file = None
         if writable:
             lock_file = open(root / LOCK_FILE, "a+")  # noqa: SIM115 - held for the Forest's lifetime
@@ -166,6 +199,7 @@ class Forest:
         try:
             if writable:
                 forest._recover()
+            forest.snapshot()  # opens every segment: one of another format is refused here
             if forest.catalog.created:
                 forest._catalog_legacy_paths()
         except BaseException:
@@ -198,7 +232,9 @@ class Forest:
         return sorted((self.root / "ingest").glob(f"{LOG_PREFIX}*.bin"), key=log_seq)
 
     def _recover(self) -> None:
-        """Remove what an interrupted writer left behind: published logs, unreferenced files."""
+        """Remove what an interrupted writer left behind (published logs, files no manifest names,
+        temporary files, quarantine entries of a publish that did not finish), then load what the
+        unpublished logs hold."""
         for path in self._logs():
             if log_seq(path) <= self.manifest.published_log:
                 path.unlink()
@@ -211,18 +247,29 @@ class Forest:
             for child in shard_dir.iterdir():
                 if child not in referenced:
                     shutil.rmtree(child) if child.is_dir() else child.unlink()
+        for child in self.root.glob(f"{diskio.TEMP_PREFIX}*"):  # a manifest or policy never renamed
+            diskio.remove(child)
+        quarantine.remove_unfinished(self.root, self.manifest.published_log)
         # What the logs hold waits in memory for the next publish, as it does for rows ingested later;
-        # their files are recorded again, in case the catalog commit did not follow the log's fsync.
+        # their files are recorded again, in case the catalog commit did not follow the log's fsync
+        # (best effort: on a full disk the forest still opens, and those inserts were not acknowledged).
         for path in self._logs():
-            rows, dropped = read_log(path)
-            self._dropped_bytes += dropped
-            docs = []
-            for row in rows:
-                with contextlib.suppress(PolicyError):  # a row this policy refuses is dropped at publish
-                    docs.append(Document.from_row(row, self.policy))
-            self._logged_docs[path] = docs
-            self._pending.update(doc.source_id for doc in docs)
-            self._record_files(docs)
+            logged = self._load_log(path)
+            self._logged[path] = logged
+            self._pending.update(doc.source_id for doc in logged.docs)
+            with contextlib.suppress(StorageFull), full_disk_as("record files"):
+                self._record_files(logged.docs)
+
+    def _load_log(self, path: Path) -> _Logged:
+        contents = read_log(path)
+        logged = _Logged(torn_tail=contents.torn_tail)
+        logged.corrupt = [CorruptSpan(path.name, offset, data) for offset, data in contents.corrupt]
+        for row in contents.rows:
+            try:
+                logged.docs.append(Document.from_row(row, self.policy))
+            except PolicyError as exc:  # logged before this limit existed: set aside at publish
+                logged.refused.append(SetAside(path.name, row, str(exc)))
+        return logged
 
     def _catalog_legacy_paths(self) -> None:
         """A new catalog beside segments written before it existed takes the paths they stored."""
@@ -287,6 +334,18 @@ class Forest:
         if not self.writable:
             raise ForestError("forest opened read-only")
 
+    def _full_disk(self, verb: str):
+        """Raise a full disk met while doing `verb` as StorageFull("cannot <verb> <root>: ...")."""
+        return full_disk_as(f"cannot {verb} {self.root}")
+
+    def _reserve(self, manifest: Manifest, prefix: str) -> str:
+        """A name for a new segment or tombstone, never handed out before in this process (a failed
+        attempt's name is not reused, even if its files could not be removed)."""
+        manifest.next_id = max(manifest.next_id, self._next_id)
+        name = manifest.new_name(prefix)
+        self._next_id = manifest.next_id
+        return name
+
     @property
     def pending_bytes(self) -> int:
         return sum(p.stat().st_size for p in self._logs())
@@ -295,13 +354,21 @@ class Forest:
         """Validate rows against the policy, then ingest them as `ingest` does.
         Raises PolicyError (nothing written) if any row is malformed."""
         self._require_writable()
-        return self._append([Document.from_row(row, self.policy) for row in rows], rows)
+        docs = [Document.from_row(row, self.policy) for row in rows]
+        with self._full_disk("write to"):
+            return self._append(docs, rows)
 
     def ingest(self, docs: Iterable[Document]) -> IngestResult:
         """Append the documents the forest does not hold yet durably to the ingest log, and record every
-        document's file in the catalog; returns how many were new and how many duplicates."""
+        document's file in the catalog; returns how many were new and how many duplicates. Raises
+        PolicyError (nothing written) if a document breaks a limit, StorageFull on a full disk (nothing
+        acknowledged: the same call succeeds once space is freed)."""
         self._require_writable()
-        return self._append(list(docs), None)
+        docs = list(docs)
+        for doc in docs:
+            doc.check(self.policy)
+        with self._full_disk("write to"):
+            return self._append(docs, None)
 
     def _append(self, docs: list[Document], rows: Sequence[sspry_pb2.DocumentRow] | None) -> IngestResult:
         """Keep the new documents in memory for the next publish, so it need not read the log back (the
@@ -315,16 +382,27 @@ class Forest:
                     seen.add(doc.source_id)
                     fresh.append(i)
             if fresh:
-                if self._log is None:
-                    logs = self._logs()
-                    seq = max([self.manifest.published_log, *(log_seq(p) for p in logs)]) + 1
-                    self._log = LogWriter(self.root / "ingest" / log_name(seq))
-                    self._logged_docs[self._log.path] = []
-                self._log.append([rows[i] if rows is not None else docs[i].to_row() for i in fresh])
-                self._logged_docs[self._log.path].extend(docs[i] for i in fresh)
+                kill_point("ingest.checked")
+                log = self._current_log()
+                try:
+                    log.append([rows[i] if rows is not None else docs[i].to_row() for i in fresh])
+                finally:
+                    if log.broken:  # a torn frame it could not cut off ends this log: start another
+                        log.close()
+                        self._log = None
+                self._logged[log.path].docs.extend(docs[i] for i in fresh)
                 self._pending |= seen
+            kill_point("ingest.logged")
             self._record_files(docs)
+            kill_point("ingest.recorded")
         return IngestResult(inserted=len(fresh), duplicates=len(docs) - len(fresh))
+
+    def _current_log(self) -> LogWriter:
+        if self._log is None:
+            seq = max([self.manifest.published_log, *(log_seq(p) for p in self._logs())]) + 1
+            self._log = LogWriter(self.root / "ingest" / log_name(seq))
+            self._logged[self._log.path] = _Logged()
+        return self._log
 
     def _record_files(self, docs: Iterable[Document]) -> None:
         self.catalog.record(
@@ -345,7 +423,10 @@ class Forest:
     def record_files(self, source_ids: Sequence[bytes], records: Sequence[FileRecord]) -> np.ndarray:
         """`holds(source_ids)`, recording records[i] for each document held (a file found again)."""
         held = self.holds(source_ids)
-        self.catalog.record([r for r, h in zip(records, held, strict=True) if h])
+        kill_point("dedup.checked")
+        with self._full_disk("write to"):
+            self.catalog.record([r for r, h in zip(records, held, strict=True) if h])
+        kill_point("dedup.recorded")
         return held
 
     def known_files(self, stamps: Sequence[tuple[bytes, int, int]]) -> list[bool]:
@@ -364,47 +445,95 @@ class Forest:
         return self.catalog.paths_of(source_ids)
 
     def publish(self) -> PublishResult:
-        """Turn every logged row into segments and swap the manifest."""
+        """Turn every logged row into segments and swap the manifest. Rows that cannot be published are
+        set aside in the quarantine instead of blocking the others. On failure (a full disk: StorageFull)
+        nothing changes: the logs keep every row, and calling again publishes them."""
         self._require_writable()
+        with self._write_lock, self._full_disk("publish"):
+            return self._publish()
+
+    def _publish(self) -> PublishResult:
         result = PublishResult()
-        with self._write_lock:
-            with self._log_lock:  # rotate: later inserts go to a new log, this publish takes the rest
-                if self._log is not None:
-                    self._log.close()
-                    self._log = None
-                logs = [p for p in self._logs() if log_seq(p) > self.manifest.published_log]
-            if not logs:
-                return result
-            result.dropped_bytes, self._dropped_bytes = self._dropped_bytes, 0
-            docs: list[Document] = []
-            for path in logs:
-                kept = self._logged_docs.pop(path, None)
-                if kept is not None:
-                    docs.extend(kept)
-                    continue
-                rows, dropped = read_log(path)
-                result.dropped_bytes += dropped
-                for row in rows:
-                    try:
-                        docs.append(Document.from_row(row, self.policy))
-                    except PolicyError:
-                        result.rejected += 1
-            fresh = self._dedup(docs, result)
-            manifest = Manifest.from_json(self.manifest.to_json())
+        with self._log_lock:  # rotate: later inserts go to a new log, this publish takes the rest
+            if self._log is not None:
+                self._log.close()
+                self._log = None
+            logs = [p for p in self._logs() if log_seq(p) > self.manifest.published_log]
+        if not logs:
+            return result
+        kill_point("publish.start")
+        held = [self._logged[p] if p in self._logged else self._load_log(p) for p in logs]
+        docs = [doc for logged in held for doc in logged.docs]
+        result.dropped_bytes = sum(h.torn_tail + sum(len(c.data) for c in h.corrupt) for h in held)
+        fresh = self._dedup(docs, result)
+        kill_point("publish.deduped")
+        manifest = self.manifest.copy()
+        manifest.published_log = max(log_seq(p) for p in logs)
+        made: list[Path] = []
+        try:
+            failed: list[SetAside] = []
             for tree, shard, group in self._route(fresh, manifest):
-                name = manifest.new_name("seg")
-                directory = self._shard_dir(tree, shard) / name
-                count = build_segment(directory, [FreshPart(group, self.policy)], self.policy)
-                manifest.trees[tree][shard].append(SegmentEntry(name=name, docs=count))
-                result.segments += 1
-            manifest.published_log = max(log_seq(p) for p in logs)
+                result.segments += self._build_fresh(tree, shard, group, manifest, made, failed)
+            set_aside = [r for h in held for r in h.refused] + failed
+            corrupt = [c for h in held for c in h.corrupt]
+            if set_aside or corrupt:
+                made.append(quarantine.write_entry(self.root, manifest.published_log, set_aside, corrupt))
+            kill_point("publish.built")
             self._swap(manifest)
-            for path in logs:
+        except BaseException:
+            if self.manifest is manifest:  # swapped, but its directory's fsync failed: published
+                self._published(logs, docs)  # (the logs stay: the next writer to open removes them)
+            else:  # not swapped: remove this attempt's files
+                for path in made:
+                    diskio.remove(path)
+            raise
+        kill_point("publish.swapped")
+        for path in logs:
+            with contextlib.suppress(OSError):
                 path.unlink()
-            with self._log_lock:  # now live: held through the manifest, no longer pending
-                self._pending.difference_update(doc.source_id for doc in docs)
-            result.inserted = len(fresh)
+            kill_point("publish.log_removed")
+        self._published(logs, docs)
+        result.quarantined = len(set_aside)
+        result.inserted = len(fresh) - len(failed)
         return result
+
+    def _published(self, logs: list[Path], docs: list[Document]) -> None:
+        """Forget what a publish made live: held through the manifest now, no longer pending."""
+        for path in logs:
+            self._logged.pop(path, None)
+        with self._log_lock:
+            self._pending.difference_update(doc.source_id for doc in docs)
+
+    def _build_fresh(
+        self,
+        tree: int,
+        shard: int,
+        docs: list[Document],
+        manifest: Manifest,
+        made: list[Path],
+        failed: list[SetAside],
+    ) -> int:
+        """Build `docs` into a segment of the shard; returns how many segments were written. A build that
+        fails for a reason other than the disk (a row this code cannot publish, whatever the limits said)
+        is split in halves, down to the single documents that fail alone, which are set aside."""
+        name = self._reserve(manifest, "seg")
+        directory = self._shard_dir(tree, shard) / name
+        try:
+            count = build_segment(directory, [FreshPart(docs, self.policy)], self.policy)
+        except Exception as exc:
+            if isinstance(exc, OSError) or is_full(exc):
+                raise  # the environment, not the rows: the whole publish fails and is retried
+            if len(docs) == 1:
+                reason = f"segment build failed: {type(exc).__name__}: {exc}"
+                failed.append(SetAside("publish", docs[0].to_row(), reason))
+                return 0
+            half = len(docs) // 2
+            return self._build_fresh(tree, shard, docs[:half], manifest, made, failed) + self._build_fresh(
+                tree, shard, docs[half:], manifest, made, failed
+            )
+        made.append(directory)
+        manifest.trees[tree][shard].append(SegmentEntry(name=name, docs=count))
+        return 1
 
     def contains(self, source_ids: Sequence[bytes]) -> np.ndarray:
         """For each Source ID, whether a live published document has it."""
@@ -442,57 +571,74 @@ class Forest:
                 yield tree, shard, by_shard[shard]
 
     def _swap(self, manifest: Manifest) -> None:
-        """Make `manifest` current, then remove the files the old one named and the new one does not."""
+        """Make `manifest` current, then remove the files the old one named and the new one does not.
+        `self.manifest is manifest` afterwards tells a caller whether the swap took, even when it raised
+        (the rename done, the directory's fsync failed): then its new files are referenced and stay."""
         with self._state_lock:
             old = self.manifest
             manifest.generation = old.generation + 1
-            write_manifest(self.root, manifest)
+            try:
+                write_manifest(self.root, manifest)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    if read_manifest(self.root).generation == manifest.generation:
+                        self.manifest = manifest
+                raise
             self.manifest = manifest
+        kill_point("swap.done")
         now = {(t, s, e.name) for t, s, e in manifest.entries()} | {
             (t, s, e.tombstone) for t, s, e in manifest.entries() if e.tombstone
         }
         for t, s, entry in old.entries():
             for name in (entry.name, entry.tombstone):
                 if name and (t, s, name) not in now:
-                    path = self._shard_dir(t, s) / name
-                    with contextlib.suppress(FileNotFoundError):
-                        shutil.rmtree(path) if path.is_dir() else path.unlink()
+                    diskio.remove(self._shard_dir(t, s) / name)
+                    kill_point("swap.removed")
 
     def delete(self, source_ids: Sequence[bytes]) -> list[bool]:
         """Tombstone every live document with one of `source_ids`; True per id that was deleted."""
         self._require_writable()
-        with self._write_lock:
-            self.publish()
+        with self._write_lock, self._full_disk("delete from"):
+            self._publish()
+            kill_point("delete.start")
             deleted = [False] * len(source_ids)
-            manifest = Manifest.from_json(self.manifest.to_json())
-            changed = False
-            for view in self.snapshot().views:
-                found = view.reader.find(source_ids)
-                hits = [(i, int(d)) for i, d in enumerate(found) if d >= 0 and view.live[d]]
-                if not hits:
-                    continue
-                dead = ~view.live.copy()
-                for i, doc in hits:
-                    dead[doc] = True
-                    deleted[i] = True
-                entry = next(e for e in manifest.trees[view.tree][view.shard] if e.name == view.entry.name)
-                entry.tombstone = manifest.new_name("tomb") + ".npy"
-                entry.deleted = int(dead.sum())
-                path = self._shard_dir(view.tree, view.shard) / entry.tombstone
-                with open(path, "wb") as out:
-                    np.save(out, np.packbits(dead, bitorder="little"))
-                    out.flush()
-                    os.fsync(out.fileno())
-                changed = True
-            if changed:
-                self._swap(manifest)
+            manifest = self.manifest.copy()
+            made: list[Path] = []
+            try:
+                for view in self.snapshot().views:
+                    found = view.reader.find(source_ids)
+                    hits = [(i, int(d)) for i, d in enumerate(found) if d >= 0 and view.live[d]]
+                    if not hits:
+                        continue
+                    dead = ~view.live.copy()
+                    for i, doc in hits:
+                        dead[doc] = True
+                        deleted[i] = True
+                    shard = manifest.trees[view.tree][view.shard]
+                    entry = next(e for e in shard if e.name == view.entry.name)
+                    entry.tombstone = self._reserve(manifest, "tomb") + ".npy"
+                    entry.deleted = int(dead.sum())
+                    path = self._shard_dir(view.tree, view.shard) / entry.tombstone
+                    packed = io.BytesIO()
+                    np.save(packed, np.packbits(dead, bitorder="little"))
+                    diskio.atomic_write(path, packed.getvalue(), "tombstone")
+                    made.append(path)
+                if made:
+                    self._swap(manifest)
+            except BaseException:
+                if self.manifest is not manifest:
+                    for path in made:
+                        diskio.remove(path)
+                raise
+            kill_point("delete.swapped")
             self.catalog.forget_documents(list(source_ids))
+            kill_point("delete.forgotten")
             return deleted
 
     def delete_paths(self, paths: Sequence[str]) -> list[PathDeletion]:
         """Forget each (canonical) path; a document goes when the last of its paths goes."""
         self._require_writable()
-        with self._write_lock:
+        with self._write_lock, self._full_disk("delete from"):
             out = []
             for path in paths:
                 found = self.catalog.forget_path(path_key(path))
@@ -505,35 +651,62 @@ class Forest:
             return out
 
     def compact(self, full: bool = False) -> CompactResult:
-        """Rewrite segments: all of a shard into one (`full`), or the size-tiered choice (automatic)."""
+        """Rewrite segments: all of a shard into one (`full`), or the size-tiered choice (automatic).
+        A group whose segment cannot be built (other than for a full disk) is left as it is, and said in
+        `details`; on a full disk (StorageFull) nothing changes."""
         self._require_writable()
         result = CompactResult()
-        with self._write_lock:
-            self.publish()
+        with self._write_lock, self._full_disk("compact"):
+            self._publish()
+            kill_point("compact.start")
             snapshot = self.snapshot()
             views = {(v.tree, v.shard, v.entry.name): v for v in snapshot.views}
-            manifest = Manifest.from_json(self.manifest.to_json())
-            for t, shards in enumerate(manifest.trees):
-                for s, segments in enumerate(shards):
-                    for group in compaction.plan_shard(segments, full):
-                        parts = [
-                            SegmentPart(views[(t, s, e.name)].reader, views[(t, s, e.name)].live)
-                            for e in group
-                        ]
-                        live = sum(p.size for p in parts)
-                        names = {e.name for e in group}
-                        survivors = [e for e in segments if e.name not in names]
-                        if live:
-                            name = manifest.new_name("seg")
-                            build_segment(self._shard_dir(t, s) / name, parts, self.policy)
-                            survivors.append(SegmentEntry(name=name, docs=live))
-                            result.written += 1
-                        segments[:] = survivors
-                        result.rewritten += len(group)
-                        result.purged_docs += sum(e.deleted for e in group)
-            if result.rewritten:
-                self._swap(manifest)
+            manifest = self.manifest.copy()
+            made: list[Path] = []
+            try:
+                for t, shards in enumerate(manifest.trees):
+                    for s, segments in enumerate(shards):
+                        for group in compaction.plan_shard(segments, full):
+                            self._merge(t, s, group, segments, views, manifest, made, result)
+                if result.rewritten:
+                    self._swap(manifest)
+            except BaseException:
+                if self.manifest is not manifest:
+                    for path in made:
+                        diskio.remove(path)
+                raise
+            kill_point("compact.swapped")
         return result
+
+    def _merge(self, t, s, group, segments, views, manifest, made, result) -> None:
+        """Rewrite one group of a shard's segments into one (none when nothing in it is live)."""
+        parts = [SegmentPart(views[(t, s, e.name)].reader, views[(t, s, e.name)].live) for e in group]
+        live = sum(p.size for p in parts)
+        names = {e.name for e in group}
+        survivors = [e for e in segments if e.name not in names]
+        if live:
+            name = self._reserve(manifest, "seg")
+            try:
+                build_segment(self._shard_dir(t, s) / name, parts, self.policy)
+            except Exception as exc:
+                if isinstance(exc, OSError) or is_full(exc):
+                    raise
+                result.details.append(
+                    f"tree {t} shard {s}: left {sorted(names)} as they are: {type(exc).__name__}: {exc}"
+                )
+                return
+            made.append(self._shard_dir(t, s) / name)
+            kill_point("compact.built")
+            survivors.append(SegmentEntry(name=name, docs=live))
+            result.written += 1
+        segments[:] = survivors
+        result.rewritten += len(group)
+        result.purged_docs += sum(e.deleted for e in group)
+
+    @property
+    def plan_cache_dir(self) -> Path:
+        """Where searches of this forest keep their plan cache (the planner owns what is inside)."""
+        return self.root / PLANS_DIR
 
     # --- reporting ---------------------------------------------------------------------------------
     def info(self) -> dict:
@@ -543,6 +716,7 @@ class Forest:
             for name in files:
                 with contextlib.suppress(FileNotFoundError):
                     disk += os.stat(os.path.join(directory, name)).st_size
+        set_aside = quarantine.counts(self.root)
         return {
             "root": str(self.root),
             "documents": snapshot.documents,
@@ -555,6 +729,8 @@ class Forest:
             "disk_bytes": disk,
             "pending_log_bytes": self.pending_bytes,
             "files": self.catalog.files(),
+            "quarantined_rows": set_aside.rows,
+            "quarantined_corrupt_bytes": set_aside.corrupt_bytes,
             "generation": snapshot.generation,
             "policy": self.policy.describe(),
         }

@@ -3,16 +3,22 @@
 Writers build new files first, then swap the manifest atomically (write temp, fsync, rename, fsync the
 directory); readers take a snapshot of it and never wait for writers. Files the manifest does not name
 are garbage from an interrupted writer and are removed when a writer opens the Forest.
+
+`format` is the manifest's format version (MANIFEST_FORMAT). Manifests written before it existed have
+no such field and are format 1, the same layout: they are read as such.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from sspry.store.diskio import atomic_write
+from sspry.store.errors import ForestError, format_error
+
 MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
 
 
 @dataclass
@@ -29,6 +35,7 @@ class SegmentEntry:
 
 @dataclass
 class Manifest:
+    format: int = MANIFEST_FORMAT
     generation: int = 0
     next_id: int = 1  # names new segments and tombstones, never reused
     published_log: int = 0  # ingest logs with a sequence number <= this are already in segments
@@ -52,35 +59,26 @@ class Manifest:
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
 
+    def copy(self) -> Manifest:
+        return Manifest.from_json(self.to_json())
+
     @classmethod
-    def from_json(cls, text: str) -> Manifest:
+    def from_json(cls, text: str, path: Path = Path(MANIFEST)) -> Manifest:
         data = json.loads(text)
-        trees = [[[SegmentEntry(**e) for e in shard] for shard in tree] for tree in data.pop("trees")]
-        return cls(trees=trees, **data)
-
-
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as out:
-        out.write(text)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
-    fsync_path(path.parent)
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or a directory (a directory's fsync makes renames and new entries durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        found = data.setdefault("format", 1)
+        if found != MANIFEST_FORMAT:
+            raise format_error(path, "manifest", found, MANIFEST_FORMAT)
+        try:
+            trees = [[[SegmentEntry(**e) for e in shard] for shard in tree] for tree in data.pop("trees")]
+            return cls(trees=trees, **data)
+        except (KeyError, TypeError) as exc:
+            raise ForestError(f"{path}: not a manifest sspry can read ({exc})") from None
 
 
 def read_manifest(root: Path) -> Manifest:
-    return Manifest.from_json((root / MANIFEST).read_text(encoding="utf-8"))
+    path = root / MANIFEST
+    return Manifest.from_json(path.read_text(encoding="utf-8"), path)
 
 
 def write_manifest(root: Path, manifest: Manifest) -> None:
-    atomic_write(root / MANIFEST, manifest.to_json())
+    atomic_write(root / MANIFEST, manifest.to_json().encode(), "manifest")

@@ -1,15 +1,17 @@
 """Immutable segments: documents stored column-wise, blooms bit-sliced per size class.
 
-A segment is a directory written once and never changed:
+A segment is a directory written once and never changed. It is built under a fresh temporary name and
+renamed into place complete (diskio), so a segment's final name never holds a partial one:
 
-  segment.json      document count and the class tables of both tiers
+  segment.json      format version, document count and the class tables of both tiers
   blooms.bin        every class matrix of both tiers, back to back
   ids.npy           Source IDs (docs x id_bytes), in document order
   id_order.npy      argsort of ids, for binary search by Source ID
   filesize.npy, entropy.npy, prefix.npy (docs x prefix_bytes), prefix_len.npy
   entry.npy (docs x 16), entry_len.npy, scanned.npy   entry-point bytes; whether YARA's modules ran
   estimates.npy (docs x 2)   the distinct-gram estimates the blooms were sized from
-  field_names.json, field_doc.npy, field_name.npy, field_value.npy   module fields, sparse
+  field_names.json, field_doc.npy, field_name.npy, field_value.npy   module fields, sparse (name indexes
+                    are uint32 from this format on; segments written before hold uint16 and read the same)
   t2_order.npy      document indices grouped by Tier 2 class
 
 Paths are not stored here: a document's paths change (files.py, the file catalog, holds them). Segments
@@ -27,7 +29,6 @@ A class of `count` documents with blooms of `nbits` bits is stored as count = 8*
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +37,11 @@ import numpy as np
 
 from sspry.document import ENTRY_BYTES, Document
 from sspry.policy import BLOCK_BITS, Policy
-from sspry.store.manifest import fsync_path
+from sspry.store import diskio
+from sspry.store.errors import format_error
+from sspry.store.killpoints import kill_point
 
+SEGMENT_FORMAT = 1  # segment.json without a "format" field: written before it existed, the same layout
 CHUNK_CELLS = 1 << 25  # bits held in memory per transposition step (rows x documents)
 
 
@@ -165,7 +169,7 @@ def _write_class(out, parts: Sequence[Part], members: list[tuple[int, np.ndarray
     count = sum(len(local) for _, local, _ in members)
     nbits = blocks * BLOCK_BITS
     full = count // 8 * 8
-    tail_bits = np.zeros((count - full, nbits), dtype=bool)
+    tail = np.zeros((count - full, nbits // 8), dtype=np.uint8)  # packed: a huge bloom costs its size
     step = _chunk_rows(nbits, count)
     for r0 in range(0, nbits, step):
         r1 = min(nbits, r0 + step)
@@ -174,14 +178,32 @@ def _write_class(out, parts: Sequence[Part], members: list[tuple[int, np.ndarray
             bits[:, columns] = parts[part_index].class_bits(tier, blocks, local, r0, r1)
         if full:
             out.write(np.packbits(bits[:, :full], axis=1, bitorder="little").tobytes())
-        tail_bits[:, r0:r1] = bits[:, full:].T
+        if count > full:
+            tail[:, r0 // 8 : r1 // 8] = np.packbits(bits[:, full:].T, axis=1, bitorder="little")
     if count > full:
-        out.write(np.packbits(tail_bits, axis=1, bitorder="little").tobytes())
+        out.write(tail.tobytes())
 
 
 def build_segment(directory: Path, parts: Sequence[Part], policy: Policy) -> int:
-    """Write a new segment holding every document of `parts`; returns its document count."""
-    directory.mkdir(parents=True)
+    """Write a new segment holding every document of `parts` at `directory` (which must not exist);
+    returns its document count. It is built under a fresh temporary name and renamed into place once
+    complete and durable; a build that fails removes what it wrote."""
+    diskio.make_dirs(directory.parent)
+    work = diskio.temp_name(directory)
+    try:
+        diskio.make_dirs(work)
+        total = _write_segment(work, parts, policy)
+        diskio.fsync_path(work)
+        kill_point("segment.written")
+        diskio.rename_into_place(work, directory)
+    except BaseException:
+        diskio.remove(work)
+        raise
+    kill_point("segment.renamed")
+    return total
+
+
+def _write_segment(directory: Path, parts: Sequence[Part], policy: Policy) -> int:
     origin = [(p, i) for p, part in enumerate(parts) for i in range(part.size)]
     t1 = np.array([parts[p].blocks[1][i] for p, i in origin], dtype=np.int64)
     t2 = np.array([parts[p].blocks[2][i] for p, i in origin], dtype=np.int64)
@@ -216,11 +238,12 @@ def build_segment(directory: Path, parts: Sequence[Part], policy: Policy) -> int
         "t2_order": t2_order.astype(np.uint32),
     }
     for name, array in arrays.items():
-        np.save(directory / f"{name}.npy", array)
+        diskio.save_array(directory / f"{name}.npy", array)
     _save_fields(directory, [columns[p]["fields"][i] for p, i in zip(part_of, local_of, strict=True)])
+    kill_point("segment.columns")
 
     tables: dict[str, list[dict]] = {}
-    with open(directory / "blooms.bin", "wb") as out:
+    with diskio.OutFile(directory / "blooms.bin", exclusive=True) as out:
         for tier, doc_blocks, sequence in ((1, t1, np.arange(total)), (2, t2, t2_order)):
             table = []
             sorted_blocks = doc_blocks[sequence]
@@ -238,11 +261,9 @@ def build_segment(directory: Path, parts: Sequence[Part], policy: Policy) -> int
                     {"blocks": int(blocks), "start": int(lo), "count": int(hi - lo), "offset": offset}
                 )
             tables[str(tier)] = table
-        out.flush()
-        os.fsync(out.fileno())
-    meta = {"docs": total, "classes": tables}
-    (directory / "segment.json").write_text(json.dumps(meta))
-    _fsync_tree(directory)
+        out.sync()
+    meta = {"format": SEGMENT_FORMAT, "docs": total, "classes": tables}
+    diskio.write_file(directory / "segment.json", json.dumps(meta).encode())
     return total
 
 
@@ -258,16 +279,10 @@ def _save_fields(directory: Path, per_doc: Sequence[dict[str, int]]) -> None:
     names = sorted({name for fields in per_doc for name in fields})
     index = {name: i for i, name in enumerate(names)}
     triples = sorted((index[n], d, v) for d, fields in enumerate(per_doc) for n, v in fields.items())
-    (directory / "field_names.json").write_text(json.dumps(names))
-    np.save(directory / "field_name.npy", np.array([t[0] for t in triples], dtype=np.uint16))
-    np.save(directory / "field_doc.npy", np.array([t[1] for t in triples], dtype=np.uint32))
-    np.save(directory / "field_value.npy", np.array([t[2] for t in triples], dtype=np.int64))
-
-
-def _fsync_tree(directory: Path) -> None:
-    for name in os.listdir(directory):
-        fsync_path(directory / name)
-    fsync_path(directory)
+    diskio.write_file(directory / "field_names.json", json.dumps(names).encode())
+    diskio.save_array(directory / "field_name.npy", np.array([t[0] for t in triples], dtype=np.uint32))
+    diskio.save_array(directory / "field_doc.npy", np.array([t[1] for t in triples], dtype=np.uint32))
+    diskio.save_array(directory / "field_value.npy", np.array([t[2] for t in triples], dtype=np.int64))
 
 
 class SegmentReader:
@@ -276,6 +291,9 @@ class SegmentReader:
     def __init__(self, directory: Path):
         self.directory = directory
         meta = json.loads((directory / "segment.json").read_text())
+        found = meta.get("format", 1)
+        if found != SEGMENT_FORMAT:
+            raise format_error(directory / "segment.json", "segment", found, SEGMENT_FORMAT)
         self.docs: int = meta["docs"]
         self.classes = {tier: [ClassSpan(**span) for span in meta["classes"][str(tier)]] for tier in (1, 2)}
         # plain ndarray views of the maps: numpy's memmap subclass adds overhead to every indexing

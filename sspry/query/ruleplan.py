@@ -1,0 +1,47 @@
+"""What planning a rule gives: its `RulePlan` (the candidate formula, the notes, the string plans), and the
+stable codes of the notes the planner leaves where only verification can decide (what `sspry rule-check`
+reports)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sspry.query.plan import Node
+from sspry.query.strings import StringPlan
+
+CODES = {
+    "string-unanchored": "the string forces no gram (too short, or wildcards everywhere)",
+    "string-not-understood": "the string's pattern could not be read; it plans as TRUE",
+    "negated-string": "a string that must be absent: a bloom can prove absence, never presence",
+    "count-may-be-zero": "a string count the condition allows to be zero",
+    "vacuous-loop": "`for all`/`none` over a range may hold on an empty range",
+    "not-understood": "an expression the planner does not decide",
+    "module-array": "module arrays and dictionaries are not in the sidecar",
+    "module-function": "a module function the sidecar cannot answer",
+    "import-names": "pe.imports/pe.exports planned from the names' grams (any case); verification decides",
+    "unknown-module": "a module whose values are not stored",
+    "string-operator": "string comparisons (contains, matches, ...) and `defined`",
+    "read-offset": "an integer read at an offset that is not stored (or not constant)",
+    "hash-other-source": "a hash other than the forest's Source ID hash",
+    "time-now": "a comparison with time.now that can change between search and verification",
+    "non-constant": "a comparison between values only the file knows",
+    "plan-error": "the rule could not be planned; it plans as TRUE",
+    "not-parsed": "yaramod could not parse the file; every rule plans as TRUE",
+}
+
+
+@dataclass
+class Note:
+    rule: str
+    code: str  # a key of CODES
+    text: str
+    line: int = 0
+    column: int = 0
+
+
+@dataclass
+class RulePlan:
+    name: str
+    upper: Node  # holds for every document the rule may match: the candidates
+    notes: list[Note] = field(default_factory=list)
+    strings: list[StringPlan] = field(default_factory=list)

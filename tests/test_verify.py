@@ -1,0 +1,50 @@
+"""Verification scans each file with the groups of rules it is a candidate for, and says exactly what
+YARA says when it scans the file with every rule."""
+
+from __future__ import annotations
+
+import yara
+
+import sspry
+from sspry import verify
+from sspry.query.rules import load_rules
+from sspry.verify import rule_groups
+
+
+def bundle(tokens: int) -> str:
+    rules = [
+        'import "math"',
+        'private rule helper { strings: $h = "helper-mark" condition: $h }',
+        "global rule not_empty { condition: filesize > 0 }",
+        'rule needs_helper { strings: $n = "token-0-" condition: $n and helper }',
+        "rule broad { condition: filesize > 10 }",
+        "rule entropy { condition: math.entropy(0, filesize) > 3 }",
+    ]
+    rules += [f'rule t{i} {{ strings: $a = "token-{i}-" condition: $a }}' for i in range(tokens)]
+    return "\n".join(rules) + "\n"
+
+
+def test_grouped_verification_equals_scanning_with_every_rule(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(verify, "GROUP_RULES", 8)  # several selective groups from a small bundle
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    for i in range(60):
+        extra = " helper-mark" if i % 3 == 0 else ""
+        (samples / f"f{i}").write_text(f"file {i} holds token-{i}- and token-{(i * 7) % 60}-{extra}")
+    (samples / "empty").write_bytes(b"")
+    text = bundle(60)
+    with sspry.Database.create(tmp_path / "db", store_path=True) as db:
+        db.index([str(samples)])
+        result = db.search(rule=text, verify=True)
+    source, compiled = load_rules(rule=text)
+    wanted = {r.name: {c.source_id for c in r.candidates} for r in result.rules}
+    groups = rule_groups(wanted, compiled, source.parsed or source.text)
+    assert len(groups) > 2  # split: the broad rules together, the selective ones in small groups
+    assert result.verification["group_scans"] < len(groups) * result.verification["files"]
+    everything = yara.compile(source=text)
+    for rule in result.rules:
+        for candidate in rule.candidates:
+            truth = {m.rule for m in everything.match(candidate.paths[0])}
+            assert candidate.verified == (rule.name in truth), (rule.name, candidate.paths)
+    matched = {r.name: sum(1 for c in r.candidates if c.verified) for r in result.rules}
+    assert matched["needs_helper"] == 1 and matched["broad"] == 60 and matched["t5"] >= 1
