@@ -345,9 +345,10 @@ class SspryService:
     def _search(self, request, source, targets, emit, cancelled: threading.Event) -> None:
         """Plan and search on a worker thread, emitting frames (see SearchFrame in the proto); stops early
         once `cancelled` is set."""
+        from sspry.query.evaluate import evaluate_snapshot
         from sspry.query.literals import DEFAULT_MAX_ANCHORS
         from sspry.query.ruleset import iter_plans
-        from sspry.query.search import search_snapshot
+        from sspry.query.search import hits_result
 
         started = time.perf_counter()
         snapshot = self.forest.snapshot()
@@ -364,16 +365,19 @@ class SspryService:
                 emit(_planned(len(plans), len(targets)))
         emit(_planned(len(plans), len(targets)))
         planned = time.perf_counter()
-        result = search_snapshot(
-            snapshot, plans, self.forest.policy, 0.0, self.search_workers, cancelled=cancelled
+        hits = evaluate_snapshot(
+            snapshot, [p.upper for p in plans], self.forest.policy, self.search_workers, cancelled=cancelled
         )
+        if cancelled.is_set():
+            raise _Cancelled
         limit = None if request.limit == 0 else request.limit
         sent: set[bytes] = set()  # documents whose paths this search has sent
         candidates = 0
-        for index, rule in enumerate(result.rules):
+        for index, (plan, found) in enumerate(zip(plans, hits, strict=True)):
             if cancelled.is_set():
                 raise _Cancelled
-            ids = [] if request.count_only else [c.source_id for c in rule.candidates[:limit]]
+            rule = hits_result(plan.name, snapshot, found, limit, request.count_only)
+            ids = [c.source_id for c in rule.candidates]
             fresh = [i for i in ids if i not in sent]
             sent.update(fresh)
             self._emit_paths(fresh, emit)
@@ -401,7 +405,7 @@ class SspryService:
         emit(
             sspry_pb2.SearchFrame(
                 summary=sspry_pb2.SearchSummary(
-                    documents=result.documents,
+                    documents=snapshot.documents,
                     elapsed_ms=(searched - started) * 1000,
                     plan_ms=(planned - started) * 1000,
                     search_ms=(searched - planned) * 1000,

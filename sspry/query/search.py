@@ -59,15 +59,32 @@ def search_snapshot(
     return SearchResult(results, snapshot.documents, {"search": (time.perf_counter() - started) * 1000})
 
 
-def candidate_ids(snapshot: Snapshot, found: Hits) -> list[bytes]:
-    """The Source IDs of one plan's candidates (its bitmaps per segment), in segment and document order."""
+def candidate_ids(snapshot: Snapshot, found: Hits, limit: int | None = None) -> list[bytes]:
+    """The Source IDs of one plan's candidates (its bitmaps per segment), in segment and document order;
+    the first `limit` of them when given."""
     ids: list[bytes] = []
     for view_index, bitmap in found:
+        if limit is not None and len(ids) >= limit:
+            break
         reader = snapshot.views[view_index].reader
         docs = bitmaps.documents(bitmap, reader.docs)
+        if limit is not None:
+            docs = docs[: limit - len(ids)]
         rows = np.ascontiguousarray(reader.ids[docs])
         ids.extend(rows.view(f"V{rows.shape[1]}").ravel().tolist())  # one bytes object per row
     return ids
+
+
+def hits_result(
+    name: str, snapshot: Snapshot, found: Hits, limit: int | None, count_only: bool = False
+) -> RuleResult:
+    """One rule's result from its bitmaps: the count from the bits, Source IDs only for what is listed
+    (at most `limit`; none when `count_only`). A content lives in one segment, so there is nothing to
+    deduplicate."""
+    count = sum(bitmaps.count(bitmap) for _, bitmap in found)
+    if count_only:
+        return RuleResult(name, [], count, counted_only=True)
+    return rule_result(name, candidate_ids(snapshot, found, limit), limit, count)
 
 
 def stream_forest(
@@ -93,15 +110,15 @@ def stream_forest(
     )
     planned = time.perf_counter()
     snapshot = forest.snapshot()
-    result = search_snapshot(snapshot, plans, forest.policy, 0.0, workers, compiled_gather)
-    cap = 0 if count_only else effective_limit(snapshot.documents, max_candidates, limit)
+    hits = evaluate_snapshot(
+        snapshot, [plan.upper for plan in plans], forest.policy, workers, compiled_gather
+    )
+    cap = effective_limit(snapshot.documents, max_candidates, limit)
     stream = SearchStream(source.targets, snapshot.documents, {"plan": (planned - started) * 1000})
 
     def rules() -> Iterator[RuleResult]:
-        for found in result.rules:
-            rule = rule_result(found.name, [c.source_id for c in found.candidates], cap)
-            if count_only:
-                rule.truncated, rule.limit, rule.counted_only = False, None, True
+        for plan, found in zip(plans, hits, strict=True):
+            rule = hits_result(plan.name, snapshot, found, cap, count_only)
             attach_paths([rule], forest.paths_of)
             yield rule
         stream.timings_ms["search"] = (time.perf_counter() - planned) * 1000
