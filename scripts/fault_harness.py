@@ -47,9 +47,10 @@ from sspry.document import Document, path_key
 from sspry.policy import Policy
 from sspry.store import diskio
 from sspry.store.errors import StorageFull
+from sspry.store.filenames import log_name
 from sspry.store.files import FileRecord
 from sspry.store.forest import Forest
-from sspry.store.ingest_log import LogWriter, log_name
+from sspry.store.ingest_log import LogWriter
 from sspry.synthetic import random_document
 
 POLICY = Policy(shards=2, store_path=True)
@@ -355,7 +356,9 @@ def census(base: Path, seed: int) -> Counter:
     import importlib
 
     passed: Counter = Counter()
-    modules = [importlib.import_module(f"sspry.store.{m}") for m in ("forest", "ingest_log", "segment")]
+    modules = [
+        importlib.import_module(f"sspry.store.{m}") for m in ("forest", "ingest_log", "segment.writer")
+    ]
     modules.append(importlib.import_module("sspry.store.killpoints"))
     saved = [m.kill_point for m in modules]
     root = base / "census"

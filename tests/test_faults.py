@@ -25,8 +25,9 @@ from sspry.document import Document, path_key
 from sspry.policy import Policy, PolicyError
 from sspry.store import diskio
 from sspry.store.errors import ForestError, StorageFull
+from sspry.store.filenames import TEMP_PREFIX, log_name
 from sspry.store.forest import Forest
-from sspry.store.ingest_log import LogWriter, log_name, read_log, write_log
+from sspry.store.ingest_log import LogWriter, read_log, write_log
 from sspry.store.segment import FreshPart
 from tests.test_store import make_doc
 
@@ -112,7 +113,7 @@ def test_publish_recovers_from_a_full_disk_without_a_restart(tmp_path, share: fl
     held = held_ids(root)
     assert sorted(held) == sorted(d.source_id for d in docs)
     for shard in (root / "trees" / "tree_0000").iterdir():  # the failed attempt left nothing behind
-        assert not [p for p in shard.iterdir() if p.name.startswith(diskio.TEMP_PREFIX)]
+        assert not [p for p in shard.iterdir() if p.name.startswith(TEMP_PREFIX)]
 
 
 def test_rows_with_many_field_names_publish(tmp_path) -> None:
@@ -378,14 +379,14 @@ def test_a_row_that_cannot_be_built_is_quarantined_alone(tmp_path, monkeypatch) 
     rng = random.Random(9)
     docs = [make_doc(policy, rng) for _ in range(13)]
     poison = docs[7].source_id
-    columns = FreshPart.columns
+    column = FreshPart.column
 
-    def failing(self):
+    def failing(self, name):
         if any(d.source_id == poison for d in self.docs):
             raise ValueError("cannot build this one")
-        return columns(self)
+        return column(self, name)
 
-    monkeypatch.setattr(FreshPart, "columns", failing)
+    monkeypatch.setattr(FreshPart, "column", failing)
     with Forest.open(root, writable=True) as forest:
         forest.ingest(docs)
         result = forest.publish()

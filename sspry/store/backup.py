@@ -27,11 +27,19 @@ from pathlib import Path
 
 from sspry.store import diskio
 from sspry.store.errors import ForestError
-from sspry.store.files import CATALOG_FILE, FileCatalog
-from sspry.store.forest import POLICY_FILE
-from sspry.store.ingest_log import LOG_PREFIX, log_seq
-from sspry.store.manifest import MANIFEST, Manifest, read_manifest, write_manifest
-from sspry.store.quarantine import QUARANTINE_DIR
+from sspry.store.filenames import (
+    CATALOG_FILE,
+    INGEST_DIR,
+    MANIFEST,
+    POLICY_FILE,
+    QUARANTINE_DIR,
+    TREES_DIR,
+    log_seq,
+    logs_in,
+    shard_path,
+)
+from sspry.store.files import FileCatalog
+from sspry.store.manifest import Manifest, read_manifest, write_manifest
 
 ATTEMPTS = 20
 
@@ -89,16 +97,16 @@ def backup(root: Path, dest: Path, link: bool = True) -> BackupResult:
         raise ForestError(f"{dest} exists and is not an empty directory")
     result = BackupResult()
     copier = _Copier(link, result)
-    diskio.make_dirs(dest / "ingest")
-    diskio.make_dirs(dest / "trees")
+    diskio.make_dirs(dest / INGEST_DIR)
+    diskio.make_dirs(dest / TREES_DIR)
     diskio.atomic_write(dest / POLICY_FILE, (root / POLICY_FILE).read_bytes(), "backup")
     logs = {}
-    for log in sorted((root / "ingest").glob(f"{LOG_PREFIX}*.bin"), key=log_seq):
+    for log in logs_in(root):
         try:
-            copier.copy(log, dest / "ingest" / log.name)
+            copier.copy(log, dest / INGEST_DIR / log.name)
         except FileNotFoundError:
             continue  # published and removed meanwhile: its rows are in any manifest read from now on
-        logs[log_seq(log)] = dest / "ingest" / log.name
+        logs[log_seq(log)] = dest / INGEST_DIR / log.name
     source_catalog = FileCatalog(root / CATALOG_FILE, readonly=True)
     try:
         source_catalog.backup(dest / CATALOG_FILE)
@@ -111,7 +119,7 @@ def backup(root: Path, dest: Path, link: bool = True) -> BackupResult:
             copy.unlink()
         else:
             result.logs += 1
-    diskio.fsync_path(dest / "ingest")
+    diskio.fsync_path(dest / INGEST_DIR)
     write_manifest(dest, manifest)
     result.generation = manifest.generation
     result.documents = sum(entry.live for _, _, entry in manifest.entries())
@@ -126,7 +134,7 @@ def _copy_manifest_files(root: Path, dest: Path, copier: _Copier) -> Manifest:
         copier.result.manifest_reads += 1
         try:
             for t, s, entry in manifest.entries():
-                shard = Path("trees") / f"tree_{t:04d}" / f"shard_{s:03d}"
+                shard = shard_path(t, s)
                 copier.tree(root / shard / entry.name, dest / shard / entry.name)
                 if entry.tombstone:
                     copier.file(root / shard / entry.tombstone, dest / shard / entry.tombstone)
@@ -135,11 +143,11 @@ def _copy_manifest_files(root: Path, dest: Path, copier: _Copier) -> Manifest:
                 if int(entry.name[2:]) <= manifest.published_log:
                     copier.tree(entry, dest / QUARANTINE_DIR / entry.name)
         except FileNotFoundError:
-            for directory in (dest / "trees", dest / QUARANTINE_DIR):
+            for directory in (dest / TREES_DIR, dest / QUARANTINE_DIR):
                 shutil.rmtree(directory, ignore_errors=True)
-            diskio.make_dirs(dest / "trees")
+            diskio.make_dirs(dest / TREES_DIR)
             continue
-        for directory, _, _ in os.walk(dest / "trees"):
+        for directory, _, _ in os.walk(dest / TREES_DIR):
             diskio.fsync_path(Path(directory))
         return manifest
     raise ForestError(f"{root} changed under the backup {ATTEMPTS} times in a row: try again")

@@ -29,7 +29,8 @@ import time
 import uuid
 from pathlib import Path
 
-TEMP_PREFIX = ".tmp-"
+from sspry.store.filenames import TEMP_PREFIX
+
 ENOSPC_ENV = "SSPRY_FAULT_ENOSPC"
 
 

@@ -29,7 +29,6 @@ from pathlib import Path
 from sspry.store import diskio
 from sspry.store.errors import ForestError
 
-CATALOG_FILE = "files.sqlite"
 FORMAT_VERSION = 1
 SHOWN_PATHS = 16  # paths reported per candidate (the total is reported beside them)
 _CHUNK = 500  # parameters per IN (...) query, under SQLite's limit

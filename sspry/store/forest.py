@@ -1,13 +1,6 @@
-"""The Forest: one database root holding Trees of Shards of immutable Segments.
-
-  <root>/sspry.json                     the policy, fixed at init (its "version" is its format)
-  <root>/manifest.json                  which segments and tombstones are current (atomic swap)
-  <root>/ingest/log_NNNNNNNNNN.bin      durable ingest logs not yet published
-  <root>/trees/tree_NNNN/shard_NNN/seg_NNNNNNNNNN/   segments
-  <root>/trees/tree_NNNN/shard_NNN/tomb_NNNNNNNNNN.npy  tombstone bitmaps (packed, one per segment version)
-  <root>/files.sqlite                   the file catalog: every file indexed, by path key (files.py)
-  <root>/quarantine/q_NNNNNNNNNN/       rows a publish could not publish, with a report (quarantine.py)
-  <root>/.lock                          held (flock) by the one process allowed to write
+"""The Forest: one database root holding Trees of Shards of immutable Segments (the files of a root are
+named in filenames.py): the policy, the manifest, ingest logs, segments and tombstones per shard, the
+file catalog (files.py), the plan cache, the quarantine (quarantine.py) and the writer's lock.
 
 Writes go: ingest (append + fsync to the log, files recorded in the catalog) -> publish (log rows -> new
 segments -> manifest swap -> logs removed). Documents are deduplicated by Source ID at ingest, against
@@ -42,17 +35,32 @@ from sspry.document import Document, path_key
 from sspry.policy import POLICY_VERSION, Policy, PolicyError
 from sspry.store import compaction, diskio, quarantine
 from sspry.store.errors import ForestError, StorageFull, format_error, full_disk_as, is_full
-from sspry.store.files import CATALOG_FILE, FileCatalog, FileRecord, PathDeletion, PathsOf
-from sspry.store.ingest_log import LOG_PREFIX, IngestResult, LogWriter, log_name, log_seq, read_log
+from sspry.store.filenames import (
+    CATALOG_FILE,
+    INGEST_DIR,
+    LOCK_FILE,
+    LOG_PREFIX,
+    MANIFEST,
+    PLANS_DIR,
+    POLICY_FILE,
+    SEGMENT_PREFIX,
+    TEMP_PREFIX,
+    TOMBSTONE_PREFIX,
+    TOMBSTONE_SUFFIX,
+    TREES_DIR,
+    log_name,
+    log_seq,
+    shard_dir,
+    shard_dirs,
+)
+from sspry.store.files import FileCatalog, FileRecord, PathDeletion, PathsOf
+from sspry.store.ingest_log import IngestResult, LogWriter, read_log
 from sspry.store.killpoints import kill_point
-from sspry.store.manifest import MANIFEST, Manifest, SegmentEntry, read_manifest, write_manifest
+from sspry.store.manifest import Manifest, SegmentEntry, read_manifest, write_manifest
 from sspry.store.quarantine import CorruptSpan, SetAside
 from sspry.store.segment import FreshPart, SegmentPart, SegmentReader, build_segment
 from sspry.v1 import sspry_pb2
 
-POLICY_FILE = "sspry.json"
-LOCK_FILE = ".lock"
-PLANS_DIR = "plans"  # the planner's plan cache (sspry.query.plancache): derived data, safe to delete
 PUBLISH_BYTES = 256 << 20  # a local index publishes whenever this much is waiting in the log
 
 
@@ -162,8 +170,8 @@ class Forest:
             with Forest.open(root, writable=True):
                 pass  # takes the lock: refuse to wipe a forest someone is writing
             shutil.rmtree(root)
-        diskio.make_dirs(root / "ingest")
-        diskio.make_dirs(root / "trees")
+        diskio.make_dirs(root / INGEST_DIR)
+        diskio.make_dirs(root / TREES_DIR)
         diskio.atomic_write(root / POLICY_FILE, policy.to_json().encode(), "policy")
         write_manifest(root, Manifest())  # last: a root without a manifest is no forest yet
 
@@ -226,10 +234,10 @@ class Forest:
 
     # --- paths -------------------------------------------------------------------------------------
     def _shard_dir(self, tree: int, shard: int) -> Path:
-        return self.root / "trees" / f"tree_{tree:04d}" / f"shard_{shard:03d}"
+        return shard_dir(self.root, tree, shard)
 
     def _logs(self) -> list[Path]:
-        return sorted((self.root / "ingest").glob(f"{LOG_PREFIX}*.bin"), key=log_seq)
+        return sorted((self.root / INGEST_DIR).glob(f"{LOG_PREFIX}*.bin"), key=log_seq)
 
     def _recover(self) -> None:
         """Remove what an interrupted writer left behind (published logs, files no manifest names,
@@ -243,11 +251,11 @@ class Forest:
             referenced.add(self._shard_dir(t, s) / entry.name)
             if entry.tombstone:
                 referenced.add(self._shard_dir(t, s) / entry.tombstone)
-        for shard_dir in (self.root / "trees").glob("tree_*/shard_*"):
-            for child in shard_dir.iterdir():
+        for directory in shard_dirs(self.root):
+            for child in directory.iterdir():
                 if child not in referenced:
                     shutil.rmtree(child) if child.is_dir() else child.unlink()
-        for child in self.root.glob(f"{diskio.TEMP_PREFIX}*"):  # a manifest or policy never renamed
+        for child in self.root.glob(f"{TEMP_PREFIX}*"):  # a manifest or policy never renamed
             diskio.remove(child)
         quarantine.remove_unfinished(self.root, self.manifest.published_log)
         # What the logs hold waits in memory for the next publish, as it does for rows ingested later;
@@ -400,7 +408,7 @@ class Forest:
     def _current_log(self) -> LogWriter:
         if self._log is None:
             seq = max([self.manifest.published_log, *(log_seq(p) for p in self._logs())]) + 1
-            self._log = LogWriter(self.root / "ingest" / log_name(seq))
+            self._log = LogWriter(self.root / INGEST_DIR / log_name(seq))
             self._logged[self._log.path] = _Logged()
         return self._log
 
@@ -516,7 +524,7 @@ class Forest:
         """Build `docs` into a segment of the shard; returns how many segments were written. A build that
         fails for a reason other than the disk (a row this code cannot publish, whatever the limits said)
         is split in halves, down to the single documents that fail alone, which are set aside."""
-        name = self._reserve(manifest, "seg")
+        name = self._reserve(manifest, SEGMENT_PREFIX)
         directory = self._shard_dir(tree, shard) / name
         try:
             count = build_segment(directory, [FreshPart(docs, self.policy)], self.policy)
@@ -616,7 +624,7 @@ class Forest:
                         deleted[i] = True
                     shard = manifest.trees[view.tree][view.shard]
                     entry = next(e for e in shard if e.name == view.entry.name)
-                    entry.tombstone = self._reserve(manifest, "tomb") + ".npy"
+                    entry.tombstone = self._reserve(manifest, TOMBSTONE_PREFIX) + TOMBSTONE_SUFFIX
                     entry.deleted = int(dead.sum())
                     path = self._shard_dir(view.tree, view.shard) / entry.tombstone
                     packed = io.BytesIO()
@@ -685,7 +693,7 @@ class Forest:
         names = {e.name for e in group}
         survivors = [e for e in segments if e.name not in names]
         if live:
-            name = self._reserve(manifest, "seg")
+            name = self._reserve(manifest, SEGMENT_PREFIX)
             try:
                 build_segment(self._shard_dir(t, s) / name, parts, self.policy)
             except Exception as exc:

@@ -36,7 +36,6 @@ FRAME_MAGIC = b"\xf5SRF"
 _FILE_HEADER = struct.Struct("<8sI")
 _FRAME = struct.Struct("<4sII")  # magic, length, crc32
 _LEGACY_FRAME = struct.Struct("<II")  # format 1: length, crc32 of the payload
-LOG_PREFIX = "log_"
 
 
 @dataclass
@@ -62,14 +61,6 @@ class LogContents:
     @property
     def skipped_bytes(self) -> int:
         return self.torn_tail + sum(len(span) for _, span in self.corrupt)
-
-
-def log_name(seq: int) -> str:
-    return f"{LOG_PREFIX}{seq:010d}.bin"
-
-
-def log_seq(path: Path) -> int:
-    return int(path.name[len(LOG_PREFIX) : -len(".bin")])
 
 
 def _crc(length: int, payload: bytes) -> int:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from sspry.store.diskio import atomic_write
 from sspry.store.errors import ForestError, format_error
+from sspry.store.filenames import MANIFEST
 
-MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 
 

@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sspry.store import diskio
+from sspry.store.filenames import QUARANTINE_DIR, TEMP_PREFIX, quarantine_entry
 from sspry.store.ingest_log import write_log
 from sspry.v1 import sspry_pb2
 
-QUARANTINE_DIR = "quarantine"
 QUARANTINE_FORMAT = 1
 REPORT = "report.json"
 
@@ -49,7 +49,7 @@ class CorruptSpan:
 
 
 def _entry(root: Path, published_log: int) -> Path:
-    return root / QUARANTINE_DIR / f"q_{published_log:010d}"
+    return quarantine_entry(root, published_log)
 
 
 def write_entry(root: Path, published_log: int, rows: list[SetAside], corrupt: list[CorruptSpan]) -> Path:
@@ -85,7 +85,7 @@ def remove_unfinished(root: Path, published_log: int) -> None:
         return
     for entry in directory.iterdir():
         unfinished = entry.name.startswith("q_") and int(entry.name[2:]) > published_log
-        if unfinished or entry.name.startswith(diskio.TEMP_PREFIX):
+        if unfinished or entry.name.startswith(TEMP_PREFIX):
             diskio.remove(entry)
 
 
