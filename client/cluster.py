@@ -196,6 +196,11 @@ class Cluster:
         started = time.perf_counter()
         source, compiled = load_rules(rule, path)
         loaded = time.perf_counter()
+        if source.parse_error:
+            (progress or SILENT).note(
+                f"yaramod cannot parse {source.name}, so every document is a candidate of its rules "
+                f"(verification decides): {source.parse_error}"
+            )
         members = self.discover()
         targets = list(source.targets)
         request = sspry_pb2.SearchRequest(
@@ -221,11 +226,14 @@ class Cluster:
                 for index, name in enumerate(targets):
                     ids: list[bytes] = []
                     count = 0
+                    notes: dict[str, None] = {}
                     for answer in answers:
-                        found, total = answer.rule(index)
+                        found, total, codes = answer.rule(index)
                         ids.extend(found)
                         count += total
+                        notes.update(dict.fromkeys(codes))
                     result = rule_result(name, ids, cap, count)
+                    result.notes = list(notes)
                     if count_only:
                         result.truncated, result.limit, result.counted_only = False, None, True
                     attach_paths([result], lambda wanted: _merge_paths(answers, wanted))
@@ -379,8 +387,8 @@ class _Answer:
             self._stage.advance(frame.progress.done - self._planned)
             self._planned = frame.progress.done
 
-    def rule(self, index: int) -> tuple[list[bytes], int]:
-        """Rule `index`'s candidates sent by this server, and its candidate count here."""
+    def rule(self, index: int) -> tuple[list[bytes], int, list[str]]:
+        """Rule `index`'s candidates sent by this server, its candidate count here, its plan's notes."""
         ids: list[bytes] = []
         while True:
             frame = self._next()
@@ -391,7 +399,7 @@ class _Answer:
             elif kind == "candidates" and frame.candidates.rule == index:
                 ids.extend(frame.candidates.source_ids)
                 if frame.candidates.rule_end:
-                    return ids, frame.candidates.count
+                    return ids, frame.candidates.count, list(frame.candidates.notes)
             else:
                 raise ClientError(f"server {self.connection.addr}: unexpected {kind} frame for rule {index}")
 

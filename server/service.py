@@ -348,7 +348,7 @@ class SspryService:
         from sspry.query.evaluate import evaluate_snapshot
         from sspry.query.literals import DEFAULT_MAX_ANCHORS
         from sspry.query.ruleset import iter_plans
-        from sspry.query.search import hits_result
+        from sspry.query.search import hits_result, note_codes
 
         started = time.perf_counter()
         snapshot = self.forest.snapshot()
@@ -390,6 +390,7 @@ class SspryService:
                             source_ids=ids[start : start + CANDIDATES_PER_FRAME],
                             rule_end=end,
                             count=rule.candidate_count if end else 0,
+                            notes=note_codes(plan) if end else [],
                         )
                     )
                 )

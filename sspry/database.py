@@ -152,6 +152,11 @@ class Database:
         started = time.perf_counter()
         source, compiled = load_rules(rule, path)
         loaded = time.perf_counter()
+        if source.parse_error:
+            (progress or SILENT).note(
+                f"yaramod cannot parse {source.name}, so every document is a candidate of its rules "
+                f"(verification decides): {source.parse_error}"
+            )
         forest = self._forest()
         with self._lock:
             if self._plan_cache is None:

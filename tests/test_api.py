@@ -51,6 +51,7 @@ def test_database_and_servers_give_the_same_candidates(indexed_corpus, tmp_path)
     finally:
         assert server.stop() == 0
     assert local.documents == remote.documents
+    assert any(r.notes for r in local.rules)  # plan notes reach the results
     assert [r.name for r in local.rules] == [r.name for r in remote.rules]
     for mine, theirs in zip(local.rules, remote.rules, strict=True):
         assert {c.source_id for c in mine.candidates} == {c.source_id for c in theirs.candidates}, mine.name

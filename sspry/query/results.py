@@ -58,9 +58,12 @@ class RuleResult:
     truncated: bool = False
     limit: int | None = None
     counted_only: bool = False  # only the count was asked for (`--count`)
+    notes: list[str] = field(default_factory=list)  # the plan's note codes: what only verification decides
 
     def to_json(self) -> dict:
         out = {"rule": self.name, "candidate_count": self.candidate_count, "truncated": self.truncated}
+        if self.notes:
+            out["notes"] = self.notes
         if not self.counted_only:
             out["candidates"] = [c.to_json() for c in self.candidates]
         if self.limit is not None:

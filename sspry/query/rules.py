@@ -39,7 +39,7 @@ class RuleSource:
     name: str  # the file's path, for messages
     text: str | None  # the source with includes inlined; None when yaramod could not parse it
     targets: tuple[str, ...]  # rules to report: the public ones, in file order
-    parse_error: str | None = None
+    parse_error: str | None = None  # why yaramod could not parse it (then every rule plans as TRUE)
     parsed: yaramod.YaraFile | None = field(default=None, compare=False, repr=False)  # yaramod's parse
 
 

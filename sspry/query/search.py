@@ -75,6 +75,11 @@ def candidate_ids(snapshot: Snapshot, found: Hits, limit: int | None = None) -> 
     return ids
 
 
+def note_codes(plan: RulePlan) -> list[str]:
+    """The codes of a plan's notes, each once, in order (rule-check explains them)."""
+    return list(dict.fromkeys(note.code for note in plan.notes))
+
+
 def hits_result(
     name: str, snapshot: Snapshot, found: Hits, limit: int | None, count_only: bool = False
 ) -> RuleResult:
@@ -119,6 +124,7 @@ def stream_forest(
     def rules() -> Iterator[RuleResult]:
         for plan, found in zip(plans, hits, strict=True):
             rule = hits_result(plan.name, snapshot, found, cap, count_only)
+            rule.notes = note_codes(plan)
             attach_paths([rule], forest.paths_of)
             yield rule
         stream.timings_ms["search"] = (time.perf_counter() - planned) * 1000
