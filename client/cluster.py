@@ -34,7 +34,7 @@ from sspry.query.results import (
     effective_limit,
     rule_result,
 )
-from sspry.query.rules import load_rules
+from sspry.query.rules import load_for_search
 from sspry.store.files import SHOWN_PATHS, PathDeletion, PathsOf
 from sspry.store.ingest_log import IngestResult
 from sspry.v1 import sspry_pb2
@@ -193,14 +193,7 @@ class Cluster:
         every server has sent it, so memory stays flat whatever the number of candidates. The rules are
         compiled here first (RuleError if YARA refuses them), and sent with their includes inlined."""
         progress = progress or SILENT
-        started = time.perf_counter()
-        source, compiled = load_rules(rule, path)
-        loaded = time.perf_counter()
-        if source.parse_error:
-            (progress or SILENT).note(
-                f"yaramod cannot parse {source.name}, so every document is a candidate of its rules "
-                f"(verification decides): {source.parse_error}"
-            )
+        source, compiled, compile_ms = load_for_search(rule, path, (progress or SILENT).note)
         members = self.discover()
         targets = list(source.targets)
         request = sspry_pb2.SearchRequest(
@@ -216,7 +209,7 @@ class Cluster:
         ]
         documents = sum(a.documents for a in answers)
         cap = 0 if count_only else effective_limit(documents, max_candidates, limit)
-        stream = SearchStream(targets, documents, {"compile": (loaded - started) * 1000})
+        stream = SearchStream(targets, documents, {"compile": compile_ms})
         stream.compiled, stream.parsed = compiled, source.parsed or source.text
         stream.servers = [a.connection.addr for a in answers]
         stream.offline = list(self.offline)

@@ -23,7 +23,7 @@ from sspry.query.literals import DEFAULT_MAX_ANCHORS
 from sspry.query.plancache import PlanCache
 from sspry.query.results import SearchResult, SearchStream
 from sspry.query.rulecheck import RuleReport, check_rules
-from sspry.query.rules import load_rules
+from sspry.query.rules import load_for_search
 from sspry.store.forest import CompactResult, Forest
 
 
@@ -149,14 +149,7 @@ class Database:
         the counts are always complete."""
         from sspry.query.search import stream_forest
 
-        started = time.perf_counter()
-        source, compiled = load_rules(rule, path)
-        loaded = time.perf_counter()
-        if source.parse_error:
-            (progress or SILENT).note(
-                f"yaramod cannot parse {source.name}, so every document is a candidate of its rules "
-                f"(verification decides): {source.parse_error}"
-            )
+        source, compiled, compile_ms = load_for_search(rule, path, (progress or SILENT).note)
         forest = self._forest()
         with self._lock:
             if self._plan_cache is None:
@@ -173,7 +166,7 @@ class Database:
             count_only,
             self._plan_cache,
         )
-        stream.timings_ms["compile"] = (loaded - started) * 1000
+        stream.timings_ms["compile"] = compile_ms
         stream.compiled, stream.parsed = compiled, source.parsed or source.text
         return stream
 

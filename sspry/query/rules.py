@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,3 +112,17 @@ def _targets(compiled: yara.Rules, path: str | None) -> tuple[str, ...]:
 
 def load_rule_file(path: str) -> tuple[RuleSource, yara.Rules]:
     return load_rules(path=path)
+
+
+def load_for_search(
+    rule: str | None, path: str | None, note: Callable[[str], None]
+) -> tuple[RuleSource, yara.Rules, float]:
+    """`load_rules`, timed (ms), telling `note` when yaramod cannot parse what YARA compiled."""
+    started = time.perf_counter()
+    source, compiled = load_rules(rule, path)
+    if source.parse_error:
+        note(
+            f"yaramod cannot parse {source.name}, so every document is a candidate of its rules "
+            f"(verification decides): {source.parse_error}"
+        )
+    return source, compiled, (time.perf_counter() - started) * 1000
