@@ -22,6 +22,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from pathlib import Path
 import yara
 
 from sspry.features.walk import walk
+from sspry.store.filenames import PLANS_DIR
 
 _SCANNER: yara.Rules | None = None
 
@@ -168,15 +170,17 @@ def main() -> int:
             server.stop()
 
     rows = []
-    server = Server(sspry, root)
-    try:
-        for name in wanted:
-            source = args.rules if name == "all" else args.rules / name
-            bundle = args.work / f"{name}.yar"
-            kept, rules = build_set(rule_files(source), bundle)
-            if not rules:
-                continue
-            yara_s = brute_force(bundle, files, args.processes)
+    for name in wanted:
+        source = args.rules if name == "all" else args.rules / name
+        bundle = args.work / f"{name}.yar"
+        kept, rules = build_set(rule_files(source), bundle)
+        if not rules:
+            continue
+        yara_s = brute_force(bundle, files, args.processes)
+        # The first search is cold: a fresh server and no stored plans (the plan cache is derived data).
+        shutil.rmtree(root / PLANS_DIR, ignore_errors=True)
+        server = Server(sspry, root)
+        try:
             row = {"set": name, "rule_files": kept, "rules": rules, "yara_python_s": round(yara_s, 2)}
             search = [*sspry, "search", "--addr", server.addr, "--rule", str(bundle), "--json"]
             for label, command in (
@@ -194,10 +198,10 @@ def main() -> int:
                     result = json.loads(out)
                     row["candidate_pairs"] = sum(r["candidate_count"] for r in result["rules"])
                     row["documents"] = result["documents"]
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    finally:
-        server.stop()
+        finally:
+            server.stop()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
 
     header = (
         "set",

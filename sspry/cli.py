@@ -47,6 +47,15 @@ def _emit(data: dict) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=False))
 
 
+def _print_summary(summary: dict, as_json: bool) -> None:
+    """A flat summary: JSON, or one `key: value` line per entry."""
+    if as_json:
+        _emit(summary)
+    else:
+        for key, value in summary.items():
+            click.echo(f"{key}: {value}")
+
+
 def _local(root: str):
     """The Database at ROOT, or a clear error (exit 2)."""
     from sspry.database import Database
@@ -592,11 +601,7 @@ def local_compact(root, as_json):
         "written_segments": result.written,
         "purged_documents": result.purged_docs,
     }
-    if as_json:
-        _emit(summary)
-    else:
-        for key, value in summary.items():
-            click.echo(f"{key}: {value}")
+    _print_summary(summary, as_json)
 
 
 @local.command("backup")
@@ -626,11 +631,7 @@ def local_backup(root, dest, copy_files, as_json):
         "linked_files": result.linked_files,
         "copied_bytes": result.copied_bytes,
     }
-    if as_json:
-        _emit(summary)
-    else:
-        for key, value in summary.items():
-            click.echo(f"{key}: {value}")
+    _print_summary(summary, as_json)
 
 
 @local.command("info")

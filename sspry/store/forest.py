@@ -25,7 +25,7 @@ import json
 import os
 import shutil
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -342,6 +342,19 @@ class Forest:
         if not self.writable:
             raise ForestError("forest opened read-only")
 
+    @contextlib.contextmanager
+    def _attempt(self, manifest: Manifest) -> Iterator[list[Path]]:
+        """The list of files a change makes toward `manifest`. If the change fails before `manifest` is
+        swapped in, they are removed (nothing refers to them); once swapped in they belong to the forest."""
+        made: list[Path] = []
+        try:
+            yield made
+        except BaseException:
+            if self.manifest is not manifest:
+                for path in made:
+                    diskio.remove(path)
+            raise
+
     def _full_disk(self, verb: str):
         """Raise a full disk met while doing `verb` as StorageFull("cannot <verb> <root>: ...")."""
         return full_disk_as(f"cannot {verb} {self.root}")
@@ -477,8 +490,7 @@ class Forest:
         kill_point("publish.deduped")
         manifest = self.manifest.copy()
         manifest.published_log = max(log_seq(p) for p in logs)
-        made: list[Path] = []
-        try:
+        with self._attempt(manifest) as made:
             failed: list[SetAside] = []
             for tree, shard, group in self._route(fresh, manifest):
                 result.segments += self._build_fresh(tree, shard, group, manifest, made, failed)
@@ -487,14 +499,12 @@ class Forest:
             if set_aside or corrupt:
                 made.append(quarantine.write_entry(self.root, manifest.published_log, set_aside, corrupt))
             kill_point("publish.built")
-            self._swap(manifest)
-        except BaseException:
-            if self.manifest is manifest:  # swapped, but its directory's fsync failed: published
-                self._published(logs, docs)  # (the logs stay: the next writer to open removes them)
-            else:  # not swapped: remove this attempt's files
-                for path in made:
-                    diskio.remove(path)
-            raise
+            try:
+                self._swap(manifest)
+            except BaseException:
+                if self.manifest is manifest:  # swapped, but its directory's fsync failed: published
+                    self._published(logs, docs)  # (the logs stay: the next writer to open removes them)
+                raise
         kill_point("publish.swapped")
         for path in logs:
             with contextlib.suppress(OSError):
@@ -611,8 +621,7 @@ class Forest:
             kill_point("delete.start")
             deleted = [False] * len(source_ids)
             manifest = self.manifest.copy()
-            made: list[Path] = []
-            try:
+            with self._attempt(manifest) as made:
                 for view in self.snapshot().views:
                     found = view.reader.find(source_ids)
                     hits = [(i, int(d)) for i, d in enumerate(found) if d >= 0 and view.live[d]]
@@ -633,11 +642,6 @@ class Forest:
                     made.append(path)
                 if made:
                     self._swap(manifest)
-            except BaseException:
-                if self.manifest is not manifest:
-                    for path in made:
-                        diskio.remove(path)
-                raise
             kill_point("delete.swapped")
             self.catalog.forget_documents(list(source_ids))
             kill_point("delete.forgotten")
@@ -670,19 +674,13 @@ class Forest:
             snapshot = self.snapshot()
             views = {(v.tree, v.shard, v.entry.name): v for v in snapshot.views}
             manifest = self.manifest.copy()
-            made: list[Path] = []
-            try:
+            with self._attempt(manifest) as made:
                 for t, shards in enumerate(manifest.trees):
                     for s, segments in enumerate(shards):
                         for group in compaction.plan_shard(segments, full):
                             self._merge(t, s, group, segments, views, manifest, made, result)
                 if result.rewritten:
                     self._swap(manifest)
-            except BaseException:
-                if self.manifest is not manifest:
-                    for path in made:
-                        diskio.remove(path)
-                raise
             kill_point("compact.swapped")
         return result
 
