@@ -320,10 +320,18 @@ max_anchors_option = click.option(
     "--id-source", default=None, type=click.Choice(list(ID_SOURCES)), help="Assume this Source ID hash."
 )
 @max_anchors_option
-def rule_check(rule, as_json, root, gram_sizes, id_source, max_anchors_per_pattern):
-    """Explain how each rule of RULE would be searched: status, grams per string, and what only
-    verification decides (stable codes, with line and column). Exit 0 unless RULE does not compile."""
-    from sspry.query.rulecheck import check_rule_file, file_status, format_text
+@click.option("--only-problems", is_flag=True, help="Show only rules that are not fully searchable.")
+@click.option(
+    "--fail-on",
+    type=click.Choice(["unsearchable", "searchable-needs-verify"]),
+    default=None,
+    help="Exit 1 when a public rule has this status or a worse one (for CI).  [default: never]",
+)
+def rule_check(rule, as_json, root, gram_sizes, id_source, max_anchors_per_pattern, only_problems, fail_on):
+    """Explain how each rule of RULE would be searched: status, each string with its grams, and what
+    only verification decides (stable codes with line and column, why, and a hint), with counts by
+    status. Exit 2 if RULE does not compile; 1 with --fail-on when a rule has that status; else 0."""
+    from sspry.query.rulecheck import check_rule_file, fails, file_status, format_text, status_counts
     from sspry.query.rules import RuleError
 
     if root and (gram_sizes or id_source):
@@ -347,11 +355,14 @@ def rule_check(rule, as_json, root, gram_sizes, id_source, max_anchors_per_patte
                 "id_source": policy.id_source,
                 "gram_sizes": list(policy.gram_sizes),
             },
-            "rules": [r.to_json() for r in reports],
+            "counts": status_counts(reports),
+            "rules": [r.to_json() for r in reports if r.has_problems or not only_problems],
         }
         click.echo(json.dumps(data, indent=2))
     else:
-        click.echo(format_text(rule, source, policy, reports))
+        click.echo(format_text(rule, source, policy, reports, only_problems))
+    if fail_on and fails(reports, fail_on):
+        sys.exit(1)
 
 
 # --- local -------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -285,15 +286,59 @@ def test_rule_check(tmp_path) -> None:
     assert "6e6565" in by_rule["exact"]["strings"][0]["grams"]["tier1"]  # "nee"
     assert by_rule["partly"]["status"] == "searchable-needs-verify"
     note = by_rule["partly"]["notes"][0]
-    assert (note["code"], note["line"]) == ("non-constant", 3)
+    assert (note["code"], note["line"]) == ("module-array", 3)
+    assert note["hint"] and note["message"] and note["text"] == 'pe.sections[0].name == ".text"'
+    assert by_rule["partly"]["strings"][0]["text"] == '"needle-alpha"'
     assert by_rule["nothing"]["status"] == "unsearchable"
     assert by_rule["nothing"]["notes"][0]["code"] == "string-unanchored"
     assert by_rule["helper"]["private"] is True
+    assert data["counts"] == {"searchable": 1, "searchable-needs-verify": 1, "unsearchable": 2}  # helper too
     text = run("rule-check", "--rule", str(rules), "--gram-sizes", "4,5").stdout
     assert "policy_source: explicit" in text and "gram_sizes: 4,5" in text and "rule: partly" in text
+    assert "rules: 4 (1 searchable, 1 searchable-needs-verify, 2 unsearchable)" in text
+    assert text.count("every part of the condition narrows the search") == 1  # said once, not per rule
+    only = run("rule-check", "--rule", str(rules), "--only-problems").stdout
+    assert "rule: partly" in only and "rule: nothing" in only and "rule: exact" not in only
+    # gating for CI: exit 1 when a public rule has the status (or a worse one)
+    run("rule-check", "--rule", str(rules), "--fail-on", "unsearchable", code=1)
+    good = tmp_path / "good.yar"
+    good.write_text('rule ok { strings: $a = "needle-alpha" condition: $a }\n')
+    run("rule-check", "--rule", str(good), "--fail-on", "searchable-needs-verify")
     broken = tmp_path / "broken.yar"
     broken.write_text("rule x { condition: $nope }\n")
     assert f"{broken}(1)" in run("rule-check", "--rule", str(broken), code=2).output
+
+
+def test_rule_check_findings(tmp_path) -> None:
+    """What the planner used to misreport: module functions and arrays named as such, a leading-zero
+    literal read as YARA reads it, count comparisons planned from the strings they need."""
+    rules = tmp_path / "findings.yar"
+    rules.write_text(
+        'import "pe"\n'
+        'rule imphash { condition: pe.imphash() == "f34d5f2d4577ed6d9ceec516c1f5a744" }\n'
+        'rule octal { strings: $tag = "needle-tag" condition: $tag in (0..0100) }\n'
+        'rule counts { strings: $s1 = "needle-one" $sn1 = "needle-two" condition: #s1 > #sn1 + 2 }\n'
+        'rule loop { strings: $a = "needle-one" $b = "needle-two" '
+        'condition: for any of ($a, $b) : (pe.sections[0].name == ".text" and $) }\n'
+    )
+    data = json.loads(run("rule-check", "--rule", str(rules), "--json").stdout)
+    by_rule = {r["rule"]: r for r in data["rules"]}
+    assert [n["code"] for n in by_rule["imphash"]["notes"]] == ["module-function"]
+    assert by_rule["octal"]["status"] == "searchable" and not by_rule["octal"]["notes"]
+    assert by_rule["counts"]["status"] == "searchable" and not by_rule["counts"]["notes"]
+    assert [n["code"] for n in by_rule["loop"]["notes"]] == ["module-array"]  # once, not once per string
+
+
+def test_rule_check_codes_are_documented() -> None:
+    """docs/usage.md lists exactly the codes rule-check prints, with the same meaning and hint."""
+    from sspry.query.ruleplan import CODES, HINTS
+
+    usage = (Path(__file__).parent.parent / "docs" / "usage.md").read_text()
+    usage = usage[usage.index("The codes (the same in the output") :].split("\n## ")[0]
+    rows = re.findall(r"^\| `([a-z-]+)` \| (.+) \| (.+) \|$", usage, re.M)
+    assert {code: (meaning, hint) for code, meaning, hint in rows} == {
+        code: (CODES[code], HINTS[code]) for code in CODES
+    }
 
 
 def test_searches_load_no_compiled_kernels(tmp_path, files, rules) -> None:

@@ -90,6 +90,11 @@ def test_int_literals_follow_yara() -> None:
     assert int_literal("0x10") == 16
     assert int_literal("0o17") == 15
     assert int_literal("12") == 12
+    assert int_literal("0100") == 100  # YARA reads leading zeros as decimal; octal is 0o
+    # and YARA agrees: 0100 bytes of room, not 64
+    assert yara.compile(source='rule r { strings: $a = "ab" condition: $a in (0..0100) }').match(
+        data=b"x" * 90 + b"ab"
+    )
     assert int_literal("abc") is None
 
 
@@ -121,6 +126,23 @@ def test_conditions() -> None:
     # decided from the stored first bytes: a string at 0, not merely somewhere
     assert holds(plans["loop"], both) and holds(plans["loop"], two[3:]) and not holds(plans["loop"], one)
     assert holds(plans["reference"], two) and not holds(plans["reference"], one)
+
+
+def test_count_comparisons_need_their_strings() -> None:
+    """A count compared with another count needs the strings the comparison rules out being absent."""
+    source = r"""
+    rule more { strings: $s1 = "needle-one" $sn1 = "needle-two" condition: #s1 > #sn1 + 2 }
+    rule sums { strings: $x1 = "needle-one" $x2 = "needle-two" $fp = "needle-six"
+                condition: (#x1 + #x2) > (#fp + 0) }
+    rule fewer { strings: $a = "needle-one" $b = "needle-two" condition: #a < #b }
+    rule either { strings: $a = "needle-one" $b = "needle-two" condition: #a != #b }
+    """
+    plans = plans_for(source, ["more", "sums", "fewer", "either"], POLICY)
+    one, two, six = b"xx needle-one xx", b"xx needle-two xx", b"xx needle-six xx"
+    assert holds(plans["more"], one) and not holds(plans["more"], two)
+    assert holds(plans["sums"], one) and holds(plans["sums"], two) and not holds(plans["sums"], six)
+    assert holds(plans["fewer"], two) and not holds(plans["fewer"], one)  # #b > #a >= 0
+    assert plans["either"] is TRUE  # either string may be the one that occurs
 
 
 def test_global_rules_apply_to_every_rule() -> None:
@@ -260,6 +282,10 @@ def _atoms(draw_int) -> tuple[list[str], list[str]]:
         "$b",
         "$c",
         f"#a {op} {n % 3}",
+        f"#a {op} #b + {n % 3}",
+        f"(#a + #c) {op} (#b - {n % 2})",
+        f"#c - {n % 3} {op} #a",
+        f"$b in (0..0{n}0)",  # a leading zero is still decimal
         f"$a at {n}",
         f"$b in ({n}..{n + 4})",
         f"filesize {op} {n * 10 + 20}",

@@ -48,7 +48,7 @@ from sspry.query.terms import (
     FLIP,
     READS,
     Const,
-    Count,
+    Counts,
     EntryOffset,
     MaskedField,
     ModuleField,
@@ -61,6 +61,7 @@ from sspry.query.terms import (
     WholeEntropy,
     WholeHash,
     arithmetic,
+    counts_needed,
     entry_offset,
     holds,
     int_literal,
@@ -118,7 +119,9 @@ class ConditionPlanner:
         self.bound: StringPlan | None = None  # what `$` stands for inside `for ... of ... : (...)`
 
     def unknown(self, expr, code: str) -> Approx:
-        self.rule_plan.notes.append(Note(self.rule_plan.name, code, expr.text, *where(expr)))
+        note = Note(self.rule_plan.name, code, expr.text, *where(expr))
+        if note not in self.rule_plan.notes:  # a loop body is planned once per string: say it once
+            self.rule_plan.notes.append(note)
         return UNKNOWN
 
     # --- conditions ----------------------------------------------------------------------------
@@ -372,8 +375,10 @@ class ConditionPlanner:
             left, right, op = right, left, FLIP[op]
         if isinstance(left, Const) and isinstance(right, Const):
             return Approx.exact(TRUE if holds(left.value, op, right.value) else FALSE)
-        if isinstance(left, Count) and isinstance(right, Const):
-            return self.count(expr, left.string, op, right.value)
+        if isinstance(right, Counts) and not isinstance(left, Counts):
+            left, right, op = right, left, FLIP[op]
+        if isinstance(left, Counts) and isinstance(right, Counts | Const):
+            return self.counts(expr, left, op, right)
         if isinstance(left, OfString):  # defined only where the string matched
             return Approx.maybe(left.string.upper)
         if isinstance(right, OfString):
@@ -395,14 +400,22 @@ class ConditionPlanner:
             return self.whole_hash(expr, left.algorithm, op, right.value)
         if isinstance(left, Read) and is_int(right):
             return self.read(expr, left, op, right.value)  # type: ignore[union-attr]
+        for operand in (expr.left_operand, expr.right_operand):
+            if _MODULE_VALUE.match(operand.text):  # pe.imphash(), pe.sections[0].name, cuckoo.x, ...
+                return self.unknown(expr, _module_code(operand.text))
         return self.unknown(expr, "non-constant")
 
-    def count(self, expr, string: Approx, op: str, value) -> Approx:
-        """`#a OP n`: the string must occur whenever the comparison rules out a count of zero."""
-        if not holds(0, op, value):
-            return Approx.maybe(string.upper, undefined=FALSE)
-        self.unknown(expr, "count-may-be-zero")
-        return UNKNOWN
+    def counts(self, expr, left: Counts, op: str, right: Counts | Const) -> Approx:
+        """`#a OP n`, `#a > #b + 2`, `(#a + #b) > (#c + #d)`: a string of a side must occur where the
+        comparison rules out that side's strings all being absent (terms.counts_needed). Counts are
+        always defined."""
+        needed = counts_needed(left, op, right)
+        if isinstance(right, Counts):
+            needed = and_(needed, counts_needed(right, FLIP[op], left))
+        if needed is TRUE:
+            self.unknown(expr, "count-may-be-zero")
+            return UNKNOWN
+        return Approx.maybe(needed, undefined=FALSE)
 
     def time_now(self, expr, left: Term | None, op: str, right: Term | None) -> Approx:
         """time.now at verification is at least the search's start, T. A comparison is planned as what
@@ -536,7 +549,7 @@ class ConditionPlanner:
         return None
 
     def _count_term(self, expr) -> Term:
-        return Count(self.string(expr.id))
+        return Counts((self.string(expr.id).upper,))
 
     def _of_string_term(self, expr) -> Term:
         return OfString(self.string(expr.id))
@@ -591,6 +604,9 @@ del P
 def _present(name: str) -> Node:
     """The file has module field `name` (the sidecar keeps exactly the fields YARA defined)."""
     return or_(Field(name, "==", 0), Field(name, "!=", 0))
+
+
+_MODULE_VALUE = re.compile(r"[A-Za-z_]\w*\.")  # a module's value or function: module.name...
 
 
 def _module_code(name: str) -> str:

@@ -1,34 +1,48 @@
 """`sspry rule-check`: how each rule of a file would be searched, and what only verification decides.
 
-Per rule: a status (`searchable`: the plan prunes and nothing was left to verification;
-`searchable-needs-verify`: the plan prunes, but parts of the condition became TRUE; `unsearchable`:
-every document is a candidate), the grams chosen for each string, and the notes (stable codes from
-ruleplan.CODES, with the rule file's line and column).
+Per rule: a status (`searchable`: every part of the condition narrows the search -- the index holds what
+each part needs, so no part is left to verification alone; `searchable-needs-verify`: the plan narrows,
+but some parts became TRUE; `unsearchable`: every document is a candidate), each string with the grams
+chosen for it, and the findings (stable codes from ruleplan.CODES with the rule file's line and column,
+the text they are about and a hint from ruleplan.HINTS). Candidates of a `searchable` rule are still only
+possible matches: blooms admit false positives, and counts and offsets of strings are checked by
+verification.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
 from sspry.policy import Policy
 from sspry.query.plan import TRUE, Gram, leaves
-from sspry.query.ruleplan import CODES, RulePlan
+from sspry.query.ruleplan import CODES, HINTS, RulePlan
 from sspry.query.rules import RuleError, compile_rules, compile_text, parse
 from sspry.query.ruleset import plan_rules
 
 STATUS_ORDER = ("searchable", "searchable-needs-verify", "unsearchable")
+SEARCHABLE_SUMMARY = (
+    "every part of the condition narrows the search; candidates may still not match "
+    "(bloom false positives; string counts and offsets are checked by --verify)"
+)
 
 
 @dataclass
 class RuleReport:
     plan: RulePlan
     private: bool
+    string_texts: dict[str, str] = field(default_factory=dict)  # identifier -> the string as written
 
     @property
     def status(self) -> str:
         if self.plan.upper is TRUE:
             return "unsearchable"
         return "searchable-needs-verify" if self.plan.notes else "searchable"
+
+    @property
+    def has_problems(self) -> bool:
+        """Something for a rule author to look at (a string without grams is also a note)."""
+        return self.status != "searchable"
 
     def to_json(self) -> dict:
         strings = []
@@ -37,6 +51,7 @@ class RuleReport:
             strings.append(
                 {
                     "id": string.identifier,
+                    "text": self.string_texts.get(string.identifier),
                     "line": string.line,
                     "grams": {
                         f"tier{tier}": sorted(g.gram.hex() for g in grams if g.tier == tier)
@@ -51,7 +66,14 @@ class RuleReport:
             "status": self.status,
             "strings": strings,
             "notes": [
-                {"code": n.code, "message": CODES[n.code], "text": n.text, "line": n.line, "column": n.column}
+                {
+                    "code": n.code,
+                    "message": CODES[n.code],
+                    "hint": HINTS[n.code],
+                    "text": n.text,
+                    "line": n.line,
+                    "column": n.column,
+                }
                 for n in self.plan.notes
             ],
         }
@@ -67,8 +89,11 @@ def check_rules(
     names = [(r.identifier, r.is_private) for r in compiled]
     if not names:
         raise RuleError(f"{path}: no rules in file" if path is not None else "no rules in the text")
+    texts: dict[str, dict[str, str]] = {}
     try:
         parsed = parse(rule, path)  # the file itself, so lines are the file's own
+        for parsed_rule in parsed.rules:
+            texts[parsed_rule.name] = {s.identifier: s.text for s in parsed_rule.strings}
     except Exception as exc:
         parsed = None
         error = str(exc)
@@ -76,7 +101,10 @@ def check_rules(
     if parsed is None:
         for plan in plans:
             plan.notes[0].text = error
-    return [RuleReport(plan, private) for plan, (_, private) in zip(plans, names, strict=True)]
+    return [
+        RuleReport(plan, private, texts.get(name, {}))
+        for plan, (name, private) in zip(plans, names, strict=True)
+    ]
 
 
 def check_rule_file(path: str, policy: Policy, max_anchors: int) -> list[RuleReport]:
@@ -89,15 +117,34 @@ def file_status(reports: list[RuleReport]) -> str:
     return max((r.status for r in considered), key=STATUS_ORDER.index)
 
 
-def format_text(path: str, policy_source: str, policy: Policy, reports: list[RuleReport]) -> str:
+def status_counts(reports: list[RuleReport]) -> dict[str, int]:
+    """How many rules have each status (every status listed, zeros included)."""
+    found = Counter(r.status for r in reports)
+    return {status: found[status] for status in STATUS_ORDER}
+
+
+def fails(reports: list[RuleReport], fail_on: str) -> bool:
+    """Whether a public rule has status `fail_on` or a worse one (`--fail-on`)."""
+    worst = STATUS_ORDER.index(fail_on)
+    return any(STATUS_ORDER.index(r.status) >= worst for r in reports if not r.private)
+
+
+def format_text(
+    path: str, policy_source: str, policy: Policy, reports: list[RuleReport], only_problems: bool = False
+) -> str:
+    """The plain report: a header with the file's status and the counts by status, then each rule (with
+    `only_problems`, only the rules that have something to look at)."""
+    counts = ", ".join(f"{n} {status}" for status, n in status_counts(reports).items())
     lines = [
         f"status: {file_status(reports)}",
         f"policy_source: {policy_source}",
         f"id_source: {policy.id_source}",
         f"gram_sizes: {policy.gram_sizes[0]},{policy.gram_sizes[1]}",
-        f"rules: {len(reports)}",
+        f"rules: {len(reports)} ({counts})",
     ]
     for report in reports:
+        if only_problems and not report.has_problems:
+            continue
         data = report.to_json()
         lines.append("")
         lines.append(f"rule: {data['rule']}")
@@ -106,12 +153,12 @@ def format_text(path: str, policy_source: str, policy: Policy, reports: list[Rul
         lines.append(f"status: {data['status']}")
         for string in data["strings"]:
             counts = ", ".join(f"{tier} {len(grams)} grams" for tier, grams in string["grams"].items())
-            detail = f" ({string['note']})" if string["note"] else ""
-            lines.append(f"  string {string['id']}: {counts}{detail}")
+            shown = f" = {string['text']}" if string["text"] else ""
+            lines.append(f"  string {string['id']}{shown} (line {string['line']}): {counts}")
         for note in data["notes"]:
-            lines.append(
-                f"  {note['code']} at {note['line']}:{note['column']}: {note['text']} -- {note['message']}"
-            )
-        if data["status"] == "searchable":
-            lines.append("  summary: every part of the condition is decided by the index")
+            lines.append(f"  {note['line']}:{note['column']} {note['code']}: {note['text']}")
+            lines.append(f"    why: {note['message']}")
+            lines.append(f"    hint: {note['hint']}")
+    if any(r.status == "searchable" for r in reports):
+        lines += ["", f"searchable: {SEARCHABLE_SUMMARY}"]
     return "\n".join(lines)

@@ -28,6 +28,26 @@ CODES = {
     "plan-error": "the rule could not be planned; it plans as TRUE",
     "not-parsed": "yaramod could not parse the file; every rule plans as TRUE",
 }
+# code -> what a rule author can do about it (the same table is in docs/usage.md)
+HINTS = {
+    "string-unanchored": "make the string longer than the largest gram size, or with fewer wildcards",
+    "string-not-understood": "report the string: sspry should understand every string YARA compiles",
+    "negated-string": "pair the `not $x` with a string that must occur",
+    "count-may-be-zero": "add a string that must occur (`$a and #a < 3`)",
+    "vacuous-loop": "use `for any`, or add a string that must occur",
+    "not-understood": "combine it with a string or a file property (filesize, magic bytes) that must hold",
+    "module-array": "add a string or a header check (`uint16(0) == 0x5A4D`) that must hold",
+    "module-function": "add a string or a header check (`uint16(0) == 0x5A4D`) that must hold",
+    "import-names": "none needed: the names' grams narrow the search",
+    "unknown-module": "add a string or a file property that must hold",
+    "string-operator": "add a string that must occur",
+    "read-offset": "read at a constant offset below the forest's prefix bytes (64 by default)",
+    "hash-other-source": "compare the forest's Source ID hash (sha256 by default) instead",
+    "time-now": "none: only verification can compare with the time of the scan",
+    "non-constant": "compare with a constant, or add a string that must occur",
+    "plan-error": "report the rule: sspry should plan every rule YARA compiles",
+    "not-parsed": "check the file with yaramod, or report it",
+}
 
 
 @dataclass

@@ -13,7 +13,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from sspry.query.plan import FALSE, TRUE, Approx, Filesize, Node
+from sspry.query.plan import FALSE, TRUE, Approx, Filesize, Node, or_
 
 ENTRY_FIELDS = ("pe.entry_point", "elf.entry_point")
 
@@ -34,7 +34,10 @@ def int_literal(text: str) -> int | None:
     if not match:
         return None
     number, unit = match.groups()
-    value = int(number, 0)
+    # YARA reads digits as decimal even with leading zeros (0100 is one hundred); octal needs 0o
+    value = (
+        int(number, 16) if number[:2] == "0x" else int(number[2:], 8) if number[:2] == "0o" else int(number)
+    )
     return value * {None: 1, "KB": 1024, "MB": 1 << 20}[unit]
 
 
@@ -89,8 +92,12 @@ class Read:
 
 
 @dataclass(frozen=True)
-class Count:
-    string: Approx
+class Counts:
+    """A sum of string counts plus a constant: #a, #a + #b, #a - 2, ... Counts are never negative, so
+    the value is at least `plus`, and above it only where one of the strings occurs."""
+
+    strings: tuple[Node, ...]  # the strings' gram formulas (upper bounds of each string matching)
+    plus: int = 0
 
 
 @dataclass(frozen=True)
@@ -123,7 +130,7 @@ Term = (
     | MaskedField
     | EntryOffset
     | Read
-    | Count
+    | Counts
     | OfString
     | Now
     | WholeEntropy
@@ -131,7 +138,7 @@ Term = (
 )
 # Values YARA always defines while scanning a file; every other term may be undefined (a module field
 # the file lacks, a read past its end, @a[i] without an i-th match, ...).
-DEFINED_TERMS = (Const, Text, Size, Count, Now)
+DEFINED_TERMS = (Const, Text, Size, Counts, Now)
 
 
 def is_int(term: Term | None) -> bool:
@@ -176,6 +183,12 @@ def arithmetic(op: str, left: Term | None, right: Term | None) -> Term | None:
     if op == "+":
         if isinstance(left, Const) and isinstance(right, Const):
             return Const(left.value + right.value)
+        if isinstance(right, Counts) and not isinstance(left, Counts):
+            left, right = right, left
+        if isinstance(left, Counts) and isinstance(right, Counts):
+            return Counts(left.strings + right.strings, left.plus + right.plus)
+        if isinstance(left, Counts) and is_int(right):
+            return Counts(left.strings, left.plus + right.value)  # type: ignore[union-attr]
         if isinstance(right, Size) and not isinstance(left, Size):
             left, right = right, left
         if isinstance(left, Size) and is_int(right):
@@ -197,6 +210,21 @@ def arithmetic(op: str, left: Term | None, right: Term | None) -> Term | None:
     if isinstance(left, Size) and is_int(right):
         return Size(left.a * right.value, left.b * right.value)  # type: ignore[union-attr]
     return None
+
+
+def counts_needed(left: Counts, op: str, right: Counts | Const) -> Node:
+    """What `left OP right` needs of the strings of `left`: one of them must occur when the comparison
+    cannot hold with all of them absent (left then equals left.plus) for any value `right` can take
+    (exactly a constant's value; for counts, anything from right.plus up). Else TRUE."""
+    if not left.strings:
+        return TRUE
+    if isinstance(right, Const):
+        possible = holds(left.plus, op, right.value)
+    elif op in ("<", "<=", "!="):
+        possible = True  # right can always be large enough
+    else:
+        possible = left.plus > right.plus if op == ">" else left.plus >= right.plus
+    return TRUE if possible else or_(*left.strings)
 
 
 def solve_filesize(size: Size, op: str, value) -> Node:
