@@ -25,6 +25,7 @@ from sspry.document import Document
 from sspry.indexing import IndexSummary, index_files
 from sspry.policy import Policy
 from sspry.progress import SILENT, Progress, Stage
+from sspry.query.externals import Externals
 from sspry.query.literals import DEFAULT_MAX_ANCHORS
 from sspry.query.results import (
     RuleResult,
@@ -38,7 +39,7 @@ from sspry.query.rules import load_for_search
 from sspry.store.files import SHOWN_PATHS, PathDeletion, PathsOf
 from sspry.store.ingest_log import IngestResult
 from sspry.v1 import sspry_pb2
-from sspry.wire import file_stamp, policy_from_proto
+from sspry.wire import externals_to_proto, file_stamp, policy_from_proto
 
 if TYPE_CHECKING:
     from sspry.query.rulecheck import RuleReport
@@ -157,6 +158,7 @@ class Cluster:
         max_anchors: int = DEFAULT_MAX_ANCHORS,
         limit: int | None = None,
         count_only: bool = False,
+        externals: Externals | None = None,
         progress: Progress | None = None,
     ) -> SearchResult:
         """Every document that may match each public rule of the rule text (`rule=`) or file (`path=`),
@@ -173,6 +175,7 @@ class Cluster:
             max_anchors=max_anchors,
             limit=limit,
             count_only=count_only,
+            externals=externals,
             progress=progress,
         )
         assert self.policy is not None  # discovered by stream()
@@ -187,13 +190,14 @@ class Cluster:
         max_anchors: int = DEFAULT_MAX_ANCHORS,
         limit: int | None = None,
         count_only: bool = False,
+        externals: Externals | None = None,
         progress: Progress | None = None,
     ) -> SearchStream:
         """`search` without verification, rule by rule as the servers answer: a rule is given out once
         every server has sent it, so memory stays flat whatever the number of candidates. The rules are
         compiled here first (RuleError if YARA refuses them), and sent with their includes inlined."""
         progress = progress or SILENT
-        source, compiled, compile_ms = load_for_search(rule, path, (progress or SILENT).note)
+        source, compiled, compile_ms = load_for_search(rule, path, (progress or SILENT).note, externals)
         members = self.discover()
         targets = list(source.targets)
         request = sspry_pb2.SearchRequest(
@@ -202,6 +206,7 @@ class Cluster:
             max_anchors=max_anchors,
             limit=limit or 0,
             count_only=count_only,
+            externals=externals_to_proto(source.externals),
         )
         stage = progress.stage("planning (servers)", len(targets) * len(members), "rule")
         answers = [
@@ -211,6 +216,7 @@ class Cluster:
         cap = 0 if count_only else effective_limit(documents, max_candidates, limit)
         stream = SearchStream(targets, documents, {"compile": compile_ms})
         stream.compiled, stream.parsed = compiled, source.parsed or source.text
+        stream.externals = source.externals
         stream.servers = [a.connection.addr for a in answers]
         stream.offline = list(self.offline)
 
@@ -243,12 +249,17 @@ class Cluster:
         return stream.feed(rules())
 
     def check(
-        self, rule: str | None = None, path: str | None = None, *, max_anchors: int = DEFAULT_MAX_ANCHORS
+        self,
+        rule: str | None = None,
+        path: str | None = None,
+        *,
+        max_anchors: int = DEFAULT_MAX_ANCHORS,
+        externals: Externals | None = None,
     ) -> list[RuleReport]:
         """How each rule would be searched with the servers' policy (`sspry rule-check`)."""
         from sspry.query.rulecheck import check_rules
 
-        return check_rules(self.discover()[0].policy, max_anchors, rule=rule, path=path)
+        return check_rules(self.discover()[0].policy, max_anchors, rule=rule, path=path, externals=externals)
 
     # --- delete, info, shutdown --------------------------------------------------------------------
     def delete(self, values: list[str]) -> list[Deletion]:

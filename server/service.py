@@ -38,7 +38,7 @@ from sspry.policy import PolicyError
 from sspry.store.errors import StorageFull
 from sspry.store.forest import PUBLISH_BYTES, Forest
 from sspry.v1 import sspry_pb2
-from sspry.wire import RowAssembler, WireError, file_record, policy_to_proto
+from sspry.wire import RowAssembler, WireError, externals_from_proto, file_record, policy_to_proto
 
 CANDIDATES_PER_FRAME = 10_000
 PATH_FRAME_BYTES = 1 << 20  # paths sent per frame, roughly
@@ -314,10 +314,11 @@ class SspryService:
 
         def work() -> None:
             try:
-                problem = _compile_problem(source, targets) if source is not None else None
+                externals = externals_from_proto(request.externals)
+                problem = _compile_problem(source, targets, externals) if source is not None else None
                 if problem:
                     raise WireError(problem)
-                self._search(request, source, targets, emit, cancelled)
+                self._search(request, source, targets, externals, emit, cancelled)
             except _Cancelled:
                 pass
             except BaseException as exc:
@@ -342,7 +343,7 @@ class SspryService:
             finally:
                 self.active_searches -= 1
 
-    def _search(self, request, source, targets, emit, cancelled: threading.Event) -> None:
+    def _search(self, request, source, targets, externals, emit, cancelled: threading.Event) -> None:
         """Plan and search on a worker thread, emitting frames (see SearchFrame in the proto); stops early
         once `cancelled` is set."""
         from sspry.query.evaluate import evaluate_snapshot
@@ -356,7 +357,10 @@ class SspryService:
         plans = []
         reported = started
         anchors = request.max_anchors or DEFAULT_MAX_ANCHORS
-        for plan in iter_plans(source, targets, self.forest.policy, anchors, cache=self.plan_cache):
+        plans_of = iter_plans(
+            source, targets, self.forest.policy, anchors, cache=self.plan_cache, externals=externals
+        )
+        for plan in plans_of:
             if cancelled.is_set():
                 raise _Cancelled
             plans.append(plan)
@@ -443,17 +447,21 @@ _compiled: OrderedDict[bytes, frozenset[str]] = OrderedDict()  # sha256 of a val
 COMPILED_SOURCES = 64
 
 
-def _compile_problem(source: str, targets: list[str]) -> str | None:
-    """Why YARA refuses `source` (includes disabled), or names a target it does not hold; None if fine.
-    The rules of sources that compiled are remembered: a bundle searched again is not compiled again."""
+def _compile_problem(source: str, targets: list[str], externals: dict) -> str | None:
+    """Why YARA refuses `source` (includes disabled) with `externals`, or names a target it does not
+    hold; None if fine. The rules of sources that compiled are remembered: a bundle searched again is
+    not compiled again."""
     import yara
 
-    digest = hashlib.sha256(source.encode("utf-8", "surrogatepass")).digest()
+    from sspry.query.externals import digest_part
+
+    key = digest_part(externals) + "\0" + source
+    digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
     with _compiled_lock:
         known = _compiled.get(digest)
     if known is None:
         try:
-            compiled = yara.compile(source=source, includes=False)
+            compiled = yara.compile(source=source, includes=False, externals=externals)
         except yara.Error as exc:
             return f"invalid YARA rule: {exc}"
         except (ValueError, TypeError) as exc:  # a NUL in the source, for one

@@ -294,6 +294,27 @@ max_candidates_option = click.option(
     type=click.FloatRange(0, 100),
     help="Cap each rule's candidates at this percent of live documents (0: no cap). Truncation is reported.",
 )
+
+
+def _defines(ctx, param, values: tuple[str, ...]) -> dict:
+    from sspry.query.externals import ExternalError, parse_defines
+
+    try:
+        return parse_defines(values)
+    except ExternalError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+define_option = click.option(
+    "-d",
+    "--define",
+    "externals",
+    multiple=True,
+    callback=_defines,
+    metavar="NAME=VALUE",
+    help="An external variable, as yara -d takes it (true/false, integer, float, else string); repeatable. "
+    "The planner uses its value.  [default: none]",
+)
 max_anchors_option = click.option(
     "--max-anchors-per-pattern",
     default=DEFAULT_MAX_ANCHORS,
@@ -320,6 +341,7 @@ max_anchors_option = click.option(
     "--id-source", default=None, type=click.Choice(list(ID_SOURCES)), help="Assume this Source ID hash."
 )
 @max_anchors_option
+@define_option
 @click.option("--only-problems", is_flag=True, help="Show only rules that are not fully searchable.")
 @click.option(
     "--fail-on",
@@ -327,7 +349,9 @@ max_anchors_option = click.option(
     default=None,
     help="Exit 1 when a public rule has this status or a worse one (for CI).  [default: never]",
 )
-def rule_check(rule, as_json, root, gram_sizes, id_source, max_anchors_per_pattern, only_problems, fail_on):
+def rule_check(
+    rule, as_json, root, gram_sizes, id_source, max_anchors_per_pattern, externals, only_problems, fail_on
+):
     """Explain how each rule of RULE would be searched: status, each string with its grams, and what
     only verification decides (stable codes with line and column, why, and a hint), with counts by
     status. Exit 2 if RULE does not compile; 1 with --fail-on when a rule has that status; else 0."""
@@ -343,7 +367,7 @@ def rule_check(rule, as_json, root, gram_sizes, id_source, max_anchors_per_patte
         policy = Policy(gram_sizes=gram_sizes or (3, 4), id_source=id_source or "sha256")
         source = "explicit" if (gram_sizes or id_source) else "defaults"
     try:
-        reports = check_rule_file(rule, policy, max_anchors_per_pattern)
+        reports = check_rule_file(rule, policy, max_anchors_per_pattern, externals)
     except RuleError as exc:
         raise InputError(str(exc)) from exc
     if as_json:
@@ -562,9 +586,19 @@ search_workers_option = click.option(
 @max_candidates_option
 @click.option("--verify", is_flag=True, help="Scan candidates with YARA (needs a forest with --store-path).")
 @max_anchors_option
+@define_option
 @search_workers_option
 def local_search(
-    root, rule, output, count, limit, max_candidates, verify, max_anchors_per_pattern, search_workers
+    root,
+    rule,
+    output,
+    count,
+    limit,
+    max_candidates,
+    verify,
+    max_anchors_per_pattern,
+    externals,
+    search_workers,
 ):
     """Return every indexed file that may match each public rule of RULE."""
     with _local(root) as db:
@@ -578,6 +612,7 @@ def local_search(
             limit,
             count,
             workers=search_workers,
+            externals=externals,
         )
 
 
@@ -863,6 +898,7 @@ def index(
     "--verify", is_flag=True, help="Scan candidates with YARA here (the stored paths must be readable)."
 )
 @max_anchors_option
+@define_option
 def search(
     rule,
     addr,
@@ -877,10 +913,21 @@ def search(
     max_candidates,
     verify,
     max_anchors_per_pattern,
+    externals,
 ):
     """Search server(s) with every public rule of RULE; results merged, deduplicated, then capped."""
     with _cluster(addr, timeout, max_message_bytes, ignore_offline, token, tls_ca) as cluster:
-        _search(cluster, rule, output, max_candidates, verify, max_anchors_per_pattern, limit, count)
+        _search(
+            cluster,
+            rule,
+            output,
+            max_candidates,
+            verify,
+            max_anchors_per_pattern,
+            limit,
+            count,
+            externals=externals,
+        )
 
 
 @main.command()
@@ -926,7 +973,8 @@ def shutdown(addr, timeout, max_message_bytes, ignore_offline, token, tls_ca):
 )
 @click.option("--show-tags", is_flag=True, help="Print the tags of matching rules.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per file (JSON lines).")
-def scan(rule, files, scan_timeout, show_tags, as_json):
+@define_option
+def scan(rule, files, scan_timeout, show_tags, as_json, externals):
     """Scan FILES directly with YARA (the default mode: `sspry --rule RULE FILE|DIR...`). Directories
     are walked recursively; FIFOs, devices and sockets are passed over. Exit 1 if a file could not be
     scanned."""
@@ -936,7 +984,7 @@ def scan(rule, files, scan_timeout, show_tags, as_json):
     from sspry.query.rules import RuleError, compile_rules
 
     try:
-        compiled = compile_rules(rule)
+        compiled = compile_rules(rule, externals)
     except RuleError as exc:
         raise InputError(str(exc)) from exc
     found = walk(files)

@@ -19,6 +19,7 @@ from sspry.deleting import Deletion, ForestDeleter, delete_values
 from sspry.indexing import IndexSummary, index_files
 from sspry.policy import Policy
 from sspry.progress import SILENT, Progress
+from sspry.query.externals import Externals
 from sspry.query.literals import DEFAULT_MAX_ANCHORS
 from sspry.query.plancache import PlanCache
 from sspry.query.results import SearchResult, SearchStream
@@ -109,6 +110,7 @@ class Database:
         max_anchors: int = DEFAULT_MAX_ANCHORS,
         limit: int | None = None,
         count_only: bool = False,
+        externals: Externals | None = None,
         workers: int = 0,
         progress: Progress | None = None,
     ) -> SearchResult:
@@ -127,6 +129,7 @@ class Database:
             max_anchors=max_anchors,
             limit=limit,
             count_only=count_only,
+            externals=externals,
             workers=workers,
             progress=progress,
         )
@@ -141,6 +144,7 @@ class Database:
         max_anchors: int = DEFAULT_MAX_ANCHORS,
         limit: int | None = None,
         count_only: bool = False,
+        externals: Externals | None = None,
         workers: int = 0,
         progress: Progress | None = None,
     ) -> SearchStream:
@@ -149,7 +153,7 @@ class Database:
         the counts are always complete."""
         from sspry.query.search import stream_forest
 
-        source, compiled, compile_ms = load_for_search(rule, path, (progress or SILENT).note)
+        source, compiled, compile_ms = load_for_search(rule, path, (progress or SILENT).note, externals)
         forest = self._forest()
         with self._lock:
             if self._plan_cache is None:
@@ -168,6 +172,7 @@ class Database:
         )
         stream.timings_ms["compile"] = compile_ms
         stream.compiled, stream.parsed = compiled, source.parsed or source.text
+        stream.externals = source.externals
         return stream
 
     def delete(self, values: list[str] | tuple[str, ...]) -> list[Deletion]:
@@ -183,7 +188,12 @@ class Database:
         return self._forest().info()
 
     def check(
-        self, rule: str | None = None, path: str | None = None, *, max_anchors: int = DEFAULT_MAX_ANCHORS
+        self,
+        rule: str | None = None,
+        path: str | None = None,
+        *,
+        max_anchors: int = DEFAULT_MAX_ANCHORS,
+        externals: Externals | None = None,
     ) -> list[RuleReport]:
         """How each rule would be searched on this Forest (`sspry rule-check --root`)."""
-        return check_rules(self.policy, max_anchors, rule=rule, path=path)
+        return check_rules(self.policy, max_anchors, rule=rule, path=path, externals=externals)

@@ -24,6 +24,7 @@ import yaramod
 
 from sspry.policy import Policy, PolicyError
 from sspry.progress import SILENT, Progress
+from sspry.query.externals import Externals
 from sspry.query.results import SearchResult, SearchStream
 from sspry.query.rules import parse
 
@@ -146,17 +147,21 @@ def _references(rule: yaramod.Rule, names: set[str]) -> set[str]:
 
 
 def rule_groups(
-    wanted: dict[str, set[bytes]], compiled: yara.Rules, parsed: yaramod.YaraFile | str | None
+    wanted: dict[str, set[bytes]],
+    compiled: yara.Rules,
+    parsed: yaramod.YaraFile | str | None,
+    externals: Externals | None = None,
 ) -> list[Group]:
     """Split the target rules with candidates (`wanted`: rule -> its candidate documents) into groups
     (see the module docstring). `parsed`: the rules as yaramod parsed them, or their source text (parsed
-    here when splitting is worth it). Without either, or with few rules, one group: `compiled`."""
+    here when splitting is worth it). Without either, or with few rules, one group: `compiled`. Groups
+    are compiled with `externals` (and their placeholder rules are left out)."""
     targets = [name for name, docs in wanted.items() if docs]
     if parsed is None or len(targets) < MIN_SPLIT_RULES:
         return [Group(frozenset(targets), compiled)]
     if isinstance(parsed, str):
         try:
-            parsed = parse(rule=parsed)
+            parsed = parse(rule=parsed, externals=externals)
         except Exception:  # yaramod refuses what yara-python compiled: scan with everything
             return [Group(frozenset(targets), compiled)]
     documents = len(set().union(*(wanted[name] for name in targets)))
@@ -172,7 +177,7 @@ def rule_groups(
         else:
             parts.append(part)
     parts = [part for part in parts if part]
-    rules = {rule.name: rule for rule in parsed.rules}
+    rules = {rule.name: rule for rule in parsed.rules if rule.name not in (externals or {})}
     names = set(rules)
     needed_by = {name: _references(rule, names) for name, rule in rules.items()}
     always = {name for name, rule in rules.items() if rule.is_global}
@@ -187,7 +192,7 @@ def rule_groups(
                 pending.extend(needed_by.get(name, ()))
         text = imports + "\n".join(rule.text for name, rule in rules.items() if name in closure)
         try:
-            groups.append(Group(frozenset(part), yara.compile(source=text)))
+            groups.append(Group(frozenset(part), yara.compile(source=text, externals=dict(externals or {}))))
         except (yara.Error, ValueError):  # yaramod's text of a rule yara refuses: scan with everything
             groups.append(Group(frozenset(part), compiled))
     return groups
@@ -207,7 +212,7 @@ def collect(
         needs_paths(policy)
     result = stream.collect()
     if verify_them:
-        verify(result, stream.compiled, policy, stream.parsed, progress=progress)
+        verify(result, stream.compiled, policy, stream.parsed, progress=progress, externals=stream.externals)
     result.timings_ms["total"] = (time.perf_counter() - started) * 1000
     return result
 
@@ -219,6 +224,7 @@ def verify(
     parsed: yaramod.YaraFile | str | None = None,
     workers: int = 0,
     progress: Progress = SILENT,
+    externals: Externals | None = None,
 ) -> VerifyStats:
     """Fill in `verified` (or `skipped` with its reason) of every candidate of `result`; `parsed` (the
     rules as yaramod parsed them) lets each file be scanned with the groups of its own rules only."""
@@ -229,7 +235,7 @@ def verify(
         wanted[rule.name] = {c.source_id for c in rule.candidates}
         for candidate in rule.candidates:
             documents.setdefault(candidate.source_id, _Document(candidate.paths)).rules.add(rule.name)
-    groups = rule_groups(wanted, rules, parsed)
+    groups = rule_groups(wanted, rules, parsed, externals)
     stats = VerifyStats(groups=len(groups))
     workers = workers or min(4, len(os.sched_getaffinity(0)))
 

@@ -7,7 +7,7 @@ anything malformed.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 
 from google.protobuf.message import DecodeError
 
@@ -53,6 +53,28 @@ def policy_from_proto(message: sspry_pb2.Policy) -> Policy:
         prefix_bytes=message.prefix_bytes,
         fold_case=message.fold_case,
     )
+
+
+_EXTERNAL_FIELDS = ((bool, "boolean"), (int, "integer"), (float, "real"), (str, "text"))  # bool first
+
+
+def externals_to_proto(externals: Mapping[str, bool | int | float | str]) -> dict[str, sspry_pb2.External]:
+    out = {}
+    for name, value in externals.items():
+        field = next(f for kind, f in _EXTERNAL_FIELDS if isinstance(value, kind))
+        out[name] = sspry_pb2.External(**{field: value})
+    return out
+
+
+def externals_from_proto(message: Mapping[str, sspry_pb2.External]) -> dict[str, bool | int | float | str]:
+    """The values of a request's externals; WireError for one without a value or a bad name."""
+    out: dict[str, bool | int | float | str] = {}
+    for name, external in message.items():
+        field = external.WhichOneof("value")
+        if field is None or not name.isidentifier() or not name.isascii():
+            raise WireError(f"external variable {name!r} has no value or is not a YARA identifier")
+        out[name] = getattr(external, field)
+    return out
 
 
 def file_stamp(doc: Document) -> sspry_pb2.FileStamp:

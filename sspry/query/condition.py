@@ -179,6 +179,8 @@ class ConditionPlanner:
         return self.undefined_with(self.quantified(expr, items), self.location_terms(expr.location))
 
     def _identifier(self, expr) -> Approx:
+        if expr.text in self.ruleset.externals:  # a boolean (or number) the caller gave: a constant
+            return Approx.exact(TRUE if self.ruleset.externals[expr.text] else FALSE)
         if expr.text in self.ruleset.rules:
             return self.ruleset.approx(expr.text)
         return self._integer(expr)
@@ -373,8 +375,8 @@ class ConditionPlanner:
         left, right = self.term(expr.left_operand), self.term(expr.right_operand)
         if isinstance(left, Const | Text) and not isinstance(right, Const | Text):
             left, right, op = right, left, FLIP[op]
-        if isinstance(left, Const) and isinstance(right, Const):
-            return Approx.exact(TRUE if holds(left.value, op, right.value) else FALSE)
+        if type(left) is type(right) and isinstance(left, Const | Text):  # two constants (externals)
+            return Approx.exact(TRUE if holds(left.value, op, right.value) else FALSE)  # type: ignore[union-attr]
         if isinstance(right, Counts) and not isinstance(left, Counts):
             left, right, op = right, left, FLIP[op]
         if isinstance(left, Counts) and isinstance(right, Counts | Const):
@@ -522,6 +524,9 @@ class ConditionPlanner:
 
     def _name_term(self, expr) -> Term | None:
         name = expr.text.replace(" ", "")
+        if name in self.ruleset.externals:
+            value = self.ruleset.externals[name]
+            return Text(value.encode()) if isinstance(value, str) else Const(value)
         if name in constants():
             return Const(constants()[name])
         if "[" not in name and name.split(".")[0] in MODULES:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from sspry.policy import Policy
 from sspry.query import planformat
+from sspry.query.externals import Externals, digest_part
 from sspry.query.ruleplan import Note, RulePlan
 
 FILENAME = "plans.sqlite3"
@@ -41,6 +42,7 @@ _IDENTIFIER = re.compile(rb"[A-Za-z_][A-Za-z0-9_]*")
 _PLANNER_MODULES = (
     "sspry.features.metadata",
     "sspry.query.condition",
+    "sspry.query.externals",
     "sspry.query.hexstr",
     "sspry.query.literals",
     "sspry.query.plan",
@@ -64,13 +66,15 @@ def planner_version() -> str:
     return digest.hexdigest()[:32]
 
 
-def context_digest(policy: Policy, max_anchors: int) -> bytes:
-    """What every rule's key shares: planner version, stored format, policy and anchor budget."""
+def context_digest(policy: Policy, max_anchors: int, externals: Externals | None = None) -> bytes:
+    """What every rule's key shares: planner version, stored format, policy, anchor budget and the values
+    of external variables."""
     context = {
         "planner": planner_version(),
         "format": planformat.FORMAT_VERSION,
         "policy": asdict(policy),
         "max_anchors": max_anchors,
+        "externals": digest_part(externals),
     }
     return hashlib.sha256(json.dumps(context, sort_keys=True).encode()).digest()
 

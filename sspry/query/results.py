@@ -160,6 +160,7 @@ class SearchStream:
         self.offline: list[str] = []
         self.compiled = None  # the yara.Rules the search compiled, for verification
         self.parsed = None  # and yaramod's parse of them (or their text: verify parses it if it must)
+        self.externals: dict = {}  # the external variables they were compiled with
         self._rules: Iterator[RuleResult] = iter(())
 
     def feed(self, rules: Iterator[RuleResult]) -> SearchStream:

@@ -15,6 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from sspry.policy import Policy
+from sspry.query.externals import Externals
 from sspry.query.plan import TRUE, Gram, leaves
 from sspry.query.ruleplan import CODES, HINTS, RulePlan
 from sspry.query.rules import RuleError, compile_rules, compile_text, parse
@@ -80,24 +81,30 @@ class RuleReport:
 
 
 def check_rules(
-    policy: Policy, max_anchors: int, rule: str | None = None, path: str | None = None
+    policy: Policy,
+    max_anchors: int,
+    rule: str | None = None,
+    path: str | None = None,
+    externals: Externals | None = None,
 ) -> list[RuleReport]:
-    """Reports for every rule of the rule text or file (exactly one), in file order."""
+    """Reports for every rule of the rule text or file (exactly one), in file order, with `externals`
+    planned as constants."""
     if (rule is None) == (path is None):
         raise ValueError("give the rule text (rule=) or a rule file (path=), not both")
-    compiled = compile_rules(path) if path is not None else compile_text(rule)  # RuleError: file and line
+    # RuleError names the file and line
+    compiled = compile_rules(path, externals) if path is not None else compile_text(rule, externals)  # type: ignore[arg-type]
     names = [(r.identifier, r.is_private) for r in compiled]
     if not names:
         raise RuleError(f"{path}: no rules in file" if path is not None else "no rules in the text")
     texts: dict[str, dict[str, str]] = {}
     try:
-        parsed = parse(rule, path)  # the file itself, so lines are the file's own
+        parsed = parse(rule, path, externals)  # the file itself, so lines are the file's own
         for parsed_rule in parsed.rules:
             texts[parsed_rule.name] = {s.identifier: s.text for s in parsed_rule.strings}
     except Exception as exc:
         parsed = None
         error = str(exc)
-    plans = plan_rules(parsed, [n for n, _ in names], policy, max_anchors)
+    plans = plan_rules(parsed, [n for n, _ in names], policy, max_anchors, externals=externals)
     if parsed is None:
         for plan in plans:
             plan.notes[0].text = error
@@ -107,8 +114,10 @@ def check_rules(
     ]
 
 
-def check_rule_file(path: str, policy: Policy, max_anchors: int) -> list[RuleReport]:
-    return check_rules(policy, max_anchors, path=path)
+def check_rule_file(
+    path: str, policy: Policy, max_anchors: int, externals: Externals | None = None
+) -> list[RuleReport]:
+    return check_rules(policy, max_anchors, path=path, externals=externals)
 
 
 def file_status(reports: list[RuleReport]) -> str:

@@ -19,6 +19,8 @@ from pathlib import Path
 import yara
 import yaramod
 
+from sspry.query.externals import Externals, declarations
+
 _local = threading.local()
 
 
@@ -43,54 +45,78 @@ class RuleSource:
     targets: tuple[str, ...]  # rules to report: the public ones, in file order
     parse_error: str | None = None  # why yaramod could not parse it (then every rule plans as TRUE)
     parsed: yaramod.YaraFile | None = field(default=None, compare=False, repr=False)  # yaramod's parse
+    externals: dict = field(default_factory=dict)  # name -> value (-d NAME=VALUE), for YARA and the planner
 
 
-def compile_rules(path: str) -> yara.Rules:
+def _refused(exc: Exception) -> str:
+    """YARA's complaint, with the likely fix when it is a name it does not know."""
+    message = str(exc)
+    if "undefined identifier" in message:
+        message += " (an external variable? give it with -d NAME=VALUE)"
+    return message
+
+
+def compile_rules(path: str, externals: Externals | None = None) -> yara.Rules:
     """yara-python's compilation of the file, or RuleError naming the file and line."""
     if not os.path.isfile(path):
         raise RuleError(f"{path}: rule file not found")
     try:
-        return yara.compile(filepath=path)
+        return yara.compile(filepath=path, externals=dict(externals or {}))
     except yara.SyntaxError as exc:
-        raise RuleError(f"invalid YARA rule: {exc}") from exc
+        raise RuleError(f"invalid YARA rule: {_refused(exc)}") from exc
     except yara.Error as exc:
-        raise RuleError(f"{path}: cannot compile: {exc}") from exc
+        raise RuleError(f"{path}: cannot compile: {_refused(exc)}") from exc
 
 
-def compile_text(text: str) -> yara.Rules:
+def compile_text(text: str, externals: Externals | None = None) -> yara.Rules:
     """yara-python's compilation of rule text (includes relative to the working directory)."""
     try:
-        return yara.compile(source=text)
+        return yara.compile(source=text, externals=dict(externals or {}))
     except yara.SyntaxError as exc:
-        raise RuleError(f"invalid YARA rule: {exc}") from exc
+        raise RuleError(f"invalid YARA rule: {_refused(exc)}") from exc
     except (yara.Error, ValueError, TypeError) as exc:  # ValueError: a NUL in the text
-        raise RuleError(f"cannot compile the rule text: {exc}") from exc
+        raise RuleError(f"cannot compile the rule text: {_refused(exc)}") from exc
 
 
-def parse(rule: str | None = None, path: str | None = None) -> yaramod.YaraFile:
-    """yaramod's parse of rule text or a rule file (raises whatever yaramod raises)."""
+def parse(
+    rule: str | None = None, path: str | None = None, externals: Externals | None = None
+) -> yaramod.YaraFile:
+    """yaramod's parse of rule text or a rule file (raises whatever yaramod raises); with externals,
+    of the text behind their declarations (externals.declarations)."""
+    if externals:
+        text = rule if path is None else Path(path).read_text(encoding="utf-8")
+        return yaramod_parser().parse_string(declarations(externals) + text)
     return yaramod_parser().parse_string(rule) if path is None else yaramod_parser().parse_file(path)
 
 
-def _self_contained(rule: str | None, path: str | None) -> tuple[str, yara.Rules] | None:
+def _self_contained(
+    rule: str | None, path: str | None, externals: Externals | None
+) -> tuple[str, yara.Rules] | None:
     """(the source, compiled) when it includes nothing and is UTF-8 text, else None."""
     try:
         text = rule if path is None else Path(path).read_bytes().decode("utf-8")
-        return text, yara.compile(source=text, includes=False)  # type: ignore[arg-type]
+        compiled = yara.compile(source=text, includes=False, externals=dict(externals or {}))  # type: ignore[arg-type]
+        return text, compiled  # type: ignore[return-value]
     except (yara.Error, OSError, UnicodeDecodeError, ValueError, TypeError):
         return None
 
 
-def load_rules(rule: str | None = None, path: str | None = None) -> tuple[RuleSource, yara.Rules]:
+def load_rules(
+    rule: str | None = None, path: str | None = None, externals: Externals | None = None
+) -> tuple[RuleSource, yara.Rules]:
     """Rule text or a rule file (exactly one), compiled, with its source with includes inlined;
-    RuleError when YARA refuses it."""
+    RuleError when YARA refuses it. A file with includes that names externals plans as TRUE (yaramod
+    inlines includes only when it parses the file itself, and then cannot be told the externals)."""
     if (rule is None) == (path is None):
         raise ValueError("give the rule text (rule=) or a rule file (path=), not both")
-    alone = _self_contained(rule, path)
+    externals = dict(externals or {})
+    alone = _self_contained(rule, path, externals)
     if alone is not None:
         text, compiled = alone
-        return RuleSource(path or "<rule text>", text, _targets(compiled, path)), compiled
-    compiled = compile_rules(path) if path is not None else compile_text(rule)
+        return RuleSource(
+            path or "<rule text>", text, _targets(compiled, path), externals=externals
+        ), compiled
+    compiled = compile_rules(path, externals) if path is not None else compile_text(rule, externals)  # type: ignore[arg-type]
     name = path if path is not None else "<rule text>"
     targets = _targets(compiled, path)
     try:
@@ -98,7 +124,7 @@ def load_rules(rule: str | None = None, path: str | None = None) -> tuple[RuleSo
         text, error = parsed.text, None
     except Exception as exc:  # yaramod raises its own ParserError and sometimes RuntimeError
         parsed, text, error = None, None, str(exc)
-    return RuleSource(name, text, targets, error, parsed), compiled
+    return RuleSource(name, text, targets, error, parsed, externals), compiled
 
 
 def _targets(compiled: yara.Rules, path: str | None) -> tuple[str, ...]:
@@ -115,11 +141,11 @@ def load_rule_file(path: str) -> tuple[RuleSource, yara.Rules]:
 
 
 def load_for_search(
-    rule: str | None, path: str | None, note: Callable[[str], None]
+    rule: str | None, path: str | None, note: Callable[[str], None], externals: Externals | None = None
 ) -> tuple[RuleSource, yara.Rules, float]:
     """`load_rules`, timed (ms), telling `note` when yaramod cannot parse what YARA compiled."""
     started = time.perf_counter()
-    source, compiled = load_rules(rule, path)
+    source, compiled = load_rules(rule, path, externals)
     if source.parse_error:
         note(
             f"yaramod cannot parse {source.name}, so every document is a candidate of its rules "

@@ -19,6 +19,7 @@ import yaramod
 from sspry.policy import Policy
 from sspry.progress import SILENT, Progress
 from sspry.query.condition import ConditionPlanner, where
+from sspry.query.externals import Externals, declarations
 from sspry.query.literals import DEFAULT_MAX_ANCHORS, GramMapper
 from sspry.query.plan import TRUE, UNKNOWN, Approx, and_
 from sspry.query.plancache import PlanCache, RuleKeys, context_digest, source_key
@@ -30,9 +31,17 @@ from sspry.query.strings import plan_string
 class RulesetPlanner:
     """Plans the rules of one parsed file; rule references and globals are resolved by name."""
 
-    def __init__(self, yara_file: yaramod.YaraFile, policy: Policy, mapper: GramMapper, now: float):
-        self.rules = {rule.name: rule for rule in yara_file.rules}
-        self.globals = [rule.name for rule in yara_file.rules if rule.is_global]
+    def __init__(
+        self,
+        yara_file: yaramod.YaraFile,
+        policy: Policy,
+        mapper: GramMapper,
+        now: float,
+        externals: Externals | None = None,
+    ):
+        self.externals = dict(externals or {})  # their placeholder rules are not rules (see externals.py)
+        self.rules = {rule.name: rule for rule in yara_file.rules if rule.name not in self.externals}
+        self.globals = [name for name, rule in self.rules.items() if rule.is_global]
         self.policy = policy
         self.mapper = mapper
         self.now = int(now)
@@ -112,18 +121,24 @@ def iter_plans(
     now: float | None = None,
     cache: PlanCache | None = None,
     parsed: yaramod.YaraFile | None = None,
+    externals: Externals | None = None,
 ) -> Iterator[RulePlan]:
     """One plan per target rule, in order, from source text (or an already parsed file), yielded as each
     is done (a server reports progress between them). A source yaramod cannot parse plans every rule as
     TRUE. With a `cache` (and source text), plans it holds are reused and new ones stored in it once the
     iterator is done or closed. `parsed`: yaramod's parse_string of exactly the source text, when the
     caller has it (then it is not parsed again; a parse of a file does not do: its positions are not
-    the text's)."""
+    the text's). `externals`: values of external variables, planned as constants (a given `source`
+    text is parsed behind their declarations, and so is a given `parsed`)."""
     if source is None:
         yield from (RulePlan(name, TRUE, [Note(name, "not-parsed", "")]) for name in targets)
         return
+    if isinstance(source, str) and externals:
+        source = declarations(externals) + source
     text = source if isinstance(source, str) else None
-    context = context_digest(policy, max_anchors) if cache is not None and text is not None else b""
+    context = (
+        context_digest(policy, max_anchors, externals) if cache is not None and text is not None else b""
+    )
     if cache is not None and text is not None:
         known = _known_plans(cache, source_key(text, context), targets)
         if known is not None:  # a source seen before, every target cached: not even parsed
@@ -138,7 +153,7 @@ def iter_plans(
             yield from (RulePlan(name, TRUE, [Note(name, "not-parsed", str(exc))]) for name in targets)
             return
     planner = RulesetPlanner(
-        source, policy, make_mapper(policy, max_anchors), time.time() if now is None else now
+        source, policy, make_mapper(policy, max_anchors), time.time() if now is None else now, externals
     )
     keys = None
     if cache is not None and text is not None:
@@ -199,11 +214,12 @@ def plan_rules(
     progress: Progress = SILENT,
     cache: PlanCache | None = None,
     parsed: yaramod.YaraFile | None = None,
+    externals: Externals | None = None,
 ) -> list[RulePlan]:
     """`iter_plans` as a list, reporting progress per rule."""
     plans = []
     with progress.stage("planning", len(targets), "rule") as stage:
-        for plan in iter_plans(source, targets, policy, max_anchors, now, cache, parsed):
+        for plan in iter_plans(source, targets, policy, max_anchors, now, cache, parsed, externals):
             plans.append(plan)
             stage.advance()
     return plans

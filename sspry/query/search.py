@@ -111,7 +111,13 @@ def stream_forest(
     as in search_snapshot."""
     started = time.perf_counter()
     plans = plan_rules(
-        source.text, source.targets, forest.policy, max_anchors, progress=progress, cache=plan_cache
+        source.text,
+        source.targets,
+        forest.policy,
+        max_anchors,
+        progress=progress,
+        cache=plan_cache,
+        externals=source.externals,
     )
     planned = time.perf_counter()
     snapshot = forest.snapshot()
