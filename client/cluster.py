@@ -13,7 +13,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,6 +154,7 @@ class Cluster:
         path: str | None = None,
         *,
         verify: bool = False,
+        details: Collection[str] = (),
         max_candidates: float = 0.0,
         max_anchors: int = DEFAULT_MAX_ANCHORS,
         limit: int | None = None,
@@ -163,7 +164,8 @@ class Cluster:
     ) -> SearchResult:
         """Every document that may match each public rule of the rule text (`rule=`) or file (`path=`),
         on every server (merged, deduplicated, then capped); with `verify`, each candidate scanned with
-        YARA here (its recorded paths must be readable)."""
+        YARA here (its recorded paths must be readable), keeping of each match the `details` asked
+        ("strings", "tags", "meta")."""
         from sspry.verify import collect
 
         progress = progress or SILENT
@@ -179,7 +181,7 @@ class Cluster:
             progress=progress,
         )
         assert self.policy is not None  # discovered by stream()
-        return collect(stream, self.policy, verify, progress, started)
+        return collect(stream, self.policy, verify, progress, started, details)
 
     def stream(
         self,

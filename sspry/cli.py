@@ -473,7 +473,7 @@ def _print_deleted(rows: list, as_json: bool) -> None:
 
 def _print_rule(rule, number: int, several: bool, verify: bool) -> None:
     """One rule, plain: counts, then a line per candidate: Source ID, with --verify its outcome, and its
-    paths, tab separated (matches first when verified)."""
+    paths, tab separated (matches first when verified), then the match details asked for, indented."""
     if several:
         if number:
             click.echo("")
@@ -496,6 +496,19 @@ def _print_rule(rule, number: int, several: bool, verify: bool) -> None:
         if candidate.path_count > len(candidate.paths):
             fields.append(f"(+{candidate.path_count - len(candidate.paths)} more paths)")
         click.echo("\t".join(fields))
+        _print_details(candidate.details or {})
+
+
+def _print_details(details: dict, indent: str = "\t") -> None:
+    """Tags, meta and matched strings of one match (verify.match_details), a line each."""
+    if "tags" in details:
+        click.echo(f"{indent}tags: {','.join(details['tags'])}")
+    for key, value in details.get("meta", {}).items():
+        click.echo(f"{indent}meta: {key}={json.dumps(value)}")
+    for found in details.get("matches", []):
+        click.echo(f"{indent}0x{found['offset']:x}:{found['identifier']}: {found['data']}")
+    if details.get("matches_truncated"):
+        click.echo(f"{indent}(more string matches not shown)")
 
 
 def _search(
@@ -507,6 +520,7 @@ def _search(
     max_anchors: int,
     limit: int | None,
     count: bool,
+    details: tuple[str, ...] = (),
     **options,
 ) -> None:
     """`local search` and `search`: one search over a Database or a Cluster, printed rule by rule as the
@@ -514,11 +528,15 @@ def _search(
     "json" (one object, written incrementally) or "ndjson" (a line per rule, then a summary line)."""
     if verify and count:
         raise click.UsageError("--count lists no candidates to verify: drop one of them")
+    if details and not verify:
+        raise click.UsageError(
+            "--print-strings/--print-tags/--print-meta show what --verify found: add --verify"
+        )
     started = time.perf_counter()
     asked = dict(max_candidates=max_candidates, max_anchors=max_anchors, limit=limit, progress=TqdmProgress())
     with _failures():
         if verify:
-            found = store.search(path=rule, verify=True, **asked, **options)
+            found = store.search(path=rule, verify=True, details=details, **asked, **options)
             rules, names, summary = found.rules, [r.name for r in found.rules], found
         else:
             found = store.stream(path=rule, count_only=count, **asked, **options)
@@ -570,6 +588,25 @@ def _output_options(function):
     return function
 
 
+def _details_options(function):
+    """--print-strings / --print-tags / --print-meta: what to show of each verified match."""
+    for flag, value, what in reversed(
+        (
+            ("--print-strings", "strings", "the matched strings: identifier, offset and up to 64 bytes"),
+            ("--print-tags", "tags", "the rule's tags"),
+            ("--print-meta", "meta", "the rule's meta"),
+        )
+    ):
+        function = click.option(
+            flag,
+            "details",
+            flag_value=value,
+            multiple=True,
+            help=f"With --verify: print {what} of each match.",
+        )(function)
+    return function
+
+
 search_workers_option = click.option(
     "--search-workers",
     default=0,
@@ -585,6 +622,7 @@ search_workers_option = click.option(
 @_output_options
 @max_candidates_option
 @click.option("--verify", is_flag=True, help="Scan candidates with YARA (needs a forest with --store-path).")
+@_details_options
 @max_anchors_option
 @define_option
 @search_workers_option
@@ -596,6 +634,7 @@ def local_search(
     limit,
     max_candidates,
     verify,
+    details,
     max_anchors_per_pattern,
     externals,
     search_workers,
@@ -611,6 +650,7 @@ def local_search(
             max_anchors_per_pattern,
             limit,
             count,
+            details,
             workers=search_workers,
             externals=externals,
         )
@@ -897,6 +937,7 @@ def index(
 @click.option(
     "--verify", is_flag=True, help="Scan candidates with YARA here (the stored paths must be readable)."
 )
+@_details_options
 @max_anchors_option
 @define_option
 def search(
@@ -912,6 +953,7 @@ def search(
     limit,
     max_candidates,
     verify,
+    details,
     max_anchors_per_pattern,
     externals,
 ):
@@ -926,6 +968,7 @@ def search(
             max_anchors_per_pattern,
             limit,
             count,
+            details,
             externals=externals,
         )
 
@@ -971,10 +1014,11 @@ def shutdown(addr, timeout, max_message_bytes, ignore_offline, token, tls_ca):
 @click.option(
     "--scan-timeout", default=60, show_default=True, type=click.IntRange(1), help="Seconds per file."
 )
-@click.option("--show-tags", is_flag=True, help="Print the tags of matching rules.")
+@click.option("--show-tags", is_flag=True, help="Print the tags of matching rules (as --print-tags).")
+@_details_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per file (JSON lines).")
 @define_option
-def scan(rule, files, scan_timeout, show_tags, as_json, externals):
+def scan(rule, files, scan_timeout, show_tags, details, as_json, externals):
     """Scan FILES directly with YARA (the default mode: `sspry --rule RULE FILE|DIR...`). Directories
     are walked recursively; FIFOs, devices and sockets are passed over. Exit 1 if a file could not be
     scanned."""
@@ -982,6 +1026,10 @@ def scan(rule, files, scan_timeout, show_tags, as_json, externals):
 
     from sspry.features.walk import walk
     from sspry.query.rules import RuleError, compile_rules
+    from sspry.verify import match_details
+
+    if show_tags:
+        details = (*details, "tags")
 
     try:
         compiled = compile_rules(rule, externals)
@@ -999,7 +1047,9 @@ def scan(rule, files, scan_timeout, show_tags, as_json, externals):
             matches, error, failed = [], str(exc), True
         if as_json:
             row = {"file": path, "rule_file": rule, "matched": bool(matches)}
-            row["matches"] = [{"rule": m.rule, "tags": list(m.tags)} for m in matches]
+            row["matches"] = [
+                {"rule": m.rule, "tags": list(m.tags), **match_details(m, details)} for m in matches
+            ]
             if error:
                 row["error"] = error
             click.echo(json.dumps(row))
@@ -1013,8 +1063,10 @@ def scan(rule, files, scan_timeout, show_tags, as_json, externals):
         click.echo(f"match_count: {len(matches)}")
         for match in matches:
             click.echo(f"match_rule: {match.rule}")
-            if show_tags:
-                click.echo(f"match_tags: {','.join(match.tags)}")
+            found = match_details(match, details)
+            if "tags" in found:
+                click.echo(f"match_tags: {','.join(found.pop('tags'))}")
+            _print_details(found, indent="  ")
     if failed:
         sys.exit(1)
 

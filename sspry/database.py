@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 from sspry.deleting import Deletion, ForestDeleter, delete_values
@@ -106,6 +107,7 @@ class Database:
         path: str | None = None,
         *,
         verify: bool = False,
+        details: Collection[str] = (),
         max_candidates: float = 0.0,
         max_anchors: int = DEFAULT_MAX_ANCHORS,
         limit: int | None = None,
@@ -115,7 +117,8 @@ class Database:
         progress: Progress | None = None,
     ) -> SearchResult:
         """Every document that may match each public rule of the rule text (`rule=`) or file (`path=`);
-        with `verify`, each candidate scanned with YARA. RuleError if YARA refuses the rules."""
+        with `verify`, each candidate scanned with YARA, keeping of each match the `details` asked
+        ("strings", "tags", "meta"). RuleError if YARA refuses the rules."""
         from sspry.verify import collect, needs_paths
 
         progress = progress or SILENT
@@ -133,7 +136,7 @@ class Database:
             workers=workers,
             progress=progress,
         )
-        return collect(stream, self.policy, verify, progress, started)
+        return collect(stream, self.policy, verify, progress, started, details)
 
     def stream(
         self,

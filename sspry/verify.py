@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -25,10 +26,12 @@ import yaramod
 from sspry.policy import Policy, PolicyError
 from sspry.progress import SILENT, Progress
 from sspry.query.externals import Externals
-from sspry.query.results import SearchResult, SearchStream
+from sspry.query.results import MATCH_DETAILS, SearchResult, SearchStream
 from sspry.query.rules import parse
 
 IN_MEMORY_BYTES = 256 << 20
+MATCH_DATA_BYTES = 64  # of each matched string shown (`--print-strings`)
+MATCHES_PER_RULE = 256  # string matches reported per rule and file; more is said with matches_truncated
 SCAN_TIMEOUT_S = 120
 BROAD_SHARE = 0.25  # a rule that is a candidate for this share of the verified files is broad
 GROUP_RULES = 64  # selective rules per group
@@ -38,6 +41,7 @@ MIN_SPLIT_RULES = 32  # fewer rules than this are scanned as one group
 @dataclass(frozen=True)
 class Verdict:
     matched: frozenset[str] = frozenset()
+    details: dict[str, dict] = field(default_factory=dict)  # rule -> what was asked of its match
     skipped: str | None = None  # a results.SKIP_REASONS code
     detail: str | None = None
     size: int = 0  # bytes read and scanned
@@ -100,8 +104,38 @@ def _read(path: str, source_id: bytes, policy: Policy) -> tuple[bytes | None, Ve
     return data, None, size
 
 
-def _scan(path: str, data: bytes | None, size: int, groups: list[Group]) -> Verdict:
+def shown(data: bytes) -> str:
+    """Matched bytes as text: printable ASCII as it is, anything else (and backslash, quote) as \\xNN."""
+    return "".join(chr(b) if 0x20 <= b < 0x7F and b not in (0x22, 0x5C) else f"\\x{b:02x}" for b in data)
+
+
+def match_details(match: yara.Match, asked: Collection[str]) -> dict:
+    """What `asked` (results.MATCH_DETAILS) wants of one rule's match: its tags, its meta, and its
+    string matches (identifier, offset, the first MATCH_DATA_BYTES of the data; at most MATCHES_PER_RULE,
+    in offset order)."""
+    out: dict = {}
+    if "tags" in asked:
+        out["tags"] = list(match.tags)
+    if "meta" in asked:
+        out["meta"] = dict(match.meta)
+    if "strings" in asked:
+        found = sorted(
+            (instance.offset, string.identifier, instance.matched_data)
+            for string in match.strings
+            for instance in string.instances
+        )
+        out["matches"] = [
+            {"identifier": name, "offset": offset, "data": shown(data[:MATCH_DATA_BYTES])}
+            for offset, name, data in found[:MATCHES_PER_RULE]
+        ]
+        if len(found) > MATCHES_PER_RULE:
+            out["matches_truncated"] = True
+    return out
+
+
+def _scan(path: str, data: bytes | None, size: int, groups: list[Group], asked: Collection[str]) -> Verdict:
     matched: set[str] = set()
+    details: dict[str, dict] = {}
     try:
         for group in groups:
             found = (
@@ -110,16 +144,20 @@ def _scan(path: str, data: bytes | None, size: int, groups: list[Group]) -> Verd
                 else group.rules.match(path, timeout=SCAN_TIMEOUT_S)
             )
             matched.update(m.rule for m in found)
+            if asked:
+                details.update((m.rule, match_details(m, asked)) for m in found)
     except yara.TimeoutError:
         return Verdict(skipped="timeout", detail=f"{path}: YARA took longer than {SCAN_TIMEOUT_S} s")
     except yara.Error as exc:
         return Verdict(skipped="error", detail=f"{path}: yara: {exc}")
-    return Verdict(matched=frozenset(matched), size=size, scans=len(groups))
+    return Verdict(matched=frozenset(matched), details=details, size=size, scans=len(groups))
 
 
-def scan_document(paths: tuple[str, ...], source_id: bytes, groups: list[Group], policy: Policy) -> Verdict:
+def scan_document(
+    paths: tuple[str, ...], source_id: bytes, groups: list[Group], policy: Policy, asked: Collection[str] = ()
+) -> Verdict:
     """Scan the first of `paths` that still holds the document with `groups`; otherwise report the first
-    path's problem."""
+    path's problem. `asked`: the match details wanted (results.MATCH_DETAILS)."""
     if not paths:
         why = "no recorded path" if policy.store_path else "the forest was initialised without --store-path"
         return Verdict(skipped="no-path", detail=why)
@@ -127,7 +165,7 @@ def scan_document(paths: tuple[str, ...], source_id: bytes, groups: list[Group],
     for path in paths:
         data, problem, size = _read(path, source_id, policy)
         if problem is None:
-            return _scan(path, data, size, groups)
+            return _scan(path, data, size, groups, asked)
         first = first or problem
     assert first is not None
     return first
@@ -205,14 +243,33 @@ def needs_paths(policy: Policy) -> None:
 
 
 def collect(
-    stream: SearchStream, policy: Policy, verify_them: bool, progress: Progress, started: float
+    stream: SearchStream,
+    policy: Policy,
+    verify_them: bool,
+    progress: Progress,
+    started: float,
+    details: Collection[str] = (),
 ) -> SearchResult:
-    """A search stream's results, gathered; with `verify_them`, every candidate scanned with YARA."""
+    """A search stream's results, gathered; with `verify_them`, every candidate scanned with YARA (and
+    the `details` of each match kept: results.MATCH_DETAILS)."""
+    unknown = set(details) - set(MATCH_DETAILS)
+    if unknown:
+        raise ValueError(f"unknown match details {sorted(unknown)}: choose from {list(MATCH_DETAILS)}")
+    if details and not verify_them:
+        raise ValueError("match details come from verification: search with verify=True")
     if verify_them:
         needs_paths(policy)
     result = stream.collect()
     if verify_them:
-        verify(result, stream.compiled, policy, stream.parsed, progress=progress, externals=stream.externals)
+        verify(
+            result,
+            stream.compiled,
+            policy,
+            stream.parsed,
+            progress=progress,
+            externals=stream.externals,
+            details=details,
+        )
     result.timings_ms["total"] = (time.perf_counter() - started) * 1000
     return result
 
@@ -225,6 +282,7 @@ def verify(
     workers: int = 0,
     progress: Progress = SILENT,
     externals: Externals | None = None,
+    details: Collection[str] = (),
 ) -> VerifyStats:
     """Fill in `verified` (or `skipped` with its reason) of every candidate of `result`; `parsed` (the
     rules as yaramod parsed them) lets each file be scanned with the groups of its own rules only."""
@@ -241,7 +299,7 @@ def verify(
 
     def run(source_id: bytes, doc: _Document) -> Verdict:
         needed = [g for g in groups if not g.names.isdisjoint(doc.rules)]
-        return scan_document(doc.paths, source_id, needed, policy)
+        return scan_document(doc.paths, source_id, needed, policy, details)
 
     verdicts: dict[bytes, Verdict] = {}
     with (
@@ -264,6 +322,7 @@ def verify(
                 candidate.skip_detail = verdict.detail
             else:
                 candidate.verified = rule.name in verdict.matched
+                candidate.details = verdict.details.get(rule.name) if candidate.verified else None
     stats.seconds = time.perf_counter() - started
     result.timings_ms["verify"] = stats.seconds * 1000
     result.verification = stats.to_json()

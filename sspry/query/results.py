@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from sspry.store.files import PathsOf
 
+# What verification can report of a match besides yes (Candidate.details): matched strings, tags, meta
+MATCH_DETAILS = ("strings", "tags", "meta")
 # Why a candidate could not be verified (Candidate.skipped)
 SKIP_REASONS = ("no-path", "missing", "changed", "unreadable", "timeout", "error")
 TIMING_STAGES = ("compile", "plan", "search", "verify")
@@ -27,6 +29,7 @@ class Candidate:
     verified: bool | None = None  # None: not verified, or could not be (see skipped)
     skipped: str | None = None  # one of SKIP_REASONS
     skip_detail: str | None = None  # the error behind it
+    details: dict | None = None  # for a match, what was asked of it: "tags", "meta", "matches"
 
     @property
     def outcome(self) -> str:
@@ -47,6 +50,8 @@ class Candidate:
         if self.skipped:
             out["skipped"] = self.skipped
             out["skip_detail"] = self.skip_detail
+        if self.details:
+            out.update(self.details)
         return out
 
 
