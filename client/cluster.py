@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from sspry.client.connection import ClientError, Connection, OfflineError, parse_addrs
 from sspry.deleting import Deletion, delete_values
 from sspry.document import Document
+from sspry.engines import DEFAULT_ENGINE
 from sspry.indexing import IndexSummary, index_files
 from sspry.policy import Policy
 from sspry.progress import SILENT, Progress, Stage
@@ -155,6 +156,7 @@ class Cluster:
         *,
         verify: bool = False,
         details: Collection[str] = (),
+        engine: str = DEFAULT_ENGINE,
         max_candidates: float = 0.0,
         max_anchors: int = DEFAULT_MAX_ANCHORS,
         limit: int | None = None,
@@ -165,7 +167,7 @@ class Cluster:
         """Every document that may match each public rule of the rule text (`rule=`) or file (`path=`),
         on every server (merged, deduplicated, then capped); with `verify`, each candidate scanned with
         YARA here (its recorded paths must be readable), keeping of each match the `details` asked
-        ("strings", "tags", "meta")."""
+        ("strings", "tags", "meta"); `engine`: "yara" (yara-python) or "yara-x"."""
         from sspry.verify import collect
 
         progress = progress or SILENT
@@ -181,7 +183,7 @@ class Cluster:
             progress=progress,
         )
         assert self.policy is not None  # discovered by stream()
-        return collect(stream, self.policy, verify, progress, started, details)
+        return collect(stream, self.policy, verify, progress, started, details, engine)
 
     def stream(
         self,

@@ -8,7 +8,7 @@ search` command timed from outside (wall clock, the client's peak RSS) while the
 read from /proc. Prints a table with the ratios (YARA time / sspry time: above 1, sspry is faster).
 
   scripts/ruleset_bench.py --corpus DIR [DIR ...] --rules DIR [--sets all,malware,...] [--work DIR]
-                           [--json OUT]
+                           [--engines yara,yara-x] [--json OUT]
 
 A set's bundle concatenates its rule files, leaving out files YARA does not compile alone, files with
 `include` or `global` rules (a global rule would restrict the rules of other files once they share a
@@ -147,6 +147,11 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=Path("bench-work/ruleset"))
     parser.add_argument("--processes", type=int, default=2, help="yara-python processes")
     parser.add_argument("--reindex", action="store_true")
+    parser.add_argument(
+        "--engines",
+        default="yara",
+        help="comma-separated engines to verify with (yara, yara-x): a verify run each  [default: yara]",
+    )
     parser.add_argument("--json", dest="json_out", type=Path)
     args = parser.parse_args()
 
@@ -183,11 +188,11 @@ def main() -> int:
         try:
             row = {"set": name, "rule_files": kept, "rules": rules, "yara_python_s": round(yara_s, 2)}
             search = [*sspry, "search", "--addr", server.addr, "--rule", str(bundle), "--json"]
-            for label, command in (
-                ("first", search),
-                ("repeated", search),
-                ("verify", [*search, "--verify"]),
-            ):
+            runs = [("first", search), ("repeated", search)]
+            for engine in args.engines.split(","):
+                label = "verify" if engine == "yara" else f"verify_{engine.replace('-', '_')}"
+                runs.append((label, [*search, "--verify", "--engine", engine]))
+            for label, command in runs:
                 server.reset_peak()
                 seconds, client_kib, out = timed(command)
                 row[f"{label}_s"] = round(seconds, 2)
@@ -203,34 +208,20 @@ def main() -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    header = (
-        "set",
-        "rules",
-        "yara s",
-        "first s",
-        "x",
-        "repeat s",
-        "x",
-        "verify s",
-        "x",
-        "client MiB",
-        "server MiB",
-    )
+    labels = [k[: -len("_s")] for k in rows[0] if k.endswith("_s") and k != "yara_python_s"] if rows else []
+    header = ["set", "rules", "yara s"]
+    for label in labels:
+        header += [f"{label[:8]} s", "x"]
+    header += ["client MiB", "server MiB"]
     print("\n" + "  ".join(f"{h:>10}" for h in header))
     for row in rows:
-        values = (
-            row["set"][:10],
-            row["rules"],
-            row["yara_python_s"],
-            row["first_s"],
-            row["first_ratio"],
-            row["repeated_s"],
-            row["repeated_ratio"],
-            row["verify_s"],
-            row["verify_ratio"],
-            max(row[f"{k}_client_mib"] for k in ("first", "repeated", "verify")),
-            max(row[f"{k}_server_mib"] for k in ("first", "repeated", "verify")),
-        )
+        values = [row["set"][:10], row["rules"], row["yara_python_s"]]
+        for label in labels:
+            values += [row[f"{label}_s"], row[f"{label}_ratio"]]
+        values += [
+            max(v for k, v in row.items() if k.endswith("_client_mib")),
+            max(v for k, v in row.items() if k.endswith("_server_mib")),
+        ]
         print("  ".join(f"{v:>10}" for v in values))
     if args.json_out:
         args.json_out.write_text(

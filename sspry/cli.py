@@ -81,12 +81,13 @@ def _failures() -> Iterator[None]:
     policy forbids, a call a server refuses as invalid) exits 2; server trouble and a write the forest
     could not make (`Error: ...: No space left on device`) exit 1."""
     from sspry.client.connection import ClientError
+    from sspry.engines import EngineError
     from sspry.query.rules import RuleError
     from sspry.store.errors import ForestError, StorageFull
 
     try:
         yield
-    except (RuleError, PolicyError) as exc:
+    except (RuleError, PolicyError, EngineError) as exc:
         raise InputError(str(exc)) from exc
     except ClientError as exc:
         raise (InputError if exc.bad_input else ServerError)(str(exc)) from exc
@@ -521,6 +522,7 @@ def _search(
     limit: int | None,
     count: bool,
     details: tuple[str, ...] = (),
+    engine: str = "yara",
     **options,
 ) -> None:
     """`local search` and `search`: one search over a Database or a Cluster, printed rule by rule as the
@@ -536,7 +538,7 @@ def _search(
     asked = dict(max_candidates=max_candidates, max_anchors=max_anchors, limit=limit, progress=TqdmProgress())
     with _failures():
         if verify:
-            found = store.search(path=rule, verify=True, details=details, **asked, **options)
+            found = store.search(path=rule, verify=True, details=details, engine=engine, **asked, **options)
             rules, names, summary = found.rules, [r.name for r in found.rules], found
         else:
             found = store.stream(path=rule, count_only=count, **asked, **options)
@@ -588,6 +590,15 @@ def _output_options(function):
     return function
 
 
+engine_option = click.option(
+    "--engine",
+    type=click.Choice(["yara", "yara-x"]),
+    default="yara",
+    show_default=True,
+    help="What scans files: yara-python (libyara) or yara-x; for search, with --verify.",
+)
+
+
 def _details_options(function):
     """--print-strings / --print-tags / --print-meta: what to show of each verified match."""
     for flag, value, what in reversed(
@@ -623,6 +634,7 @@ search_workers_option = click.option(
 @max_candidates_option
 @click.option("--verify", is_flag=True, help="Scan candidates with YARA (needs a forest with --store-path).")
 @_details_options
+@engine_option
 @max_anchors_option
 @define_option
 @search_workers_option
@@ -635,6 +647,7 @@ def local_search(
     max_candidates,
     verify,
     details,
+    engine,
     max_anchors_per_pattern,
     externals,
     search_workers,
@@ -651,6 +664,7 @@ def local_search(
             limit,
             count,
             details,
+            engine,
             workers=search_workers,
             externals=externals,
         )
@@ -938,6 +952,7 @@ def index(
     "--verify", is_flag=True, help="Scan candidates with YARA here (the stored paths must be readable)."
 )
 @_details_options
+@engine_option
 @max_anchors_option
 @define_option
 def search(
@@ -954,6 +969,7 @@ def search(
     max_candidates,
     verify,
     details,
+    engine,
     max_anchors_per_pattern,
     externals,
 ):
@@ -969,6 +985,7 @@ def search(
             limit,
             count,
             details,
+            engine,
             externals=externals,
         )
 
@@ -1016,40 +1033,34 @@ def shutdown(addr, timeout, max_message_bytes, ignore_offline, token, tls_ca):
 )
 @click.option("--show-tags", is_flag=True, help="Print the tags of matching rules (as --print-tags).")
 @_details_options
+@engine_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per file (JSON lines).")
 @define_option
-def scan(rule, files, scan_timeout, show_tags, details, as_json, externals):
+def scan(rule, files, scan_timeout, show_tags, details, engine, as_json, externals):
     """Scan FILES directly with YARA (the default mode: `sspry --rule RULE FILE|DIR...`). Directories
     are walked recursively; FIFOs, devices and sockets are passed over. Exit 1 if a file could not be
     scanned."""
-    import yara
-
+    from sspry.engines import compile_file, scan_errors, scan_group
     from sspry.features.walk import walk
-    from sspry.query.rules import RuleError, compile_rules
-    from sspry.verify import match_details
 
     if show_tags:
         details = (*details, "tags")
-
-    try:
-        compiled = compile_rules(rule, externals)
-    except RuleError as exc:
-        raise InputError(str(exc)) from exc
+    with _failures():
+        compiled = compile_file(engine, rule, externals)
     found = walk(files)
     for problem in found.problems:
         click.echo(f"skipped: {problem}", err=True)
     failed = bool(found.problems)
+    asked = {*details, "tags"}  # JSON rows always carry the tags
     for path in found.paths:
         try:
-            matches = compiled.match(path, timeout=scan_timeout)
+            matches = scan_group(compiled, path, None, asked, externals, scan_timeout)
             error = None
-        except yara.Error as exc:
-            matches, error, failed = [], str(exc), True
+        except scan_errors() as exc:
+            matches, error, failed = {}, str(exc), True
         if as_json:
             row = {"file": path, "rule_file": rule, "matched": bool(matches)}
-            row["matches"] = [
-                {"rule": m.rule, "tags": list(m.tags), **match_details(m, details)} for m in matches
-            ]
+            row["matches"] = [{"rule": name, **found} for name, found in matches.items()]
             if error:
                 row["error"] = error
             click.echo(json.dumps(row))
@@ -1061,11 +1072,11 @@ def scan(rule, files, scan_timeout, show_tags, details, as_json, externals):
             continue
         click.echo(f"matched: {'yes' if matches else 'no'}")
         click.echo(f"match_count: {len(matches)}")
-        for match in matches:
-            click.echo(f"match_rule: {match.rule}")
-            found = match_details(match, details)
-            if "tags" in found:
-                click.echo(f"match_tags: {','.join(found.pop('tags'))}")
+        for name, found in matches.items():
+            click.echo(f"match_rule: {name}")
+            tags = found.pop("tags")
+            if "tags" in details:
+                click.echo(f"match_tags: {','.join(tags)}")
             _print_details(found, indent="  ")
     if failed:
         sys.exit(1)

@@ -17,6 +17,7 @@ from collections.abc import Collection
 from pathlib import Path
 
 from sspry.deleting import Deletion, ForestDeleter, delete_values
+from sspry.engines import DEFAULT_ENGINE
 from sspry.indexing import IndexSummary, index_files
 from sspry.policy import Policy
 from sspry.progress import SILENT, Progress
@@ -108,6 +109,7 @@ class Database:
         *,
         verify: bool = False,
         details: Collection[str] = (),
+        engine: str = DEFAULT_ENGINE,
         max_candidates: float = 0.0,
         max_anchors: int = DEFAULT_MAX_ANCHORS,
         limit: int | None = None,
@@ -117,8 +119,8 @@ class Database:
         progress: Progress | None = None,
     ) -> SearchResult:
         """Every document that may match each public rule of the rule text (`rule=`) or file (`path=`);
-        with `verify`, each candidate scanned with YARA, keeping of each match the `details` asked
-        ("strings", "tags", "meta"). RuleError if YARA refuses the rules."""
+        with `verify`, each candidate scanned by `engine` ("yara": yara-python, or "yara-x"), keeping of
+        each match the `details` asked ("strings", "tags", "meta"). RuleError if YARA refuses the rules."""
         from sspry.verify import collect, needs_paths
 
         progress = progress or SILENT
@@ -136,7 +138,7 @@ class Database:
             workers=workers,
             progress=progress,
         )
-        return collect(stream, self.policy, verify, progress, started, details)
+        return collect(stream, self.policy, verify, progress, started, details, engine)
 
     def stream(
         self,

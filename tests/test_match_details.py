@@ -10,7 +10,7 @@ import pytest
 import yara
 
 import sspry
-from sspry.verify import MATCH_DATA_BYTES, MATCHES_PER_RULE, shown
+from sspry.engines import MATCH_DATA_BYTES, MATCHES_PER_RULE, shown
 
 RULES = """
 rule greet : greeting text {

@@ -3,6 +3,7 @@ YARA says when it scans the file with every rule."""
 
 from __future__ import annotations
 
+import pytest
 import yara
 
 import sspry
@@ -14,6 +15,10 @@ from sspry.verify import rule_groups
 def bundle(tokens: int) -> str:
     rules = [
         'import "math"',
+        'import "pe"',
+        # yara-x refuses this (a boolean & an integer); yara-python compiles it, and it matches
+        'rule refused_by_x { strings: $a = "token-1-" '
+        'condition: $a or (pe.exports("Crash") & pe.characteristics) }',
         'private rule helper { strings: $h = "helper-mark" condition: $h }',
         "global rule not_empty { condition: filesize > 0 }",
         'rule needs_helper { strings: $n = "token-0-" condition: $n and helper }',
@@ -24,7 +29,10 @@ def bundle(tokens: int) -> str:
     return "\n".join(rules) + "\n"
 
 
-def test_grouped_verification_equals_scanning_with_every_rule(tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("engine", ["yara", "yara-x"])
+def test_grouped_verification_equals_scanning_with_every_rule(tmp_path, monkeypatch, engine) -> None:
+    """With either engine (yara-x in worker processes, the rule it refuses verified by yara-python),
+    every verdict is yara-python's over the whole bundle."""
     monkeypatch.setattr(verify, "GROUP_RULES", 8)  # several selective groups from a small bundle
     samples = tmp_path / "samples"
     samples.mkdir()
@@ -35,11 +43,14 @@ def test_grouped_verification_equals_scanning_with_every_rule(tmp_path, monkeypa
     text = bundle(60)
     with sspry.Database.create(tmp_path / "db", store_path=True) as db:
         db.index([str(samples)])
-        result = db.search(rule=text, verify=True)
+        result = db.search(rule=text, verify=True, engine=engine)
+    assert result.verification["engine"] == engine
     source, compiled = load_rules(rule=text)
     wanted = {r.name: {c.source_id for c in r.candidates} for r in result.rules}
-    groups = rule_groups(wanted, compiled, source.parsed or source.text)
+    groups = rule_groups(wanted, compiled, source.parsed or source.text, engine=engine)
     assert len(groups) > 2  # split: the broad rules together, the selective ones in small groups
+    by_engine = {name: g.compiled.engine for g in groups for name in g.names}
+    assert by_engine["refused_by_x"] == "yara" and by_engine["t5"] == engine
     assert result.verification["group_scans"] < len(groups) * result.verification["files"]
     everything = yara.compile(source=text)
     for rule in result.rules:
@@ -48,3 +59,4 @@ def test_grouped_verification_equals_scanning_with_every_rule(tmp_path, monkeypa
             assert candidate.verified == (rule.name in truth), (rule.name, candidate.paths)
     matched = {r.name: sum(1 for c in r.candidates if c.verified) for r in result.rules}
     assert matched["needs_helper"] == 1 and matched["broad"] == 60 and matched["t5"] >= 1
+    assert matched["refused_by_x"] >= 1

@@ -1,0 +1,314 @@
+"""The YARA engines verification can scan with: yara-python (libyara) and yara-x (VirusTotal's rewrite).
+
+One face for both: `compile_group` (source text and external variables -> native rules), `serialize` /
+`deserialize` (to hand rules to worker processes), and `scan_document` (read a candidate's file once,
+check it is still the content that was indexed, scan it with some compiled groups, keep what was
+asked of each match). yara-python releases the GIL while it scans, so its scans run on threads;
+yara-x's binding holds it, so verification with yara-x runs in worker processes (`init_worker` /
+`scan_in_worker`). yara-x refuses a few rules yara-python compiles (it type-checks harder): those are
+compiled with yara-python instead, by `compile_group`'s caller (it returns their names).
+
+Kept free of yaramod and the planner, so a worker process starts fast.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+
+import yara
+
+from sspry.policy import Policy
+
+ENGINES = ("yara", "yara-x")
+DEFAULT_ENGINE = "yara"  # see docs/architecture.md (Verification): measured on Yara-Rules
+IN_MEMORY_BYTES = 256 << 20  # larger files are hashed in blocks and scanned from their path
+SCAN_TIMEOUT_S = 120
+MATCH_DATA_BYTES = 64  # of each matched string shown (`--print-strings`)
+MATCHES_PER_RULE = 256  # string matches reported per rule and file; more is said with matches_truncated
+_ERROR_LINE = re.compile(r"-->\s*line:(\d+):")
+
+
+class EngineError(Exception):
+    """An engine that is not installed, or rules it refuses as a whole."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    matched: frozenset[str] = frozenset()
+    details: dict[str, dict] = field(default_factory=dict)  # rule -> what was asked of its match
+    skipped: str | None = None  # a results.SKIP_REASONS code
+    detail: str | None = None
+    size: int = 0  # bytes read and scanned
+    scans: int = 0  # rule groups it was scanned with
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """Native rules of one engine."""
+
+    engine: str
+    rules: object  # yara.Rules or yara_x.Rules
+
+
+def _yara_x():
+    try:
+        import yara_x
+    except ImportError as exc:  # a dependency: only a broken install lacks it
+        raise EngineError("the yara-x engine needs the yara-x package (pip install yara-x)") from exc
+    return yara_x
+
+
+def compile_group(
+    engine: str, rules: list[tuple[str, str]], imports: str, externals: Mapping | None
+) -> tuple[Compiled | None, list[str]]:
+    """`rules` ((name, text) in order, with everything they reference) compiled by `engine` with the
+    `imports` text in front: (the compiled rules or None when none compiled, the names it refused).
+    yara-python refuses nothing here (it compiled the whole source before); yara-x may refuse a rule,
+    which is then left out and named, and its error located by line."""
+    externals = dict(externals or {})
+    if engine == "yara":
+        text = imports + "\n".join(text for _, text in rules)
+        return Compiled("yara", yara.compile(source=text, externals=externals)), []
+    yara_x = _yara_x()
+    kept, refused = list(rules), []
+    while kept:
+        text, starts = imports, []
+        for name, body in kept:
+            starts.append((text.count("\n") + 1, name))
+            text += body + "\n"
+        compiler = yara_x.Compiler(relaxed_re_syntax=True)
+        for name, value in externals.items():
+            compiler.define_global(name, value)
+        try:
+            compiler.add_source(text)
+            return Compiled("yara-x", compiler.build()), refused
+        except yara_x.CompileError as exc:
+            found = _ERROR_LINE.search(str(exc))
+            if found is None:
+                return None, refused + [name for name, _ in kept]
+            line = int(found.group(1))
+            culprit = max((s for s in starts if s[0] <= line), default=starts[0])[1]
+            refused.append(culprit)
+            kept = [(n, t) for n, t in kept if n != culprit]
+    return None, refused
+
+
+def compile_file(engine: str, path: str, externals: Mapping | None) -> Compiled:
+    """A whole rule file compiled by `engine` (includes relative to it): RuleError (yara-python) or
+    EngineError (yara-x) naming the file and what was refused."""
+    if engine == "yara":
+        from sspry.query.rules import compile_rules
+
+        return Compiled("yara", compile_rules(path, externals))
+    yara_x = _yara_x()
+    compiler = yara_x.Compiler(relaxed_re_syntax=True)
+    compiler.enable_includes(True)
+    compiler.add_include_dir(os.path.dirname(os.path.abspath(path)))
+    for name, value in (externals or {}).items():
+        compiler.define_global(name, value)
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            compiler.add_source(handle.read(), origin=path)
+        return Compiled("yara-x", compiler.build())
+    except OSError as exc:
+        raise EngineError(f"{path}: {exc.strerror or exc}") from exc
+    except yara_x.CompileError as exc:
+        first = str(exc).strip().splitlines()
+        raise EngineError(f"yara-x refuses {path}: {' '.join(line.strip() for line in first[:2])}") from exc
+
+
+def serialize(compiled: Compiled) -> tuple[str, bytes]:
+    out = io.BytesIO()
+    if compiled.engine == "yara":
+        compiled.rules.save(file=out)  # type: ignore[attr-defined]
+    else:
+        compiled.rules.serialize_into(out)  # type: ignore[attr-defined]
+    return compiled.engine, out.getvalue()
+
+
+def deserialize(engine: str, blob: bytes) -> Compiled:
+    if engine == "yara":
+        return Compiled("yara", yara.load(file=io.BytesIO(blob)))
+    return Compiled("yara-x", _yara_x().Rules.deserialize_from(io.BytesIO(blob)))
+
+
+def shown(data: bytes) -> str:
+    """Matched bytes as text: printable ASCII as it is, anything else (and backslash, quote) as \\xNN."""
+    return "".join(chr(b) if 0x20 <= b < 0x7F and b not in (0x22, 0x5C) else f"\\x{b:02x}" for b in data)
+
+
+def _details(tags, meta: dict, found: list[tuple[int, str, bytes]], asked: Collection[str]) -> dict:
+    """What `asked` (results.MATCH_DETAILS) wants of one rule's match: its tags, its meta, its string
+    matches (identifier, offset, the first MATCH_DATA_BYTES of the data; at most MATCHES_PER_RULE, in
+    offset order)."""
+    out: dict = {}
+    if "tags" in asked:
+        out["tags"] = list(tags)
+    if "meta" in asked:
+        out["meta"] = meta
+    if "strings" in asked:
+        found = sorted(found)
+        out["matches"] = [
+            {"identifier": name, "offset": offset, "data": shown(data[:MATCH_DATA_BYTES])}
+            for offset, name, data in found[:MATCHES_PER_RULE]
+        ]
+        if len(found) > MATCHES_PER_RULE:
+            out["matches_truncated"] = True
+    return out
+
+
+def match_details(match: yara.Match, asked: Collection[str]) -> dict:
+    """`_details` of a yara-python match."""
+    found = [(i.offset, s.identifier, i.matched_data) for s in match.strings for i in s.instances]
+    return _details(match.tags, dict(match.meta), found, asked)
+
+
+def _slice(data: bytes | None, path: str, offset: int, length: int) -> bytes:
+    length = min(length, MATCH_DATA_BYTES)
+    if data is not None:
+        return data[offset : offset + length]
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        return handle.read(length)
+
+
+def scan_group(
+    compiled: Compiled,
+    path: str,
+    data: bytes | None,
+    asked: Collection[str],
+    externals: Mapping,
+    timeout: int = SCAN_TIMEOUT_S,
+) -> dict[str, dict]:
+    """rule -> its details, for every rule of the group that matched `data` (None: the file at `path`).
+    Raises the engine's errors (`scan_errors()`)."""
+    if compiled.engine == "yara":
+        found = (
+            compiled.rules.match(data=data, timeout=timeout)  # type: ignore[attr-defined]
+            if data is not None
+            else compiled.rules.match(path, timeout=timeout)  # type: ignore[attr-defined]
+        )
+        return {m.rule: match_details(m, asked) if asked else {} for m in found}
+    scanner = _yara_x().Scanner(compiled.rules)
+    scanner.set_timeout(timeout)
+    for name, value in externals.items():
+        scanner.set_global(name, value)
+    results = scanner.scan(data) if data is not None else scanner.scan_file(path)
+    out = {}
+    for rule in results.matching_rules:
+        found = []
+        if "strings" in asked:
+            found = [
+                (m.offset, p.identifier, _slice(data, path, m.offset, m.length))
+                for p in rule.patterns
+                for m in p.matches
+            ]
+        out[rule.identifier] = _details(rule.tags, dict(rule.metadata), found, asked) if asked else {}
+    return out
+
+
+def _timeout_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [yara.TimeoutError]
+    try:
+        import yara_x
+
+        errors.append(yara_x.TimeoutError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def scan_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [yara.Error]
+    try:
+        import yara_x
+
+        errors.append(yara_x.ScanError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _read(path: str, source_id: bytes, policy: Policy) -> tuple[bytes | None, Verdict | None, int]:
+    """The file's bytes (None when too big to hold: scan it by path), or why it cannot be verified."""
+    try:
+        size = os.path.getsize(path)
+        hasher = policy.new_id_hasher()
+        data = None
+        with open(path, "rb") as handle:
+            if size <= IN_MEMORY_BYTES:
+                data = handle.read()
+                hasher.update(data)
+            else:
+                for block in iter(lambda: handle.read(16 << 20), b""):
+                    hasher.update(block)
+    except FileNotFoundError:
+        return None, Verdict(skipped="missing", detail=f"{path}: file no longer exists"), 0
+    except OSError as exc:
+        return None, Verdict(skipped="unreadable", detail=f"{path}: {exc.strerror or exc}"), 0
+    if hasher.digest() != source_id:
+        return None, Verdict(skipped="changed", detail=f"{path}: file changed since it was indexed"), 0
+    return data, None, size
+
+
+def _scan(
+    path: str, data: bytes | None, size: int, groups: list[Compiled], asked: Collection[str], externals
+) -> Verdict:
+    details: dict[str, dict] = {}
+    try:
+        for group in groups:
+            details.update(scan_group(group, path, data, asked, externals))
+    except _timeout_errors():
+        return Verdict(skipped="timeout", detail=f"{path}: YARA took longer than {SCAN_TIMEOUT_S} s")
+    except scan_errors() as exc:
+        return Verdict(skipped="error", detail=f"{path}: yara: {exc}")
+    kept = {rule: found for rule, found in details.items() if found} if asked else {}
+    return Verdict(matched=frozenset(details), details=kept, size=size, scans=len(groups))
+
+
+def scan_document(
+    paths: tuple[str, ...],
+    source_id: bytes,
+    groups: list[Compiled],
+    policy: Policy,
+    asked: Collection[str] = (),
+    externals: Mapping | None = None,
+) -> Verdict:
+    """Scan the first of `paths` that still holds the document with `groups`; otherwise report the first
+    path's problem. `asked`: the match details wanted (results.MATCH_DETAILS)."""
+    if not paths:
+        why = "no recorded path" if policy.store_path else "the forest was initialised without --store-path"
+        return Verdict(skipped="no-path", detail=why)
+    first: Verdict | None = None
+    for path in paths:
+        data, problem, size = _read(path, source_id, policy)
+        if problem is None:
+            return _scan(path, data, size, groups, asked, externals or {})
+        first = first or problem
+    assert first is not None
+    return first
+
+
+# --- worker processes (yara-x) ---------------------------------------------------------------------
+_WORKER: dict = {}
+
+
+def init_worker(
+    blobs: list[tuple[str, bytes]], policy: Policy, asked: tuple[str, ...], externals: dict
+) -> None:
+    """A verification worker's state: the groups, deserialized once."""
+    _WORKER.update(
+        groups=[deserialize(engine, blob) for engine, blob in blobs],
+        policy=policy,
+        asked=asked,
+        externals=externals,
+    )
+
+
+def scan_in_worker(paths: tuple[str, ...], source_id: bytes, indexes: list[int]) -> Verdict:
+    groups = [_WORKER["groups"][i] for i in indexes]
+    return scan_document(paths, source_id, groups, _WORKER["policy"], _WORKER["asked"], _WORKER["externals"])
