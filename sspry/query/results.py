@@ -21,7 +21,7 @@ SKIP_REASONS = ("no-path", "missing", "changed", "unreadable", "timeout", "error
 TIMING_STAGES = ("compile", "plan", "search", "verify")
 
 
-@dataclass
+@dataclass(slots=True)  # a bundle's search can hold a million of them
 class Candidate:
     source_id: bytes
     paths: tuple[str, ...] = ()  # the first recorded paths of the document
