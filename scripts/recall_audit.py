@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
 """Recall audit: every file YARA matches must be a candidate.
 
-Builds (or reuses) a forest from a corpus, scans the corpus once with yara-python using every rule file
-(each in its own namespace) for the ground truth, searches each rule file, and reports per rule the true
-matches, candidates, false negatives and false positives. Exits 1 if any false negative is found.
+Builds (or reuses) a forest from a corpus, scans the corpus once with every rule file (each in its own
+namespace) for the ground truth -- with yara-python, yara-x, or both (a match of either is a true match;
+files yara-x refuses are judged by yara-python alone) -- searches each rule file, and reports per rule
+the true matches, candidates, false negatives and false positives. External variables (-d NAME=VALUE)
+are given to both engines and to the planner. Exits 1 if any false negative is found.
 
-  scripts/recall_audit.py --corpus DIR [DIR ...] --rules DIR [--root DIR] [--json OUT]
+  scripts/recall_audit.py --corpus DIR [DIR ...] --rules DIR [DIR ...] [-d NAME=VALUE ...]
+                          [--engine yara|yara-x|both] [--root DIR] [--json OUT]
 """
 
 from __future__ import annotations
@@ -24,10 +27,12 @@ from pathlib import Path
 import yara
 from tqdm import tqdm
 
+from sspry.engines import compile_file, scan_group
 from sspry.features.walk import walk
 from sspry.indexing import index_paths
 from sspry.policy import Policy
-from sspry.query.rules import RuleError, load_rule_file
+from sspry.query.externals import parse_defines
+from sspry.query.rules import RuleError, load_rules
 from sspry.query.ruleset import plan_rules
 from sspry.query.search import search_snapshot
 from sspry.store.forest import Forest, is_forest
@@ -38,20 +43,20 @@ def rule_files(directory: str) -> list[str]:
     return sorted(found)
 
 
-def compile_all(paths: list[str]) -> tuple[yara.Rules, dict[str, str], dict[str, str]]:
+def compile_all(paths: list[str], externals: dict) -> tuple[yara.Rules, dict[str, str], dict[str, str]]:
     """One yara.Rules with every compilable file in its own namespace; returns (rules, ns->path, errors)."""
     good, errors = {}, {}
     for index, path in enumerate(paths):
         try:
-            yara.compile(filepath=path)
+            yara.compile(filepath=path, externals=externals)
             good[f"f{index}"] = path
         except yara.Error as exc:
             errors[path] = str(exc)
-    return yara.compile(filepaths=good), good, errors
+    return yara.compile(filepaths=good, externals=externals), good, errors
 
 
-def ground_truth(rules: yara.Rules, files: list[str], workers: int) -> tuple[dict, list[str]]:
-    """(namespace, rule) -> set of sha256 of the matching files, and the files YARA failed on."""
+def yara_truth(rules: yara.Rules, files: list[str], workers: int) -> tuple[dict, list[str]]:
+    """(namespace, rule) -> set of sha256 of the files yara-python matches, and the files it failed on."""
     truth: dict[tuple[str, str], set[bytes]] = {}
     failed: list[str] = []
 
@@ -65,7 +70,7 @@ def ground_truth(rules: yara.Rules, files: list[str], workers: int) -> tuple[dic
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for path, digest, matches, error in tqdm(
-            pool.map(scan, files), total=len(files), desc="yara ground truth", file=sys.stderr
+            pool.map(scan, files), total=len(files), desc="yara-python ground truth", file=sys.stderr
         ):
             if error:
                 failed.append(f"{path}: {error}")
@@ -74,12 +79,43 @@ def ground_truth(rules: yara.Rules, files: list[str], workers: int) -> tuple[dic
     return truth, failed
 
 
+def yara_x_truth(namespaces: dict[str, str], files: list[str], externals: dict) -> tuple[dict, dict, list]:
+    """The same with yara-x, each rule file compiled on its own: (truth, refused rule files -> why, files
+    it failed on). One process: yara-x's binding holds the GIL."""
+    compiled, refused = {}, {}
+    for namespace, path in namespaces.items():
+        try:
+            compiled[namespace] = compile_file("yara-x", path, externals)
+        except Exception as exc:  # EngineError: yara-x refuses what yara-python compiled
+            refused[path] = str(exc)
+    truth: dict[tuple[str, str], set[bytes]] = {}
+    failed: list[str] = []
+    for path in tqdm(files, desc="yara-x ground truth", file=sys.stderr):
+        data = Path(path).read_bytes()
+        digest = hashlib.sha256(data).digest()
+        for namespace, rules in compiled.items():
+            try:
+                for rule in scan_group(rules, path, data, (), externals):
+                    truth.setdefault((namespace, rule), set()).add(digest)
+            except Exception as exc:
+                failed.append(f"{path}: yara-x: {exc}")
+    return truth, refused, failed
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--corpus", nargs="+", required=True, help="files or directories to index and scan")
-    parser.add_argument("--rules", required=True, help="directory of rule files (.yar/.yara, recursive)")
+    parser.add_argument(
+        "--rules", nargs="+", required=True, help="directories of rule files (.yar/.yara, recursive)"
+    )
+    parser.add_argument(
+        "-d", "--define", action="append", default=[], help="NAME=VALUE: an external variable"
+    )
+    parser.add_argument(
+        "--engine", choices=("yara", "yara-x", "both"), default="yara", help="ground truth by"
+    )
     parser.add_argument("--root", help="forest root (reused if it exists; default: a temporary directory)")
     parser.add_argument("--json", dest="json_out", help="write the per-rule report here")
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
@@ -103,9 +139,19 @@ def main() -> int:
             )
 
     files = walk(args.corpus).paths
-    paths = rule_files(args.rules)
-    compiled, namespaces, compile_errors = compile_all(paths)
-    truth, scan_failures = ground_truth(compiled, files, args.workers)
+    externals = parse_defines(args.define)
+    paths = [path for directory in args.rules for path in rule_files(directory)]
+    compiled, namespaces, compile_errors = compile_all(paths, externals)
+    truth: dict[tuple[str, str], set[bytes]] = {}
+    scan_failures: list[str] = []
+    refused_by_x: dict[str, str] = {}
+    if args.engine in ("yara", "both"):
+        truth, scan_failures = yara_truth(compiled, files, args.workers)
+    if args.engine in ("yara-x", "both"):
+        x_truth, refused_by_x, x_failures = yara_x_truth(namespaces, files, externals)
+        scan_failures += x_failures
+        for key, found in x_truth.items():
+            truth.setdefault(key, set()).update(found)
 
     rows = []
     plan_failures = {}
@@ -118,8 +164,8 @@ def main() -> int:
         for namespace, path in tqdm(sorted(namespaces.items()), desc="searching", file=sys.stderr):
             try:
                 started = time.perf_counter()
-                source, _ = load_rule_file(path)
-                plans = plan_rules(source.text, source.targets, forest.policy)
+                source, _ = load_rules(path=path, externals=externals)
+                plans = plan_rules(source.text, source.targets, forest.policy, externals=externals)
                 result = search_snapshot(snapshot, plans, forest.policy)
                 search_ms.append((time.perf_counter() - started) * 1000)
             except RuleError as exc:
@@ -134,7 +180,7 @@ def main() -> int:
                 missed = true - candidates
                 rows.append(
                     {
-                        "file": os.path.relpath(path, args.rules),
+                        "file": os.path.relpath(path, os.path.commonpath(args.rules)),
                         "rule": rule.name,
                         "true_matches": len(true),
                         "candidates": len(candidates),
@@ -158,6 +204,8 @@ def main() -> int:
         "documents": documents,
         "rule_files": len(paths),
         "rule_files_not_compiling": len(compile_errors),
+        "ground_truth": args.engine,
+        "rule_files_yara_x_refuses": len(refused_by_x),
         "rules": len(rows),
         "rules_with_matches": sum(1 for r in rows if r["true_matches"]),
         "true_match_pairs": sum(r["true_matches"] for r in rows),
@@ -173,6 +221,7 @@ def main() -> int:
         "yara_scan_failures": scan_failures,
         "plan_failures": plan_failures,
         "compile_errors": compile_errors,
+        "yara_x_refused": refused_by_x,
     }
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"summary": report, "rules": rows}, indent=1))

@@ -147,3 +147,54 @@ def test_search_bench_times_evaluation_and_writes_candidates(tmp_path) -> None:
     assert len(report["report"]["bundle all.yar"]["runs_s"]) == 2
     planted = {f"r{i}.yar:r{i}" for i in range(3)}
     assert planted <= set(report["candidates"]) and any(report["candidates"][k] for k in planted)
+
+
+def test_recall_audit_with_externals_several_sources_and_both_engines(tmp_path) -> None:
+    """The audit finds the truth with yara-python and yara-x, across rule directories, with externals;
+    a planted false negative (a document deleted from the forest) makes it fail."""
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "a.bin").write_bytes(b"xx hello-world yy")
+    (files / "b.bin").write_bytes(b"nothing to see")
+    for name, text in (
+        ("one", 'rule greet { strings: $h = "hello-world" condition: $h }\n'),
+        ("two", 'rule gated { strings: $h = "hello-world" condition: $h and flag == 1 }\n'),
+    ):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "r.yar").write_text(text)
+    audit = [
+        sys.executable,
+        str(ROOT / "scripts" / "recall_audit.py"),
+        "--corpus",
+        str(files),
+        "--rules",
+        str(tmp_path / "one"),
+        str(tmp_path / "two"),
+        "-d",
+        "flag=1",
+        "--engine",
+        "both",
+        "--root",
+        str(tmp_path / "db"),
+        "--json",
+        str(tmp_path / "audit.json"),
+    ]
+    done = subprocess.run(audit, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "audit.json").read_text())["summary"]
+    assert report["rules"] == 2 and report["true_match_pairs"] == 2 and report["false_negatives"] == 0
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sspry",
+            "local",
+            "delete",
+            "--root",
+            str(tmp_path / "db"),
+            str(files / "a.bin"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    assert subprocess.run(audit, capture_output=True, text=True, timeout=300).returncode == 1
