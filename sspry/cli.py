@@ -518,16 +518,18 @@ def _search(
     output: str,
     max_candidates: float,
     verify: bool,
-    max_anchors: int,
+    max_anchors_per_pattern: int,
     limit: int | None,
     count: bool,
-    details: tuple[str, ...] = (),
-    engine: str = "yara",
+    details: tuple[str, ...],
+    engine: str,
+    externals: dict,
     **options,
 ) -> None:
-    """`local search` and `search`: one search over a Database or a Cluster, printed rule by rule as the
-    results come (all at once with --verify, which scans every candidate first). `output` is "plain",
-    "json" (one object, written incrementally) or "ndjson" (a line per rule, then a summary line)."""
+    """`local search` and `search` (their options by name): one search over a Database or a Cluster,
+    printed rule by rule as the results come (all at once with --verify, which scans every candidate
+    first). `output` is "plain", "json" (one object, written incrementally) or "ndjson" (a line per rule,
+    then a summary line). `options` go to the store as they are (`workers` for a Database)."""
     if verify and count:
         raise click.UsageError("--count lists no candidates to verify: drop one of them")
     if details and not verify:
@@ -535,7 +537,13 @@ def _search(
             "--print-strings/--print-tags/--print-meta show what --verify found: add --verify"
         )
     started = time.perf_counter()
-    asked = dict(max_candidates=max_candidates, max_anchors=max_anchors, limit=limit, progress=TqdmProgress())
+    asked = dict(
+        max_candidates=max_candidates,
+        max_anchors=max_anchors_per_pattern,
+        limit=limit,
+        externals=externals,
+        progress=TqdmProgress(),
+    )
     with _failures():
         if verify:
             found = store.search(path=rule, verify=True, details=details, engine=engine, **asked, **options)
@@ -638,36 +646,10 @@ search_workers_option = click.option(
 @max_anchors_option
 @define_option
 @search_workers_option
-def local_search(
-    root,
-    rule,
-    output,
-    count,
-    limit,
-    max_candidates,
-    verify,
-    details,
-    engine,
-    max_anchors_per_pattern,
-    externals,
-    search_workers,
-):
+def local_search(root, search_workers, **options):
     """Return every indexed file that may match each public rule of RULE."""
     with _local(root) as db:
-        _search(
-            db,
-            rule,
-            output,
-            max_candidates,
-            verify,
-            max_anchors_per_pattern,
-            limit,
-            count,
-            details,
-            engine,
-            workers=search_workers,
-            externals=externals,
-        )
+        _search(db, workers=search_workers, **options)
 
 
 @local.command("delete")
@@ -955,39 +937,10 @@ def index(
 @engine_option
 @max_anchors_option
 @define_option
-def search(
-    rule,
-    addr,
-    timeout,
-    max_message_bytes,
-    ignore_offline,
-    token,
-    tls_ca,
-    output,
-    count,
-    limit,
-    max_candidates,
-    verify,
-    details,
-    engine,
-    max_anchors_per_pattern,
-    externals,
-):
+def search(addr, timeout, max_message_bytes, ignore_offline, token, tls_ca, **options):
     """Search server(s) with every public rule of RULE; results merged, deduplicated, then capped."""
     with _cluster(addr, timeout, max_message_bytes, ignore_offline, token, tls_ca) as cluster:
-        _search(
-            cluster,
-            rule,
-            output,
-            max_candidates,
-            verify,
-            max_anchors_per_pattern,
-            limit,
-            count,
-            details,
-            engine,
-            externals=externals,
-        )
+        _search(cluster, **options)
 
 
 @main.command()

@@ -76,15 +76,16 @@ def compile_group(
     yara_x = _yara_x()
     kept, refused = list(rules), []
     while kept:
-        text, starts = imports, []
+        pieces, starts, line = [imports], [], imports.count("\n") + 1
         for name, body in kept:
-            starts.append((text.count("\n") + 1, name))
-            text += body + "\n"
+            starts.append((line, name))  # the line the rule starts on
+            pieces.append(body + "\n")
+            line += body.count("\n") + 1
         compiler = yara_x.Compiler(relaxed_re_syntax=True)
         for name, value in externals.items():
             compiler.define_global(name, value)
         try:
-            compiler.add_source(text)
+            compiler.add_source("".join(pieces))
             return Compiled("yara-x", compiler.build()), refused
         except yara_x.CompileError as exc:
             found = _ERROR_LINE.search(str(exc))
@@ -211,26 +212,18 @@ def scan_group(
     return out
 
 
-def _timeout_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [yara.TimeoutError]
+def _errors(libyara: type[BaseException], yara_x_name: str) -> tuple[type[BaseException], ...]:
+    """An error class of yara-python and its yara-x counterpart (when yara-x is installed)."""
     try:
         import yara_x
-
-        errors.append(yara_x.TimeoutError)
     except ImportError:
-        pass
-    return tuple(errors)
+        return (libyara,)
+    return (libyara, getattr(yara_x, yara_x_name))
 
 
 def scan_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [yara.Error]
-    try:
-        import yara_x
-
-        errors.append(yara_x.ScanError)
-    except ImportError:
-        pass
-    return tuple(errors)
+    """What a scan by either engine raises when it fails on a file."""
+    return _errors(yara.Error, "ScanError")
 
 
 def _read(path: str, source_id: bytes, policy: Policy) -> tuple[bytes | None, Verdict | None, int]:
@@ -262,7 +255,7 @@ def _scan(
     try:
         for group in groups:
             details.update(scan_group(group, path, data, asked, externals))
-    except _timeout_errors():
+    except _errors(yara.TimeoutError, "TimeoutError"):
         return Verdict(skipped="timeout", detail=f"{path}: YARA took longer than {SCAN_TIMEOUT_S} s")
     except scan_errors() as exc:
         return Verdict(skipped="error", detail=f"{path}: yara: {exc}")
