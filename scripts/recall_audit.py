@@ -16,18 +16,19 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import multiprocessing
 import os
 import statistics
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import yara
 from tqdm import tqdm
 
-from sspry.engines import compile_file, scan_group
+from sspry.engines import compile_file
 from sspry.features.walk import walk
 from sspry.indexing import index_paths
 from sspry.policy import Policy
@@ -79,27 +80,63 @@ def yara_truth(rules: yara.Rules, files: list[str], workers: int) -> tuple[dict,
     return truth, failed
 
 
-def yara_x_truth(namespaces: dict[str, str], files: list[str], externals: dict) -> tuple[dict, dict, list]:
-    """The same with yara-x, each rule file compiled on its own: (truth, refused rule files -> why, files
-    it failed on). One process: yara-x's binding holds the GIL."""
-    compiled, refused = {}, {}
+def yara_x_truth(
+    namespaces: dict[str, str], files: list[str], externals: dict, workers: int
+) -> tuple[dict, dict, list]:
+    """The same with yara-x: every rule file it compiles alone, in its own namespace of one compiled set
+    (includes relative to each file); returns (truth, refused rule files -> why, files it failed on).
+    Worker processes: yara-x's binding holds the GIL."""
+    accepted, refused = {}, {}
     for namespace, path in namespaces.items():
         try:
-            compiled[namespace] = compile_file("yara-x", path, externals)
+            compile_file("yara-x", path, externals)
+            accepted[namespace] = path
         except Exception as exc:  # EngineError: yara-x refuses what yara-python compiled
             refused[path] = str(exc)
     truth: dict[tuple[str, str], set[bytes]] = {}
     failed: list[str] = []
-    for path in tqdm(files, desc="yara-x ground truth", file=sys.stderr):
-        data = Path(path).read_bytes()
-        digest = hashlib.sha256(data).digest()
-        for namespace, rules in compiled.items():
-            try:
-                for rule in scan_group(rules, path, data, (), externals):
-                    truth.setdefault((namespace, rule), set()).add(digest)
-            except Exception as exc:
-                failed.append(f"{path}: yara-x: {exc}")
+    with ProcessPoolExecutor(
+        workers, multiprocessing.get_context("spawn"), _x_worker, (accepted, externals)
+    ) as pool:
+        for path, digest, matches, error in tqdm(
+            pool.map(_x_scan, files, chunksize=8),
+            total=len(files),
+            desc="yara-x ground truth",
+            file=sys.stderr,
+        ):
+            if error:
+                failed.append(f"{path}: yara-x: {error}")
+            for key in matches:
+                truth.setdefault(key, set()).add(digest)
     return truth, refused, failed
+
+
+_X: dict = {}
+
+
+def _x_worker(accepted: dict[str, str], externals: dict) -> None:
+    import yara_x
+
+    compiler = yara_x.Compiler(relaxed_re_syntax=True)
+    compiler.enable_includes(True)
+    for name, value in externals.items():
+        compiler.define_global(name, value)
+    for namespace, path in accepted.items():
+        compiler.new_namespace(namespace)
+        compiler.add_include_dir(os.path.dirname(os.path.abspath(path)))
+        compiler.add_source(Path(path).read_text(encoding="utf-8", errors="replace"), origin=path)
+    _X["scanner"] = yara_x.Scanner(compiler.build())
+    _X["scanner"].set_timeout(120)
+
+
+def _x_scan(path: str):
+    data = Path(path).read_bytes()
+    digest = hashlib.sha256(data).digest()
+    try:
+        found = _X["scanner"].scan(data).matching_rules
+        return path, digest, [(m.namespace, m.identifier) for m in found], None
+    except Exception as exc:  # yara_x.ScanError, TimeoutError
+        return path, digest, [], str(exc)
 
 
 def main() -> int:
@@ -148,7 +185,7 @@ def main() -> int:
     if args.engine in ("yara", "both"):
         truth, scan_failures = yara_truth(compiled, files, args.workers)
     if args.engine in ("yara-x", "both"):
-        x_truth, refused_by_x, x_failures = yara_x_truth(namespaces, files, externals)
+        x_truth, refused_by_x, x_failures = yara_x_truth(namespaces, files, externals, args.workers)
         scan_failures += x_failures
         for key, found in x_truth.items():
             truth.setdefault(key, set()).update(found)
