@@ -41,7 +41,7 @@ from sspry.policy import Policy, PolicyError
 from sspry.progress import SILENT, Progress
 from sspry.query.externals import Externals
 from sspry.query.results import MATCH_DETAILS, SearchResult, SearchStream
-from sspry.query.rules import parse
+from sspry.query.rules import RELEASE_PARSE_CHARS, parse, release_parser
 
 BROAD_SHARE = 0.25  # a rule that is a candidate for this share of the verified files is broad
 GROUP_RULES = 64  # selective rules per group
@@ -251,6 +251,8 @@ def verify(
         for candidate in rule.candidates:
             documents.setdefault(candidate.source_id, _Document(candidate.paths)).rules.add(rule.name)
     groups = rule_groups(wanted, rules, parsed, externals, engine)
+    if isinstance(parsed, str) and len(parsed) >= RELEASE_PARSE_CHARS:
+        release_parser()  # rule_groups parsed it: nothing refers to that parse any more
     stats = VerifyStats(groups=len(groups), engine=engine)
     workers = workers or min(4, len(os.sched_getaffinity(0)))
     pool = _pool(groups, len(documents), workers, policy, details, externals)

@@ -24,7 +24,7 @@ from sspry.query.literals import DEFAULT_MAX_ANCHORS, GramMapper
 from sspry.query.plan import TRUE, UNKNOWN, Approx, and_
 from sspry.query.plancache import PlanCache, RuleKeys, context_digest, source_key
 from sspry.query.ruleplan import Note, RulePlan
-from sspry.query.rules import yaramod_parser
+from sspry.query.rules import RELEASE_PARSE_CHARS, release_parser, yaramod_parser
 from sspry.query.strings import plan_string
 
 
@@ -144,11 +144,12 @@ def iter_plans(
         if known is not None:  # a source seen before, every target cached: not even parsed
             yield from known
             return
+    parsed_here = False
     if isinstance(source, str) and parsed is not None:
         source = parsed
     elif isinstance(source, str):
         try:
-            source = yaramod_parser().parse_string(source)
+            source, parsed_here = yaramod_parser().parse_string(source), True
         except Exception as exc:  # yaramod.ParserError and occasional RuntimeError
             yield from (RulePlan(name, TRUE, [Note(name, "not-parsed", str(exc))]) for name in targets)
             return
@@ -192,6 +193,9 @@ def iter_plans(
                 if key in stored:
                     entry[name] = (key, keys.line(name))
             cache.put_source(source_key(text, context), entry)  # type: ignore[arg-type]
+        if parsed_here and len(text or "") >= RELEASE_PARSE_CHARS:
+            planner = keys = source = None  # type: ignore[assignment]  # the parse's last references
+            release_parser()
 
 
 def _known_plans(cache: PlanCache, key: bytes, targets: Sequence[str]) -> list[RulePlan] | None:
