@@ -154,9 +154,12 @@ def rule_groups(
                 pending.extend(needed_by.get(name, ()))
         texts = [(name, rule.text) for name, rule in rules.items() if name in closure]
         try:
-            return compile_group(engine, texts, imports, externals)
+            group, failed = compile_group(engine, texts, imports, externals)
         except (yara.Error, ValueError):  # yaramod's text of a rule yara refuses
             return None, list(part)
+        if always & set(failed):  # without a global rule the others would match where YARA does not
+            return None, list(part)
+        return group, failed
 
     groups, refused = [], []
     for part in _parts(wanted, targets):

@@ -29,6 +29,18 @@ def bundle(tokens: int) -> str:
     return "\n".join(rules) + "\n"
 
 
+def test_a_global_rule_yara_x_refuses_sends_its_groups_to_yara_python() -> None:
+    """Verifying without a global rule would call matches what YARA does not match."""
+    text = (
+        'import "pe"\n'
+        'global rule g { condition: filesize > 3 or (pe.exports("Crash") & pe.characteristics) }\n'
+        'rule r { strings: $a = "token" condition: $a }\n'
+    )
+    source, compiled = load_rules(rule=text)
+    groups = rule_groups({"r": {b"x"}}, compiled, source.text, engine="yara-x")
+    assert [(g.names, g.compiled.engine) for g in groups] == [(frozenset({"r"}), "yara")]
+
+
 @pytest.mark.parametrize("engine", ["yara", "yara-x"])
 def test_grouped_verification_equals_scanning_with_every_rule(tmp_path, monkeypatch, engine) -> None:
     """With either engine (yara-x in worker processes, the rule it refuses verified by yara-python),
