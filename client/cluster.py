@@ -168,10 +168,11 @@ class Cluster:
         on every server (merged, deduplicated, then capped); with `verify`, each candidate scanned with
         YARA here (its recorded paths must be readable), keeping of each match the `details` asked
         ("strings", "tags", "meta"); `engine`: "yara" (yara-python) or "yara-x"."""
-        from sspry.verify import collect
+        from sspry.verify import check_options, collect
 
         progress = progress or SILENT
         started = time.perf_counter()
+        check_options(verify, details, engine)  # before any work
         stream = self.stream(
             rule,
             path,
@@ -201,7 +202,7 @@ class Cluster:
         every server has sent it, so memory stays flat whatever the number of candidates. The rules are
         compiled here first (RuleError if YARA refuses them), and sent with their includes inlined."""
         progress = progress or SILENT
-        source, compiled, compile_ms = load_for_search(rule, path, (progress or SILENT).note, externals)
+        source, compiled, compile_ms = load_for_search(rule, path, progress.note, externals)
         members = self.discover()
         targets = list(source.targets)
         request = sspry_pb2.SearchRequest(
@@ -219,8 +220,7 @@ class Cluster:
         documents = sum(a.documents for a in answers)
         cap = 0 if count_only else effective_limit(documents, max_candidates, limit)
         stream = SearchStream(targets, documents, {"compile": compile_ms})
-        stream.compiled, stream.parsed = compiled, source.parsed or source.text
-        stream.externals = source.externals
+        stream.compiled, stream.source = compiled, source
         stream.servers = [a.connection.addr for a in answers]
         stream.offline = list(self.offline)
 

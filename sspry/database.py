@@ -121,12 +121,13 @@ class Database:
         """Every document that may match each public rule of the rule text (`rule=`) or file (`path=`);
         with `verify`, each candidate scanned by `engine` ("yara": yara-python, or "yara-x"), keeping of
         each match the `details` asked ("strings", "tags", "meta"). RuleError if YARA refuses the rules."""
-        from sspry.verify import collect, needs_paths
+        from sspry.verify import check_options, collect, needs_paths
 
         progress = progress or SILENT
         started = time.perf_counter()
+        check_options(verify, details, engine)  # before any work
         if verify:
-            needs_paths(self.policy)  # before any work
+            needs_paths(self.policy)
         stream = self.stream(
             rule,
             path,
@@ -176,8 +177,7 @@ class Database:
             self._plan_cache,
         )
         stream.timings_ms["compile"] = compile_ms
-        stream.compiled, stream.parsed = compiled, source.parsed or source.text
-        stream.externals = source.externals
+        stream.compiled, stream.source = compiled, source
         return stream
 
     def delete(self, values: list[str] | tuple[str, ...]) -> list[Deletion]:

@@ -181,6 +181,17 @@ def needs_paths(policy: Policy) -> None:
         raise PolicyError("--verify needs stored paths: the forest was initialised without --store-path")
 
 
+def check_options(verify_them: bool, details: Collection[str], engine: str) -> None:
+    """ValueError for verification options that cannot be honoured: before any work."""
+    unknown = set(details) - set(MATCH_DETAILS)
+    if unknown:
+        raise ValueError(f"unknown match details {sorted(unknown)}: choose from {list(MATCH_DETAILS)}")
+    if details and not verify_them:
+        raise ValueError("match details come from verification: search with verify=True")
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}: choose from {list(ENGINES)}")
+
+
 def collect(
     stream: SearchStream,
     policy: Policy,
@@ -191,25 +202,21 @@ def collect(
     engine: str = DEFAULT_ENGINE,
 ) -> SearchResult:
     """A search stream's results, gathered; with `verify_them`, every candidate scanned by `engine` (and
-    the `details` of each match kept: results.MATCH_DETAILS)."""
-    unknown = set(details) - set(MATCH_DETAILS)
-    if unknown:
-        raise ValueError(f"unknown match details {sorted(unknown)}: choose from {list(MATCH_DETAILS)}")
-    if details and not verify_them:
-        raise ValueError("match details come from verification: search with verify=True")
-    if engine not in ENGINES:
-        raise ValueError(f"unknown engine {engine!r}: choose from {list(ENGINES)}")
+    the `details` of each match kept: results.MATCH_DETAILS). The options were checked (check_options)
+    before the search."""
     if verify_them:
         needs_paths(policy)
     result = stream.collect()
     if verify_them:
+        source = stream.source
+        assert source is not None  # set by whatever made the stream, with `compiled`
         verify(
             result,
             stream.compiled,
             policy,
-            stream.parsed,
+            source.parsed or source.text,
             progress=progress,
-            externals=stream.externals,
+            externals=source.externals,
             details=details,
             engine=engine,
         )

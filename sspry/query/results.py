@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from sspry.query.rules import RuleSource
     from sspry.store.files import PathsOf
 
 # What verification can report of a match besides yes (Candidate.details): matched strings, tags, meta
@@ -164,8 +165,7 @@ class SearchStream:
         self.servers: list[str] = []
         self.offline: list[str] = []
         self.compiled = None  # the yara.Rules the search compiled, for verification
-        self.parsed = None  # and yaramod's parse of them (or their text: verify parses it if it must)
-        self.externals: dict = {}  # the external variables they were compiled with
+        self.source: RuleSource | None = None  # and what they were loaded from (text, parse, externals)
         self._rules: Iterator[RuleResult] = iter(())
 
     def feed(self, rules: Iterator[RuleResult]) -> SearchStream:
