@@ -28,7 +28,7 @@ from pathlib import Path
 import yara
 from tqdm import tqdm
 
-from sspry.engines import compile_file
+from sspry.engines import compile_file, compile_x_files
 from sspry.features.walk import walk
 from sspry.indexing import index_paths
 from sspry.policy import Policy
@@ -117,15 +117,7 @@ _X: dict = {}
 def _x_worker(accepted: dict[str, str], externals: dict) -> None:
     import yara_x
 
-    compiler = yara_x.Compiler(relaxed_re_syntax=True)
-    compiler.enable_includes(True)
-    for name, value in externals.items():
-        compiler.define_global(name, value)
-    for namespace, path in accepted.items():
-        compiler.new_namespace(namespace)
-        compiler.add_include_dir(os.path.dirname(os.path.abspath(path)))
-        compiler.add_source(Path(path).read_text(encoding="utf-8", errors="replace"), origin=path)
-    _X["scanner"] = yara_x.Scanner(compiler.build())
+    _X["scanner"] = yara_x.Scanner(compile_x_files(accepted, externals).rules)
     _X["scanner"].set_timeout(120)
 
 

@@ -81,9 +81,7 @@ def compile_group(
             starts.append((line, name))  # the line the rule starts on
             pieces.append(body + "\n")
             line += body.count("\n") + 1
-        compiler = yara_x.Compiler(relaxed_re_syntax=True)
-        for name, value in externals.items():
-            compiler.define_global(name, value)
+        compiler = _x_compiler(externals)
         try:
             compiler.add_source("".join(pieces))
             return Compiled("yara-x", compiler.build()), refused
@@ -98,6 +96,15 @@ def compile_group(
     return None, refused
 
 
+def _x_compiler(externals: Mapping | None):
+    """A yara-x compiler as sspry uses one: YARA's regex syntax accepted, the external variables
+    declared with their values."""
+    compiler = _yara_x().Compiler(relaxed_re_syntax=True)
+    for name, value in (externals or {}).items():
+        compiler.define_global(name, value)
+    return compiler
+
+
 def compile_file(engine: str, path: str, externals: Mapping | None) -> Compiled:
     """A whole rule file compiled by `engine` (includes relative to it): RuleError (yara-python) or
     EngineError (yara-x) naming the file and what was refused."""
@@ -105,21 +112,29 @@ def compile_file(engine: str, path: str, externals: Mapping | None) -> Compiled:
         from sspry.query.rules import compile_rules
 
         return Compiled("yara", compile_rules(path, externals))
+    return compile_x_files({"default": path}, externals)
+
+
+def compile_x_files(files: Mapping[str, str], externals: Mapping | None) -> Compiled:
+    """Rule files compiled by yara-x into one set, each in its namespace (`files`: namespace -> path;
+    yara-x's own is "default"), includes relative to each file; EngineError naming the file refused."""
     yara_x = _yara_x()
-    compiler = yara_x.Compiler(relaxed_re_syntax=True)
+    compiler = _x_compiler(externals)
     compiler.enable_includes(True)
-    compiler.add_include_dir(os.path.dirname(os.path.abspath(path)))
-    for name, value in (externals or {}).items():
-        compiler.define_global(name, value)
-    try:
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            compiler.add_source(handle.read(), origin=path)
-        return Compiled("yara-x", compiler.build())
-    except OSError as exc:
-        raise EngineError(f"{path}: {exc.strerror or exc}") from exc
-    except yara_x.CompileError as exc:
-        first = str(exc).strip().splitlines()
-        raise EngineError(f"yara-x refuses {path}: {' '.join(line.strip() for line in first[:2])}") from exc
+    for namespace, path in files.items():
+        compiler.new_namespace(namespace)
+        compiler.add_include_dir(os.path.dirname(os.path.abspath(path)))
+        try:
+            with open(path, encoding="utf-8", errors="replace") as handle:
+                compiler.add_source(handle.read(), origin=path)
+        except OSError as exc:
+            raise EngineError(f"{path}: {exc.strerror or exc}") from exc
+        except yara_x.CompileError as exc:
+            first = str(exc).strip().splitlines()
+            raise EngineError(
+                f"yara-x refuses {path}: {' '.join(line.strip() for line in first[:2])}"
+            ) from exc
+    return Compiled("yara-x", compiler.build())
 
 
 def serialize(compiled: Compiled) -> tuple[str, bytes]:

@@ -102,3 +102,22 @@ def test_command_line_prints_the_details(corpus, tmp_path) -> None:
     plain = _cli(*search, "--print-strings", "--print-tags").stdout
     assert "\t0x11:$b: \\x01\\x02\\x03" in plain and "\ttags: greeting,text" in plain
     assert "add --verify" in _cli(*search[:-1], "--print-strings", code=2).stderr
+
+
+def test_scan_mode_engines_agree(tmp_path) -> None:
+    """Scan mode with yara-x reports the matches, tags and strings yara-python reports; a file yara-x
+    refuses is one line naming it (exit 2)."""
+    sample = tmp_path / "one.bin"
+    sample.write_bytes(b"head hello-world \x01\x02\x03 tail hello-world")
+    rules = tmp_path / "rules.yar"
+    rules.write_text(RULES)
+    scans = [
+        json.loads(
+            _cli("--engine", engine, "--rule", str(rules), "--print-strings", "--json", str(sample)).stdout
+        )
+        for engine in ("yara", "yara-x")
+    ]
+    assert scans[0] == scans[1] and scans[0]["matches"][0]["rule"] == "greet"
+    refused = tmp_path / "refused.yar"
+    refused.write_text('import "pe"\nrule bad { condition: pe.exports("Crash") & pe.characteristics }\n')
+    assert "yara-x refuses" in _cli("--engine", "yara-x", "--rule", str(refused), str(sample), code=2).stderr
