@@ -1035,5 +1035,14 @@ def scan(rule, files, scan_timeout, show_tags, details, engine, as_json, externa
         sys.exit(1)
 
 
+def _add_web() -> None:
+    from sspry.web.command import web  # the page and REST API (web/); its heavy imports wait for use
+
+    main.add_command(web)
+
+
+_add_web()
+
+
 if __name__ == "__main__":
     main()
