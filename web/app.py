@@ -154,7 +154,10 @@ def compile_error(rule: str, externals: dict) -> ApiError | None:
         line = re.match(r"line (\d+): ", message)
         if "includes are disabled" in message:
             message += ": paste the included rules instead of an include directive"
-        return ApiError(400, f"invalid YARA rule: {message}", line=int(line.group(1)) if line else None)
+        where = None
+        if line:  # YARA says line 0 of an error at the end of the text: the last line
+            where = min(max(int(line.group(1)), 1), rule.count("\n") + 1)
+        return ApiError(400, f"invalid YARA rule: {message}", line=where)
     except (yara.Error, ValueError, TypeError) as exc:
         return ApiError(400, f"cannot compile the rule text: {exc}")
     if not any(not r.is_private for r in compiled):

@@ -1,0 +1,371 @@
+// sspry web: the page. Plain JavaScript over the REST API (/openapi.json); no build, nothing from a CDN.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const PAGE = 50;
+const state = { token: localStorage.getItem("sspry-token") || "", job: null, rule: null, offset: 0, timer: null };
+
+// --- the API -----------------------------------------------------------------------------------------
+async function api(path, options = {}) {
+  const headers = Object.assign({}, options.headers || {});
+  if (state.token) headers.Authorization = "Bearer " + state.token;
+  if (options.body !== undefined) headers["Content-Type"] = "application/json";
+  const response = await fetch(path, Object.assign({}, options, { headers }));
+  if (response.status === 401) {
+    $("auth").hidden = false;
+    throw new ApiError("this web server needs a token: enter it above", 401);
+  }
+  const text = await response.text();
+  let body = null;
+  try { body = text ? JSON.parse(text) : null; } catch (e) { body = { error: text }; }
+  if (!response.ok) throw new ApiError((body && body.error) || response.statusText, response.status, body);
+  return body;
+}
+
+class ApiError extends Error {
+  constructor(message, status, body) { super(message); this.status = status; this.body = body || {}; }
+}
+
+function banner(message) {
+  $("banner").textContent = message || "";
+  $("banner").hidden = !message;
+}
+
+// Downloads go through fetch when a token is needed (a link cannot send the header).
+async function download(path, name) {
+  if (!state.token) { window.location.href = path; return; }
+  try {
+    const response = await fetch(path, { headers: { Authorization: "Bearer " + state.token } });
+    if (!response.ok) throw new Error((await response.json()).error);
+    const url = URL.createObjectURL(await response.blob());
+    const a = document.createElement("a");
+    a.href = url; a.download = name; document.body.appendChild(a); a.click(); a.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 10000);
+  } catch (e) { banner("download failed: " + e.message); }
+}
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (key === "class") node.className = value;
+    else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+    else if (value !== null && value !== undefined) node.setAttribute(key, value);
+  }
+  for (const child of children.flat()) {
+    if (child !== null && child !== undefined) node.append(child instanceof Node ? child : String(child));
+  }
+  return node;
+}
+
+const fmt = (n) => (n === null || n === undefined ? "–" : Number(n).toLocaleString("en-US"));
+const when = (iso) => (iso ? new Date(iso).toLocaleString() : "");
+function duration(ms) {
+  if (ms === null || ms === undefined) return "–";
+  if (ms < 1000) return Math.round(ms) + " ms";
+  if (ms < 60000) return (ms / 1000).toFixed(1) + " s";
+  return Math.floor(ms / 60000) + " min " + Math.round((ms % 60000) / 1000) + " s";
+}
+
+// A job's completion, 0..1: rules written of the rules, or the library's current stage.
+function fraction(job) {
+  if (job.status === "done") return 1;
+  const p = job.progress;
+  if (p && p.stages) {
+    const open = p.stages.filter((s) => !s.closed && s.total);
+    if (open.length) { const s = open[open.length - 1]; return Math.min(1, s.done / s.total); }
+  }
+  if (job.rule_total) return Math.min(1, job.rules_done / job.rule_total);
+  return 0;
+}
+function stageText(job) {
+  const p = job.progress;
+  if (job.status === "queued") return "queued";
+  if (p && p.stage) {
+    const s = p.stages.filter((x) => !x.closed).pop();
+    return s && s.total ? `${s.stage} ${fmt(s.done)}/${fmt(s.total)} ${s.unit}` : p.stage;
+  }
+  if (job.rule_total) return `${fmt(job.rules_done)}/${fmt(job.rule_total)} rules`;
+  return job.status;
+}
+function bar(job, big) {
+  const cls = "progress" + (big ? " big" : "") + (job.status === "done" ? " done" : job.status === "failed" ? " failed" : "");
+  return el("div", { class: cls, title: stageText(job) }, el("div", { style: `width:${(fraction(job) * 100).toFixed(1)}%` }));
+}
+
+// --- the rule editor ---------------------------------------------------------------------------------
+const editor = { findings: new Map(), error: null, checkTimer: null };
+
+function renderGutter() {
+  const lines = $("rule").value.split("\n").length;
+  const gutter = $("gutter"), col = $("findings-col");
+  gutter.textContent = ""; col.textContent = "";
+  for (let n = 1; n <= lines; n++) {
+    const notes = editor.findings.get(n) || [];
+    const isError = editor.error && editor.error.line === n;
+    const cls = isError ? "has-error" : notes.length ? "has-note" : "";
+    const title = isError ? editor.error.message : notes.map((f) => `${f.code}: ${f.message}`).join("\n");
+    gutter.append(el("div", { class: cls, title: title || null }, n));
+    const text = isError ? editor.error.message : notes.map((f) => `${f.code}: ${f.text || f.message}`).join("; ");
+    col.append(el("div", { class: isError ? "error" : notes.length ? "note" : "", title: title || null }, text));
+  }
+  syncScroll();
+}
+function syncScroll() {
+  const top = $("rule").scrollTop;
+  $("gutter").scrollTop = top; $("findings-col").scrollTop = top;
+}
+function goToLine(line) {
+  const area = $("rule");
+  const lines = area.value.split("\n");
+  const start = lines.slice(0, line - 1).reduce((sum, l) => sum + l.length + 1, 0);
+  area.focus();
+  area.setSelectionRange(start, start + (lines[line - 1] || "").length);
+  area.scrollTop = Math.max(0, (line - 4) * 20);
+  syncScroll();
+}
+
+async function checkRule() {
+  const text = $("rule").value;
+  editor.findings = new Map(); editor.error = null;
+  const status = $("rule-status"), list = $("findings");
+  list.textContent = ""; status.className = "rule-status";
+  if (!text.trim()) { status.textContent = ""; renderGutter(); return true; }
+  try {
+    const report = await api("/api/rule-check", { method: "POST", body: JSON.stringify({ rule: text }) });
+    const counts = {};
+    for (const rule of report.rules) {
+      counts[rule.status] = (counts[rule.status] || 0) + 1;
+      for (const note of rule.notes) {
+        const line = note.line || 0;
+        if (!editor.findings.has(line)) editor.findings.set(line, []);
+        editor.findings.get(line).push(note);
+        list.append(el("li", { onclick: () => note.line && goToLine(note.line) },
+          el("span", { class: "muted" }, `line ${note.line ?? "?"}: `), el("span", { class: "code" }, note.code),
+          ` ${rule.rule}: ${note.text || note.message}`, el("span", { class: "muted" }, ` (${note.hint})`)));
+      }
+    }
+    status.textContent = `${report.rules.length} rule(s): ` + Object.entries(counts).map(([k, v]) => `${v} ${k}`).join(", ");
+    renderGutter();
+    return true;
+  } catch (e) {
+    status.className = "rule-status error";
+    status.textContent = e.message;
+    if (e.body && e.body.line) editor.error = { line: e.body.line, message: e.message };
+    renderGutter();
+    return e.status !== 400;
+  }
+}
+
+async function submitRule() {
+  const body = { rule: $("rule").value, verify: $("verify").checked };
+  const limit = parseInt($("limit").value, 10);
+  if (limit > 0) body.limit = limit;
+  $("submit").disabled = true;
+  try {
+    const created = await api("/api/searches", { method: "POST", body: JSON.stringify(body) });
+    localStorage.setItem("sspry-rule", body.rule);
+    location.hash = "#/search/" + created.id;
+  } catch (e) {
+    const status = $("rule-status");
+    status.className = "rule-status error";
+    status.textContent = e.message;
+    if (e.body && e.body.line) { editor.error = { line: e.body.line, message: e.message }; renderGutter(); }
+  } finally {
+    $("submit").disabled = false;
+  }
+}
+
+// --- recent jobs -------------------------------------------------------------------------------------
+async function loadJobs() {
+  const list = await api("/api/searches?limit=30");
+  const body = $("jobs");
+  body.textContent = "";
+  for (const job of list.searches) {
+    body.append(el("tr", { class: "clickable", "data-id": job.id, onclick: () => (location.hash = "#/search/" + job.id) },
+      el("td", {}, el("span", { class: "status " + job.status }, job.status)),
+      el("td", {}, job.title),
+      el("td", {}, bar(job), el("div", { class: "muted" }, stageText(job))),
+      el("td", { class: "num" }, fmt(job.candidate_total)),
+      el("td", { class: "num" }, fmt(job.verified_total)),
+      el("td", { class: "muted" }, when(job.created))));
+  }
+  if (!list.searches.length) body.append(el("tr", {}, el("td", { colspan: 6, class: "muted" }, "No searches yet.")));
+  return list.searches.some((j) => j.status === "queued" || j.status === "running");
+}
+
+// --- one job -----------------------------------------------------------------------------------------
+async function loadJob() {
+  const id = state.job;
+  const onlyHits = $("only-hits").checked;
+  const job = await api(`/api/searches/${id}?rules_limit=500&only_hits=${onlyHits}`);
+  if (state.job !== id) return false;
+  $("job-title").textContent = job.title;
+  const status = $("job-status");
+  status.className = "status " + job.status; status.textContent = job.status;
+  $("cancel").hidden = !(job.status === "queued" || job.status === "running");
+  const old = document.querySelector("#job .progress.big");
+  old.replaceWith(bar(job, true));
+  const facts = [
+    ["stage", stageText(job)],
+    ["rules", `${fmt(job.rules_done)} / ${fmt(job.rule_total)}`],
+    ["documents", fmt(job.documents)],
+    ["candidates", fmt(job.candidate_total)],
+    ["verified", job.options.verify ? fmt(job.verified_total) : "not asked"],
+    ["first results", duration(job.first_result_ms)],
+    ["elapsed", duration(job.elapsed_ms)],
+    ["submitted", when(job.created)],
+  ];
+  $("job-facts").replaceChildren(...facts.map(([k, v]) => el("span", {}, k + ": ", el("b", {}, v))));
+  $("job-error").hidden = !job.error;
+  $("job-error").textContent = job.error || "";
+  state.jobRule = job.rule;
+
+  const rules = $("rules");
+  rules.textContent = "";
+  for (const r of job.rules) {
+    const row = el("tr", { class: "clickable" + (state.rule === r.rule ? " selected" : ""),
+      onclick: () => { state.rule = state.rule === r.rule ? null : r.rule; state.offset = 0; loadJob(); loadCandidates(); } },
+      el("td", { class: "mono" }, r.rule),
+      el("td", { class: "num" }, fmt(r.candidate_count) + (r.truncated ? " (cut)" : "")),
+      el("td", { class: "num" }, fmt(r.listed)),
+      el("td", { class: "num" }, fmt(r.verified_count)),
+      el("td", { class: "muted" }, r.notes.join(", ")));
+    rules.append(row);
+  }
+  if (!job.rules.length) rules.append(el("tr", {}, el("td", { colspan: 5, class: "muted" }, job.status === "done" ? "No rule has candidates." : "Waiting for results…")));
+  $("rules-more").textContent = job.rules_matching > job.rules.length ? `showing ${job.rules.length} of ${fmt(job.rules_matching)} rules` : "";
+  return job.status === "queued" || job.status === "running";
+}
+
+function verdict(c) {
+  if (c.skipped) return el("span", { class: "verdict skip", title: c.skip_detail || "" }, "skipped: " + c.skipped);
+  if (c.verified === null) return el("span", { class: "muted" }, "not verified");
+  return el("span", { class: "verdict " + (c.verified ? "yes" : "no") }, c.verified ? "match" : "no match");
+}
+
+async function loadCandidates() {
+  const id = state.job;
+  const params = new URLSearchParams({ offset: state.offset, limit: PAGE });
+  if (state.rule) params.set("rule", state.rule);
+  if ($("verified-only").checked) params.set("verified", "true");
+  $("cand-rule").textContent = state.rule ? `of ${state.rule}` : "of every rule";
+  let page;
+  try { page = await api(`/api/searches/${id}/candidates?${params}`); } catch (e) {
+    if (e.status === 404) { state.rule = null; return; } throw e;
+  }
+  if (state.job !== id) return;
+  const body = $("candidates");
+  body.textContent = "";
+  for (const c of page.candidates) {
+    const paths = c.paths.map((p) => el("div", {}, p));
+    if (c.path_count > c.paths.length) paths.push(el("div", { class: "muted" }, `+${c.path_count - c.paths.length} more`));
+    const matches = (c.matches || []).map((m) => el("code", { title: `offset ${m.offset}` }, `${m.identifier}@${m.offset}: ${m.data}`));
+    const idCell = el("td", { class: "mono" }, c.source_id);
+    if (state.allowDownload) {
+      idCell.append(" ", el("a", { class: "dl", href: `/api/files/${c.source_id}`,
+        onclick: (ev) => { ev.preventDefault(); download(`/api/files/${c.source_id}`, c.source_id); } }, "download"));
+    }
+    body.append(el("tr", {}, el("td", { class: "mono" }, c.rule), idCell, el("td", { class: "paths" }, paths),
+      el("td", {}, verdict(c)), el("td", { class: "matches" }, matches)));
+  }
+  if (!page.candidates.length) body.append(el("tr", {}, el("td", { colspan: 5, class: "muted" }, "No candidates.")));
+  const last = Math.min(page.total, state.offset + page.candidates.length);
+  $("page-info").textContent = page.total ? `${fmt(state.offset + 1)}–${fmt(last)} of ${fmt(page.total)}` : "";
+  $("prev").disabled = state.offset === 0;
+  $("next").disabled = last >= page.total;
+}
+
+function exportPath(format) {
+  const params = new URLSearchParams({ format });
+  if (state.rule) params.set("rule", state.rule);
+  if ($("verified-only").checked) params.set("verified", "true");
+  return `/api/searches/${state.job}/export?${params}`;
+}
+
+// --- routing and polling -----------------------------------------------------------------------------
+async function refresh() {
+  clearTimeout(state.timer);
+  let active = false;
+  try {
+    if (state.job) {
+      active = await loadJob();
+      await loadCandidates();
+    } else {
+      active = await loadJobs();
+    }
+    banner("");
+  } catch (e) {
+    banner(e.message);
+  }
+  state.timer = setTimeout(refresh, active ? 700 : 4000);
+}
+
+function route() {
+  const match = location.hash.match(/^#\/search\/([0-9a-f]+)/);
+  const id = match ? match[1] : null;
+  if (id !== state.job) { state.rule = null; state.offset = 0; }
+  state.job = id;
+  $("home").hidden = !!id;
+  $("job").hidden = !id;
+  refresh();
+}
+
+async function loadInfo() {
+  try {
+    const info = await api("/api/info");
+    state.allowDownload = info.allow_download;
+    $("target").textContent = `${info.mode === "root" ? "forest" : "servers"} ${info.target} · ${fmt(info.documents)} documents`;
+    $("verify").disabled = !info.store_path;
+    if (!info.store_path) $("verify").parentElement.title = "this index stores no paths: nothing to verify";
+  } catch (e) { banner(e.message); }
+}
+
+function init() {
+  $("token").value = state.token;
+  $("save-token").addEventListener("click", () => {
+    state.token = $("token").value.trim();
+    localStorage.setItem("sspry-token", state.token);
+    $("auth").hidden = !!state.token;
+    loadInfo(); refresh();
+  });
+  const area = $("rule");
+  area.value = localStorage.getItem("sspry-rule") || "";
+  area.addEventListener("scroll", syncScroll);
+  area.addEventListener("input", () => {
+    renderGutter();
+    clearTimeout(editor.checkTimer);
+    editor.checkTimer = setTimeout(checkRule, 900);
+  });
+  area.addEventListener("keydown", (ev) => {
+    if (ev.key === "Tab") {
+      ev.preventDefault();
+      area.setRangeText("    ", area.selectionStart, area.selectionEnd, "end");
+      renderGutter();
+    } else if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey)) {
+      ev.preventDefault(); submitRule();
+    }
+  });
+  $("check").addEventListener("click", checkRule);
+  $("submit").addEventListener("click", submitRule);
+  $("cancel").addEventListener("click", async () => {
+    try { await api(`/api/searches/${state.job}`, { method: "DELETE" }); } catch (e) { banner(e.message); }
+    refresh();
+  });
+  $("edit").addEventListener("click", () => {
+    if (state.jobRule) { area.value = state.jobRule; renderGutter(); }
+    location.hash = "#/";
+  });
+  $("only-hits").addEventListener("change", refresh);
+  $("verified-only").addEventListener("change", () => { state.offset = 0; refresh(); });
+  $("prev").addEventListener("click", () => { state.offset = Math.max(0, state.offset - PAGE); loadCandidates(); });
+  $("next").addEventListener("click", () => { state.offset += PAGE; loadCandidates(); });
+  $("export-csv").addEventListener("click", () => download(exportPath("csv"), `sspry-${state.job}.csv`));
+  $("export-json").addEventListener("click", () => download(exportPath("json"), `sspry-${state.job}.json`));
+  window.addEventListener("hashchange", route);
+  renderGutter();
+  loadInfo();
+  route();
+  if (area.value.trim()) checkRule();
+}
+
+init();
