@@ -97,8 +97,11 @@ def test_submit_wait_and_read_the_table(web, browser, tmp_path) -> None:
     sample.value.save_as(tmp_path / "sample")
     assert (tmp_path / "sample").read_bytes() == PLANTED
 
-    # the recent searches list shows it done, with a full progress bar
-    page.goto(web.url + "/#/")
+    # back to the editor with the job's rule, and the recent searches list shows it done
+    page.eval_on_selector("#rule", 'e => { e.value = ""; }')  # hidden in the job view
+    page.click("#edit")
+    page.wait_for_url("**/#/", timeout=WAIT_MS)
+    sync_api.expect(page.locator("#rule")).to_have_value(RULES)
     job_row = page.locator(f'#jobs tr[data-id="{job_id}"]')
     sync_api.expect(job_row).to_contain_text("done", timeout=WAIT_MS)
     assert "c2 (+1 more)" in job_row.inner_text()

@@ -306,12 +306,17 @@ def create_app(
         rules_offset: Annotated[int, Query(ge=0)] = 0,
         rules_limit: Annotated[int | None, Query(ge=0)] = None,
         only_hits: bool = False,
+        include_rule: bool = False,
     ) -> dict:
         """A search's status, progress and per-rule counts (`rules_limit`/`rules_offset` page the rules,
-        `only_hits` keeps those with candidates; `rules_matching` counts them)."""
-        return job_json(
+        `only_hits` keeps those with candidates; `rules_matching` counts them); `include_rule=true` adds
+        the rule text."""
+        out = job_json(
             jobs.get(job_id), detail=True, offset=rules_offset, limit=rules_limit, only_hits=only_hits
         )
+        if not include_rule:
+            out["rule"] = None
+        return out
 
     @app.get("/api/searches/{job_id}/candidates", response_model=CandidatePage, tags=["searches"])
     def candidates(

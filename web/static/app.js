@@ -218,7 +218,6 @@ async function loadJob() {
   $("job-facts").replaceChildren(...facts.map(([k, v]) => el("span", {}, k + ": ", el("b", {}, v))));
   $("job-error").hidden = !job.error;
   $("job-error").textContent = job.error || "";
-  state.jobRule = job.rule;
 
   const rules = $("rules");
   rules.textContent = "";
@@ -351,8 +350,11 @@ function init() {
     try { await api(`/api/searches/${state.job}`, { method: "DELETE" }); } catch (e) { banner(e.message); }
     refresh();
   });
-  $("edit").addEventListener("click", () => {
-    if (state.jobRule) { area.value = state.jobRule; renderGutter(); }
+  $("edit").addEventListener("click", async () => {
+    try {
+      const job = await api(`/api/searches/${state.job}?rules_limit=0&include_rule=true`);
+      area.value = job.rule; renderGutter(); checkRule();
+    } catch (e) { banner(e.message); }
     location.hash = "#/";
   });
   $("only-hits").addEventListener("change", refresh);
