@@ -251,6 +251,8 @@ def create_app(
             "candidate_total": row["candidate_total"],
             "verified_total": row["verified_total"],
         }
+        if row["rule_total"] and row["rule_total"] > 1:  # the public rules, now they are known
+            out["title"] = f"{row['title'].split(' (+')[0]} (+{row['rule_total'] - 1} more)"
         live = runner.progress(row["id"])
         if live is not None:
             out["progress"] = live

@@ -3,6 +3,7 @@
 
 const $ = (id) => document.getElementById(id);
 const PAGE = 50;
+const SHOWN_MATCHES = 6; // matched strings shown per candidate (the rest in a tooltip and the exports)
 const state = { token: localStorage.getItem("sspry-token") || "", job: null, rule: null, offset: 0, timer: null };
 
 // --- the API -----------------------------------------------------------------------------------------
@@ -85,7 +86,7 @@ function stageText(job) {
     return s && s.total ? `${s.stage} ${fmt(s.done)}/${fmt(s.total)} ${s.unit}` : p.stage;
   }
   if (job.rule_total) return `${fmt(job.rules_done)}/${fmt(job.rule_total)} rules`;
-  return job.status;
+  return job.status === "running" ? "compiling the rules" : job.status;
 }
 function bar(job, big) {
   const cls = "progress" + (big ? " big" : "") + (job.status === "done" ? " done" : job.status === "failed" ? " failed" : "");
@@ -258,14 +259,19 @@ async function loadCandidates() {
   for (const c of page.candidates) {
     const paths = c.paths.map((p) => el("div", {}, p));
     if (c.path_count > c.paths.length) paths.push(el("div", { class: "muted" }, `+${c.path_count - c.paths.length} more`));
-    const matches = (c.matches || []).map((m) => el("code", { title: `offset ${m.offset}` }, `${m.identifier}@${m.offset}: ${m.data}`));
-    const idCell = el("td", { class: "mono" }, c.source_id);
+    const all = c.matches || [];
+    const matches = all.slice(0, SHOWN_MATCHES).map((m) => el("code", { title: `offset ${m.offset}` }, `${m.identifier}@${m.offset}: ${m.data}`));
+    if (all.length > SHOWN_MATCHES) {
+      matches.push(el("span", { class: "muted", title: all.slice(SHOWN_MATCHES).map((m) => `${m.identifier}@${m.offset}: ${m.data}`).join("\n") },
+        ` +${all.length - SHOWN_MATCHES} more` + (c.matches_truncated ? " (and more not kept)" : "")));
+    }
+    const idCell = el("td", { class: "sid" }, c.source_id);
     if (state.allowDownload) {
-      idCell.append(" ", el("a", { class: "dl", href: `/api/files/${c.source_id}`,
-        onclick: (ev) => { ev.preventDefault(); download(`/api/files/${c.source_id}`, c.source_id); } }, "download"));
+      idCell.append(el("div", {}, el("a", { class: "dl", href: `/api/files/${c.source_id}`,
+        onclick: (ev) => { ev.preventDefault(); download(`/api/files/${c.source_id}`, c.source_id); } }, "download")));
     }
     body.append(el("tr", {}, el("td", { class: "mono" }, c.rule), idCell, el("td", { class: "paths" }, paths),
-      el("td", {}, verdict(c)), el("td", { class: "matches" }, matches)));
+      el("td", { class: "verdict-cell" }, verdict(c)), el("td", { class: "matches" }, matches)));
   }
   if (!page.candidates.length) body.append(el("tr", {}, el("td", { colspan: 5, class: "muted" }, "No candidates.")));
   const last = Math.min(page.total, state.offset + page.candidates.length);
