@@ -361,13 +361,7 @@ def create_app(
         name = f"sspry-{job_id}" + (f"-{rule}" if rule else "")
 
         def rows() -> Iterator[dict]:
-            offset = 0
-            while True:
-                _, page = jobs.candidates(job_id, index, verified, offset, 5000)
-                if not page:
-                    return
-                yield from (candidate_json(r) for r in page)
-                offset += len(page)
+            return (candidate_json(r) for r in jobs.iter_candidates(job_id, index, verified))
 
         if format == "json":
 

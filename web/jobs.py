@@ -123,14 +123,18 @@ class JobStore:
         with self.connection() as db:
             db.executescript(SCHEMA)
 
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        return db
+
     def connection(self) -> sqlite3.Connection:
+        """This thread's connection."""
         db = getattr(self._local, "db", None)
         if db is None:
-            db = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
-            db.row_factory = sqlite3.Row
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            self._local.db = db
+            db = self._local.db = self._open()
         return db
 
     @contextlib.contextmanager
@@ -263,6 +267,41 @@ class JobStore:
             (*args, -1 if limit is None else limit, offset),
         ).fetchall()
         return total, rows
+
+    def iter_candidates(
+        self, job_id: str, rule_idx: int | None, verified: bool | None, batch: int = 5000
+    ) -> Iterator[sqlite3.Row]:
+        """Every candidate of the job (or of one rule), in order, read in batches by key (no OFFSET)."""
+        where, args = ["c.job_id = ?"], [job_id]
+        if rule_idx is not None:
+            where.append("c.rule_idx = ?")
+            args.append(rule_idx)
+        if verified is not None:
+            where.append("c.verified = ?")
+            args.append(int(verified))
+        db = self._open()  # its own: a streamed response is read on whichever thread is free
+        try:
+            yield from self._batches(db, where, args, batch)
+        finally:
+            db.close()
+
+    @staticmethod
+    def _batches(db: sqlite3.Connection, where: list[str], args: list, batch: int) -> Iterator[sqlite3.Row]:
+        after = (-1, -1)
+        while True:
+            rows = db.execute(
+                "SELECT c.rule_idx, c.pos, r.name AS rule, c.source_id, c.verified, c.skipped, c.details, "
+                "d.paths, d.path_count FROM candidates c "
+                "JOIN rules r ON r.job_id = c.job_id AND r.idx = c.rule_idx "
+                "LEFT JOIN documents d ON d.job_id = c.job_id AND d.source_id = c.source_id "
+                f"WHERE {' AND '.join(where)} AND (c.rule_idx, c.pos) > (?, ?) "
+                "ORDER BY c.rule_idx, c.pos LIMIT ?",
+                (*args, *after, batch),
+            ).fetchall()
+            if not rows:
+                return
+            yield from rows
+            after = (rows[-1]["rule_idx"], rows[-1]["pos"])
 
     def paths_of(self, source_id: str) -> list[str]:
         """Every path any job recorded for the document (what the index stored), newest job first."""
