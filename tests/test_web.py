@@ -91,11 +91,28 @@ def test_search_verify_pages_and_exports(web, forest) -> None:
 def test_search_without_verify_streams_unverified(web) -> None:
     job = web.wait(web.search(C2, limit=5))
     assert job["status"] == "done" and job["verified_total"] is None
-    assert job["options"] == {"verify": False, "max_candidates": 0.0, "limit": 5, "externals": {}}
+    assert job["options"] == {
+        "verify": False,
+        "max_candidates": 0.0,
+        "limit": 5,
+        "externals": {},
+        "engine": "yara",
+    }
     _, page, _ = web.get(f"/api/searches/{job['id']}/candidates?rule=c2")
     assert [(c["source_id"], c["verified"], c["matches"]) for c in page["candidates"]] == [
         (PLANTED_ID, None, None)
     ]
+
+
+def test_verify_with_yara_x(web) -> None:
+    job = web.wait(web.search(C2 + ELF, verify=True, engine="yara-x"))
+    assert job["status"] == "done" and job["summary"]["verification"]["engine"] == "yara-x", job
+    assert {r["rule"]: r["verified_count"] for r in job["rules"]}["c2"] == 1
+    _, page, _ = web.get(f"/api/searches/{job['id']}/candidates?rule=c2")
+    assert [(m["identifier"], m["data"]) for m in page["candidates"][0]["matches"]] == [
+        ("$a", "evil-c2.example")
+    ] * 3
+    assert web.post("/api/searches", {"rule": C2, "engine": "clamav"})[0] == 400
 
 
 def test_externals_reach_the_search(web) -> None:

@@ -55,8 +55,13 @@ def test_submit_wait_and_read_the_table(web, browser, tmp_path) -> None:
     # the rule-check findings appear beside their line (the short string of rule `short`, line 9)
     page.fill("#rule", RULES)
     page.click("#check")
-    sync_api.expect(page.locator("#gutter div").nth(8)).to_have_class("has-note", timeout=WAIT_MS)
-    sync_api.expect(page.locator("#findings-col div").nth(8)).to_contain_text("string-unanchored")
+    sync_api.expect(page.locator('#gutter .mark[data-line="9"]')).to_have_class(
+        "mark has-note", timeout=WAIT_MS
+    )
+    sync_api.expect(page.locator('#findings-col .finding[data-line="9"]')).to_contain_text(
+        "string-unanchored"
+    )
+    sync_api.expect(page.locator("#gutter .mark")).to_have_count(1)
     sync_api.expect(page.locator("#findings li")).to_contain_text(["line 9: string-unanchored"])
     sync_api.expect(page.locator("#rule-status")).to_contain_text("2 rule(s)")
 
@@ -108,11 +113,22 @@ def test_submit_wait_and_read_the_table(web, browser, tmp_path) -> None:
     width = job_row.locator(".progress > div").evaluate("e => e.style.width")
     assert width == "100%"
 
+    # external variables, as -d gives them
+    page.fill("#rule", 'rule gated { strings: $a = "evil-c2.example" condition: $a and flag == 1 }')
+    page.fill("#externals", "flag=1")
+    page.click("#submit")
+    page.wait_for_url(lambda url: "/#/search/" in url and not url.endswith(job_id), timeout=WAIT_MS)
+    sync_api.expect(page.locator("#job-status")).to_have_text("done", timeout=WAIT_MS)
+    sync_api.expect(page.locator("#candidates tr").filter(has_text=PLANTED_ID)).to_have_count(1)
+    page.click("#edit")
+    page.wait_for_url("**/#/", timeout=WAIT_MS)
+    page.fill("#externals", "")
+
     # a rule YARA refuses: its message, and the line marked
     page.fill("#rule", "rule broken {\n  condition:\n    nope\n}\n")
     page.click("#submit")
     sync_api.expect(page.locator("#rule-status")).to_contain_text("line 3: undefined identifier")
-    sync_api.expect(page.locator("#gutter div").nth(2)).to_have_class("has-error")
+    sync_api.expect(page.locator('#gutter .mark[data-line="3"]')).to_have_class("mark has-error")
     assert page.url.endswith("#/")
     assert problems == []
     page.close()

@@ -62,6 +62,7 @@ class SearchRequest(BaseModel):
     externals: dict[str, ExternalValue] = Field(
         default_factory=dict, description="External variables of the rules (as `-d NAME=VALUE`)"
     )
+    engine: Literal["yara", "yara-x"] = Field("yara", description="What verifies: yara-python or yara-x")
 
 
 class RuleCheckRequest(BaseModel):

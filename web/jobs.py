@@ -587,7 +587,8 @@ class JobRunner:
         store = self.open_store()
         try:
             if verify:
-                found = store.search(rule=rule, verify=True, details=("strings",), **asked)
+                engine = options.get("engine") or "yara"
+                found = store.search(rule=rule, verify=True, details=("strings",), engine=engine, **asked)
                 results, targets = found.rules, [r.name for r in found.rules]
             else:
                 found = store.stream(rule=rule, **asked)

@@ -3,6 +3,8 @@
 
 const $ = (id) => document.getElementById(id);
 const PAGE = 50;
+const LINE_HEIGHT = 20; // px, as --lh in style.css
+const AUTO_CHECK_BYTES = 256 * 1024; // longer rule texts are checked on request only
 const SHOWN_MATCHES = 6; // matched strings shown per candidate (the rest in a tooltip and the exports)
 const state = { token: localStorage.getItem("sspry-token") || "", job: null, rule: null, offset: 0, timer: null };
 
@@ -94,26 +96,36 @@ function bar(job, big) {
 }
 
 // --- the rule editor ---------------------------------------------------------------------------------
-const editor = { findings: new Map(), error: null, checkTimer: null };
+const editor = { findings: new Map(), error: null, checkTimer: null, lines: 0 };
 
+// The gutter is one text of line numbers plus a marker per line with a finding, both moved with the
+// text's scroll: a bundle of 150,000 lines costs one string, not 150,000 elements.
 function renderGutter() {
   const lines = $("rule").value.split("\n").length;
-  const gutter = $("gutter"), col = $("findings-col");
-  gutter.textContent = ""; col.textContent = "";
-  for (let n = 1; n <= lines; n++) {
-    const notes = editor.findings.get(n) || [];
-    const isError = editor.error && editor.error.line === n;
-    const cls = isError ? "has-error" : notes.length ? "has-note" : "";
-    const title = isError ? editor.error.message : notes.map((f) => `${f.code}: ${f.message}`).join("\n");
-    gutter.append(el("div", { class: cls, title: title || null }, n));
-    const text = isError ? editor.error.message : notes.map((f) => `${f.code}: ${f.text || f.message}`).join("; ");
-    col.append(el("div", { class: isError ? "error" : notes.length ? "note" : "", title: title || null }, text));
+  if (lines !== editor.lines) {
+    editor.lines = lines;
+    $("numbers").textContent = Array.from({ length: lines }, (_, i) => i + 1).join("\n");
   }
+  const marks = [], notes = [];
+  const lineTop = (n) => `top:${(n - 1) * LINE_HEIGHT}px`;
+  const marked = new Set([...editor.findings.keys()].filter((n) => n > 0));
+  if (editor.error) marked.add(editor.error.line);
+  for (const n of marked) {
+    const found = editor.findings.get(n) || [];
+    const isError = editor.error && editor.error.line === n;
+    const title = isError ? editor.error.message : found.map((f) => `${f.code}: ${f.message}`).join("\n");
+    const text = isError ? editor.error.message : found.map((f) => `${f.code}: ${f.text || f.message}`).join("; ");
+    marks.push(el("div", { class: "mark " + (isError ? "has-error" : "has-note"), "data-line": n, style: lineTop(n), title }, n));
+    notes.push(el("div", { class: "finding " + (isError ? "error" : "note"), "data-line": n, style: lineTop(n), title }, text));
+  }
+  $("gutter-inner").replaceChildren($("numbers"), ...marks);
+  $("findings-inner").replaceChildren(...notes);
   syncScroll();
 }
 function syncScroll() {
-  const top = $("rule").scrollTop;
-  $("gutter").scrollTop = top; $("findings-col").scrollTop = top;
+  const shift = `translateY(${-$("rule").scrollTop}px)`;
+  $("gutter-inner").style.transform = shift;
+  $("findings-inner").style.transform = shift;
 }
 function goToLine(line) {
   const area = $("rule");
@@ -121,7 +133,7 @@ function goToLine(line) {
   const start = lines.slice(0, line - 1).reduce((sum, l) => sum + l.length + 1, 0);
   area.focus();
   area.setSelectionRange(start, start + (lines[line - 1] || "").length);
-  area.scrollTop = Math.max(0, (line - 4) * 20);
+  area.scrollTop = Math.max(0, (line - 4) * LINE_HEIGHT);
   syncScroll();
 }
 
@@ -132,7 +144,8 @@ async function checkRule() {
   list.textContent = ""; status.className = "rule-status";
   if (!text.trim()) { status.textContent = ""; renderGutter(); return true; }
   try {
-    const report = await api("/api/rule-check", { method: "POST", body: JSON.stringify({ rule: text }) });
+    const externals = parseExternals($("externals").value);
+    const report = await api("/api/rule-check", { method: "POST", body: JSON.stringify({ rule: text, externals }) });
     const counts = {};
     for (const rule of report.rules) {
       counts[rule.status] = (counts[rule.status] || 0) + 1;
@@ -157,10 +170,25 @@ async function checkRule() {
   }
 }
 
+// "name=value, name=value" as -d takes them: true/false, integers, decimals, else text ("quoted" or not).
+function parseExternals(text) {
+  const out = {};
+  for (const part of text.split(",").map((p) => p.trim()).filter(Boolean)) {
+    const at = part.indexOf("=");
+    const name = (at < 0 ? part : part.slice(0, at)).trim(), value = at < 0 ? "" : part.slice(at + 1).trim();
+    if (value === "true" || value === "false") out[name] = value === "true";
+    else if (/^-?\d+$/.test(value)) out[name] = parseInt(value, 10);
+    else if (/^-?\d*\.\d+$/.test(value)) out[name] = parseFloat(value);
+    else out[name] = value.replace(/^"(.*)"$/, "$1");
+  }
+  return out;
+}
+
 async function submitRule() {
-  const body = { rule: $("rule").value, verify: $("verify").checked };
+  const body = { rule: $("rule").value, verify: $("verify").checked, engine: $("engine").value };
   const limit = parseInt($("limit").value, 10);
   if (limit > 0) body.limit = limit;
+  body.externals = parseExternals($("externals").value);
   $("submit").disabled = true;
   try {
     const created = await api("/api/searches", { method: "POST", body: JSON.stringify(body) });
@@ -339,7 +367,7 @@ function init() {
   area.addEventListener("input", () => {
     renderGutter();
     clearTimeout(editor.checkTimer);
-    editor.checkTimer = setTimeout(checkRule, 900);
+    if (area.value.length < AUTO_CHECK_BYTES) editor.checkTimer = setTimeout(checkRule, 900);
   });
   area.addEventListener("keydown", (ev) => {
     if (ev.key === "Tab") {
