@@ -184,6 +184,11 @@ function parseExternals(text) {
   return out;
 }
 
+// The editor's text survives a reload, when it fits the browser's local storage (a bundle may not).
+function remember(text) {
+  try { localStorage.setItem("sspry-rule", text); } catch (e) { localStorage.removeItem("sspry-rule"); }
+}
+
 async function submitRule() {
   const body = { rule: $("rule").value, verify: $("verify").checked, engine: $("engine").value };
   const limit = parseInt($("limit").value, 10);
@@ -192,8 +197,8 @@ async function submitRule() {
   $("submit").disabled = true;
   try {
     const created = await api("/api/searches", { method: "POST", body: JSON.stringify(body) });
-    localStorage.setItem("sspry-rule", body.rule);
     location.hash = "#/search/" + created.id;
+    remember(body.rule);
   } catch (e) {
     const status = $("rule-status");
     status.className = "rule-status error";
