@@ -11,6 +11,8 @@ import select
 import sqlite3
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -161,6 +163,17 @@ def test_unknown_and_conflicting_calls(web) -> None:
     assert web.get(f"/api/searches/{job_id}")[0] == 404
 
 
+def test_other_host_names_are_refused_without_a_token(web) -> None:
+    host = web.url.split("//")[1]
+    for name, status in ((f"evil.example:{host.split(':')[1]}", 400), (host, 200), ("localhost", 200)):
+        call = urllib.request.Request(web.url + "/api/searches", headers={"Host": name})
+        try:
+            with urllib.request.urlopen(call, timeout=30) as response:
+                assert (name, response.status) == (name, status)
+        except urllib.error.HTTPError as exc:
+            assert (name, exc.code) == (name, status)
+
+
 def test_openapi_info_and_rule_check(web, forest) -> None:
     status, schema, _ = web.get("/openapi.json")
     assert status == 200
@@ -256,8 +269,10 @@ def test_jobs_are_bounded_cancelled_and_survive_restarts(forest, tmp_path) -> No
         assert cancelled["status"] == "cancelled" and cancelled["rules_done"] < 3000
         done = web.wait(web.search(C2))
         assert done["status"] == "done"
+        interrupted = web.search(many)
+        web.wait(interrupted, until=("running",))
     finally:
-        web.stop()
+        web.stop()  # SIGTERM while `interrupted` runs: it is left to start over
 
     # a job that was running when the web server died starts over; one interrupted twice is failed
     db = sqlite3.connect(state / "jobs.sqlite3")
@@ -269,6 +284,8 @@ def test_jobs_are_bounded_cancelled_and_survive_restarts(forest, tmp_path) -> No
     try:
         _, listing, _ = web.get("/api/searches")
         assert {j["id"] for j in listing["searches"]} >= {first, second, done["id"]}
+        again = web.wait(interrupted)
+        assert again["status"] == "done" and again["rules_done"] == again["rule_total"] == 3000, again
         resumed = web.wait(done["id"])
         assert resumed["status"] == "done" and resumed["candidate_total"] == 1
         _, page, _ = web.get(f"/api/searches/{done['id']}/candidates")

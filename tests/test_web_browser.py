@@ -120,9 +120,18 @@ def test_submit_wait_and_read_the_table(web, browser, tmp_path) -> None:
     page.wait_for_url(lambda url: "/#/search/" in url and not url.endswith(job_id), timeout=WAIT_MS)
     sync_api.expect(page.locator("#job-status")).to_have_text("done", timeout=WAIT_MS)
     sync_api.expect(page.locator("#candidates tr").filter(has_text=PLANTED_ID)).to_have_count(1)
+    gated_id = page.url.rsplit("/", 1)[-1]
     page.click("#edit")
     page.wait_for_url("**/#/", timeout=WAIT_MS)
     page.fill("#externals", "")
+
+    # deleting a search (after a confirmation) takes it out of the list
+    page.goto(f"{web.url}/#/search/{gated_id}")
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click("#purge")
+    page.wait_for_url("**/#/", timeout=WAIT_MS)
+    sync_api.expect(page.locator(f'#jobs tr[data-id="{job_id}"]')).to_have_count(1, timeout=WAIT_MS)
+    sync_api.expect(page.locator(f'#jobs tr[data-id="{gated_id}"]')).to_have_count(0)
 
     # a rule YARA refuses: its message, and the line marked
     page.fill("#rule", "rule broken {\n  condition:\n    nope\n}\n")

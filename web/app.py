@@ -26,6 +26,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from sspry.web.jobs import ACTIVE, JobRunner, JobStore, UnknownJob, candidate_json
 
@@ -206,6 +207,17 @@ def create_app(
     @app.exception_handler(UnknownJob)
     async def unknown(request: Request, exc: UnknownJob):
         return JSONResponse({"error": f"no search {exc.args[0]}"}, status_code=404)
+
+    @app.exception_handler(Exception)
+    async def failed(request: Request, exc: Exception):
+        """What the store raised (servers offline, a forest gone): one line, 502 when servers failed."""
+        status = 502 if type(exc).__name__ == "ClientError" else 500
+        return JSONResponse({"error": " ".join(str(exc).split()) or type(exc).__name__}, status_code=status)
+
+    if not settings.token:
+        # Without a token the server listens on loopback only; refusing other Host names keeps a web page
+        # elsewhere from reaching it through DNS rebinding.
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1", "localhost", "::1", "[::1]"])
 
     @app.middleware("http")
     async def authenticate(request: Request, call_next):

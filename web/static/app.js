@@ -237,6 +237,7 @@ async function loadJob() {
   const status = $("job-status");
   status.className = "status " + job.status; status.textContent = job.status;
   $("cancel").hidden = !(job.status === "queued" || job.status === "running");
+  $("purge").hidden = !$("cancel").hidden;
   const old = document.querySelector("#job .progress.big");
   old.replaceWith(bar(job, true));
   const facts = [
@@ -388,6 +389,13 @@ function init() {
   $("cancel").addEventListener("click", async () => {
     try { await api(`/api/searches/${state.job}`, { method: "DELETE" }); } catch (e) { banner(e.message); }
     refresh();
+  });
+  $("purge").addEventListener("click", async () => {
+    if (!confirm("Delete this search and its results?")) return;
+    try {
+      await api(`/api/searches/${state.job}?purge=true`, { method: "DELETE" });
+      location.hash = "#/";
+    } catch (e) { banner(e.message); }
   });
   $("edit").addEventListener("click", async () => {
     try {
