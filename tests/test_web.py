@@ -8,6 +8,7 @@ import hashlib
 import io
 import re
 import select
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_server import make_cert
 from tests.webserver import PLANTED, build_forest, start_web
 
 C2 = 'rule c2 {\n  strings:\n    $a = "evil-c2.example"\n  condition:\n    $a\n}\n'
@@ -246,6 +248,28 @@ def test_token_downloads_off_and_listen_rules(forest, tmp_path) -> None:
         timeout=60,
     )
     assert both.returncode == 2 and "give --root DIR" in both.stderr
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl to make a certificate")
+def test_https(forest, tmp_path) -> None:
+    root, _ = forest
+    cert, key = make_cert(tmp_path, "web")
+    web = start_web(
+        "--root", str(root), "--tls-cert", str(cert), "--tls-key", str(key), state_dir=tmp_path / "s", ca=cert
+    )
+    try:
+        assert web.url.startswith("https://127.0.0.1:")
+        assert web.wait(web.search(C2))["candidate_total"] == 1
+    finally:
+        web.stop()
+    tls = ("--tls-cert", str(key), "--tls-key", str(key), "--state-dir", str(tmp_path / "s2"))
+    wrong = subprocess.run(
+        [sys.executable, "-m", "sspry", "web", "--root", str(root), *tls],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert wrong.returncode == 2 and "cannot use them" in wrong.stderr, wrong.stderr
 
 
 def test_jobs_are_bounded_cancelled_and_survive_restarts(forest, tmp_path) -> None:

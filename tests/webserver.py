@@ -9,6 +9,7 @@ import re
 import select
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -47,6 +48,7 @@ class Web:
     url: str
     state_dir: Path
     token: str | None = None
+    context: ssl.SSLContext | None = None  # https: trusts the test's certificate
 
     def request(self, method: str, path: str, body=None, token: str | None = ...) -> tuple[int, object, dict]:
         """(status, JSON or bytes, headers) of one call."""
@@ -57,7 +59,7 @@ class Web:
             headers["Authorization"] = f"Bearer {token}"
         call = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
         try:
-            with urllib.request.urlopen(call, timeout=60) as response:
+            with urllib.request.urlopen(call, timeout=60, context=self.context) as response:
                 status, raw, got = response.status, response.read(), dict(response.headers)
         except urllib.error.HTTPError as exc:
             status, raw, got = exc.code, exc.read(), dict(exc.headers)
@@ -96,8 +98,9 @@ class Web:
                 self.process.wait()
 
 
-def start_web(*args: str, state_dir: Path, token: str | None = None) -> Web:
-    """`sspry web ARGS --listen 127.0.0.1:0 --state-dir STATE` started and ready."""
+def start_web(*args: str, state_dir: Path, token: str | None = None, ca: Path | None = None) -> Web:
+    """`sspry web ARGS --listen 127.0.0.1:0 --state-dir STATE` started and ready (`ca`: the certificate
+    to trust when it serves https)."""
     command = [sys.executable, "-m", "sspry", "web", *args, "--listen", "127.0.0.1:0"]
     command += ["--state-dir", str(state_dir)]
     if token:
@@ -110,7 +113,8 @@ def start_web(*args: str, state_dir: Path, token: str | None = None) -> Web:
     if not match:
         process.kill()
         raise AssertionError(f"sspry web did not start: {line!r} {process.communicate(timeout=30)}")
-    web = Web(process, match.group(1), state_dir, token)
+    context = ssl.create_default_context(cafile=str(ca)) if ca else None
+    web = Web(process, match.group(1), state_dir, token, context)
     deadline = time.monotonic() + START_TIMEOUT
     while True:  # the socket listens before the app has started: wait for an answer
         try:

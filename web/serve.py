@@ -71,10 +71,10 @@ def check_tls(cert: Path, key: Path) -> None:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
         context.load_cert_chain(cert, key)
+    except ssl.SSLError as exc:  # before OSError, which it is
+        raise WebError(f"--tls-cert {cert} / --tls-key {key}: cannot use them: {exc.reason or exc}") from None
     except OSError as exc:
         raise WebError(f"cannot read {exc.filename or cert}: {exc.strerror}") from None
-    except ssl.SSLError as exc:
-        raise WebError(f"--tls-cert {cert} / --tls-key {key}: cannot use them: {exc.reason or exc}") from None
 
 
 def lock_state(state_dir: Path):
