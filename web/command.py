@@ -110,7 +110,9 @@ def web(
         root = str(Path(root).resolve())
         try:
             Database.open(root).close()
-        except (ForestError, PolicyError) as exc:
+        except ForestError as exc:
+            raise InputError(str(exc)) from exc
+        except PolicyError as exc:
             raise InputError(f"{root}: {exc}") from exc
 
         def open_store():
