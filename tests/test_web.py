@@ -356,11 +356,20 @@ def test_over_a_server(tmp_path) -> None:
             )
             status, report, _ = web.post("/api/rule-check", {"rule": C2})
             assert status == 200 and report["rules"][0]["status"] == "searchable"
+            # the server goes away: calls say so in one line, a search fails with the reason
+            server.terminate()
+            server.wait(30)
+            status, body, _ = web.get("/api/info")
+            assert status == 502 and match.group(1) in body["error"], body
+            failed = web.wait(web.search(C2))
+            assert failed["status"] == "failed" and match.group(1) in failed["error"], failed
+            assert web.get(f"/api/searches/{job['id']}/candidates")[1]["total"] == 1  # the history stays
         finally:
             web.stop()
     finally:
-        server.terminate()
-        server.wait(30)
+        if server.poll() is None:
+            server.terminate()
+            server.wait(30)
 
 
 def test_state_dir_default_is_per_target(tmp_path) -> None:

@@ -211,7 +211,8 @@ def create_app(
     @app.exception_handler(Exception)
     async def failed(request: Request, exc: Exception):
         """What the store raised (servers offline, a forest gone): one line, 502 when servers failed."""
-        status = 502 if type(exc).__name__ == "ClientError" else 500
+        from_servers = any(c.__name__ == "ClientError" for c in type(exc).__mro__)  # not importing grpc
+        status = 502 if from_servers else 500
         return JSONResponse({"error": " ".join(str(exc).split()) or type(exc).__name__}, status_code=status)
 
     if not settings.token:
