@@ -54,6 +54,10 @@ def test_submit_wait_and_read_the_table(web, browser, tmp_path) -> None:
 
     # the rule-check findings appear beside their line (the short string of rule `short`, line 9)
     page.fill("#rule", RULES)
+    numbers = page.locator("#numbers")
+    sync_api.expect(numbers).to_be_visible()
+    assert numbers.inner_text().split() == [str(n) for n in range(1, RULES.count("\n") + 2)]
+    assert numbers.bounding_box()["width"] > 20
     page.click("#check")
     sync_api.expect(page.locator('#gutter .mark[data-line="9"]')).to_have_class(
         "mark has-note", timeout=WAIT_MS
@@ -62,6 +66,11 @@ def test_submit_wait_and_read_the_table(web, browser, tmp_path) -> None:
         "string-unanchored"
     )
     sync_api.expect(page.locator("#gutter .mark")).to_have_count(1)
+    mark, line_box = (
+        page.locator("#gutter .mark").bounding_box(),
+        page.locator("#findings-col .finding").bounding_box(),
+    )
+    assert mark["width"] > 20 and abs(mark["y"] - line_box["y"]) < 1  # beside its line
     sync_api.expect(page.locator("#findings li")).to_contain_text(["line 9: string-unanchored"])
     sync_api.expect(page.locator("#rule-status")).to_contain_text("2 rule(s)")
 

@@ -91,7 +91,9 @@ function stageText(job) {
   return job.status === "running" ? "compiling the rules" : job.status;
 }
 function bar(job, big) {
-  const cls = "progress" + (big ? " big" : "") + (job.status === "done" ? " done" : job.status === "failed" ? " failed" : "");
+  const waiting = job.status === "running" && fraction(job) === 0; // compiling: no measure yet
+  const cls = "progress" + (big ? " big" : "") + (waiting ? " waiting" : "") +
+    (job.status === "done" ? " done" : job.status === "failed" ? " failed" : "");
   return el("div", { class: cls, title: stageText(job) }, el("div", { style: `width:${(fraction(job) * 100).toFixed(1)}%` }));
 }
 
@@ -221,9 +223,10 @@ async function loadJobs() {
       el("td", {}, bar(job), el("div", { class: "muted" }, stageText(job))),
       el("td", { class: "num" }, fmt(job.candidate_total)),
       el("td", { class: "num" }, fmt(job.verified_total)),
+      el("td", { class: "num" }, duration(job.elapsed_ms)),
       el("td", { class: "muted" }, when(job.created))));
   }
-  if (!list.searches.length) body.append(el("tr", {}, el("td", { colspan: 6, class: "muted" }, "No searches yet.")));
+  if (!list.searches.length) body.append(el("tr", {}, el("td", { colspan: 7, class: "muted" }, "No searches yet.")));
   return list.searches.some((j) => j.status === "queued" || j.status === "running");
 }
 
