@@ -52,6 +52,8 @@ def test_search_verify_pages_and_exports(web, forest) -> None:
     assert web.get(f"/api/searches/{job_id}?include_rule=true")[1]["rule"] == C2 + ELF + NEVER
     _, paged, _ = web.get(f"/api/searches/{job_id}?rules_limit=1&rules_offset=1&only_hits=true")
     assert [r["rule"] for r in paged["rules"]] == ["elf"] and paged["rules_matching"] == 2
+    _, named, _ = web.get(f"/api/searches/{job_id}?rule_name=EV")
+    assert [r["rule"] for r in named["rules"]] == ["never"] and named["rules_matching"] == 1
     counts = {r["rule"]: r for r in job["rules"]}
     assert counts["c2"]["candidate_count"] == 1 and counts["c2"]["verified_count"] == 1
     assert counts["never"]["candidate_count"] == 0 and counts["never"]["verified_count"] == 0

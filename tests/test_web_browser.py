@@ -94,7 +94,12 @@ def test_submit_wait_and_read_the_table(web, browser, tmp_path) -> None:
     assert "$a@" in text and "evil-c2.example" in text
     sync_api.expect(page.locator("#page-info")).to_contain_text("of")
 
-    # the rule filter, then the exports
+    # the rule-name filter of the rules table, the rule filter of the candidates, then the exports
+    page.fill("#rule-filter", "SHO")
+    sync_api.expect(rules).to_have_count(1)
+    sync_api.expect(rules.first).to_contain_text("short")
+    page.fill("#rule-filter", "")
+    sync_api.expect(rules).to_have_count(2)
     rules.filter(has_text="c2").first.click()
     sync_api.expect(page.locator("#cand-rule")).to_have_text("of c2")
     sync_api.expect(page.locator("#candidates tr")).to_have_count(1)

@@ -322,13 +322,19 @@ def create_app(
         rules_offset: Annotated[int, Query(ge=0)] = 0,
         rules_limit: Annotated[int | None, Query(ge=0)] = None,
         only_hits: bool = False,
+        rule_name: str | None = None,
         include_rule: bool = False,
     ) -> dict:
         """A search's status, progress and per-rule counts (`rules_limit`/`rules_offset` page the rules,
-        `only_hits` keeps those with candidates; `rules_matching` counts them); `include_rule=true` adds
-        the rule text."""
+        `only_hits` keeps those with candidates, `rule_name` those whose name holds it; `rules_matching`
+        counts them); `include_rule=true` adds the rule text."""
         out = job_json(
-            jobs.get(job_id), detail=True, offset=rules_offset, limit=rules_limit, only_hits=only_hits
+            jobs.get(job_id),
+            detail=True,
+            offset=rules_offset,
+            limit=rules_limit,
+            only_hits=only_hits,
+            name_has=rule_name,
         )
         if not include_rule:
             out["rule"] = None

@@ -217,15 +217,27 @@ class JobStore:
 
     # --- results ------------------------------------------------------------------------------------
     def rules(
-        self, job_id: str, offset: int = 0, limit: int | None = None, only_hits: bool = False
+        self,
+        job_id: str,
+        offset: int = 0,
+        limit: int | None = None,
+        only_hits: bool = False,
+        name_has: str | None = None,
     ) -> tuple[int, list[sqlite3.Row]]:
-        """(how many rules match, those from `offset`): all, or only those with candidates."""
-        where = "job_id = ?" + (" AND candidate_count > 0" if only_hits else "")
+        """(how many rules match, those from `offset`): all, only those with candidates, only those whose
+        name holds `name_has` (case-insensitive)."""
+        where, args = ["job_id = ?"], [job_id]
+        if only_hits:
+            where.append("candidate_count > 0")
+        if name_has:
+            where.append("instr(lower(name), ?) > 0")
+            args.append(name_has.lower())
+        clause = " AND ".join(where)
         db = self.connection()
-        total = db.execute(f"SELECT COUNT(*) FROM rules WHERE {where}", (job_id,)).fetchone()[0]
+        total = db.execute(f"SELECT COUNT(*) FROM rules WHERE {clause}", args).fetchone()[0]
         rows = db.execute(
-            f"SELECT * FROM rules WHERE {where} ORDER BY idx LIMIT ? OFFSET ?",
-            (job_id, -1 if limit is None else limit, offset),
+            f"SELECT * FROM rules WHERE {clause} ORDER BY idx LIMIT ? OFFSET ?",
+            (*args, -1 if limit is None else limit, offset),
         ).fetchall()
         return total, rows
 

@@ -234,7 +234,9 @@ async function loadJobs() {
 async function loadJob() {
   const id = state.job;
   const onlyHits = $("only-hits").checked;
-  const job = await api(`/api/searches/${id}?rules_limit=500&only_hits=${onlyHits}`);
+  const query = new URLSearchParams({ rules_limit: 500, only_hits: onlyHits });
+  if ($("rule-filter").value.trim()) query.set("rule_name", $("rule-filter").value.trim());
+  const job = await api(`/api/searches/${id}?${query}`);
   if (state.job !== id) return false;
   $("job-title").textContent = job.title;
   const status = $("job-status");
@@ -288,7 +290,7 @@ async function loadCandidates() {
   $("cand-rule").textContent = state.rule ? `of ${state.rule}` : "of every rule";
   let page;
   try { page = await api(`/api/searches/${id}/candidates?${params}`); } catch (e) {
-    if (e.status === 404) { state.rule = null; return; } throw e;
+    if (e.status === 404 && state.rule) { state.rule = null; return loadCandidates(); } throw e;
   }
   if (state.job !== id) return;
   const body = $("candidates");
@@ -345,7 +347,7 @@ async function refresh() {
 function route() {
   const match = location.hash.match(/^#\/search\/([0-9a-f]+)/);
   const id = match ? match[1] : null;
-  if (id !== state.job) { state.rule = null; state.offset = 0; }
+  if (id !== state.job) { state.rule = null; state.offset = 0; $("rule-filter").value = ""; }
   state.job = id;
   $("home").hidden = !!id;
   $("job").hidden = !id;
@@ -408,6 +410,8 @@ function init() {
     location.hash = "#/";
   });
   $("only-hits").addEventListener("change", refresh);
+  let filterTimer = null;
+  $("rule-filter").addEventListener("input", () => { clearTimeout(filterTimer); filterTimer = setTimeout(refresh, 300); });
   $("verified-only").addEventListener("change", () => { state.offset = 0; refresh(); });
   $("prev").addEventListener("click", () => { state.offset = Math.max(0, state.offset - PAGE); loadCandidates(); });
   $("next").addEventListener("click", () => { state.offset += PAGE; loadCandidates(); });
