@@ -408,10 +408,16 @@ class _Writer:
         self.candidate_total = 0
         self.verified_total: int | None = None
         self.first_result_ms: float | None = None
+        self.counts: dict[int, int] = {}  # rule index -> its candidate count as written
+        self.replaced: list[int] = []  # rules whose rows the next commit replaces
 
     def add(self, index: int, result, verified: bool) -> None:
+        """A rule's result; written again (its verdicts), it replaces what was written of it."""
         listed = len(result.candidates)
         matched = sum(1 for c in result.candidates if c.verified) if verified else None
+        again = index in self.counts
+        if again:
+            self.replaced.append(index)
         self.rules.append(
             (
                 self.job_id,
@@ -448,8 +454,10 @@ class _Writer:
                     json.dumps(list(candidate.paths)),
                     candidate.path_count,
                 )
-        self.rules_done += 1
-        self.candidate_total += result.candidate_count
+        if not again:
+            self.rules_done += 1
+        self.candidate_total += result.candidate_count - self.counts.get(index, 0)
+        self.counts[index] = result.candidate_count
         if matched is not None:
             self.verified_total = (self.verified_total or 0) + matched
         if self.first_result_ms is None:
@@ -459,6 +467,9 @@ class _Writer:
 
     def commit(self) -> None:
         with self.store.transaction() as db:
+            for index in self.replaced:
+                db.execute("DELETE FROM rules WHERE job_id = ? AND idx = ?", (self.job_id, index))
+                db.execute("DELETE FROM candidates WHERE job_id = ? AND rule_idx = ?", (self.job_id, index))
             db.executemany("INSERT INTO rules VALUES (?, ?, ?, ?, ?, ?, ?, ?)", self.rules)
             db.executemany("INSERT INTO candidates VALUES (?, ?, ?, ?, ?, ?, ?)", self.candidates)
             db.executemany("INSERT OR IGNORE INTO documents VALUES (?, ?, ?, ?)", self.documents.values())
@@ -474,6 +485,7 @@ class _Writer:
                 ),
             )
         self.rules.clear()
+        self.replaced.clear()
         self.candidates.clear()
         self.documents.clear()
         self.last_commit = time.monotonic()
@@ -589,7 +601,9 @@ class JobRunner:
         )
 
     def _search(self, rule: str, options: dict, progress: JobProgress, writer: _Writer) -> dict:
-        verify = bool(options.get("verify"))
+        """Stream the rule results into the job's rows (its first results, unverified); with verify,
+        then search again with verification (the plans are cached by now) and replace each rule's rows
+        with the verdicts and matched strings."""
         asked = {
             "max_candidates": float(options.get("max_candidates") or 0.0),
             "limit": options.get("limit"),
@@ -598,25 +612,29 @@ class JobRunner:
         }
         store = self.open_store()
         try:
-            if verify:
-                engine = options.get("engine") or "yara"
-                found = store.search(rule=rule, verify=True, details=("strings",), engine=engine, **asked)
-                results, targets = found.rules, [r.name for r in found.rules]
-            else:
-                found = store.stream(rule=rule, **asked)
-                results, targets = iter(found), found.targets
-            progress.rules_total = len(targets)
-            self.store.update(writer.job_id, documents=found.documents, rule_total=len(targets))
+            found = store.stream(rule=rule, **asked)
+            progress.rules_total = len(found.targets)
+            self.store.update(writer.job_id, documents=found.documents, rule_total=len(found.targets))
+            results = iter(found)
             try:
                 for index, result in enumerate(results):
                     progress.check()
-                    writer.add(index, result, verify)
+                    writer.add(index, result, verified=False)
                     progress.rules_done = index + 1
             finally:
                 close = getattr(results, "close", None)
                 if close is not None:  # a stream's generator: lets a Cluster cancel its server calls
                     close()
-            return found.summary_json()
+            if not options.get("verify"):
+                return found.summary_json()
+            writer.commit()  # every candidate readable while verification runs
+            engine = options.get("engine") or "yara"
+            verified = store.search(rule=rule, verify=True, details=("strings",), engine=engine, **asked)
+            writer.verified_total = 0
+            for index, result in enumerate(verified.rules):
+                progress.check()
+                writer.add(index, result, verified=True)
+            return verified.summary_json()
         finally:
             store.close()
 

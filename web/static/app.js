@@ -242,6 +242,7 @@ async function loadJob() {
   const status = $("job-status");
   status.className = "status " + job.status; status.textContent = job.status;
   $("cancel").hidden = !(job.status === "queued" || job.status === "running");
+  state.pending = job.options.verify && !$("cancel").hidden; // candidates shown before their verdicts
   $("purge").hidden = !$("cancel").hidden;
   const old = document.querySelector("#job .progress.big");
   old.replaceWith(bar(job, true));
@@ -278,7 +279,7 @@ async function loadJob() {
 
 function verdict(c) {
   if (c.skipped) return el("span", { class: "verdict skip", title: c.skip_detail || "" }, "skipped: " + c.skipped);
-  if (c.verified === null) return el("span", { class: "muted" }, "not verified");
+  if (c.verified === null) return el("span", { class: "muted" }, state.pending ? "verifying…" : "not verified");
   return el("span", { class: "verdict " + (c.verified ? "yes" : "no") }, c.verified ? "match" : "no match");
 }
 
