@@ -352,7 +352,7 @@ def test_searches_load_no_compiled_kernels(tmp_path, files, rules) -> None:
     remote = (
         "import sys, sspry.cli, sspry.verify\n"
         "from sspry.client.cluster import Cluster\n"
-        "from sspry.query.rules import load_rule_file\n"
+        "from sspry.query.rules import load_rules\n"
     )
     local = (
         "import sys\n"
