@@ -165,7 +165,7 @@ def rule_groups(
     documents) into groups (see the module docstring), each compiled by `engine` with the source's
     externals (their placeholder rules left out); a group may hold rules of several namespaces, each
     compiled in its own. Targets the engine refuses form a yara-python group of their own; the targets
-    of a namespace yaramod cannot parse are scanned with its whole yara-python compilation."""
+    of a namespace yaramod cannot parse are scanned with yara-python's compilation of every namespace."""
     targets = [name for name, docs in wanted.items() if docs]
     externals = dict(source.externals)
     qualified = len(source.namespaces) > 1
@@ -174,14 +174,15 @@ def rule_groups(
         by_namespace.setdefault(source.locate[name][0].name, []).append(name)
     namespaces = {ns.name: ns for ns in source.namespaces}
 
-    def whole(ns: str) -> Group:
-        return Group(frozenset(by_namespace[ns]), Compiled("yara", namespaces[ns].compiled, qualified))
+    def whole(names: list[str]) -> list[Group]:
+        """`names` scanned with yara-python's compilation of every namespace."""
+        return [Group(frozenset(names), Compiled("yara", source.compiled, qualified))] if names else []
 
     if engine == "yara" and len(targets) < MIN_SPLIT_RULES:
-        return [whole(ns) for ns in by_namespace]
+        return whole(targets)
     parsed = {ns: _Parsed.of(namespaces[ns], externals) for ns in by_namespace}
-    groups = [whole(ns) for ns, found in parsed.items() if found is None]
     splittable = [name for name in targets if parsed[source.locate[name][0].name] is not None]
+    groups = whole([name for name in targets if parsed[source.locate[name][0].name] is None])
 
     def build(part: list[str], engine: str) -> tuple[Compiled | None, list[str]]:
         """The part's rules compiled, and those refused (the whole part when a global rule is)."""
@@ -208,12 +209,7 @@ def rule_groups(
             groups.append(Group(frozenset(kept), group))
     if refused:
         group, _ = build(refused, "yara") if engine != "yara" else (None, refused)
-        if group is not None:
-            groups.append(Group(frozenset(refused), group))
-        else:
-            for ns in {source.locate[name][0].name for name in refused}:
-                names = frozenset(n for n in refused if source.locate[n][0].name == ns)
-                groups.append(Group(names, Compiled("yara", namespaces[ns].compiled, qualified)))
+        groups += [Group(frozenset(refused), group)] if group is not None else whole(refused)
     return groups
 
 

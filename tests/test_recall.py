@@ -44,7 +44,7 @@ def test_generated_rules_recall_and_precision(indexed_corpus) -> None:
         result, source = search_rule_file(forest, str(indexed_corpus.rules))
         documents = result.documents
         verify(result, source, forest.policy)
-    expected = truth(source.namespaces[0].compiled, indexed_corpus.files)
+    expected = truth(source.compiled, indexed_corpus.files)
     assert sum(len(v) for v in expected.values()) > 40, "the corpus must give the rules real matches"
     for rule in result.rules:
         candidates = {c.source_id for c in rule.candidates}
@@ -76,7 +76,7 @@ def test_real_rule_files_recall(indexed_corpus, relative: str) -> None:
         pytest.skip(f"{path} not present")
     with Forest.open(indexed_corpus.root) as forest:
         result, source = search_rule_file(forest, str(path))
-    expected = truth(source.namespaces[0].compiled, indexed_corpus.files)
+    expected = truth(source.compiled, indexed_corpus.files)
     for rule in result.rules:
         candidates = {c.source_id for c in rule.candidates}
         assert expected.get(rule.name, set()) <= candidates, rule.name
@@ -91,7 +91,7 @@ def test_every_construct_through_the_store(indexed_corpus, tmp_path) -> None:
     rules.write_text(MODULES + "".join(f"rule c{i} {{ {body} }}\n" for i, (body, _) in enumerate(CASES)))
     with Forest.open(indexed_corpus.root) as forest:
         result, source = search_rule_file(forest, str(rules))
-    expected = truth(source.namespaces[0].compiled, indexed_corpus.files)
+    expected = truth(source.compiled, indexed_corpus.files)
     assert len(expected) > len(CASES) // 3, "the corpus must give many construct rules real matches"
     for rule in result.rules:
         candidates = {c.source_id for c in rule.candidates}

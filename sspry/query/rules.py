@@ -92,7 +92,11 @@ class Namespace:
     targets: tuple[str, ...]  # rules to report: the public ones, in file order
     parse_error: str | None = None  # why yaramod could not parse it (then every rule plans as TRUE)
     parsed: yaramod.YaraFile | None = field(default=None, compare=False, repr=False)  # yaramod's parse
-    compiled: yara.Rules | None = field(default=None, compare=False, repr=False)  # in this namespace
+    path: str | None = None  # the rule file, when it came from one
+
+    def spec(self) -> Spec:
+        """Where to compile it from: its inlined text, else its file."""
+        return Spec(self.name, self.text, None if self.text is not None else self.path)
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,7 @@ class RuleSource:
 
     namespaces: tuple[Namespace, ...]
     externals: dict = field(default_factory=dict)  # name -> value (-d NAME=VALUE), for YARA and the planner
+    loaded: yara.Rules | None = field(default=None, compare=False, repr=False)  # `compiled`, when known
 
     @property
     def name(self) -> str:
@@ -120,6 +125,25 @@ class RuleSource:
         """A name of `targets` -> its namespace and the rule's own name."""
         return {self.qualify(ns.name, rule): (ns, rule) for ns in self.namespaces for rule in ns.targets}
 
+    @cached_property
+    def compiled(self) -> yara.Rules:
+        """yara-python's compilation of every namespace, in one set (each in its namespace). Compiled
+        when first asked for (verification may never need it): each compiled set holds ~8 MB of
+        matching tables however few its rules, so loading keeps one only for a source of one file."""
+        if self.loaded is not None:
+            return self.loaded
+        specs = [ns.spec() for ns in self.namespaces]
+        if all(spec.text is not None for spec in specs):
+            return _compiling(
+                lambda: yara.compile(sources={s.namespace: s.text for s in specs}, externals=self.externals),
+                self.name,
+            )
+        if len(specs) == 1:
+            return compile_spec(specs[0], self.externals)
+        # some file's includes only it can resolve: every file compiled from its path
+        paths = {ns.name: ns.path for ns in self.namespaces}
+        return _compiling(lambda: yara.compile(filepaths=paths, externals=self.externals), self.name)
+
 
 def _refused(exc: Exception) -> str:
     """YARA's complaint, with the likely fix when it is a name it does not know."""
@@ -129,22 +153,33 @@ def _refused(exc: Exception) -> str:
     return message
 
 
+def _compiling(compile: Callable[[], yara.Rules], origin: str) -> yara.Rules:
+    """`compile()`, its errors as RuleError naming the file and line."""
+    try:
+        return compile()
+    except yara.SyntaxError as exc:
+        raise RuleError(f"invalid YARA rule: {_refused(exc)}") from exc
+    except yara.Error as exc:
+        raise RuleError(f"{origin}: cannot compile: {_refused(exc)}") from exc
+    except (ValueError, TypeError) as exc:  # ValueError: a NUL in the text
+        raise RuleError(f"{origin}: cannot compile: {exc}") from exc
+
+
 def compile_spec(spec: Spec, externals: Externals | None = None, includes: bool = True) -> yara.Rules:
     """yara-python's compilation of one namespace's rules, in that namespace, or RuleError naming the
     file and line."""
     externals = dict(externals or {})
-    try:
-        if spec.path is not None:
-            if not os.path.isfile(spec.path):
-                raise RuleError(f"{spec.path}: rule file not found")
-            return yara.compile(filepaths={spec.namespace: spec.path}, externals=externals, includes=includes)
-        return yara.compile(sources={spec.namespace: spec.text}, externals=externals, includes=includes)
-    except yara.SyntaxError as exc:
-        raise RuleError(f"invalid YARA rule: {_refused(exc)}") from exc
-    except yara.Error as exc:
-        raise RuleError(f"{spec.origin}: cannot compile: {_refused(exc)}") from exc
-    except (ValueError, TypeError) as exc:  # ValueError: a NUL in the text
-        raise RuleError(f"{spec.origin}: cannot compile: {exc}") from exc
+    if spec.path is not None and not os.path.isfile(spec.path):
+        raise RuleError(f"{spec.path}: rule file not found")
+    if spec.path is not None:
+        files = {spec.namespace: spec.path}
+        return _compiling(
+            lambda: yara.compile(filepaths=files, externals=externals, includes=includes), spec.origin
+        )
+    sources = {spec.namespace: spec.text}
+    return _compiling(
+        lambda: yara.compile(sources=sources, externals=externals, includes=includes), spec.origin
+    )
 
 
 def parse(
@@ -223,38 +258,46 @@ def _self_contained(spec: Spec, externals: Externals | None) -> tuple[str, yara.
         return None
 
 
-def load_namespace(spec: Spec, externals: Externals | None = None) -> Namespace:
-    """One namespace compiled (RuleError when YARA refuses it), with its source with includes inlined.
-    A file with includes that names externals plans as TRUE (yaramod inlines includes only when it
-    parses the file itself, and then cannot be told the externals)."""
+def load_namespace(spec: Spec, externals: Externals | None = None) -> tuple[Namespace, yara.Rules]:
+    """One namespace compiled (RuleError when YARA refuses it), with its source with includes inlined,
+    and yara-python's compilation of it. A file with includes that names externals plans as TRUE
+    (yaramod inlines includes only when it parses the file itself, and then cannot be told them)."""
     alone = _self_contained(spec, externals)
     if alone is not None:
         text, compiled = alone
-        return Namespace(spec.namespace, spec.origin, text, _targets(compiled, spec), compiled=compiled)
+        return Namespace(spec.namespace, spec.origin, text, _targets(compiled), path=spec.path), compiled
     compiled = compile_spec(spec, externals)
-    targets = _targets(compiled, spec)
+    targets = _targets(compiled)
     try:
         parsed = parse(spec.text, spec.path)
         text, error = parsed.text, None
     except Exception as exc:  # yaramod raises its own ParserError and sometimes RuntimeError
         parsed, text, error = None, None, str(exc)
-    return Namespace(spec.namespace, spec.origin, text, targets, error, parsed, compiled)
+    return Namespace(spec.namespace, spec.origin, text, targets, error, parsed, spec.path), compiled
 
 
 def load_rules(
     rule: RuleText | None = None, path: RulePaths | None = None, externals: Externals | None = None
 ) -> RuleSource:
     """Rule text or rule files (see rule_specs), each namespace compiled and with its inlined source;
-    RuleError when YARA refuses one."""
+    RuleError when YARA refuses one, or when there is no rule in any. A namespace's compilation is
+    kept only when it is the only one (RuleSource.compiled)."""
     externals = dict(externals or {})
-    return RuleSource(tuple(load_namespace(s, externals) for s in rule_specs(rule, path)), externals)
+    specs = rule_specs(rule, path)
+    namespaces, compiled = [], None
+    for spec in specs:
+        namespace, compiled = load_namespace(spec, externals)
+        namespaces.append(namespace)
+    if not any(ns.targets for ns in namespaces):
+        if len(specs) > 1:
+            raise RuleError(f"no rules in any of the {len(specs)} rule files")
+        raise RuleError(f"{specs[0].path}: no rules in file" if specs[0].path else "no rules in the text")
+    return RuleSource(tuple(namespaces), externals, compiled if len(specs) == 1 else None)
 
 
-def _targets(compiled: yara.Rules, spec: Spec) -> tuple[str, ...]:
+def _targets(compiled: yara.Rules) -> tuple[str, ...]:
     """The rules a search reports: the public ones, in file order (every one when none is public)."""
     all_rules = list(compiled)
-    if not all_rules:
-        raise RuleError(f"{spec.path}: no rules in file" if spec.path is not None else "no rules in the text")
     public = tuple(r.identifier for r in all_rules if not r.is_private)
     return public or tuple(r.identifier for r in all_rules)
 
