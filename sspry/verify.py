@@ -140,12 +140,16 @@ class _Parsed:
             return None
         rules = {rule.name: rule for rule in parsed.rules if rule.name not in externals}
         names = set(rules)
-        return cls(
+        found = cls(
             {name: rule.text for name, rule in rules.items()},
             {name: _references(rule, names) for name, rule in rules.items()},
             {name for name, rule in rules.items() if rule.is_global},
             "".join(f'import "{module.name}"\n' for module in parsed.imports),
         )
+        if namespace.parsed is None and len(namespace.text or "") >= RELEASE_PARSE_CHARS:
+            rules = parsed = None  # type: ignore[assignment]  # the parse's last references
+            release_parser()  # before the groups are compiled: never both in memory
+        return found
 
     def closure(self, rules: list[str]) -> list[tuple[str, str]]:
         """(name, text) of `rules`, the global rules and every rule they reference, in file order."""
@@ -286,8 +290,6 @@ def verify(
         for candidate in rule.candidates:
             documents.setdefault(candidate.source_id, _Document(candidate.paths)).rules.add(rule.name)
     groups = rule_groups(wanted, source, engine)
-    if any(ns.parsed is None and len(ns.text or "") >= RELEASE_PARSE_CHARS for ns in source.namespaces):
-        release_parser()  # rule_groups parsed it: nothing refers to that parse any more
     externals = source.externals
     stats = VerifyStats(groups=len(groups), engine=engine)
     workers = workers or min(4, len(os.sched_getaffinity(0)))
