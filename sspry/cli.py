@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -195,6 +196,9 @@ class _Sspry(click.Group):
 def main() -> None:
     """sspry: a YARA prefilter database. Index files once; for any YARA rule, get back every file that
     could match (never missing one) in milliseconds, and let YARA verify only those."""
+    # yara-python warns for each scan in which a string passed YARA's limit of matches; the rule's
+    # verdict stands as YARA gives it, and over a corpus the warnings only bury the output
+    warnings.filterwarnings("ignore", message="too many matches", category=RuntimeWarning)
 
 
 # --- init --------------------------------------------------------------------------------------------
