@@ -9,7 +9,8 @@ decided from exactly the value yara-x verification sees. Only these names are pl
 
 A module is invoked only for files that start with one of its magics (yara-x's own parsers start with
 the same checks); every other file gets the module's answer for "neither" (`dex.is_dex = 0`, ...),
-tested equal to an invocation. Documents indexed before these modules existed lack `MARK`, and a
+tested equal to an invocation. The modules' constants and yaramod's definitions of them are the
+planner's (query/moduledefs.py). Documents indexed before these modules existed lack `MARK`, and a
 document whose invocation failed (or whose value did not fit) is stored without any of these fields:
 the planner treats every field of these modules as unknown where `MARK` is absent, so such documents
 stay candidates, never a false "no".
@@ -142,44 +143,3 @@ def x_fields(data: bytes | None, head: bytes) -> dict[str, int]:
     except Exception:  # a parser error or an unfit value: unknown rather than wrong
         return {}
     return fields
-
-
-@cache
-def constants() -> dict[str, int]:
-    """Module constants of these modules (`macho.CPU_TYPE_X86_64`, `dex.ACC_PUBLIC`, ...) by YARA name.
-
-    The names are those yaramod (the planner's parser) knows, so every constant a parsed rule can name;
-    the values are yara-x's own, read by logging each one through its console module. A name yara-x
-    does not define is left out (it cannot appear in a rule yara-x verifies)."""
-    import yara_x
-    import yaramod
-
-    names = [
-        f"{module}.{symbol}"
-        for module, definition in yaramod.Yaramod().modules.items()
-        if module in X_MODULES
-        for symbol, value in (definition.structure.attributes or {}).items()
-        if symbol[:1].isupper() and type(value).__name__ == "ValueSymbol"
-    ]
-    compiler = yara_x.Compiler()
-    for i, name in enumerate(names):
-        module = name.split(".")[0]
-        try:
-            compiler.add_source(
-                f'import "console"\nimport "{module}"\n'
-                f'rule c{i} {{ condition: console.log("{name}=", {name}) }}\n'
-            )
-        except yara_x.CompileError:
-            continue
-    scanner = yara_x.Scanner(compiler.build())
-    lines: list[str] = []
-    scanner.console_log(lines.append)
-    scanner.scan(b"")
-    found: dict[str, int] = {}
-    for line in lines:
-        name, _, value = line.partition("=")
-        try:
-            found[name] = int(value)
-        except ValueError:
-            continue  # a string constant
-    return found

@@ -23,6 +23,7 @@ import yaramod
 from sspry.document import ENTRY_BYTES
 from sspry.features import xmodules
 from sspry.features.metadata import MODULES, constants
+from sspry.query import moduledefs
 from sspry.query.literals import fold_case, literal, map_sets, pattern_plan
 from sspry.query.plan import (
     FALSE,
@@ -533,8 +534,8 @@ class ConditionPlanner:
             return Const(constants()[name])
         module = name.split(".")[0]
         if module in xmodules.X_MODULES:
-            if name in xmodules.constants():
-                return Const(xmodules.constants()[name])
+            if name in moduledefs.constants():
+                return Const(moduledefs.constants()[name])
             return ModuleField(name) if xmodules.plannable(name) else None
         # the sidecar keeps fields at the top level and one level into structures, nothing deeper
         if "[" not in name and module in MODULES and name.count(".") <= 2:
