@@ -15,7 +15,9 @@ import yara_x
 import sspry
 from sspry.features import xmodules
 from sspry.features.metadata import module_fields
+from sspry.policy import Policy
 from sspry.query import moduledefs
+from sspry.query.plan import TRUE
 from sspry.query.ruleset import plan_rules
 from sspry.query.search import search_snapshot
 from tests import xbuild
@@ -249,6 +251,33 @@ def test_searches_return_every_yara_x_match(tmp_path) -> None:
                 assert "not-parsed" in notes and found == set(FILES), condition
     finally:
         db.close()
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # a structure in a structure: the sidecar keeps one level (as a fact it would be FALSE everywhere)
+        'import "dotnet" rule x { condition: dotnet.assembly.version.major == 4 }',
+        # enum-typed fields: yara-x's invoke gives their names, so they are not kept
+        'import "lnk" rule x { condition: lnk.show_command == lnk.ShowCommand.NORMAL }',
+        'import "macho" rule x { condition: macho.min_version.device == macho.MACOSX }',
+        'import "lnk" rule x { condition: lnk.drive_type }',
+    ],
+)
+def test_values_the_sidecar_does_not_keep_are_maybe(text) -> None:
+    (plan,) = plan_rules(text, ["x"], Policy(), parsed=moduledefs.new_parser().parse_string(text))
+    assert plan.upper is TRUE and [n.code for n in plan.notes] == ["module-field"], text
+
+
+def test_a_module_that_fails_leaves_every_field_unknown(monkeypatch) -> None:
+    class Broken:
+        def invoke(self, data):
+            raise RuntimeError("parser failure")
+
+    plain = xmodules.plain_fields()  # computed once per process, before the modules break
+    monkeypatch.setattr(xmodules, "_invoker", lambda name: Broken())
+    assert xmodules.x_fields(FILES["macho_x86_64"], FILES["macho_x86_64"][:8]) == {}
+    assert xmodules.x_fields(FILES["text"], FILES["text"][:8]) == plain
 
 
 def test_documents_indexed_without_the_yara_x_modules_stay_candidates(tmp_path, monkeypatch) -> None:

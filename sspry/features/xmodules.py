@@ -140,6 +140,8 @@ def x_fields(data: bytes | None, head: bytes) -> dict[str, int]:
             for name in FIELDS[module]:
                 fields.pop(f"{module}.{name}", None)
             fields.update(split_fields(module, _invoker(module).invoke(bytes(data))))
-    except Exception:  # a parser error or an unfit value: unknown rather than wrong
-        return {}
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException:  # a parser error, a panic in yara-x (pyo3 raises those as BaseException) or
+        return {}  # an unfit value: every field of these modules unknown rather than one wrong
     return fields

@@ -636,4 +636,6 @@ def _module_code(name: str) -> str:
         return "unknown-module"
     if "[" in name:
         return "module-array"
-    return "module-function"
+    if "(" in name:
+        return "module-function"
+    return "module-field"
