@@ -42,15 +42,17 @@ def macho(
     return (header + commands).ljust(4096, b"\0")
 
 
-def fat(*slices: bytes) -> bytes:
-    """A fat (universal) Mach-O of thin slices, each aligned to 4096 (fat headers are big-endian)."""
+def fat(*slices: bytes, big_endian: bool = True) -> bytes:
+    """A fat (universal) Mach-O of thin (little-endian) slices, each aligned to 4096. Fat headers are
+    big-endian; written little-endian, the magic reads CAFEBABE byte-swapped (FAT_CIGAM)."""
+    order = ">" if big_endian else "<"
     offset = 4096
     table, body = b"", b""
     for data in slices:
-        cputype, cpusubtype = struct.unpack("<II", data[4:8] + data[8:12])
-        table += struct.pack(">IIIII", cputype, cpusubtype, offset + len(body), len(data), 12)
+        cputype, cpusubtype = struct.unpack("<II", data[4:12])
+        table += struct.pack(f"{order}IIIII", cputype, cpusubtype, offset + len(body), len(data), 12)
         body += data.ljust((len(data) + 4095) // 4096 * 4096, b"\0")
-    header = struct.pack(">II", 0xCAFEBABE, len(slices)) + table
+    header = struct.pack(f"{order}II", 0xCAFEBABE, len(slices)) + table
     return header.ljust(offset, b"\0") + body
 
 

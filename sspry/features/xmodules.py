@@ -27,21 +27,10 @@ X_MODULES = ("macho", "dex", "lnk", "crx")
 # yara-x modules ran on the document
 MARK = "lnk.is_lnk"
 
+# thin 32/64-bit and fat 32/64-bit Mach-O, each in both byte orders (yara-x's macho parser checks these)
+_MACHO_MAGICS = "feedface cefaedfe feedfacf cffaedfe cafebabe bebafeca cafebabf bfbafeca"
 MAGICS: dict[str, tuple[bytes, ...]] = {
-    # thin 32/64-bit and fat 32/64-bit, each in both byte orders (yara-x's macho parser checks these)
-    "macho": tuple(
-        bytes.fromhex(m)
-        for m in (
-            "feedface",
-            "cefaedfe",
-            "feedfacf",
-            "cffaedfe",
-            "cafebabe",
-            "bebafeca",
-            "cafebabf",
-            "bfbafeca",
-        )
-    ),
+    "macho": tuple(bytes.fromhex(m) for m in _MACHO_MAGICS.split()),
     "dex": (b"dex\n",),
     "lnk": (b"L\x00\x00\x00",),  # header size 0x4C (yara-x also checks the CLSID that follows)
     "crx": (b"Cr24",),
@@ -127,8 +116,9 @@ def plain_fields() -> dict[str, int]:
 
 
 def x_fields(data: bytes | None, head: bytes) -> dict[str, int]:
-    """These modules' fields of a file starting with `head`. `data`: its whole content, or None when it
-    is too big to hold (then a file one of these modules may parse gets no fields: unknown at search)."""
+    """These modules' fields of a file starting with `head`. `data`: its whole content (any buffer, a
+    numpy array too), or None when it is too big to hold (then a file one of these modules may parse
+    gets no fields: unknown at search)."""
     candidates = [m for m in X_MODULES if head.startswith(MAGICS[m])]
     if not candidates:
         return dict(plain_fields())
