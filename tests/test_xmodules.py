@@ -42,7 +42,8 @@ def built_files() -> dict[str, bytes]:
         "macho_i386_le": xbuild.macho(cputype=xbuild.CPU_TYPE_X86, bits64=False, segments=1),
         "macho_x86_64_be": xbuild.macho(big_endian=True, segments=6),
         "macho_fat": xbuild.fat(thin, arm),
-        "cigam_fat": xbuild.fat(arm, big_endian=False),  # a FAT_CIGAM magic yara-x 1.23 does not parse
+        # a byte-swapped fat header (FAT_CIGAM): yara-x 1.23 reports its one slice at the top level
+        "macho_cigam_fat": xbuild.fat(arm, big_endian=False),
         "dex35": xbuild.dex(35),
         "dex39": xbuild.dex(39),
         "lnk": xbuild.lnk(),
