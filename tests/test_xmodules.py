@@ -7,6 +7,8 @@ import hashlib
 import json
 import random
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -295,3 +297,32 @@ def test_documents_indexed_without_the_yara_x_modules_stay_candidates(tmp_path, 
             assert found == set(FILES), condition
     finally:
         db.close()
+
+
+def test_sidecar_bench_runs(tmp_path) -> None:
+    """scripts/sidecar_bench.py end to end on a few files: the yara-x modules add fields, never remove."""
+    out = tmp_path / "bench.json"
+    script = Path(__file__).resolve().parent.parent / "scripts" / "sidecar_bench.py"
+    subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--files",
+            "10",
+            "--repeat",
+            "1",
+            "--macho-dir",
+            "",
+            "--json",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    report = json.loads(out.read_text())
+    for corpus in ("typical", "x"):
+        without, with_x = report[corpus]["without"], report[corpus]["with"]
+        assert with_x["fields_per_doc"] > without["fields_per_doc"]
+        assert with_x["forest_bytes"] > without["forest_bytes"]
+    assert report["typical"]["with"]["fields_per_doc"] == report["typical"]["without"]["fields_per_doc"] + 3
