@@ -469,9 +469,8 @@ def _compile_problem(source: str, targets: list[str], externals: dict) -> str | 
     """Why YARA refuses `source` (includes disabled) with `externals`, or names a target it does not
     hold; None if fine. The rules of sources that compiled are remembered: a bundle searched again is
     not compiled again."""
-    import yara
-
     from sspry.query.externals import digest_part
+    from sspry.query.rules import DEFAULT_NAMESPACE, RuleError, Spec, judged, rule_names
 
     key = digest_part(externals) + "\0" + source
     digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
@@ -479,12 +478,10 @@ def _compile_problem(source: str, targets: list[str], externals: dict) -> str | 
         known = _compiled.get(digest)
     if known is None:
         try:
-            compiled = yara.compile(source=source, includes=False, externals=externals)
-        except yara.Error as exc:
-            return f"invalid YARA rule: {exc}"
-        except (ValueError, TypeError) as exc:  # a NUL in the source, for one
-            return f"invalid YARA source: {exc}"
-        known = frozenset(r.identifier for r in compiled)
+            engine, compiled = judged(Spec(DEFAULT_NAMESPACE, text=source), externals, includes=False)
+        except RuleError as exc:
+            return str(exc)
+        known = frozenset(name for name, _ in rule_names(engine, compiled, set))
         with _compiled_lock:
             _compiled[digest] = known
             while len(_compiled) > COMPILED_SOURCES:

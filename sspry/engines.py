@@ -132,35 +132,51 @@ def compile_files(engine: str, files: Mapping[str, str], externals: Mapping | No
     a file alone is in "default"), includes relative to each file; matches are named `namespace:rule`
     when there are several. RuleError (yara-python) or EngineError (yara-x) naming the file refused."""
     if engine == "yara":
-        from sspry.query.rules import RuleError
+        from sspry.query.rules import RuleError, explain, needs_yara_x
 
         try:
             rules = yara.compile(filepaths=dict(files), externals=dict(externals or {}))
         except yara.Error as exc:
-            raise RuleError(f"invalid YARA rule: {exc}") from exc
+            hint = next(
+                (f" ({p} needs yara-x: --engine yara-x)" for p in files.values() if needs_yara_x(p)), ""
+            )
+            raise RuleError(f"invalid YARA rule: {explain(exc)}{hint}") from exc
         return Compiled("yara", rules, len(files) > 1)
     return compile_x_files(files, externals)
 
 
 def compile_x_files(files: Mapping[str, str], externals: Mapping | None) -> Compiled:
     """`compile_files` by yara-x."""
+    return compile_x_sources({namespace: (None, path) for namespace, path in files.items()}, externals)
+
+
+def compile_x_sources(
+    sources: Mapping[str, tuple[str | None, str | None]], externals: Mapping | None, includes: bool = True
+) -> Compiled:
+    """Rules compiled by yara-x into one set, each in its namespace (`sources`: namespace -> (text,
+    path): the text, else the file at path, includes relative to the file); matches are named
+    `namespace:rule` when there are several. EngineError naming the file (or namespace) refused."""
     yara_x = _yara_x()
     compiler = _x_compiler(externals)
-    compiler.enable_includes(True)
-    for namespace, path in files.items():
+    compiler.enable_includes(includes)
+    for namespace, (text, path) in sources.items():
+        origin = path or namespace
         compiler.new_namespace(namespace)
-        compiler.add_include_dir(os.path.dirname(os.path.abspath(path)))
+        if path is not None:
+            compiler.add_include_dir(os.path.dirname(os.path.abspath(path)))
         try:
-            with open(path, encoding="utf-8", errors="replace") as handle:
-                compiler.add_source(handle.read(), origin=path)
+            if text is None:
+                with open(path, encoding="utf-8", errors="replace") as handle:  # type: ignore[arg-type]
+                    text = handle.read()
+            compiler.add_source(text, origin=origin)
         except OSError as exc:
-            raise EngineError(f"{path}: {exc.strerror or exc}") from exc
+            raise EngineError(f"{origin}: {exc.strerror or exc}") from exc
         except yara_x.CompileError as exc:
             first = str(exc).strip().splitlines()
             raise EngineError(
-                f"yara-x refuses {path}: {' '.join(line.strip() for line in first[:2])}"
+                f"yara-x refuses {origin}: {' '.join(line.strip() for line in first[:2])}"
             ) from exc
-    return Compiled("yara-x", compiler.build(), len(files) > 1)
+    return Compiled("yara-x", compiler.build(), len(sources) > 1)
 
 
 def serialize(compiled: Compiled) -> tuple[str, bool, bytes]:

@@ -169,8 +169,12 @@ def rule_groups(
     documents) into groups (see the module docstring), each compiled by `engine` with the source's
     externals (their placeholder rules left out); a group may hold rules of several namespaces, each
     compiled in its own. Targets the engine refuses form a yara-python group of their own; the targets
-    of a namespace yaramod cannot parse are scanned with yara-python's compilation of every namespace."""
-    targets = [name for name, docs in wanted.items() if docs]
+    of a namespace yaramod cannot parse are scanned with yara-python's compilation of every namespace,
+    those of namespaces only yara-x compiles (rules.judged) with yara-x's of them, whatever `engine`."""
+    found = [name for name, docs in wanted.items() if docs]
+    targets = [name for name in found if source.locate[name][0].engine == "yara"]
+    only_x = [name for name in found if name not in set(targets)]  # only yara-x compiles their files
+    x_groups = [Group(frozenset(only_x), source.compiled_x)] if only_x else []
     externals = dict(source.externals)
     qualified = len(source.namespaces) > 1
     by_namespace: dict[str, list[str]] = {}
@@ -183,7 +187,7 @@ def rule_groups(
         return [Group(frozenset(names), Compiled("yara", source.compiled, qualified))] if names else []
 
     if engine == "yara" and len(targets) < MIN_SPLIT_RULES:
-        return whole(targets)
+        return whole(targets) + x_groups
     parsed = {ns: _Parsed.of(namespaces[ns], externals) for ns in by_namespace}
     splittable = [name for name in targets if parsed[source.locate[name][0].name] is not None]
     groups = whole([name for name in targets if parsed[source.locate[name][0].name] is None])
@@ -214,7 +218,7 @@ def rule_groups(
     if refused:
         group, _ = build(refused, "yara") if engine != "yara" else (None, refused)
         groups += [Group(frozenset(refused), group)] if group is not None else whole(refused)
-    return groups
+    return groups + x_groups
 
 
 def needs_paths(policy: Policy) -> None:

@@ -226,15 +226,9 @@ def _indexed(tmp_path: Path, files: dict[str, bytes]) -> tuple[sspry.Database, d
     return db, ids
 
 
-def _candidates(
-    db: sspry.Database, text: str, ids: dict[bytes, str], extended: bool = True
-) -> tuple[set[str], list[str]]:
-    """The candidates of rule `x` of `text`, planned with the parser that knows yara-x's modules (or with
-    the default one), and its plan's note codes."""
-    parsed = None
-    if extended:
-        parsed = moduledefs.new_parser().parse_string(text)
-    plans = plan_rules(text, ["x"], db.policy, parsed=parsed)
+def _candidates(db: sspry.Database, text: str, ids: dict[bytes, str]) -> tuple[set[str], list[str]]:
+    """The candidates of rule `x` of `text`, planned as a search plans it, and its plan's note codes."""
+    plans = plan_rules(text, ["x"], db.policy)
     result = search_snapshot(db._forest().snapshot(), plans, db.policy, compiled_gather=False)
     return {ids[c.source_id] for c in result.rules[0].candidates}, [n.code for n in plans[0].notes]
 
@@ -250,11 +244,13 @@ def test_searches_return_every_yara_x_match(tmp_path) -> None:
             assert matches <= found, (condition, matches - found)
             if kind == "exact":
                 assert found == matches and not notes, (condition, found, matches, notes)
-            # the parser sspry uses today: the same, or every document where yaramod does not know a name
-            found, notes = _candidates(db, text, ids, extended=False)
-            assert matches <= found, (condition, matches - found)
-            if NEW.search(condition):
-                assert "not-parsed" in notes and found == set(FILES), condition
+            # the whole search: loaded with yara-x as the judge (yara-python has no such module), and
+            # verified by yara-x whatever the engine asked for
+            for engine in ("yara", "yara-x"):
+                result = db.search(rule=text, verify=True, engine=engine)
+                (rule,) = result.rules
+                assert {ids[c.source_id] for c in rule.candidates} == found, condition
+                assert {ids[c.source_id] for c in rule.candidates if c.verified} == matches, condition
     finally:
         db.close()
 
@@ -326,3 +322,50 @@ def test_sidecar_bench_runs(tmp_path) -> None:
         assert with_x["fields_per_doc"] > without["fields_per_doc"]
         assert with_x["forest_bytes"] > without["forest_bytes"]
     assert report["typical"]["with"]["fields_per_doc"] == report["typical"]["without"]["fields_per_doc"] + 3
+
+
+def test_rule_files_only_yara_x_compiles_are_searched_everywhere(tmp_path) -> None:
+    """A rule file importing macho (which yara-python lacks) loads with yara-x as the judge: a server
+    searches it as a Database does, rule-check explains it, scan mode names the fix for --engine yara."""
+    from click.testing import CliRunner
+
+    from sspry.cli import main
+    from tests.test_server import ServerProcess
+
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "mach.yar").write_text(
+        'import "macho"\nprivate rule helper { condition: macho.number_of_segments > 0 }\n'
+        "rule arm { condition: helper and macho.cputype == macho.CPU_TYPE_ARM64 }\n"
+    )
+    (rules / "plain.yar").write_text("rule small { condition: filesize < 64 }\n")
+    db, ids = _indexed(tmp_path, FILES)
+    db.close()
+    truth = yara_x.compile((rules / "mach.yar").read_text())
+    arm = {sid for sid, name in ids.items() if truth.scan(FILES[name]).matching_rules}
+    assert arm, "some built file is an ARM64 Mach-O"
+    with sspry.Database.open(tmp_path / "db") as local:
+        mine = local.search(path=[str(rules)], verify=True)
+    server = ServerProcess(tmp_path / "db")
+    try:
+        with sspry.connect(server.addr) as servers:
+            theirs = servers.search(path=[str(rules)], verify=True)
+    finally:
+        assert server.stop() == 0
+    for result in (mine, theirs):
+        assert [r.name for r in result.rules] == ["mach.yar:arm", "plain.yar:small"]  # not the private rule
+        assert {c.source_id for c in result.rules[0].candidates} == arm  # a field-only rule: exact
+        assert {c.source_id for c in result.rules[0].candidates if c.verified} == arm
+
+    checked = CliRunner().invoke(main, ["rule-check", "--rule", str(rules / "mach.yar"), "--json"])
+    assert checked.exit_code == 0, checked.output
+    report = json.loads(checked.output)
+    assert [(r["rule"], r["private"], r["status"]) for r in report["rules"]] == [
+        ("helper", True, "searchable"),
+        ("arm", False, "searchable"),
+    ]
+    sample = tmp_path / "corpus" / next(iter(FILES))
+    refused = CliRunner().invoke(main, ["--rule", str(rules / "mach.yar"), str(sample)])
+    assert refused.exit_code == 2 and "needs yara-x: --engine yara-x" in refused.output
+    scanned = CliRunner().invoke(main, ["--rule", str(rules / "mach.yar"), "--engine", "yara-x", str(sample)])
+    assert scanned.exit_code == 0 and "matched:" in scanned.output

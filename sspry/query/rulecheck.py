@@ -18,7 +18,7 @@ from sspry.policy import Policy
 from sspry.query.externals import Externals
 from sspry.query.plan import TRUE, Gram, leaves
 from sspry.query.ruleplan import CODES, HINTS, RulePlan
-from sspry.query.rules import RuleError, RulePaths, RuleText, Spec, compile_spec, parse, rule_specs
+from sspry.query.rules import RuleError, RulePaths, RuleText, Spec, judged, parse, rule_names, rule_specs
 from sspry.query.ruleset import plan_rules
 
 STATUS_ORDER = ("searchable", "searchable-needs-verify", "unsearchable")
@@ -103,18 +103,19 @@ def check_rules(
 def _check_namespace(
     spec: Spec, policy: Policy, max_anchors: int, externals: Externals | None
 ) -> list[RuleReport]:
-    compiled = compile_spec(spec, externals)  # RuleError names the file and line
-    names = [(r.identifier, r.is_private) for r in compiled]
-    if not names:
-        raise RuleError(f"{spec.origin}: no rules in it")
+    engine, compiled = judged(spec, externals)  # RuleError names the file and line
     texts: dict[str, dict[str, str]] = {}
     try:
         parsed = parse(spec.text, spec.path, externals)  # the file itself, so lines are the file's own
         for parsed_rule in parsed.rules:
             texts[parsed_rule.name] = {s.identifier: s.text for s in parsed_rule.strings}
+        private = {rule.name for rule in parsed.rules if rule.is_private}
     except Exception as exc:
-        parsed = None
+        parsed, private = None, set()
         error = str(exc)
+    names = rule_names(engine, compiled, lambda: private)
+    if not names:
+        raise RuleError(f"{spec.origin}: no rules in it")
     plans = plan_rules(parsed, [n for n, _ in names], policy, max_anchors, externals=externals)
     if parsed is None:
         for plan in plans:

@@ -23,13 +23,14 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
 import yara
 import yaramod
 
+from sspry.features.xmodules import X_MODULES
 from sspry.query.externals import Externals, declarations
 
 _local = threading.local()
@@ -39,10 +40,13 @@ RULE_SUFFIXES = (".yar", ".yara")  # the files a directory given as --rule contr
 
 
 def yaramod_parser() -> yaramod.Yaramod:
-    """This thread's parser: building one loads every module definition (~25 ms), so it is reused."""
+    """This thread's parser (knowing yara-x's macho, dex, lnk and crx: query/moduledefs.py): building one
+    loads every module definition (~25 ms), so it is reused."""
+    from sspry.query.moduledefs import new_parser
+
     parser = getattr(_local, "parser", None)
     if parser is None:
-        parser = _local.parser = yaramod.Yaramod()
+        parser = _local.parser = new_parser()
     return parser
 
 
@@ -93,6 +97,7 @@ class Namespace:
     parse_error: str | None = None  # why yaramod could not parse it (then every rule plans as TRUE)
     parsed: yaramod.YaraFile | None = field(default=None, compare=False, repr=False)  # yaramod's parse
     path: str | None = None  # the rule file, when it came from one
+    engine: str = "yara"  # the engine that compiles it: "yara-x" when it imports a module only yara-x has
 
     def spec(self) -> Spec:
         """Where to compile it from: its inlined text, else its file."""
@@ -127,12 +132,14 @@ class RuleSource:
 
     @cached_property
     def compiled(self) -> yara.Rules:
-        """yara-python's compilation of every namespace, in one set (each in its namespace). Compiled
-        when first asked for (verification may never need it): each compiled set holds ~8 MB of
-        matching tables however few its rules, so loading keeps one only for a source of one file."""
+        """yara-python's compilation of every namespace it can compile (not those only yara-x can:
+        `compiled_x`), in one set, each in its namespace. Compiled when first asked for (verification
+        may never need it): each compiled set holds ~8 MB of matching tables however few its rules, so
+        loading keeps one only for a source of one file."""
         if self.loaded is not None:
             return self.loaded
-        specs = [ns.spec() for ns in self.namespaces]
+        namespaces = [ns for ns in self.namespaces if ns.engine == "yara"]
+        specs = [ns.spec() for ns in namespaces]
         if all(spec.text is not None for spec in specs):
             return _compiling(
                 lambda: yara.compile(sources={s.namespace: s.text for s in specs}, externals=self.externals),
@@ -141,11 +148,20 @@ class RuleSource:
         if len(specs) == 1:
             return compile_spec(specs[0], self.externals)
         # some file's includes only it can resolve: every file compiled from its path
-        paths = {ns.name: ns.path for ns in self.namespaces}
+        paths = {ns.name: ns.path for ns in namespaces}
         return _compiling(lambda: yara.compile(filepaths=paths, externals=self.externals), self.name)
 
+    @cached_property
+    def compiled_x(self):
+        """yara-x's compilation (an engines.Compiled) of the namespaces only yara-x compiles."""
+        from sspry.engines import compile_x_sources
 
-def _refused(exc: Exception) -> str:
+        found = {ns.name: (ns.text, ns.path) for ns in self.namespaces if ns.engine == "yara-x"}
+        compiled = compile_x_sources(found, self.externals)
+        return replace(compiled, qualified=len(self.namespaces) > 1)
+
+
+def explain(exc: Exception) -> str:
     """YARA's complaint, with the likely fix when it is a name it does not know."""
     message = str(exc)
     if "undefined identifier" in message:
@@ -158,9 +174,9 @@ def _compiling(compile: Callable[[], yara.Rules], origin: str) -> yara.Rules:
     try:
         return compile()
     except yara.SyntaxError as exc:
-        raise RuleError(f"invalid YARA rule: {_refused(exc)}") from exc
+        raise RuleError(f"invalid YARA rule: {explain(exc)}") from exc
     except yara.Error as exc:
-        raise RuleError(f"{origin}: cannot compile: {_refused(exc)}") from exc
+        raise RuleError(f"{origin}: cannot compile: {explain(exc)}") from exc
     except (ValueError, TypeError) as exc:  # ValueError: a NUL in the text
         raise RuleError(f"{origin}: cannot compile: {exc}") from exc
 
@@ -180,6 +196,49 @@ def compile_spec(spec: Spec, externals: Externals | None = None, includes: bool 
     return _compiling(
         lambda: yara.compile(sources=sources, externals=externals, includes=includes), spec.origin
     )
+
+
+def judged(spec: Spec, externals: Externals | None = None, includes: bool = True) -> tuple[str, object]:
+    """(engine, its compilation) of one namespace: yara-python's, or yara-x's when yara-python refuses
+    it and yara-x compiles it with a module only yara-x has (macho, dex, lnk, crx; the file is then
+    verified by yara-x whatever --engine says); else RuleError with yara-python's complaint."""
+    try:
+        return "yara", compile_spec(spec, externals, includes)
+    except RuleError as exc:
+        compiled = _with_yara_x_modules(spec, externals, includes)
+        if compiled is None:
+            raise
+        del exc
+    return "yara-x", compiled
+
+
+def _with_yara_x_modules(spec: Spec, externals: Externals | None, includes: bool = True):
+    """yara-x's compilation of a namespace when it compiles it and imports a module only yara-x has;
+    else None."""
+    from sspry.engines import EngineError, compile_x_sources
+
+    try:
+        compiled = compile_x_sources({spec.namespace: (spec.text, spec.path)}, externals, includes).rules
+    except EngineError:
+        return None
+    return compiled if set(compiled.imports()) & set(X_MODULES) else None  # type: ignore[attr-defined]
+
+
+def needs_yara_x(path: str, externals: Externals | None = None) -> bool:
+    """Whether yara-python refuses a rule file that yara-x compiles with a module only it has."""
+    try:
+        return judged(Spec(DEFAULT_NAMESPACE, path=path), externals)[0] == "yara-x"
+    except RuleError:
+        return False
+
+
+def rule_names(engine: str, compiled, private: Callable[[], set[str]]) -> list[tuple[str, bool]]:
+    """(name, private) of every rule of a compilation, in order. yara-x does not say which rules are
+    private: `private()` names them (from yaramod's parse)."""
+    if engine == "yara":
+        return [(r.identifier, r.is_private) for r in compiled]
+    hidden = private()
+    return [(r.identifier, r.identifier in hidden) for r in compiled]
 
 
 def parse(
@@ -249,31 +308,43 @@ def rule_specs(rule: RuleText | None = None, path: RulePaths | None = None) -> l
     return specs
 
 
-def _self_contained(spec: Spec, externals: Externals | None) -> tuple[str, yara.Rules] | None:
-    """(the source, compiled) when it includes nothing and is UTF-8 text, else None."""
+def _self_contained(spec: Spec, externals: Externals | None) -> tuple[str, str, object] | None:
+    """(the source, engine, compiled) when it includes nothing and is UTF-8 text, else None."""
     try:
         text = spec.text if spec.path is None else Path(spec.path).read_bytes().decode("utf-8")
-        return text, compile_spec(Spec(spec.namespace, text=text), externals, includes=False)  # type: ignore[return-value]
+        return text, *judged(Spec(spec.namespace, text=text), externals, includes=False)  # type: ignore[return-value]
     except (RuleError, OSError, UnicodeDecodeError):
         return None
 
 
-def load_namespace(spec: Spec, externals: Externals | None = None) -> tuple[Namespace, yara.Rules]:
+def _private(spec: Spec, text: str | None) -> set[str]:
+    """The private rules of a namespace, by yaramod's parse (none known when it cannot parse it)."""
+    try:
+        parsed = yaramod_parser().parse_string(text) if text is not None else parse(spec.text, spec.path)
+    except Exception:  # yaramod's ParserError, sometimes RuntimeError
+        return set()
+    return {rule.name for rule in parsed.rules if rule.is_private}
+
+
+def load_namespace(spec: Spec, externals: Externals | None = None) -> tuple[Namespace, object]:
     """One namespace compiled (RuleError when YARA refuses it), with its source with includes inlined,
-    and yara-python's compilation of it. A file with includes that names externals plans as TRUE
-    (yaramod inlines includes only when it parses the file itself, and then cannot be told them)."""
+    and its compilation (yara-python's, or yara-x's: `judged`). A file with includes that names
+    externals plans as TRUE (yaramod inlines includes only when it parses the file itself, and then
+    cannot be told them)."""
     alone = _self_contained(spec, externals)
     if alone is not None:
-        text, compiled = alone
-        return Namespace(spec.namespace, spec.origin, text, _targets(compiled), path=spec.path), compiled
-    compiled = compile_spec(spec, externals)
-    targets = _targets(compiled)
+        text, engine, compiled = alone
+        targets = _targets(rule_names(engine, compiled, lambda: _private(spec, text)))
+        return Namespace(spec.namespace, spec.origin, text, targets, path=spec.path, engine=engine), compiled
+    engine, compiled = judged(spec, externals)
+    targets = _targets(rule_names(engine, compiled, lambda: _private(spec, None)))
     try:
         parsed = parse(spec.text, spec.path)
         text, error = parsed.text, None
     except Exception as exc:  # yaramod raises its own ParserError and sometimes RuntimeError
         parsed, text, error = None, None, str(exc)
-    return Namespace(spec.namespace, spec.origin, text, targets, error, parsed, spec.path), compiled
+    namespace = Namespace(spec.namespace, spec.origin, text, targets, error, parsed, spec.path, engine)
+    return namespace, compiled
 
 
 def load_rules(
@@ -292,14 +363,14 @@ def load_rules(
         if len(specs) > 1:
             raise RuleError(f"no rules in any of the {len(specs)} rule files")
         raise RuleError(f"{specs[0].path}: no rules in file" if specs[0].path else "no rules in the text")
-    return RuleSource(tuple(namespaces), externals, compiled if len(specs) == 1 else None)
+    alone = len(specs) == 1 and namespaces[0].engine == "yara"
+    return RuleSource(tuple(namespaces), externals, compiled if alone else None)
 
 
-def _targets(compiled: yara.Rules) -> tuple[str, ...]:
+def _targets(names: list[tuple[str, bool]]) -> tuple[str, ...]:
     """The rules a search reports: the public ones, in file order (every one when none is public)."""
-    all_rules = list(compiled)
-    public = tuple(r.identifier for r in all_rules if not r.is_private)
-    return public or tuple(r.identifier for r in all_rules)
+    public = tuple(name for name, private in names if not private)
+    return public or tuple(name for name, _ in names)
 
 
 def load_for_search(
