@@ -36,11 +36,11 @@ from sspry.query.results import (
     effective_limit,
     rule_result,
 )
-from sspry.query.rules import load_for_search
+from sspry.query.rules import RulePaths, RuleText, load_for_search
 from sspry.store.files import SHOWN_PATHS, PathDeletion, PathsOf
 from sspry.store.ingest_log import IngestResult
 from sspry.v1 import sspry_pb2
-from sspry.wire import externals_to_proto, file_stamp, policy_from_proto
+from sspry.wire import externals_to_proto, file_stamp, namespaces_to_proto, policy_from_proto
 
 if TYPE_CHECKING:
     from sspry.query.rulecheck import RuleReport
@@ -151,8 +151,8 @@ class Cluster:
     # --- search ------------------------------------------------------------------------------------
     def search(
         self,
-        rule: str | None = None,
-        path: str | None = None,
+        rule: RuleText | None = None,
+        path: RulePaths | None = None,
         *,
         verify: bool = False,
         details: Collection[str] = (),
@@ -164,7 +164,8 @@ class Cluster:
         externals: Externals | None = None,
         progress: Progress | None = None,
     ) -> SearchResult:
-        """Every document that may match each public rule of the rule text (`rule=`) or file (`path=`),
+        """Every document that may match each public rule of the rule text (`rule=`) or files (`path=`;
+        both as Database.search takes them),
         on every server (merged, deduplicated, then capped); with `verify`, each candidate scanned with
         YARA here (its recorded paths must be readable), keeping of each match the `details` asked
         ("strings", "tags", "meta"); `engine`: "yara" (yara-python) or "yara-x"."""
@@ -188,8 +189,8 @@ class Cluster:
 
     def stream(
         self,
-        rule: str | None = None,
-        path: str | None = None,
+        rule: RuleText | None = None,
+        path: RulePaths | None = None,
         *,
         max_candidates: float = 0.0,
         max_anchors: int = DEFAULT_MAX_ANCHORS,
@@ -202,16 +203,15 @@ class Cluster:
         every server has sent it, so memory stays flat whatever the number of candidates. The rules are
         compiled here first (RuleError if YARA refuses them), and sent with their includes inlined."""
         progress = progress or SILENT
-        source, compiled, compile_ms = load_for_search(rule, path, progress.note, externals)
+        source, compile_ms = load_for_search(rule, path, progress.note, externals)
         members = self.discover()
         targets = list(source.targets)
         request = sspry_pb2.SearchRequest(
-            source=source.text or "",
-            targets=targets,
             max_anchors=max_anchors,
             limit=limit or 0,
             count_only=count_only,
             externals=externals_to_proto(source.externals),
+            **namespaces_to_proto((ns.name, ns.text, list(ns.targets)) for ns in source.namespaces),
         )
         stage = progress.stage("planning (servers)", len(targets) * len(members), "rule")
         answers = [
@@ -220,7 +220,7 @@ class Cluster:
         documents = sum(a.documents for a in answers)
         cap = 0 if count_only else effective_limit(documents, max_candidates, limit)
         stream = SearchStream(targets, documents, {"compile": compile_ms})
-        stream.compiled, stream.source = compiled, source
+        stream.source = source
         stream.servers = [a.connection.addr for a in answers]
         stream.offline = list(self.offline)
 
@@ -254,8 +254,8 @@ class Cluster:
 
     def check(
         self,
-        rule: str | None = None,
-        path: str | None = None,
+        rule: RuleText | None = None,
+        path: RulePaths | None = None,
         *,
         max_anchors: int = DEFAULT_MAX_ANCHORS,
         externals: Externals | None = None,

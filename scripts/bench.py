@@ -169,7 +169,7 @@ def main() -> None:
             runs = []
             for _ in range(BUNDLE_RUNS if size < max(SET_SIZES) else 1):
                 started = time.perf_counter()
-                result, compiled = search_rule_file(forest, str(path), compiled_gather=True)
+                result, source = search_rule_file(forest, str(path), compiled_gather=True)
                 runs.append(time.perf_counter() - started)
             bundles[size] = {
                 "bundle_s": round(statistics.median(runs), 3),
@@ -181,7 +181,7 @@ def main() -> None:
             if size == max(SET_SIZES):
                 bundle_candidates = {r.name: {c.source_id for c in r.candidates} for r in result.rules}
                 started = time.perf_counter()
-                verify(result, compiled, forest.policy, workers=CORES)
+                verify(result, source, forest.policy, workers=CORES)
                 bundles[size]["verify_s"] = round(time.perf_counter() - started, 3)
         report["bundles"] = bundles
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from sspry import synthetic
 from sspry.client.cluster import Cluster
 from sspry.policy import Policy
-from sspry.query.rules import load_rule_file
+from sspry.query.rules import load_rules
 from sspry.store.forest import Forest
 
 BASE_TOKENS = ["BaseCorpusToken", "StableMarker77"]
@@ -52,7 +52,7 @@ def main() -> None:
         addr = server.stdout.readline().rsplit(" ", 1)[1].strip()
         rules = work / "rules.yar"
         rules.write_text(synthetic.rules_for(BASE_TOKENS + NEW_TOKENS))
-        source, _ = load_rule_file(str(rules))
+        source = load_rules(path=str(rules))
         # exact-case rules over the base tokens: a new file can only become their candidate through a
         # bloom false positive, which for 8+ grams at these fps is vanishingly rare
         stable = {

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from sspry.policy import Policy
 from sspry.query.plan import Node
-from sspry.query.rules import RuleError, load_rule_file, yaramod_parser
+from sspry.query.rules import RuleError, load_rules, yaramod_parser
 
 try:
     from sspry.query.ruleset import plan_rules
@@ -74,7 +74,7 @@ def main() -> int:
         for path in files:
             relative = path.relative_to(args.rules)
             try:
-                source, _ = load_rule_file(str(path))
+                source = load_rules(path=str(path))
             except RuleError as exc:  # YARA refuses it, or it holds no rules: nothing to plan
                 out.write(f"{relative}\t-\t{exc}\n")
                 continue

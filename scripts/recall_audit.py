@@ -28,13 +28,13 @@ from pathlib import Path
 import yara
 from tqdm import tqdm
 
-from sspry.engines import compile_file, compile_x_files
+from sspry.engines import compile_files, compile_x_files
 from sspry.features.walk import walk
 from sspry.indexing import index_paths
 from sspry.policy import Policy
 from sspry.query.externals import parse_defines
 from sspry.query.rules import RuleError, load_rules
-from sspry.query.ruleset import plan_rules
+from sspry.query.ruleset import iter_source_plans
 from sspry.query.search import search_snapshot
 from sspry.store.forest import Forest, is_forest
 
@@ -89,7 +89,7 @@ def yara_x_truth(
     accepted, refused = {}, {}
     for namespace, path in namespaces.items():
         try:
-            compile_file("yara-x", path, externals)
+            compile_files("yara-x", {"default": path}, externals)
             accepted[namespace] = path
         except Exception as exc:  # EngineError: yara-x refuses what yara-python compiled
             refused[path] = str(exc)
@@ -193,8 +193,8 @@ def main() -> int:
         for namespace, path in tqdm(sorted(namespaces.items()), desc="searching", file=sys.stderr):
             try:
                 started = time.perf_counter()
-                source, _ = load_rules(path=path, externals=externals)
-                plans = plan_rules(source.text, source.targets, forest.policy, externals=externals)
+                source = load_rules(path=path, externals=externals)
+                plans = list(iter_source_plans(source, forest.policy))
                 result = search_snapshot(snapshot, plans, forest.policy)
                 search_ms.append((time.perf_counter() - started) * 1000)
             except RuleError as exc:

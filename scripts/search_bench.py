@@ -18,8 +18,8 @@ import statistics
 import time
 from pathlib import Path
 
-from sspry.query.rules import load_rule_file
-from sspry.query.ruleset import plan_rules
+from sspry.query.rules import load_rules
+from sspry.query.ruleset import iter_source_plans
 from sspry.query.search import search_snapshot
 from sspry.store.forest import Forest
 
@@ -47,8 +47,7 @@ def main() -> None:
         report["documents"], report["segments"] = snapshot.documents, len(snapshot.views)
 
         def plans_of(path: Path):
-            source, _ = load_rule_file(str(path))
-            return plan_rules(source.text, source.targets, forest.policy)
+            return list(iter_source_plans(load_rules(path=str(path)), forest.policy))
 
         def timed(path: Path, plans) -> tuple[list[float], list[float], object]:
             walls, cpus, result = [], [], None

@@ -38,7 +38,14 @@ from sspry.policy import PolicyError
 from sspry.store.errors import StorageFull
 from sspry.store.forest import PUBLISH_BYTES, Forest
 from sspry.v1 import sspry_pb2
-from sspry.wire import RowAssembler, WireError, externals_from_proto, file_record, policy_to_proto
+from sspry.wire import (
+    RowAssembler,
+    WireError,
+    externals_from_proto,
+    file_record,
+    namespaces_from_proto,
+    policy_to_proto,
+)
 
 CANDIDATES_PER_FRAME = 10_000
 PATH_FRAME_BYTES = 1 << 20  # paths sent per frame, roughly
@@ -294,12 +301,14 @@ class SspryService:
 
     async def Search(self, request: sspry_pb2.SearchRequest, context):
         await self._check(request, context)
-        targets = list(request.targets)
-        if not targets or len(targets) > MAX_TARGETS:
+        try:
+            namespaces = namespaces_from_proto(request)
+        except WireError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if not 0 < sum(len(targets) for _, _, targets in namespaces) <= MAX_TARGETS:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, f"a search names 1 to {MAX_TARGETS} target rules"
             )
-        source = request.source or None
         loop = asyncio.get_running_loop()
         frames: asyncio.Queue = asyncio.Queue()
         room = threading.Semaphore(FRAMES_AHEAD)  # the worker waits for a slow client: memory stays flat
@@ -314,11 +323,7 @@ class SspryService:
 
         def work() -> None:
             try:
-                externals = externals_from_proto(request.externals)
-                problem = _compile_problem(source, targets, externals) if source is not None else None
-                if problem:
-                    raise WireError(problem)
-                self._search(request, source, targets, externals, emit, cancelled)
+                self._search(request, _rule_source(namespaces, request), emit, cancelled)
             except _Cancelled:
                 pass
             except BaseException as exc:
@@ -343,12 +348,12 @@ class SspryService:
             finally:
                 self.active_searches -= 1
 
-    def _search(self, request, source, targets, externals, emit, cancelled: threading.Event) -> None:
-        """Plan and search on a worker thread, emitting frames (see SearchFrame in the proto); stops early
-        once `cancelled` is set."""
+    def _search(self, request, source, emit, cancelled: threading.Event) -> None:
+        """Plan and search `source` (a RuleSource) on a worker thread, emitting frames (see SearchFrame in
+        the proto); stops early once `cancelled` is set."""
         from sspry.query.evaluate import evaluate_snapshot
         from sspry.query.literals import DEFAULT_MAX_ANCHORS
-        from sspry.query.ruleset import iter_plans
+        from sspry.query.ruleset import iter_source_plans
         from sspry.query.search import hits_result, note_codes
 
         started = time.perf_counter()
@@ -357,9 +362,8 @@ class SspryService:
         plans = []
         reported = started
         anchors = request.max_anchors or DEFAULT_MAX_ANCHORS
-        plans_of = iter_plans(
-            source, targets, self.forest.policy, anchors, cache=self.plan_cache, externals=externals
-        )
+        targets = source.targets
+        plans_of = iter_source_plans(source, self.forest.policy, anchors, cache=self.plan_cache)
         for plan in plans_of:
             if cancelled.is_set():
                 raise _Cancelled
@@ -447,13 +451,26 @@ _compiled: OrderedDict[bytes, frozenset[str]] = OrderedDict()  # sha256 of a val
 COMPILED_SOURCES = 64
 
 
+def _rule_source(namespaces: list, request: sspry_pb2.SearchRequest):
+    """The RuleSource of a request's namespaces, each checked by YARA (`_compile_problem`); WireError
+    naming what YARA refuses."""
+    from sspry.query.rules import Namespace, RuleSource
+
+    externals = externals_from_proto(request.externals)
+    for name, source, targets in namespaces:
+        problem = _compile_problem(source, targets, externals) if source is not None else None
+        if problem:
+            raise WireError(f"namespace {name}: {problem}" if len(namespaces) > 1 else problem)
+    found = tuple(Namespace(name, f"namespace {name}", text, tuple(t)) for name, text, t in namespaces)
+    return RuleSource(found, externals)
+
+
 def _compile_problem(source: str, targets: list[str], externals: dict) -> str | None:
     """Why YARA refuses `source` (includes disabled) with `externals`, or names a target it does not
     hold; None if fine. The rules of sources that compiled are remembered: a bundle searched again is
     not compiled again."""
-    import yara
-
     from sspry.query.externals import digest_part
+    from sspry.query.rules import DEFAULT_NAMESPACE, RuleError, Spec, judged, rule_names
 
     key = digest_part(externals) + "\0" + source
     digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
@@ -461,12 +478,10 @@ def _compile_problem(source: str, targets: list[str], externals: dict) -> str | 
         known = _compiled.get(digest)
     if known is None:
         try:
-            compiled = yara.compile(source=source, includes=False, externals=externals)
-        except yara.Error as exc:
-            return f"invalid YARA rule: {exc}"
-        except (ValueError, TypeError) as exc:  # a NUL in the source, for one
-            return f"invalid YARA source: {exc}"
-        known = frozenset(r.identifier for r in compiled)
+            engine, compiled = judged(Spec(DEFAULT_NAMESPACE, text=source), externals, includes=False)
+        except RuleError as exc:
+            return str(exc)
+        known = frozenset(name for name, _ in rule_names(engine, compiled, set))
         with _compiled_lock:
             _compiled[digest] = known
             while len(_compiled) > COMPILED_SOURCES:

@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -175,7 +176,7 @@ def _interruptible() -> Iterator[threading.Event]:
 
 
 class _Sspry(click.Group):
-    """`sspry --rule RULE FILE...` (options first, no command) scans files directly with YARA, as the
+    """`sspry --rule RULE... FILE...` (options first, no command) scans files directly with YARA, as the
     original did; an unknown command word is an error with a suggestion, never a file to scan."""
 
     def parse_args(self, ctx, args):
@@ -195,6 +196,9 @@ class _Sspry(click.Group):
 def main() -> None:
     """sspry: a YARA prefilter database. Index files once; for any YARA rule, get back every file that
     could match (never missing one) in milliseconds, and let YARA verify only those."""
+    # yara-python warns for each scan in which a string passed YARA's limit of matches; the rule's
+    # verdict stands as YARA gives it, and over a corpus the warnings only bury the output
+    warnings.filterwarnings("ignore", message="too many matches", category=RuntimeWarning)
 
 
 # --- init --------------------------------------------------------------------------------------------
@@ -306,6 +310,16 @@ def _defines(ctx, param, values: tuple[str, ...]) -> dict:
         raise click.BadParameter(str(exc)) from exc
 
 
+rule_option = click.option(
+    "--rule",
+    "rule",
+    required=True,
+    multiple=True,
+    type=click.Path(),
+    metavar="FILE|DIR",
+    help="A YARA rule file, or a directory of them (.yar/.yara, recursively); repeatable. Each file is "
+    "compiled in a namespace of its own (NS:FILE names it); with several, rules are named ns:rule.",
+)
 define_option = click.option(
     "-d",
     "--define",
@@ -327,7 +341,7 @@ max_anchors_option = click.option(
 
 # --- rule-check --------------------------------------------------------------------------------------
 @main.command("rule-check")
-@click.option("--rule", "rule", required=True, type=click.Path(dir_okay=False), help="YARA rule file.")
+@rule_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option(
     "--root", default=None, type=click.Path(file_okay=False), help="Take the policy from this Forest."
@@ -353,9 +367,9 @@ max_anchors_option = click.option(
 def rule_check(
     rule, as_json, root, gram_sizes, id_source, max_anchors_per_pattern, externals, only_problems, fail_on
 ):
-    """Explain how each rule of RULE would be searched: status, each string with its grams, and what
+    """Explain how each rule of the rule files would be searched: status, each string with its grams, and what
     only verification decides (stable codes with line and column, why, and a hint), with counts by
-    status. Exit 2 if RULE does not compile; 1 with --fail-on when a rule has that status; else 0."""
+    status. Exit 2 if a rule file does not compile; 1 with --fail-on when a rule has that status; else 0."""
     from sspry.query.rulecheck import check_rule_file, fails, file_status, format_text, status_counts
     from sspry.query.rules import RuleError
 
@@ -368,12 +382,12 @@ def rule_check(
         policy = Policy(gram_sizes=gram_sizes or (3, 4), id_source=id_source or "sha256")
         source = "explicit" if (gram_sizes or id_source) else "defaults"
     try:
-        reports = check_rule_file(rule, policy, max_anchors_per_pattern, externals)
+        reports = check_rule_file(list(rule), policy, max_anchors_per_pattern, externals)
     except RuleError as exc:
         raise InputError(str(exc)) from exc
     if as_json:
         data = {
-            "file": rule,
+            "files": list(rule),
             "status": file_status(reports),
             "policy": {
                 "source": source,
@@ -385,7 +399,7 @@ def rule_check(
         }
         click.echo(json.dumps(data, indent=2))
     else:
-        click.echo(format_text(rule, source, policy, reports, only_problems))
+        click.echo(format_text(source, policy, reports, only_problems))
     if fail_on and fails(reports, fail_on):
         sys.exit(1)
 
@@ -546,10 +560,12 @@ def _search(
     )
     with _failures():
         if verify:
-            found = store.search(path=rule, verify=True, details=details, engine=engine, **asked, **options)
+            found = store.search(
+                path=list(rule), verify=True, details=details, engine=engine, **asked, **options
+            )
             rules, names, summary = found.rules, [r.name for r in found.rules], found
         else:
-            found = store.stream(path=rule, count_only=count, **asked, **options)
+            found = store.stream(path=list(rule), count_only=count, **asked, **options)
             rules, names, summary = found, found.targets, found
         several = len(names) > 1
         if output == "json":
@@ -637,7 +653,7 @@ search_workers_option = click.option(
 
 @local.command("search")
 @root_option
-@click.option("--rule", "rule", required=True, type=click.Path(dir_okay=False), help="YARA rule file.")
+@rule_option
 @_output_options
 @max_candidates_option
 @click.option("--verify", is_flag=True, help="Scan candidates with YARA (needs a forest with --store-path).")
@@ -647,7 +663,7 @@ search_workers_option = click.option(
 @define_option
 @search_workers_option
 def local_search(root, search_workers, **options):
-    """Return every indexed file that may match each public rule of RULE."""
+    """Return every indexed file that may match each public rule of the rule files."""
     with _local(root) as db:
         _search(db, workers=search_workers, **options)
 
@@ -926,7 +942,7 @@ def index(
 
 
 @main.command()
-@click.option("--rule", "rule", required=True, type=click.Path(dir_okay=False), help="YARA rule file.")
+@rule_option
 @_client_options
 @_output_options
 @max_candidates_option
@@ -938,7 +954,8 @@ def index(
 @max_anchors_option
 @define_option
 def search(addr, timeout, max_message_bytes, ignore_offline, token, tls_ca, **options):
-    """Search server(s) with every public rule of RULE; results merged, deduplicated, then capped."""
+    """Search server(s) with every public rule of the rule files; results merged, deduplicated, then
+    capped."""
     with _cluster(addr, timeout, max_message_bytes, ignore_offline, token, tls_ca) as cluster:
         _search(cluster, **options)
 
@@ -979,7 +996,7 @@ def shutdown(addr, timeout, max_message_bytes, ignore_offline, token, tls_ca):
 
 
 @main.command(hidden=True)
-@click.option("--rule", "rule", required=True, type=click.Path(dir_okay=False), help="YARA rule file.")
+@rule_option
 @click.argument("files", nargs=-1, required=True)
 @click.option(
     "--scan-timeout", default=60, show_default=True, type=click.IntRange(1), help="Seconds per file."
@@ -993,13 +1010,16 @@ def scan(rule, files, scan_timeout, show_tags, details, engine, as_json, externa
     """Scan FILES directly with YARA (the default mode: `sspry --rule RULE FILE|DIR...`). Directories
     are walked recursively; FIFOs, devices and sockets are passed over. Exit 1 if a file could not be
     scanned."""
-    from sspry.engines import compile_file, scan_errors, scan_group
+    from sspry.engines import compile_files, scan_errors, scan_group
     from sspry.features.walk import walk
+    from sspry.query.rules import rule_specs
 
     if show_tags:
         details = (*details, "tags")
     with _failures():
-        compiled = compile_file(engine, rule, externals)
+        specs = rule_specs(path=list(rule))
+        compiled = compile_files(engine, {spec.namespace: spec.path for spec in specs}, externals)
+    rule = ", ".join(rule)
     found = walk(files)
     for problem in found.problems:
         click.echo(f"skipped: {problem}", err=True)

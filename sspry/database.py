@@ -26,7 +26,7 @@ from sspry.query.literals import DEFAULT_MAX_ANCHORS
 from sspry.query.plancache import PlanCache
 from sspry.query.results import SearchResult, SearchStream
 from sspry.query.rulecheck import RuleReport, check_rules
-from sspry.query.rules import load_for_search
+from sspry.query.rules import RulePaths, RuleText, load_for_search
 from sspry.store.forest import CompactResult, Forest
 
 
@@ -104,8 +104,8 @@ class Database:
 
     def search(
         self,
-        rule: str | None = None,
-        path: str | None = None,
+        rule: RuleText | None = None,
+        path: RulePaths | None = None,
         *,
         verify: bool = False,
         details: Collection[str] = (),
@@ -118,7 +118,9 @@ class Database:
         workers: int = 0,
         progress: Progress | None = None,
     ) -> SearchResult:
-        """Every document that may match each public rule of the rule text (`rule=`) or file (`path=`);
+        """Every document that may match each public rule of the rule text (`rule=`: a text, or a dict
+        namespace -> text) or rule files (`path=`: one or a list of files and directories, each file in
+        a namespace of its own; several namespaces name their rules `namespace:rule`);
         with `verify`, each candidate scanned by `engine` ("yara": yara-python, or "yara-x"), keeping of
         each match the `details` asked ("strings", "tags", "meta"). RuleError if YARA refuses the rules."""
         from sspry.verify import check_options, collect, needs_paths
@@ -143,8 +145,8 @@ class Database:
 
     def stream(
         self,
-        rule: str | None = None,
-        path: str | None = None,
+        rule: RuleText | None = None,
+        path: RulePaths | None = None,
         *,
         max_candidates: float = 0.0,
         max_anchors: int = DEFAULT_MAX_ANCHORS,
@@ -159,7 +161,7 @@ class Database:
         the counts are always complete."""
         from sspry.query.search import stream_forest
 
-        source, compiled, compile_ms = load_for_search(rule, path, (progress or SILENT).note, externals)
+        source, compile_ms = load_for_search(rule, path, (progress or SILENT).note, externals)
         forest = self._forest()
         with self._lock:
             if self._plan_cache is None:
@@ -177,7 +179,6 @@ class Database:
             self._plan_cache,
         )
         stream.timings_ms["compile"] = compile_ms
-        stream.compiled, stream.source = compiled, source
         return stream
 
     def delete(self, values: list[str] | tuple[str, ...]) -> list[Deletion]:
@@ -194,8 +195,8 @@ class Database:
 
     def check(
         self,
-        rule: str | None = None,
-        path: str | None = None,
+        rule: RuleText | None = None,
+        path: RulePaths | None = None,
         *,
         max_anchors: int = DEFAULT_MAX_ANCHORS,
         externals: Externals | None = None,

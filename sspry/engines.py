@@ -52,6 +52,10 @@ class Compiled:
 
     engine: str
     rules: object  # yara.Rules or yara_x.Rules
+    qualified: bool = False  # matches are named `namespace:rule` (several namespaces searched)
+
+    def name(self, namespace: str, rule: str) -> str:
+        return f"{namespace}:{rule}" if self.qualified else rule
 
 
 def _yara_x():
@@ -62,37 +66,55 @@ def _yara_x():
     return yara_x
 
 
+Unit = tuple[str, str, list[tuple[str, str]]]  # (namespace, imports text, [(rule name, rule text)])
+
+
+def _numbered(imports: str, rules: list[tuple[str, str]]) -> tuple[str, list[tuple[int, str]]]:
+    """A unit's source text, and the line each of its rules starts on."""
+    pieces, starts, line = [imports], [], imports.count("\n") + 1
+    for name, body in rules:
+        starts.append((line, name))
+        pieces.append(body + "\n")
+        line += body.count("\n") + 1
+    return "".join(pieces), starts
+
+
 def compile_group(
-    engine: str, rules: list[tuple[str, str]], imports: str, externals: Mapping | None
-) -> tuple[Compiled | None, list[str]]:
-    """`rules` ((name, text) in order, with everything they reference) compiled by `engine` with the
-    `imports` text in front: (the compiled rules or None when none compiled, the names it refused).
-    yara-python refuses nothing here (it compiled the whole source before); yara-x may refuse a rule,
-    which is then left out and named, and its error located by line."""
+    engine: str, units: list[Unit], externals: Mapping | None, qualified: bool = False
+) -> tuple[Compiled | None, list[tuple[str, str]]]:
+    """`units` (each a namespace's imports and rules, in order, with everything they reference)
+    compiled by `engine` into one set, each unit in its namespace: (the compiled rules or None when
+    none compiled, the (namespace, rule) pairs it refused). yara-python refuses nothing here (it
+    compiled every namespace before); yara-x may refuse a rule, which is then left out and named, its
+    error located by line. `qualified`: matches are named `namespace:rule` (RuleSource.qualify)."""
     externals = dict(externals or {})
     if engine == "yara":
-        text = imports + "\n".join(text for _, text in rules)
-        return Compiled("yara", yara.compile(source=text, externals=externals)), []
+        sources = {ns: imports + "\n".join(text for _, text in rules) for ns, imports, rules in units}
+        return Compiled("yara", yara.compile(sources=sources, externals=externals), qualified), []
     yara_x = _yara_x()
-    kept, refused = list(rules), []
-    while kept:
-        pieces, starts, line = [imports], [], imports.count("\n") + 1
-        for name, body in kept:
-            starts.append((line, name))  # the line the rule starts on
-            pieces.append(body + "\n")
-            line += body.count("\n") + 1
+    kept = {ns: (imports, list(rules)) for ns, imports, rules in units}
+    refused: list[tuple[str, str]] = []
+    while any(rules for _, rules in kept.values()):
         compiler = _x_compiler(externals)
-        try:
-            compiler.add_source("".join(pieces))
-            return Compiled("yara-x", compiler.build()), refused
-        except yara_x.CompileError as exc:
-            found = _ERROR_LINE.search(str(exc))
-            if found is None:
-                return None, refused + [name for name, _ in kept]
-            line = int(found.group(1))
-            culprit = max((s for s in starts if s[0] <= line), default=starts[0])[1]
-            refused.append(culprit)
-            kept = [(n, t) for n, t in kept if n != culprit]
+        for ns, (imports, rules) in kept.items():
+            if not rules:
+                continue
+            text, starts = _numbered(imports, rules)
+            compiler.new_namespace(ns)
+            try:
+                compiler.add_source(text)
+            except yara_x.CompileError as exc:
+                found = _ERROR_LINE.search(str(exc))
+                if found is None:  # not located: the whole unit goes
+                    culprits = {name for _, name in starts}
+                else:
+                    line = int(found.group(1))
+                    culprits = {max((s for s in starts if s[0] <= line), default=starts[0])[1]}
+                refused.extend((ns, name) for name in culprits)
+                kept[ns] = (imports, [(n, t) for n, t in rules if n not in culprits])
+                break
+        else:
+            return Compiled("yara-x", compiler.build(), qualified), refused
     return None, refused
 
 
@@ -105,51 +127,71 @@ def _x_compiler(externals: Mapping | None):
     return compiler
 
 
-def compile_file(engine: str, path: str, externals: Mapping | None) -> Compiled:
-    """A whole rule file compiled by `engine` (includes relative to it): RuleError (yara-python) or
-    EngineError (yara-x) naming the file and what was refused."""
+def compile_files(engine: str, files: Mapping[str, str], externals: Mapping | None) -> Compiled:
+    """Rule files compiled by `engine` into one set, each in its namespace (`files`: namespace -> path;
+    a file alone is in "default"), includes relative to each file; matches are named `namespace:rule`
+    when there are several. RuleError (yara-python) or EngineError (yara-x) naming the file refused."""
     if engine == "yara":
-        from sspry.query.rules import compile_rules
+        from sspry.query.rules import RuleError, explain, needs_yara_x
 
-        return Compiled("yara", compile_rules(path, externals))
-    return compile_x_files({"default": path}, externals)
+        try:
+            rules = yara.compile(filepaths=dict(files), externals=dict(externals or {}))
+        except yara.Error as exc:
+            hint = next(
+                (f" ({p} needs yara-x: --engine yara-x)" for p in files.values() if needs_yara_x(p)), ""
+            )
+            raise RuleError(f"invalid YARA rule: {explain(exc)}{hint}") from exc
+        return Compiled("yara", rules, len(files) > 1)
+    return compile_x_files(files, externals)
 
 
 def compile_x_files(files: Mapping[str, str], externals: Mapping | None) -> Compiled:
-    """Rule files compiled by yara-x into one set, each in its namespace (`files`: namespace -> path;
-    yara-x's own is "default"), includes relative to each file; EngineError naming the file refused."""
+    """`compile_files` by yara-x."""
+    return compile_x_sources({namespace: (None, path) for namespace, path in files.items()}, externals)
+
+
+def compile_x_sources(
+    sources: Mapping[str, tuple[str | None, str | None]], externals: Mapping | None, includes: bool = True
+) -> Compiled:
+    """Rules compiled by yara-x into one set, each in its namespace (`sources`: namespace -> (text,
+    path): the text, else the file at path, includes relative to the file); matches are named
+    `namespace:rule` when there are several. EngineError naming the file (or namespace) refused."""
     yara_x = _yara_x()
     compiler = _x_compiler(externals)
-    compiler.enable_includes(True)
-    for namespace, path in files.items():
+    compiler.enable_includes(includes)
+    for namespace, (text, path) in sources.items():
+        origin = path or namespace
         compiler.new_namespace(namespace)
-        compiler.add_include_dir(os.path.dirname(os.path.abspath(path)))
+        if path is not None:
+            compiler.add_include_dir(os.path.dirname(os.path.abspath(path)))
         try:
-            with open(path, encoding="utf-8", errors="replace") as handle:
-                compiler.add_source(handle.read(), origin=path)
+            if text is None:
+                with open(path, encoding="utf-8", errors="replace") as handle:  # type: ignore[arg-type]
+                    text = handle.read()
+            compiler.add_source(text, origin=origin)
         except OSError as exc:
-            raise EngineError(f"{path}: {exc.strerror or exc}") from exc
+            raise EngineError(f"{origin}: {exc.strerror or exc}") from exc
         except yara_x.CompileError as exc:
             first = str(exc).strip().splitlines()
             raise EngineError(
-                f"yara-x refuses {path}: {' '.join(line.strip() for line in first[:2])}"
+                f"yara-x refuses {origin}: {' '.join(line.strip() for line in first[:2])}"
             ) from exc
-    return Compiled("yara-x", compiler.build())
+    return Compiled("yara-x", compiler.build(), len(sources) > 1)
 
 
-def serialize(compiled: Compiled) -> tuple[str, bytes]:
+def serialize(compiled: Compiled) -> tuple[str, bool, bytes]:
     out = io.BytesIO()
     if compiled.engine == "yara":
         compiled.rules.save(file=out)  # type: ignore[attr-defined]
     else:
         compiled.rules.serialize_into(out)  # type: ignore[attr-defined]
-    return compiled.engine, out.getvalue()
+    return compiled.engine, compiled.qualified, out.getvalue()
 
 
-def deserialize(engine: str, blob: bytes) -> Compiled:
+def deserialize(engine: str, qualified: bool, blob: bytes) -> Compiled:
     if engine == "yara":
-        return Compiled("yara", yara.load(file=io.BytesIO(blob)))
-    return Compiled("yara-x", _yara_x().Rules.deserialize_from(io.BytesIO(blob)))
+        return Compiled("yara", yara.load(file=io.BytesIO(blob)), qualified)
+    return Compiled("yara-x", _yara_x().Rules.deserialize_from(io.BytesIO(blob)), qualified)
 
 
 def shown(data: bytes) -> str:
@@ -208,7 +250,7 @@ def scan_group(
             if data is not None
             else compiled.rules.match(path, timeout=timeout)  # type: ignore[attr-defined]
         )
-        return {m.rule: match_details(m, asked) if asked else {} for m in found}
+        return {compiled.name(m.namespace, m.rule): match_details(m, asked) if asked else {} for m in found}
     scanner = _yara_x().Scanner(compiled.rules)
     scanner.set_timeout(timeout)
     for name, value in externals.items():
@@ -223,7 +265,8 @@ def scan_group(
                 for p in rule.patterns
                 for m in p.matches
             ]
-        out[rule.identifier] = _details(rule.tags, dict(rule.metadata), found, asked) if asked else {}
+        name = compiled.name(rule.namespace, rule.identifier)
+        out[name] = _details(rule.tags, dict(rule.metadata), found, asked) if asked else {}
     return out
 
 
@@ -306,11 +349,11 @@ _WORKER: dict = {}
 
 
 def init_worker(
-    blobs: list[tuple[str, bytes]], policy: Policy, asked: tuple[str, ...], externals: dict
+    blobs: list[tuple[str, bool, bytes]], policy: Policy, asked: tuple[str, ...], externals: dict
 ) -> None:
     """A verification worker's state: the groups, deserialized once."""
     _WORKER.update(
-        groups=[deserialize(engine, blob) for engine, blob in blobs],
+        groups=[deserialize(*blob) for blob in blobs],
         policy=policy,
         asked=asked,
         externals=externals,

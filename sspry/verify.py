@@ -41,7 +41,7 @@ from sspry.policy import Policy, PolicyError
 from sspry.progress import SILENT, Progress
 from sspry.query.externals import Externals
 from sspry.query.results import MATCH_DETAILS, SearchResult, SearchStream
-from sspry.query.rules import RELEASE_PARSE_CHARS, parse, release_parser
+from sspry.query.rules import RELEASE_PARSE_CHARS, Namespace, RuleSource, parse, release_parser
 
 BROAD_SHARE = 0.25  # a rule that is a candidate for this share of the verified files is broad
 GROUP_RULES = 64  # selective rules per group
@@ -118,61 +118,107 @@ def _parts(wanted: dict[str, set[bytes]], targets: list[str]) -> list[list[str]]
     return [part for part in parts if part]
 
 
-def rule_groups(
-    wanted: dict[str, set[bytes]],
-    compiled: yara.Rules,
-    parsed: yaramod.YaraFile | str | None,
-    externals: Externals | None = None,
-    engine: str = DEFAULT_ENGINE,
-) -> list[Group]:
-    """Split the target rules with candidates (`wanted`: rule -> its candidate documents) into groups
-    (see the module docstring), each compiled by `engine` with `externals` (their placeholder rules
-    left out); targets the engine refuses form a yara-python group of their own. `parsed`: the rules as
-    yaramod parsed them, or their source text (parsed here when it is needed). Without either, one
-    group: `compiled` (yara-python's)."""
-    targets = [name for name, docs in wanted.items() if docs]
-    whole = [Group(frozenset(targets), Compiled("yara", compiled))]
-    if parsed is None or (engine == "yara" and len(targets) < MIN_SPLIT_RULES):
-        return whole
-    if isinstance(parsed, str):
-        try:
-            parsed = parse(rule=parsed, externals=externals)
-        except Exception:  # yaramod refuses what yara-python compiled: scan with everything
-            return whole
-    rules = {rule.name: rule for rule in parsed.rules if rule.name not in (externals or {})}
-    names = set(rules)
-    needed_by = {name: _references(rule, names) for name, rule in rules.items()}
-    always = {name for name, rule in rules.items() if rule.is_global}
-    imports = "".join(f'import "{module.name}"\n' for module in parsed.imports)
+@dataclass
+class _Parsed:
+    """One namespace's rules as yaramod parsed them: what a group needs to compile some of them."""
 
-    def build(part: list[str], engine: str) -> tuple[Compiled | None, list[str]]:
-        closure, pending = set(), [*part, *always]
+    texts: dict[str, str]  # rule -> its text, in file order
+    needed_by: dict[str, set[str]]  # rule -> the rules its condition names
+    always: set[str]  # the global rules (every group of the namespace needs them)
+    imports: str
+
+    @classmethod
+    def of(cls, namespace: Namespace, externals: Externals) -> _Parsed | None:
+        """None when yaramod cannot parse it (its rules are then scanned with its whole compilation)."""
+        parsed = namespace.parsed
+        if parsed is None and namespace.text is not None:
+            try:
+                parsed = parse(rule=namespace.text, externals=externals)
+            except Exception:  # yaramod refuses what yara-python compiled
+                return None
+        if parsed is None:
+            return None
+        rules = {rule.name: rule for rule in parsed.rules if rule.name not in externals}
+        names = set(rules)
+        found = cls(
+            {name: rule.text for name, rule in rules.items()},
+            {name: _references(rule, names) for name, rule in rules.items()},
+            {name for name, rule in rules.items() if rule.is_global},
+            "".join(f'import "{module.name}"\n' for module in parsed.imports),
+        )
+        if namespace.parsed is None and len(namespace.text or "") >= RELEASE_PARSE_CHARS:
+            rules = parsed = None  # type: ignore[assignment]  # the parse's last references
+            release_parser()  # before the groups are compiled: never both in memory
+        return found
+
+    def closure(self, rules: list[str]) -> list[tuple[str, str]]:
+        """(name, text) of `rules`, the global rules and every rule they reference, in file order."""
+        found, pending = set(), [*rules, *self.always]
         while pending:
             name = pending.pop()
-            if name not in closure:
-                closure.add(name)
-                pending.extend(needed_by.get(name, ()))
-        texts = [(name, rule.text) for name, rule in rules.items() if name in closure]
+            if name not in found:
+                found.add(name)
+                pending.extend(self.needed_by.get(name, ()))
+        return [(name, text) for name, text in self.texts.items() if name in found]
+
+
+def rule_groups(
+    wanted: dict[str, set[bytes]], source: RuleSource, engine: str = DEFAULT_ENGINE
+) -> list[Group]:
+    """Split the target rules with candidates (`wanted`: a name of `source.targets` -> its candidate
+    documents) into groups (see the module docstring), each compiled by `engine` with the source's
+    externals (their placeholder rules left out); a group may hold rules of several namespaces, each
+    compiled in its own. Targets the engine refuses form a yara-python group of their own; the targets
+    of a namespace yaramod cannot parse are scanned with yara-python's compilation of every namespace,
+    those of namespaces only yara-x compiles (rules.judged) with yara-x's of them, whatever `engine`."""
+    found = [name for name, docs in wanted.items() if docs]
+    targets = [name for name in found if source.locate[name][0].engine == "yara"]
+    only_x = [name for name in found if name not in set(targets)]  # only yara-x compiles their files
+    x_groups = [Group(frozenset(only_x), source.compiled_x)] if only_x else []
+    externals = dict(source.externals)
+    qualified = len(source.namespaces) > 1
+    by_namespace: dict[str, list[str]] = {}
+    for name in targets:
+        by_namespace.setdefault(source.locate[name][0].name, []).append(name)
+    namespaces = {ns.name: ns for ns in source.namespaces}
+
+    def whole(names: list[str]) -> list[Group]:
+        """`names` scanned with yara-python's compilation of every namespace."""
+        return [Group(frozenset(names), Compiled("yara", source.compiled, qualified))] if names else []
+
+    if engine == "yara" and len(targets) < MIN_SPLIT_RULES:
+        return whole(targets) + x_groups
+    parsed = {ns: _Parsed.of(namespaces[ns], externals) for ns in by_namespace}
+    splittable = [name for name in targets if parsed[source.locate[name][0].name] is not None]
+    groups = whole([name for name in targets if parsed[source.locate[name][0].name] is None])
+
+    def build(part: list[str], engine: str) -> tuple[Compiled | None, list[str]]:
+        """The part's rules compiled, and those refused (the whole part when a global rule is)."""
+        own: dict[str, list[str]] = {}
+        for name in part:
+            namespace, rule = source.locate[name]
+            own.setdefault(namespace.name, []).append(rule)
+        units = [(ns, parsed[ns].imports, parsed[ns].closure(rules)) for ns, rules in own.items()]  # type: ignore[union-attr]
         try:
-            group, failed = compile_group(engine, texts, imports, externals)
+            group, failed = compile_group(engine, units, externals, qualified)
         except (yara.Error, ValueError):  # yaramod's text of a rule yara refuses
             return None, list(part)
-        if always & set(failed):  # without a global rule the others would match where YARA does not
-            return None, list(part)
-        return group, failed
+        if any(rule in parsed[ns].always for ns, rule in failed):  # type: ignore[union-attr]
+            return None, list(part)  # without a global rule the others would match where YARA does not
+        failed_names = {source.qualify(ns, rule) for ns, rule in failed}
+        return group, [name for name in part if name in failed_names]
 
-    groups, refused = [], []
-    for part in _parts(wanted, targets):
+    refused = []
+    for part in _parts(wanted, splittable) if splittable else []:
         group, failed = build(part, engine)
-        failed_targets = [name for name in part if name in failed]
-        refused.extend(failed_targets)
-        kept = [name for name in part if name not in failed_targets]
+        refused.extend(failed)
+        kept = [name for name in part if name not in failed]
         if group is not None and kept:
             groups.append(Group(frozenset(kept), group))
     if refused:
         group, _ = build(refused, "yara") if engine != "yara" else (None, refused)
-        groups.append(Group(frozenset(refused), group or Compiled("yara", compiled)))
-    return groups
+        groups += [Group(frozenset(refused), group)] if group is not None else whole(refused)
+    return groups + x_groups
 
 
 def needs_paths(policy: Policy) -> None:
@@ -208,18 +254,8 @@ def collect(
         needs_paths(policy)
     result = stream.collect()
     if verify_them:
-        source = stream.source
-        assert source is not None  # set by whatever made the stream, with `compiled`
-        verify(
-            result,
-            stream.compiled,
-            policy,
-            source.parsed or source.text,
-            progress=progress,
-            externals=source.externals,
-            details=details,
-            engine=engine,
-        )
+        assert stream.source is not None  # set by whatever made the stream
+        verify(result, stream.source, policy, progress=progress, details=details, engine=engine)
     result.timings_ms["total"] = (time.perf_counter() - started) * 1000
     return result
 
@@ -241,18 +277,15 @@ def _pool(groups: list[Group], files: int, workers: int, policy: Policy, details
 
 def verify(
     result: SearchResult,
-    rules: yara.Rules,
+    source: RuleSource,
     policy: Policy,
-    parsed: yaramod.YaraFile | str | None = None,
     workers: int = 0,
     progress: Progress = SILENT,
-    externals: Externals | None = None,
     details: Collection[str] = (),
     engine: str = DEFAULT_ENGINE,
 ) -> VerifyStats:
-    """Fill in `verified` (or `skipped` with its reason) of every candidate of `result`, scanning with
-    `engine`; `parsed` (the rules as yaramod parsed them, or their text) lets each file be scanned with
-    the groups of its own rules only."""
+    """Fill in `verified` (or `skipped` with its reason) of every candidate of `result` (a search of
+    `source`), scanning with `engine` each file with the groups of its own rules only."""
     started = time.perf_counter()
     documents: dict[bytes, _Document] = {}
     wanted: dict[str, set[bytes]] = {}
@@ -260,9 +293,8 @@ def verify(
         wanted[rule.name] = {c.source_id for c in rule.candidates}
         for candidate in rule.candidates:
             documents.setdefault(candidate.source_id, _Document(candidate.paths)).rules.add(rule.name)
-    groups = rule_groups(wanted, rules, parsed, externals, engine)
-    if isinstance(parsed, str) and len(parsed) >= RELEASE_PARSE_CHARS:
-        release_parser()  # rule_groups parsed it: nothing refers to that parse any more
+    groups = rule_groups(wanted, source, engine)
+    externals = source.externals
     stats = VerifyStats(groups=len(groups), engine=engine)
     workers = workers or min(4, len(os.sched_getaffinity(0)))
     pool = _pool(groups, len(documents), workers, policy, details, externals)

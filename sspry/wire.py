@@ -77,6 +77,36 @@ def externals_from_proto(message: Mapping[str, sspry_pb2.External]) -> dict[str,
     return out
 
 
+Namespace = tuple[str, str | None, list[str]]  # (YARA namespace, source or None, target rules)
+
+
+def namespaces_to_proto(namespaces: Iterable[Namespace]) -> dict:
+    """A search's rules as SearchRequest fields: one namespace as `source` and `targets` (what servers
+    that predate namespaces read), several as `namespaces`."""
+    found = list(namespaces)
+    if len(found) == 1:
+        _, source, targets = found[0]
+        return {"source": source or "", "targets": targets}
+    return {
+        "namespaces": [
+            sspry_pb2.RuleNamespace(name=name, source=source or "", targets=targets)
+            for name, source, targets in found
+        ]
+    }
+
+
+def namespaces_from_proto(request: sspry_pb2.SearchRequest) -> list[Namespace]:
+    """A request's namespaces (one, "default", when it has none); WireError for a nameless or repeated
+    namespace. A source is empty when yaramod could not parse it on the client: every rule of it then
+    plans as TRUE."""
+    if not request.namespaces:
+        return [("default", request.source or None, list(request.targets))]
+    names = [ns.name for ns in request.namespaces]
+    if not all(names) or len(set(names)) != len(names):
+        raise WireError("namespaces must be named, each name once")
+    return [(ns.name, ns.source or None, list(ns.targets)) for ns in request.namespaces]
+
+
 def file_stamp(doc: Document) -> sspry_pb2.FileStamp:
     """Where a document was read, without its content (the path only if the document carries it)."""
     stamp = sspry_pb2.FileStamp(path_key=doc.path_key, size=doc.filesize, mtime_ns=doc.mtime_ns)

@@ -352,7 +352,7 @@ def test_searches_load_no_compiled_kernels(tmp_path, files, rules) -> None:
     remote = (
         "import sys, sspry.cli, sspry.verify\n"
         "from sspry.client.cluster import Cluster\n"
-        "from sspry.query.rules import load_rule_file\n"
+        "from sspry.query.rules import load_rules\n"
     )
     local = (
         "import sys\n"
@@ -444,3 +444,16 @@ def test_output_formats_stream_rule_by_rule(tmp_path, files, rules) -> None:
         "--count"
         in run("local", "search", "--root", root, "--rule", str(rules), "--count", "--verify", code=2).output
     )
+
+
+def test_yaras_match_limit_warning_does_not_bury_the_output(tmp_path) -> None:
+    """yara-python warns when a string passes YARA's match limit; the verdict is YARA's, the warning noise."""
+    rule = tmp_path / "zeros.yar"
+    rule.write_text("rule zeros { strings: $z = { 00 } condition: $z }\n")
+    zeros = tmp_path / "zeros.bin"
+    zeros.write_bytes(bytes(1_100_000))  # more matches of $z than YARA keeps
+    done = subprocess.run(
+        [sys.executable, "-m", "sspry", "--rule", str(rule), str(zeros)], capture_output=True, text=True
+    )
+    assert done.returncode == 0 and "match_rule: zeros" in done.stdout
+    assert done.stderr == ""

@@ -103,4 +103,6 @@ def test_files_neither_pe_nor_elf_get_exactly_what_a_scan_gives() -> None:
         if data.startswith((b"MZ", b"\x7fELF")):
             continue
         scanned = metadata.split_fields(metadata._outputs(data=data))
-        assert module_fields(data=data) == (scanned, b"", True), data[:16]
+        fields, entry, was_scanned = module_fields(data=data)
+        yara_fields = {k: v for k, v in fields.items() if k.split(".")[0] in metadata.YARA_MODULES}
+        assert (yara_fields, entry, was_scanned) == (scanned, b"", True), data[:16]

@@ -41,10 +41,10 @@ def truth(rules: yara.Rules, files) -> dict[str, set[bytes]]:
 
 def test_generated_rules_recall_and_precision(indexed_corpus) -> None:
     with Forest.open(indexed_corpus.root) as forest:
-        result, compiled = search_rule_file(forest, str(indexed_corpus.rules))
+        result, source = search_rule_file(forest, str(indexed_corpus.rules))
         documents = result.documents
-        verify(result, compiled, forest.policy)
-    expected = truth(compiled, indexed_corpus.files)
+        verify(result, source, forest.policy)
+    expected = truth(source.compiled, indexed_corpus.files)
     assert sum(len(v) for v in expected.values()) > 40, "the corpus must give the rules real matches"
     for rule in result.rules:
         candidates = {c.source_id for c in rule.candidates}
@@ -75,8 +75,8 @@ def test_real_rule_files_recall(indexed_corpus, relative: str) -> None:
     if not path.exists():
         pytest.skip(f"{path} not present")
     with Forest.open(indexed_corpus.root) as forest:
-        result, compiled = search_rule_file(forest, str(path))
-    expected = truth(compiled, indexed_corpus.files)
+        result, source = search_rule_file(forest, str(path))
+    expected = truth(source.compiled, indexed_corpus.files)
     for rule in result.rules:
         candidates = {c.source_id for c in rule.candidates}
         assert expected.get(rule.name, set()) <= candidates, rule.name
@@ -90,8 +90,8 @@ def test_every_construct_through_the_store(indexed_corpus, tmp_path) -> None:
     rules = tmp_path / "constructs.yar"
     rules.write_text(MODULES + "".join(f"rule c{i} {{ {body} }}\n" for i, (body, _) in enumerate(CASES)))
     with Forest.open(indexed_corpus.root) as forest:
-        result, compiled = search_rule_file(forest, str(rules))
-    expected = truth(compiled, indexed_corpus.files)
+        result, source = search_rule_file(forest, str(rules))
+    expected = truth(source.compiled, indexed_corpus.files)
     assert len(expected) > len(CASES) // 3, "the corpus must give many construct rules real matches"
     for rule in result.rules:
         candidates = {c.source_id for c in rule.candidates}

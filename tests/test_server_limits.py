@@ -150,6 +150,18 @@ def test_client_mistakes_are_invalid_argument(serve) -> None:
     with pytest.raises(grpc.RpcError) as raised:
         list(stub.Search(sspry_pb2.SearchRequest(source="rule r\x00 { condition: true }", targets=["r"])))
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    rule = "rule r { condition: true }"
+    for names, why in (
+        (["a", "a"], "each name once"),
+        (["a", ""], "each name once"),
+        (["a", "b"], "namespace b"),
+    ):
+        spaces = [sspry_pb2.RuleNamespace(name=n, source=rule, targets=["r"]) for n in names]
+        spaces[-1].targets.append("missing")  # the last names a rule its source does not hold
+        with pytest.raises(grpc.RpcError) as raised:
+            list(stub.Search(sspry_pb2.SearchRequest(namespaces=spaces)))
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert why in raised.value.details()
     assert info(stub)["documents"] == 0  # and it still serves
     channel.close()
 

@@ -36,8 +36,7 @@ def test_a_global_rule_yara_x_refuses_sends_its_groups_to_yara_python() -> None:
         'global rule g { condition: filesize > 3 or (pe.exports("Crash") & pe.characteristics) }\n'
         'rule r { strings: $a = "token" condition: $a }\n'
     )
-    source, compiled = load_rules(rule=text)
-    groups = rule_groups({"r": {b"x"}}, compiled, source.text, engine="yara-x")
+    groups = rule_groups({"r": {b"x"}}, load_rules(rule=text), engine="yara-x")
     assert [(g.names, g.compiled.engine) for g in groups] == [(frozenset({"r"}), "yara")]
 
 
@@ -57,9 +56,8 @@ def test_grouped_verification_equals_scanning_with_every_rule(tmp_path, monkeypa
         db.index([str(samples)])
         result = db.search(rule=text, verify=True, engine=engine)
     assert result.verification["engine"] == engine
-    source, compiled = load_rules(rule=text)
     wanted = {r.name: {c.source_id for c in r.candidates} for r in result.rules}
-    groups = rule_groups(wanted, compiled, source.parsed or source.text, engine=engine)
+    groups = rule_groups(wanted, load_rules(rule=text), engine=engine)
     assert len(groups) > 2  # split: the broad rules together, the selective ones in small groups
     by_engine = {name: g.compiled.engine for g in groups for name in g.names}
     assert by_engine["refused_by_x"] == "yara" and by_engine["t5"] == engine

@@ -9,6 +9,9 @@ once, for the planner. Fields a module leaves undefined for a file are simply ab
 
 The 16 bytes at the entry point (PE or ELF, a file offset as YARA reports it) are kept too, for
 `$a at pe.entry_point` and `uint8(pe.entry_point) == 0xE8`.
+
+Formats yara-python has no module for (Mach-O, DEX, LNK, CRX) get their fields from yara-x's modules
+(xmodules.py), in the same fields under the same kind of names.
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ from functools import cache
 import yara
 
 from sspry.document import ENTRY_BYTES
+from sspry.features.xmodules import X_MODULES, x_fields
 
-MODULES = ("pe", "elf", "dotnet")
-_SOURCE = "\n".join(f'import "{m}"' for m in MODULES) + "\nrule sspry_metadata { condition: false }\n"
+YARA_MODULES = ("pe", "elf", "dotnet")  # from yara-python
+MODULES = (*YARA_MODULES, *X_MODULES)  # every module whose fields the sidecar keeps
+_SOURCE = "\n".join(f'import "{m}"' for m in YARA_MODULES) + "\nrule sspry_metadata { condition: false }\n"
 
 
 @cache
@@ -92,8 +97,16 @@ def module_fields(
     reported as not scanned: every module predicate on it then stays undecided at search time.
 
     Only a file starting with "MZ" can be PE (or .NET), only one starting with "\\x7fELF" can be ELF:
-    every other file gets the modules' answer for "neither" without a scan (tested equal to a scan)."""
-    head = bytes(data[:4]) if data is not None else (head or b"")
+    every other file gets the modules' answer for "neither" without a scan (tested equal to a scan). The
+    yara-x modules' fields (xmodules.py) are added the same way, and do not depend on `scanned`."""
+    head = bytes(data[:8]) if data is not None else (head or b"")
+    fields, entry, scanned = _yara_fields(data, path, head)
+    fields.update(x_fields(data, head))
+    return fields, entry, scanned
+
+
+def _yara_fields(data, path: str | None, head: bytes) -> tuple[dict[str, int], bytes, bool]:
+    """yara-python's part of module_fields: pe, elf and dotnet."""
     if not head.startswith((b"MZ", b"\x7fELF")):
         return dict(_plain_fields()), b"", True
     try:

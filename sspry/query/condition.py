@@ -21,7 +21,9 @@ from typing import TYPE_CHECKING
 import yaramod
 
 from sspry.document import ENTRY_BYTES
+from sspry.features import xmodules
 from sspry.features.metadata import MODULES, constants
+from sspry.query import moduledefs
 from sspry.query.literals import fold_case, literal, map_sets, pattern_plan
 from sspry.query.plan import (
     FALSE,
@@ -337,8 +339,9 @@ class ConditionPlanner:
 
     # --- module fields and functions -----------------------------------------------------------
     def field(self, name: str, op: str, value: int) -> Approx:
-        """A module field compared: undefined where the file does not have the field."""
-        return exact_or_unknown(Field(name, op, value), Unscanned(), not_(_present(name)))
+        """A module field compared: undefined where the file does not have the field, unknown where its
+        module did not run (yara-python could not scan the file; the yara-x modules were not run on it)."""
+        return exact_or_unknown(Field(name, op, value), _not_run(name), not_(_present(name)))
 
     def _function(self, expr) -> Approx:
         """Module functions used as booleans."""
@@ -529,7 +532,13 @@ class ConditionPlanner:
             return Text(value.encode()) if isinstance(value, str) else Const(value)
         if name in constants():
             return Const(constants()[name])
-        if "[" not in name and name.split(".")[0] in MODULES:
+        module = name.split(".")[0]
+        if module in xmodules.X_MODULES:
+            if name in moduledefs.constants():
+                return Const(moduledefs.constants()[name])
+            return ModuleField(name) if xmodules.plannable(name) else None
+        # the sidecar keeps fields at the top level and one level into structures, nothing deeper
+        if "[" not in name and module in MODULES and name.count(".") <= 2:
             return ModuleField(name)
         return None
 
@@ -611,6 +620,13 @@ def _present(name: str) -> Node:
     return or_(Field(name, "==", 0), Field(name, "!=", 0))
 
 
+def _not_run(name: str) -> Node:
+    """Where the module of field `name` did not run on the file, so the sidecar cannot tell."""
+    if name.split(".")[0] in xmodules.X_MODULES:
+        return not_(_present(xmodules.MARK))
+    return Unscanned()
+
+
 _MODULE_VALUE = re.compile(r"[A-Za-z_]\w*\.")  # a module's value or function: module.name...
 
 
@@ -620,4 +636,6 @@ def _module_code(name: str) -> str:
         return "unknown-module"
     if "[" in name:
         return "module-array"
-    return "module-function"
+    if "(" in name:
+        return "module-function"
+    return "module-field"

@@ -4,8 +4,9 @@ A plan is stored under a key that names everything it depends on (see `RuleKeys`
 (its exact bytes and first column, so stored note positions stay exact), the keys of the rules it names
 and of its file's global rules (so a changed dependency changes the key: invalidation is exact, never by
 time), the file's imports, the policy, `max_anchors`, the stored format and the planner version -- a digest
-of the planner's own source and yaramod's version, so a changed planner never reads an old plan. A plan
-that used time.now (it depends on when the search runs) is never stored.
+of the planner's own source, the module definitions yaramod is given and yaramod's version, so a changed
+planner never reads an old plan. A plan that used time.now (it depends on when the search runs) is never
+stored.
 
 The cache never fails a search: a disk it cannot open, read or write is left alone (the memory part still
 works) and a damaged entry is a miss.
@@ -29,7 +30,7 @@ from functools import cache
 from pathlib import Path
 
 from sspry.policy import Policy
-from sspry.query import planformat
+from sspry.query import moduledefs, planformat
 from sspry.query.externals import Externals, digest_part
 from sspry.query.ruleplan import Note, RulePlan
 
@@ -41,10 +42,12 @@ _IDENTIFIER = re.compile(rb"[A-Za-z_][A-Za-z0-9_]*")
 # the modules whose code decides what a plan is
 _PLANNER_MODULES = (
     "sspry.features.metadata",
+    "sspry.features.xmodules",
     "sspry.query.condition",
     "sspry.query.externals",
     "sspry.query.hexstr",
     "sspry.query.literals",
+    "sspry.query.moduledefs",
     "sspry.query.plan",
     "sspry.query.planformat",
     "sspry.query.regex",
@@ -57,11 +60,14 @@ _PLANNER_MODULES = (
 
 @cache
 def planner_version() -> str:
-    """A digest of the planner's source and yaramod's version: any change to either is a new version."""
+    """A digest of the planner's source, the yaramod module definitions of yara-x's modules and yaramod's
+    version: any change to one of them is a new version."""
     digest = hashlib.sha256()
     for name in _PLANNER_MODULES:
         digest.update(name.encode() + b"\0")
         digest.update(Path(importlib.import_module(name).__file__ or "").read_bytes())
+    for path in sorted(moduledefs.DEFINITIONS.glob("*.json")):  # what yaramod parses
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
     digest.update(importlib.metadata.version("yaramod").encode())
     return digest.hexdigest()[:32]
 

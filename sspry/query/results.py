@@ -176,7 +176,16 @@ class SearchStream:
         return self._rules
 
     def collect(self) -> SearchResult:
-        rules = list(self)
+        """The rest of the results, gathered. A document's Source ID and paths are kept once however
+        many rules name it: a whole rule set names each document hundreds of times (Yara-Rules over
+        ~4,000 documents: a million candidates, ~250 MB less)."""
+        rules, shared = [], {}
+        for rule in self:
+            for candidate in rule.candidates:
+                first = shared.setdefault(candidate.source_id, candidate)
+                if first is not candidate:
+                    candidate.source_id, candidate.paths = first.source_id, first.paths
+            rules.append(rule)
         return SearchResult(rules, self.documents, self.timings_ms, self.servers, self.offline)
 
     def summary_json(self) -> dict:

@@ -1,4 +1,4 @@
-"""`sspry rule-check`: how each rule of a file would be searched, and what only verification decides.
+"""`sspry rule-check`: how each rule of rule files would be searched, and what only verification decides.
 
 Per rule: a status (`searchable`: every part of the condition narrows the search -- the index holds what
 each part needs, so no part is left to verification alone; `searchable-needs-verify`: the plan narrows,
@@ -12,13 +12,13 @@ verification.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from sspry.policy import Policy
 from sspry.query.externals import Externals
 from sspry.query.plan import TRUE, Gram, leaves
 from sspry.query.ruleplan import CODES, HINTS, RulePlan
-from sspry.query.rules import RuleError, compile_rules, compile_text, parse
+from sspry.query.rules import RuleError, RulePaths, RuleText, Spec, judged, parse, rule_names, rule_specs
 from sspry.query.ruleset import plan_rules
 
 STATUS_ORDER = ("searchable", "searchable-needs-verify", "unsearchable")
@@ -83,27 +83,39 @@ class RuleReport:
 def check_rules(
     policy: Policy,
     max_anchors: int,
-    rule: str | None = None,
-    path: str | None = None,
+    rule: RuleText | None = None,
+    path: RulePaths | None = None,
     externals: Externals | None = None,
 ) -> list[RuleReport]:
-    """Reports for every rule of the rule text or file (exactly one), in file order, with `externals`
-    planned as constants."""
-    if (rule is None) == (path is None):
-        raise ValueError("give the rule text (rule=) or a rule file (path=), not both")
-    # RuleError names the file and line
-    compiled = compile_rules(path, externals) if path is not None else compile_text(rule, externals)  # type: ignore[arg-type]
-    names = [(r.identifier, r.is_private) for r in compiled]
-    if not names:
-        raise RuleError(f"{path}: no rules in file" if path is not None else "no rules in the text")
+    """Reports for every rule of the rule text or files (exactly one, as rules.rule_specs takes them),
+    namespace by namespace in file order (a rule named `namespace:rule` when there are several), with
+    `externals` planned as constants."""
+    specs = rule_specs(rule, path)
+    reports = []
+    for spec in specs:
+        for report in _check_namespace(spec, policy, max_anchors, externals):
+            if len(specs) > 1:
+                report.plan = replace(report.plan, name=f"{spec.namespace}:{report.plan.name}")
+            reports.append(report)
+    return reports
+
+
+def _check_namespace(
+    spec: Spec, policy: Policy, max_anchors: int, externals: Externals | None
+) -> list[RuleReport]:
+    engine, compiled = judged(spec, externals)  # RuleError names the file and line
     texts: dict[str, dict[str, str]] = {}
     try:
-        parsed = parse(rule, path, externals)  # the file itself, so lines are the file's own
+        parsed = parse(spec.text, spec.path, externals)  # the file itself, so lines are the file's own
         for parsed_rule in parsed.rules:
             texts[parsed_rule.name] = {s.identifier: s.text for s in parsed_rule.strings}
+        private = {rule.name for rule in parsed.rules if rule.is_private}
     except Exception as exc:
-        parsed = None
+        parsed, private = None, set()
         error = str(exc)
+    names = rule_names(engine, compiled, lambda: private)
+    if not names:
+        raise RuleError(f"{spec.origin}: no rules in it")
     plans = plan_rules(parsed, [n for n, _ in names], policy, max_anchors, externals=externals)
     if parsed is None:
         for plan in plans:
@@ -115,7 +127,7 @@ def check_rules(
 
 
 def check_rule_file(
-    path: str, policy: Policy, max_anchors: int, externals: Externals | None = None
+    path: RulePaths, policy: Policy, max_anchors: int, externals: Externals | None = None
 ) -> list[RuleReport]:
     return check_rules(policy, max_anchors, path=path, externals=externals)
 
@@ -139,7 +151,7 @@ def fails(reports: list[RuleReport], fail_on: str) -> bool:
 
 
 def format_text(
-    path: str, policy_source: str, policy: Policy, reports: list[RuleReport], only_problems: bool = False
+    policy_source: str, policy: Policy, reports: list[RuleReport], only_problems: bool = False
 ) -> str:
     """The plain report: a header with the file's status and the counts by status, then each rule (with
     `only_problems`, only the rules that have something to look at)."""

@@ -18,6 +18,8 @@ CODES = {
     "not-understood": "an expression the planner does not decide",
     "module-array": "module arrays and dictionaries are not in the sidecar",
     "module-function": "a module function the sidecar cannot answer",
+    "module-field": "a module value the sidecar does not keep (a string, an enum such as lnk.show_command, "
+    "a structure in a structure)",
     "import-names": "pe.imports/pe.exports planned from the names' grams (any case); verification decides",
     "unknown-module": "a module whose values are not stored",
     "string-operator": "string comparisons (contains, matches, ...) and `defined`",
@@ -38,6 +40,8 @@ HINTS = {
     "not-understood": "combine it with a string or a file property (filesize, magic bytes) that must hold",
     "module-array": "add a string or a header check (`uint16(0) == 0x5A4D`) that must hold",
     "module-function": "add a string or a header check (`uint16(0) == 0x5A4D`) that must hold",
+    "module-field": "compare an integer field the sidecar keeps (`pe.machine`, `macho.cputype`, ...), or add "
+    "a string that must occur",
     "import-names": "none needed: the names' grams narrow the search",
     "unknown-module": "add a string or a file property that must hold",
     "string-operator": "add a string that must occur",

@@ -1,5 +1,5 @@
 """A rule file (yaramod) -> one RulePlan per target rule: rule references, global rules, and the entry
-points `iter_plans` / `plan_rules`.
+points `iter_plans` / `plan_rules` (one namespace's source) and `iter_source_plans` (a search's).
 
 A rule as other rules see it (`2 of (a, b)`, `a and ...`) is its condition's Approx, never undefined; a
 rule as matched is that and every global rule of the file. A rule that fails to plan plans as TRUE with a
@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 
 import yaramod
 
@@ -24,7 +25,7 @@ from sspry.query.literals import DEFAULT_MAX_ANCHORS, GramMapper
 from sspry.query.plan import TRUE, UNKNOWN, Approx, and_
 from sspry.query.plancache import PlanCache, RuleKeys, context_digest, source_key
 from sspry.query.ruleplan import Note, RulePlan
-from sspry.query.rules import RELEASE_PARSE_CHARS, release_parser, yaramod_parser
+from sspry.query.rules import RELEASE_PARSE_CHARS, RuleSource, release_parser, yaramod_parser
 from sspry.query.strings import plan_string
 
 
@@ -207,6 +208,30 @@ def _known_plans(cache: PlanCache, key: bytes, targets: Sequence[str]) -> list[R
     if any(entry[name][0] not in found for name in targets):
         return None
     return [found[entry[name][0]] for name in targets]
+
+
+def iter_source_plans(
+    source: RuleSource,
+    policy: Policy,
+    max_anchors: int = DEFAULT_MAX_ANCHORS,
+    now: float | None = None,
+    cache: PlanCache | None = None,
+) -> Iterator[RulePlan]:
+    """One plan per rule of `source.targets`, in order: each namespace planned on its own (its global
+    rules restrict only its rules, its rule names are its own), a plan named as the search names it."""
+    for namespace in source.namespaces:
+        plans = iter_plans(
+            namespace.text,
+            namespace.targets,
+            policy,
+            max_anchors,
+            now,
+            cache,
+            externals=source.externals,
+        )
+        for plan in plans:
+            name = source.qualify(namespace.name, plan.name)
+            yield plan if name == plan.name else replace(plan, name=name)
 
 
 def plan_rules(

@@ -11,7 +11,6 @@ import time
 from collections.abc import Iterator
 
 import numpy as np
-import yara
 
 from sspry.policy import Policy
 from sspry.progress import SILENT, Progress
@@ -29,8 +28,8 @@ from sspry.query.results import (
     rule_result,
 )
 from sspry.query.ruleplan import RulePlan
-from sspry.query.rules import RuleSource, load_rule_file
-from sspry.query.ruleset import plan_rules
+from sspry.query.rules import RuleSource, load_rules
+from sspry.query.ruleset import iter_source_plans
 from sspry.store.forest import Forest, Snapshot
 
 
@@ -104,21 +103,18 @@ def stream_forest(
     count_only: bool = False,
     plan_cache: PlanCache | None = None,
 ) -> SearchStream:
-    """Plan the rules of `source` (reusing what `plan_cache` holds), search a Forest with them, and
-    stream the results rule by rule: the Source IDs and paths of one rule's candidates are looked up
-    when that rule is reached, so memory stays flat whatever the number of candidates. `limit` lists at
-    most that many per rule (the count is always complete); `count_only` lists none. `compiled_gather`
+    """Plan the rules of `source` (each namespace on its own, reusing what `plan_cache` holds), search a
+    Forest with them, and stream the results rule by rule: the Source IDs and paths of one rule's
+    candidates are looked up when that rule is reached, so memory stays flat whatever the number of
+    candidates. `limit` lists at most that many per rule (the count is always complete); `count_only`
+    lists none. `compiled_gather`
     as in search_snapshot."""
     started = time.perf_counter()
-    plans = plan_rules(
-        source.text,
-        source.targets,
-        forest.policy,
-        max_anchors,
-        progress=progress,
-        cache=plan_cache,
-        externals=source.externals,
-    )
+    plans = []
+    with progress.stage("planning", len(source.targets), "rule") as stage:
+        for plan in iter_source_plans(source, forest.policy, max_anchors, cache=plan_cache):
+            plans.append(plan)
+            stage.advance()
     planned = time.perf_counter()
     snapshot = forest.snapshot()
     hits = evaluate_snapshot(
@@ -126,6 +122,7 @@ def stream_forest(
     )
     cap = effective_limit(snapshot.documents, max_candidates, limit)
     stream = SearchStream(source.targets, snapshot.documents, {"plan": (planned - started) * 1000})
+    stream.source = source
 
     def rules() -> Iterator[RuleResult]:
         for plan, found in zip(plans, hits, strict=True):
@@ -157,18 +154,18 @@ def search_forest(
 
 def search_rule_file(
     forest: Forest,
-    rule_path: str,
+    rule_path: str | list[str],
     max_candidates: float = 0.0,
     max_anchors: int = DEFAULT_MAX_ANCHORS,
     workers: int = 0,
     progress: Progress = SILENT,
     compiled_gather: bool | None = None,
-) -> tuple[SearchResult, yara.Rules]:
-    """Load (compile and parse), plan and search one rule file on a Forest. `compiled_gather` as in
-    search_snapshot; by default chosen for a one-shot command."""
+) -> tuple[SearchResult, RuleSource]:
+    """Load (compile and parse), plan and search rule files (rules.rule_specs) on a Forest.
+    `compiled_gather` as in search_snapshot; by default chosen for a one-shot command."""
     started = time.perf_counter()
-    source, compiled = load_rule_file(rule_path)
+    source = load_rules(path=rule_path)
     loaded = time.perf_counter()
     result = search_forest(forest, source, max_candidates, max_anchors, workers, progress, compiled_gather)
     result.timings_ms["compile"] = (loaded - started) * 1000
-    return result, compiled
+    return result, source
