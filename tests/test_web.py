@@ -121,6 +121,17 @@ def test_verify_with_yara_x(web) -> None:
     assert web.post("/api/searches", {"rule": C2, "engine": "clamav"})[0] == 400
 
 
+def test_rules_only_yara_x_compiles_are_accepted(web) -> None:
+    """The library judges what yara-python refuses: a module only yara-x has is searchable."""
+    text = 'import "lnk"\nrule shortcut { condition: lnk.is_lnk }\n' + C2
+    job = web.wait(web.search(text))
+    assert job["status"] == "done" and job["rule_total"] == 2, job
+    status, report, _ = web.post("/api/rule-check", {"rule": text})
+    assert status == 200 and {r["rule"] for r in report["rules"]} == {"shortcut", "c2"}
+    status, body, _ = web.post("/api/searches", {"rule": 'import "lnk"\nrule bad { condition: lnk.nope }'})
+    assert status == 400 and body["line"] == 2, body
+
+
 def test_externals_reach_the_search(web) -> None:
     gated = 'rule gated { strings: $a = "evil-c2.example" condition: $a and flag == 1 }'
     on = web.wait(web.search(gated, externals={"flag": 1}))
@@ -134,7 +145,7 @@ def test_externals_reach_the_search(web) -> None:
     ("body", "status", "error"),
     [
         ({"rule": "rule broken {\n  condition:\n    nope\n}"}, 400, r"line 3: undefined identifier"),
-        ({"rule": 'include "/etc/passwd"\nrule a { condition: true }'}, 400, r"includes are disabled"),
+        ({"rule": 'include "/etc/passwd"\nrule a { condition: true }'}, 400, r"line 1: include directives"),
         ({"rule": "   "}, 400, r"empty"),
         ({"rule": "private rule p { condition: true }"}, 400, r"no public rule"),
         ({"rule": C2, "verify": "maybe"}, 400, r"^verify: "),

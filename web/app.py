@@ -140,29 +140,48 @@ def _iso(epoch: float | None) -> str | None:
     return datetime.datetime.fromtimestamp(epoch, datetime.UTC).isoformat(timespec="milliseconds")
 
 
-def compile_error(rule: str, externals: dict) -> ApiError | None:
-    """What YARA says of the rule text (None: it compiles). Includes are refused: a web user must not
-    make the server read its files."""
+INCLUDE = re.compile(r'^[ \t]*include[ \t]+"', re.MULTILINE)
+
+
+def _refused(message: str, rule: str) -> ApiError:
+    """YARA's refusal as a 400, with the line it names (YARA says line 0 of an error at the end)."""
+    message = " ".join(message.split())
+    line = re.search(r"\bline (\d+)\b", message)
+    where = min(max(int(line.group(1)), 1), rule.count("\n") + 1) if line else None
+    if not message.startswith(("invalid YARA rule", "cannot compile")):
+        message = f"invalid YARA rule: {message}"
+    return ApiError(400, message, line=where)
+
+
+def rule_error(rule: str, externals: dict, judge: Callable[[], list]) -> ApiError | None:
+    """Why the rule text cannot be searched (None: it can). Include directives are refused (a web user
+    must not make the server read its files). yara-python's compilation is the quick test; when it
+    refuses, the library judges (`judge()`: the store's `check`, which raises sspry.RuleError), as it
+    also accepts rules only yara-x compiles (modules yara-python lacks)."""
     import yara
+
+    from sspry import RuleError
 
     if len(rule.encode("utf-8", "surrogatepass")) > MAX_RULE_BYTES:
         return ApiError(400, f"the rule text is larger than {MAX_RULE_BYTES >> 20} MiB")
     if not rule.strip():
         return ApiError(400, "the rule text is empty")
+    include = INCLUDE.search(rule)
+    if include:
+        line = rule.count("\n", 0, include.start()) + 1
+        return ApiError(
+            400, f"line {line}: include directives are not accepted here: paste the included rules", line=line
+        )
     try:
         compiled = yara.compile(source=rule, includes=False, externals=externals)
-    except yara.SyntaxError as exc:
-        message = str(exc)
-        line = re.match(r"line (\d+): ", message)
-        if "includes are disabled" in message:
-            message += ": paste the included rules instead of an include directive"
-        where = None
-        if line:  # YARA says line 0 of an error at the end of the text: the last line
-            where = min(max(int(line.group(1)), 1), rule.count("\n") + 1)
-        return ApiError(400, f"invalid YARA rule: {message}", line=where)
-    except (yara.Error, ValueError, TypeError) as exc:
-        return ApiError(400, f"cannot compile the rule text: {exc}")
-    if not any(not r.is_private for r in compiled):
+        public = any(not r.is_private for r in compiled)
+    except (yara.Error, ValueError, TypeError):
+        try:
+            reports = judge()
+        except RuleError as exc:
+            return _refused(str(exc), rule)
+        public = any(not r.private for r in reports)
+    if not public:
         return ApiError(400, "the rule text has no public rule to search")
     return None
 
@@ -236,6 +255,14 @@ def create_app(
             response.headers["Cache-Control"] = "no-store"
         return response
 
+    def check(rule: str, externals: dict) -> list:
+        """The store's rule check (sspry.RuleError if the rules cannot be used)."""
+        store = open_store()
+        try:
+            return store.check(rule=rule, externals=externals or None)
+        finally:
+            store.close()
+
     def store_policy() -> dict:
         if not policy:
             store = open_store()
@@ -298,7 +325,7 @@ def create_app(
     @app.post("/api/searches", status_code=201, response_model=Created, tags=["searches"])
     def submit(body: SearchRequest) -> dict:
         """Queue a search of the rule text. 400 with YARA's message (and `line`) if it does not compile."""
-        error = compile_error(body.rule, body.externals)
+        error = rule_error(body.rule, body.externals, lambda: check(body.rule, body.externals))
         if error is not None:
             raise error
         if body.verify and not store_policy().get("store_path", True):
@@ -462,16 +489,17 @@ def create_app(
     def rule_check(body: RuleCheckRequest) -> dict:
         """How each rule would be searched (`sspry rule-check`): status, grams and findings with their
         line. 400 with YARA's message (and `line`) if the text does not compile."""
-        error = compile_error(body.rule, body.externals)
+        reports: list = []
+
+        def judge() -> list:
+            reports.extend(check(body.rule, body.externals))
+            return reports
+
+        error = rule_error(body.rule, body.externals, judge)
         if error is not None:
             raise error
-        store = open_store()
-        try:
-            reports = store.check(rule=body.rule, externals=body.externals or None)
-        except Exception as exc:  # RuleError: what YARA or the planner refuse
-            raise ApiError(400, " ".join(str(exc).split())) from exc
-        finally:
-            store.close()
+        if not reports:  # yara-python compiled it: the library has not been asked yet
+            judge()
         return {"rules": [r.to_json() for r in reports]}
 
     @app.get(
