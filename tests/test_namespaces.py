@@ -189,3 +189,14 @@ def test_the_command_line_takes_several_rule_files_and_directories(layout) -> No
 
     code, out = run("local", "search", "--root", str(layout["db"]), "--rule", str(layout["tmp"] / "nope.yar"))
     assert code == 2 and "nope.yar: rule file not found" in out
+
+
+def test_a_namespace_yaramod_cannot_parse_is_still_compiled_for_verification() -> None:
+    """A rule text yaramod refused has no inlined text: the whole set is compiled from the text as given."""
+    from sspry.query.rules import Namespace, RuleSource
+
+    given = 'rule r { strings: $a = "needle" condition: $a }'
+    refused = Namespace("b", "<rule text b>", None, ("r",), "yaramod refused it", given=given)
+    plain = Namespace("a", "<rule text a>", "rule s { condition: true }", ("s",))
+    compiled = RuleSource((plain, refused)).compiled
+    assert sorted((m.namespace, m.rule) for m in compiled.match(data=b"a needle")) == [("a", "s"), ("b", "r")]

@@ -98,10 +98,12 @@ class Namespace:
     parsed: yaramod.YaraFile | None = field(default=None, compare=False, repr=False)  # yaramod's parse
     path: str | None = None  # the rule file, when it came from one
     engine: str = "yara"  # the engine that compiles it: "yara-x" when it imports a module only yara-x has
+    given: str | None = field(default=None, repr=False)  # the rule text as given, when it came as text
 
     def spec(self) -> Spec:
-        """Where to compile it from: its inlined text, else its file."""
-        return Spec(self.name, self.text, None if self.text is not None else self.path)
+        """Where to compile it from: its inlined text, else the text as given, else its file."""
+        text = self.text if self.text is not None else self.given
+        return Spec(self.name, text, None if text is not None else self.path)
 
 
 @dataclass(frozen=True)
@@ -156,7 +158,7 @@ class RuleSource:
         """yara-x's compilation (an engines.Compiled) of the namespaces only yara-x compiles."""
         from sspry.engines import compile_x_sources
 
-        found = {ns.name: (ns.text, ns.path) for ns in self.namespaces if ns.engine == "yara-x"}
+        found = {ns.name: (ns.spec().text, ns.spec().path) for ns in self.namespaces if ns.engine == "yara-x"}
         compiled = compile_x_sources(found, self.externals)
         return replace(compiled, qualified=len(self.namespaces) > 1)
 
@@ -343,7 +345,9 @@ def load_namespace(spec: Spec, externals: Externals | None = None) -> tuple[Name
         text, error = parsed.text, None
     except Exception as exc:  # yaramod raises its own ParserError and sometimes RuntimeError
         parsed, text, error = None, None, str(exc)
-    namespace = Namespace(spec.namespace, spec.origin, text, targets, error, parsed, spec.path, engine)
+    namespace = Namespace(
+        spec.namespace, spec.origin, text, targets, error, parsed, spec.path, engine, spec.text
+    )
     return namespace, compiled
 
 
