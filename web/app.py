@@ -140,9 +140,6 @@ def _iso(epoch: float | None) -> str | None:
     return datetime.datetime.fromtimestamp(epoch, datetime.UTC).isoformat(timespec="milliseconds")
 
 
-INCLUDE = re.compile(r'^[ \t]*include[ \t]+"', re.MULTILINE)
-
-
 def _refused(message: str, rule: str) -> ApiError:
     """YARA's refusal as a 400, with the line it names (YARA says line 0 of an error at the end)."""
     message = " ".join(message.split())
@@ -153,37 +150,31 @@ def _refused(message: str, rule: str) -> ApiError:
     return ApiError(400, message, line=where)
 
 
-def rule_error(rule: str, externals: dict, judge: Callable[[], list]) -> ApiError | None:
-    """Why the rule text cannot be searched (None: it can). Include directives are refused (a web user
-    must not make the server read its files). yara-python's compilation is the quick test; when it
-    refuses, the library judges (`judge()`: the store's `check`, which raises sspry.RuleError), as it
-    also accepts rules only yara-x compiles (modules yara-python lacks)."""
-    import yara
-
-    from sspry import RuleError
+def public_rules(rule: str, externals: dict, judge: Callable[[], list]) -> list[str]:
+    """The public rules of the rule text, or ApiError why it cannot be searched. It is compiled as the
+    library loads a namespace (`sspry.query.rules.judged`: yara-python, or yara-x for modules only it
+    has) with includes disabled: a web user must not make the server read its files. yara-x does not
+    say which rules are private, so then the library's check (`judge()`) names the public ones."""
+    from sspry.query.rules import DEFAULT_NAMESPACE, RuleError, Spec, judged
 
     if len(rule.encode("utf-8", "surrogatepass")) > MAX_RULE_BYTES:
-        return ApiError(400, f"the rule text is larger than {MAX_RULE_BYTES >> 20} MiB")
+        raise ApiError(400, f"the rule text is larger than {MAX_RULE_BYTES >> 20} MiB")
     if not rule.strip():
-        return ApiError(400, "the rule text is empty")
-    include = INCLUDE.search(rule)
-    if include:
-        line = rule.count("\n", 0, include.start()) + 1
-        return ApiError(
-            400, f"line {line}: include directives are not accepted here: paste the included rules", line=line
-        )
+        raise ApiError(400, "the rule text is empty")
     try:
-        compiled = yara.compile(source=rule, includes=False, externals=externals)
-        public = any(not r.is_private for r in compiled)
-    except (yara.Error, ValueError, TypeError):
-        try:
-            reports = judge()
-        except RuleError as exc:
-            return _refused(str(exc), rule)
-        public = any(not r.private for r in reports)
-    if not public:
-        return ApiError(400, "the rule text has no public rule to search")
-    return None
+        engine, compiled = judged(Spec(DEFAULT_NAMESPACE, text=rule), externals, includes=False)
+        if engine == "yara":
+            names = [r.identifier for r in compiled if not r.is_private]  # type: ignore[attr-defined]
+        else:
+            names = [r.plan.name for r in judge() if not r.private]
+    except RuleError as exc:
+        message = str(exc)
+        if "includes are disabled" in message:
+            message += ": include directives are not accepted here, paste the included rules"
+        raise _refused(message, rule) from exc
+    if not names:
+        raise ApiError(400, "the rule text has no public rule to search")
+    return names
 
 
 def create_app(
@@ -325,13 +316,11 @@ def create_app(
     @app.post("/api/searches", status_code=201, response_model=Created, tags=["searches"])
     def submit(body: SearchRequest) -> dict:
         """Queue a search of the rule text. 400 with YARA's message (and `line`) if it does not compile."""
-        error = rule_error(body.rule, body.externals, lambda: check(body.rule, body.externals))
-        if error is not None:
-            raise error
+        names = public_rules(body.rule, body.externals, lambda: check(body.rule, body.externals))
         if body.verify and not store_policy().get("store_path", True):
             raise ApiError(400, "--verify needs a forest that stores paths (created with --store-path)")
         options = body.model_dump(exclude={"rule"})
-        return {"id": runner.submit(body.rule, options)}
+        return {"id": runner.submit(body.rule, options, names)}
 
     @app.get("/api/searches", response_model=JobList, tags=["searches"])
     def recent(
@@ -495,9 +484,7 @@ def create_app(
             reports.extend(check(body.rule, body.externals))
             return reports
 
-        error = rule_error(body.rule, body.externals, judge)
-        if error is not None:
-            raise error
+        public_rules(body.rule, body.externals, judge)
         if not reports:  # yara-python compiled it: the library has not been asked yet
             judge()
         return {"rules": [r.to_json() for r in reports]}

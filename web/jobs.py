@@ -18,7 +18,6 @@ import contextlib
 import json
 import logging
 import queue
-import re
 import secrets
 import sqlite3
 import threading
@@ -95,12 +94,11 @@ LIST_COLUMNS = (
     "id", "created", "started", "finished", "status", "title", "options", "error", "documents", "rule_total",
     "rules_done", "candidate_total", "verified_total", "first_result_ms", "elapsed_ms",
 )  # fmt: skip
-RULE_NAME = re.compile(r"^\s*(?:(?:private|global)\s+)*rule\s+([A-Za-z_][A-Za-z0-9_]*)", re.MULTILINE)
 
 
-def title(rule: str) -> str:
-    """What the job list shows of a rule text: its first rule's name and how many more there are."""
-    names = RULE_NAME.findall(rule)
+def title(names: list[str]) -> str:
+    """What the job list shows of a rule text: its first public rule's name and how many more there are
+    (`names`: the public rules, as YARA compiled them)."""
     if not names:
         return "(no rule)"
     return names[0] if len(names) == 1 else f"{names[0]} (+{len(names) - 1} more)"
@@ -149,13 +147,13 @@ class JobStore:
         db.execute("COMMIT")
 
     # --- jobs ---------------------------------------------------------------------------------------
-    def add(self, rule: str, options: dict) -> str:
+    def add(self, rule: str, options: dict, names: list[str]) -> str:
         job_id = secrets.token_hex(8)
         with self.transaction() as db:
             db.execute(
                 "INSERT INTO jobs (id, created, status, title, rule, options) "
                 "VALUES (?, ?, 'queued', ?, ?, ?)",
-                (job_id, time.time(), title(rule), rule, json.dumps(options)),
+                (job_id, time.time(), title(names), rule, json.dumps(options)),
             )
         return job_id
 
@@ -525,8 +523,9 @@ class JobRunner:
         for thread in self.threads:
             thread.join(timeout)
 
-    def submit(self, rule: str, options: dict) -> str:
-        job_id = self.store.add(rule, options)
+    def submit(self, rule: str, options: dict, names: list[str]) -> str:
+        """Queue a search of `rule` (`names`: its public rules, for the job's title)."""
+        job_id = self.store.add(rule, options, names)
         self.queue.put(job_id)
         return job_id
 
