@@ -7,15 +7,16 @@ import random
 import subprocess
 import sys
 
-import mmh3
 import numpy as np
 import pytest
 from datasketch.hyperloglog import HyperLogLogPlusPlus
 
 from sspry import bloom
-from sspry.features import extract, kernels
+from sspry.features import extract, kernels, sizing
 from sspry.policy import GRAM_PAIRS, Policy
 from tests import reference
+
+PINNED = {b"abc": 0x22C9C8BE9172F1CE, b"MZ\x90\x00": 0xF2DC38720D2C3C60}
 
 
 def _samples() -> dict[str, bytes]:
@@ -53,12 +54,23 @@ def test_compiled_probes_equal_the_numpy_reference() -> None:
 
 
 @pytest.mark.parametrize("n", range(3, 9))
-def test_murmur3_matches_mmh3(n: int) -> None:
+def test_gram_hash_compiled_numpy_and_plain_python_agree(n: int) -> None:
+    """The index side (compiled kernels) and the query side (numpy) hash a gram as the plain-Python
+    reference does; a few fixed values pin the function itself (a change is a new policy format)."""
     rng = random.Random(n)
-    for _ in range(200):
-        key = bytes(rng.randrange(256) for _ in range(n))
-        got = kernels.murmur3_x64_128(np.uint64(int.from_bytes(key, "little")), n)
-        assert (int(got[0]), int(got[1])) == mmh3.hash64(key, seed=0, x64arch=True, signed=False)
+    keys = [bytes(rng.randrange(256) for _ in range(n)) for _ in range(300)] + [b"\x00" * n, b"\xff" * n]
+    expect = [bloom.gram_hash_bytes(key) for key in keys]
+    packed = np.array([int.from_bytes(key, "little") for key in keys], dtype=np.uint64)
+    compiled = np.empty(len(keys), dtype=np.uint64)
+    kernels.gram_hash_many(packed, n, compiled)
+    assert compiled.tolist() == expect
+    assert bloom.gram_hash_array(keys).tolist() == expect
+    assert sizing.gram_hashes(keys)[1].tolist() == expect
+
+
+def test_gram_hash_pinned_values() -> None:
+    assert bloom.gram_hash_bytes(b"abc") == PINNED[b"abc"]
+    assert bloom.gram_hash_bytes(b"MZ\x90\x00") == PINNED[b"MZ\x90\x00"]
 
 
 def _chunked(data: bytes, seed: int) -> list[tuple[np.ndarray, int]]:
@@ -229,7 +241,7 @@ def test_warm_kernels_compiles_what_a_small_file_needs(tmp_path) -> None:
     sample.write_bytes(random.Random(1).randbytes(100_000))
     code = (
         "import sys\n"
-        "from sspry.features import extract, kernels\n"
+        "from sspry.features import extract, kernels, sizing\n"
         "from sspry.policy import Policy\n"
         "def loaded():\n"
         "    return {n: len(k.signatures) for n, k in vars(kernels).items() if hasattr(k, 'signatures')}\n"
