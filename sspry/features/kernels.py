@@ -12,7 +12,9 @@ presence bitmap marks the grams a file holds (exact count, no estimate), and onl
 hashed into the bloom. Other gram sizes are counted with HyperLogLog and inserted window by window.
 With case folding (the policy's `fold_case`), a gram holding ASCII capitals is inserted lowercased too,
 so the bloom holds lower(g) for every gram g of the file and a `nocase` window is one gram to test.
-A run of identical grams (zero padding, for instance) is hashed once: HLL and bloom inserts are idempotent.
+A run of identical grams (zero padding, for instance) is hashed once in the HLL pass; when hashes are
+kept or inserted, a small direct-mapped table of recent hashes drops the repeats (about half the windows
+of binaries): HLL and bloom inserts are idempotent.
 
 The query side's kernels, `gather_rows`, `probe_rows` and `run_program` (see query/gather.py and
 query/program.py), live here too, so this is the only module that imports numba. numba keeps the machine
@@ -39,6 +41,7 @@ _PREFETCH_AHEAD = 16
 _PART_BATCH = 1 << 20  # hashes sorted by bloom region at a time (8 MiB of them)
 _LOCAL_BYTES = 1 << 20  # blooms up to this size stay in a core's cache: built without sorting
 _PARTITION_BITS = 8
+_RECENT = 1 << 12  # slots of the recent-hash filter (32 KiB: stays in L1); drops ~half of binaries' windows
 _PARTITION_MIN = 1 << 12  # fewer hashes than this are inserted as they come
 _GATHER_AHEAD = 12
 _BLOCK_BYTES = geometry.BLOCK_BYTES
@@ -352,27 +355,43 @@ def _hll_loop(chunk, first, n, fold, reg):
 
 
 @njit(inline="always")
+def _recent_table():
+    """A direct-mapped table of the last gram hash seen in each of _RECENT slots: a hash found in its
+    slot was added already (HLL and bloom inserts are idempotent), so it is not added again. Slot j
+    starts as ~j, a value no hash stored in slot j can equal (its low bits are j): no false hit."""
+    table = np.empty(_RECENT, dtype=np.uint64)
+    for j in range(_RECENT):
+        table[j] = ~np.uint64(j)
+    return table
+
+
+@njit(inline="always")
+def _fresh(table, h):
+    """1 unless `h` was the last hash in its slot, which it now is; without a branch (half the windows
+    of a binary repeat: a branch on it is mispredicted half the time)."""
+    slot = h & np.uint64(_RECENT - 1)
+    fresh = np.int64(table[slot] != h)
+    table[slot] = h
+    return fresh
+
+
+@njit(inline="always")
 def _collect_loop(chunk, first, n, fold, reg, out):
-    prev = np.uint64(0)
-    has_prev = False
+    table = _recent_table()
     count = 0
     for i in range(first, chunk.shape[0] - n + 1):
         gram = _load(chunk, i, n)
-        if has_prev and gram == prev:
-            continue
-        prev = gram
-        has_prev = True
         h = gram_hash_of(gram, n)
         _hll_rank(h, reg)
-        out[count] = h
-        count += 1
+        out[count] = h  # kept only if fresh: otherwise the next one overwrites it
+        count += _fresh(table, h)
         if fold:
             low = _lower(gram)
             if low != gram:
                 h = gram_hash_of(low, n)
                 _hll_rank(h, reg)
                 out[count] = h
-                count += 1
+                count += _fresh(table, h)
     return count
 
 
@@ -380,8 +399,7 @@ def _collect_loop(chunk, first, n, fold, reg, out):
 def _bloom_loop(chunk, first, n, k, fold, nblocks, bloom):
     blocks = np.uint64(nblocks)
     hashes = np.empty(2 * min(_PART_BATCH, max(0, chunk.shape[0] - first)), dtype=np.uint64)
-    prev = np.uint64(0)
-    has_prev = False
+    table = _recent_table()
     start = first
     last = chunk.shape[0] - n + 1
     while start < last:
@@ -389,19 +407,15 @@ def _bloom_loop(chunk, first, n, k, fold, nblocks, bloom):
         count = 0
         for i in range(start, end):
             gram = _load(chunk, i, n)
-            if has_prev and gram == prev:
-                continue
-            prev = gram
-            has_prev = True
-            h2 = gram_hash_of(gram, n)
-            hashes[count] = h2
-            count += 1
+            h = gram_hash_of(gram, n)
+            hashes[count] = h  # kept only if fresh: otherwise the next one overwrites it
+            count += _fresh(table, h)
             if fold:
                 low = _lower(gram)
                 if low != gram:
-                    h2 = gram_hash_of(low, n)
-                    hashes[count] = h2
-                    count += 1
+                    h = gram_hash_of(low, n)
+                    hashes[count] = h
+                    count += _fresh(table, h)
         _apply_local(hashes, count, bloom, blocks, k)
         start = end
 
