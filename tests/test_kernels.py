@@ -216,6 +216,25 @@ def test_unreadable_and_vanished_files_are_skipped(tmp_path) -> None:
             extract.extract_file(str(locked), policy)
 
 
+def test_extract_many_yields_in_input_order_with_a_byte_bounded_window(tmp_path, monkeypatch) -> None:
+    """Many files of mixed sizes, a missing one among them, and a window bounded by bytes: every file
+    comes back once, in input order, the missing one as a problem."""
+    monkeypatch.setattr(extract, "PENDING_BYTES", 3000)
+    rng = random.Random(11)
+    paths = []
+    for i in range(40):
+        path = tmp_path / f"f{i}"
+        path.write_bytes(bytes(rng.randrange(256) for _ in range(rng.choice((10, 500, 4000)))))
+        paths.append(str(path))
+    paths.insert(17, str(tmp_path / "missing"))
+    got = list(extract.extract_many(paths, Policy(), workers=2))
+    assert [path for path, _, _ in got] == paths
+    assert [problem is not None for _, _, problem in got] == [p.endswith("missing") for p in paths]
+    for path, doc, _ in got:
+        if doc is not None:
+            assert doc.filesize == os.path.getsize(path)
+
+
 def _python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
 

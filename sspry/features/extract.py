@@ -32,6 +32,8 @@ IN_MEMORY_BYTES = 256 << 20
 STREAM_CHUNK = 16 << 20
 EXACT_MIN_BYTES = 1 << 20  # below this, scanning the 2 MiB 3-gram bitmap costs more than hashing windows
 KEEP_HASHES_MAX_BYTES = 32 << 20  # up to this size a file's bloom hashes are kept between the two scans
+PENDING_FILES = 64  # files submitted ahead per extraction thread, at most (see extract_many)
+PENDING_BYTES = 256 << 20  # ... and input bytes between them, unless only 2 per thread are pending
 HLL_THRESHOLD = 15500  # datasketch's linear-counting threshold for precision 14
 
 
@@ -232,18 +234,34 @@ def extract_many(
     files: Iterable[str], policy: Policy, workers: int, stop: threading.Event | None = None
 ) -> Iterator[tuple[str, Document | None, SkippedFile | None]]:
     """Extract files on `workers` threads, yielding (path, document, problem) in input order. Once
-    `stop` is set no further file is started; those already started are finished and yielded."""
-    pending: deque[tuple[str, Future]] = deque()
-    window = max(2, workers * 2)
+    `stop` is set no further file is started; those already started are finished and yielded.
+
+    Files are submitted ahead of the one yielded next while fewer than 2 per worker are pending, or
+    fewer than PENDING_FILES per worker holding under PENDING_BYTES of input between them, so a big file
+    at the head does not leave the other workers idle once they have finished the few files behind it
+    (2 files per worker left a core idle for much of a run over /usr/lib). Only `workers` files are
+    read at a time; the finished ones wait as documents, about a tenth of their bytes for binaries."""
+    pending: deque[tuple[str, Future, int]] = deque()
+    pending_bytes = 0
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sspry-extract") as pool:
         for path in files:
             if stop is not None and stop.is_set():
                 break
-            pending.append((path, pool.submit(extract_file, path, policy)))
-            if len(pending) >= window:
-                yield _collect(*pending.popleft())
+            try:
+                size = os.stat(path).st_size
+            except OSError:
+                size = 0  # extract_file reports the problem
+            pending.append((path, pool.submit(extract_file, path, policy), size))
+            pending_bytes += size
+            while len(pending) >= 2 * workers and (
+                len(pending) >= PENDING_FILES * workers or pending_bytes >= PENDING_BYTES
+            ):
+                done, future, size = pending.popleft()
+                pending_bytes -= size
+                yield _collect(done, future)
         while pending:
-            yield _collect(*pending.popleft())
+            done, future, _ = pending.popleft()
+            yield _collect(done, future)
 
 
 def _collect(path: str, future: Future) -> tuple[str, Document | None, SkippedFile | None]:
