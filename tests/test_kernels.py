@@ -6,6 +6,7 @@ import os
 import random
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -156,6 +157,10 @@ def _check_document(path: str, data: bytes, policy: Policy) -> None:
     assert doc.tier2.tobytes() == want["tier2"]
     assert doc.entropy == pytest.approx(want["entropy"], abs=1e-12)
     assert doc.prefix == want["prefix"]
+    with ThreadPoolExecutor(2) as helpers:  # rescanned tiers in two halves on helper threads: same bits
+        halved = extract.extract_file(path, policy, helpers)
+    assert (halved.tier1_estimate, halved.tier2_estimate) == (doc.tier1_estimate, doc.tier2_estimate)
+    assert (halved.tier1.tobytes(), halved.tier2.tobytes()) == (doc.tier1.tobytes(), doc.tier2.tobytes())
 
 
 @pytest.mark.parametrize("fold", [False, True])
