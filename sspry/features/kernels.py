@@ -168,6 +168,7 @@ def gram_hash_many(grams, n, out):
         out[i] = gram_hash_of(grams[i], n)
 
 
+_ALL_ONES = np.uint64(0xFFFFFFFFFFFFFFFF)
 _LOW7 = np.uint64(0x7F7F7F7F7F7F7F7F)
 _HIGH = np.uint64(0x8080808080808080)
 _TO_A = np.uint64(0x3F3F3F3F3F3F3F3F)  # 0x80 - 0x41: a heptet >= 'A' gets its high bit set
@@ -188,6 +189,28 @@ def _load(chunk, i, n):
     for j in range(n):
         gram |= np.uint64(chunk[i + j]) << np.uint64(8 * j)
     return gram
+
+
+@intrinsic
+def _load_u64(typingctx, array, index):
+    """The 8 bytes of a uint8 array from `index` on as one little-endian uint64 (an unaligned load; the
+    caller keeps index + 8 <= len)."""
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        pointer = builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(64).as_pointer())
+        return builder.load(pointer, align=1)
+
+    return types.uint64(array, index), codegen
+
+
+@njit(inline="always")
+def _gram(chunk, i, n):
+    """The n-gram at position i packed little-endian: one 8-byte load, masked, except in the last 7
+    bytes (byte by byte there). Four single-byte loads per window cost 4x the hashing: measured."""
+    if i + 8 <= chunk.shape[0]:
+        return _load_u64(chunk, i) & (_ALL_ONES >> np.uint64(64 - 8 * n))  # n = 8: no shift by 64
+    return _load(chunk, i, n)
 
 
 # The bloom geometry, compiled from sspry/bloom.py as it is written there. numba's cache is keyed on this
@@ -277,7 +300,7 @@ def gram3_presence(chunk, first, fold, bitmap):
     """Mark every 3-gram of the chunk (windows from `first`) in a 2**24-bit presence bitmap, and with
     `fold` its lowercase form too."""
     for i in range(first, chunk.shape[0] - 2):
-        gram = _load(chunk, i, 3)
+        gram = _gram(chunk, i, 3)
         bitmap[gram >> np.uint64(3)] |= np.uint8(1) << np.uint8(gram & np.uint64(7))
         if fold:
             low = _lower(gram)
@@ -342,7 +365,7 @@ def _hll_loop(chunk, first, n, fold, reg):
     prev = np.uint64(0)
     has_prev = False
     for i in range(first, chunk.shape[0] - n + 1):
-        gram = _load(chunk, i, n)
+        gram = _gram(chunk, i, n)
         if has_prev and gram == prev:
             continue
         prev = gram
@@ -380,7 +403,7 @@ def _collect_loop(chunk, first, n, fold, reg, out):
     table = _recent_table()
     count = 0
     for i in range(first, chunk.shape[0] - n + 1):
-        gram = _load(chunk, i, n)
+        gram = _gram(chunk, i, n)
         h = gram_hash_of(gram, n)
         _hll_rank(h, reg)
         out[count] = h  # kept only if fresh: otherwise the next one overwrites it
@@ -406,7 +429,7 @@ def _bloom_loop(chunk, first, n, k, fold, nblocks, bloom):
         end = min(last, start + _PART_BATCH)
         count = 0
         for i in range(start, end):
-            gram = _load(chunk, i, n)
+            gram = _gram(chunk, i, n)
             h = gram_hash_of(gram, n)
             hashes[count] = h  # kept only if fresh: otherwise the next one overwrites it
             count += _fresh(table, h)
