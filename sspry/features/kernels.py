@@ -12,9 +12,9 @@ presence bitmap marks the grams a file holds (exact count, no estimate), and onl
 hashed into the bloom. Other gram sizes are counted with HyperLogLog and inserted window by window.
 With case folding (the policy's `fold_case`), a gram holding ASCII capitals is inserted lowercased too,
 so the bloom holds lower(g) for every gram g of the file and a `nocase` window is one gram to test.
-A run of identical grams (zero padding, for instance) is hashed once in the HLL pass; when hashes are
-kept or inserted, a small direct-mapped table of recent hashes drops the repeats (about half the windows
-of binaries): HLL and bloom inserts are idempotent.
+Every window is hashed (no branch on what it holds); when hashes are kept or inserted, a small
+direct-mapped table of recent hashes drops the repeats (about half the windows of binaries): HLL and
+bloom inserts are idempotent.
 
 The query side's kernels, `gather_rows`, `probe_rows` and `run_program` (see query/gather.py and
 query/program.py), live here too, so this is the only module that imports numba. numba keeps the machine
@@ -362,19 +362,11 @@ def _hll_add(gram, n, reg):
 
 @njit(inline="always")
 def _hll_loop(chunk, first, n, fold, reg):
-    prev = np.uint64(0)
-    has_prev = False
-    for i in range(first, chunk.shape[0] - n + 1):
+    for i in range(first, chunk.shape[0] - n + 1):  # no branches but the register's: adds are idempotent
         gram = _gram(chunk, i, n)
-        if has_prev and gram == prev:
-            continue
-        prev = gram
-        has_prev = True
         _hll_add(gram, n, reg)
         if fold:
-            low = _lower(gram)
-            if low != gram:
-                _hll_add(low, n, reg)
+            _hll_add(_lower(gram), n, reg)
 
 
 @njit(inline="always")
@@ -408,13 +400,11 @@ def _collect_loop(chunk, first, n, fold, reg, out):
         _hll_rank(h, reg)
         out[count] = h  # kept only if fresh: otherwise the next one overwrites it
         count += _fresh(table, h)
-        if fold:
-            low = _lower(gram)
-            if low != gram:
-                h = gram_hash_of(low, n)
-                _hll_rank(h, reg)
-                out[count] = h
-                count += _fresh(table, h)
+        if fold:  # no branch on low != gram: then its hash was just recorded and is not fresh
+            h = gram_hash_of(_lower(gram), n)
+            _hll_rank(h, reg)
+            out[count] = h
+            count += _fresh(table, h)
     return count
 
 
@@ -433,12 +423,10 @@ def _bloom_loop(chunk, first, n, k, fold, nblocks, bloom):
             h = gram_hash_of(gram, n)
             hashes[count] = h  # kept only if fresh: otherwise the next one overwrites it
             count += _fresh(table, h)
-            if fold:
-                low = _lower(gram)
-                if low != gram:
-                    h = gram_hash_of(low, n)
-                    hashes[count] = h
-                    count += _fresh(table, h)
+            if fold:  # no branch on low != gram: then its hash was just recorded and is not fresh
+                h = gram_hash_of(_lower(gram), n)
+                hashes[count] = h
+                count += _fresh(table, h)
         _apply_local(hashes, count, bloom, blocks, k)
         start = end
 
