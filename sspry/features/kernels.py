@@ -41,7 +41,10 @@ _PREFETCH_AHEAD = 16
 _PART_BATCH = 1 << 20  # hashes sorted by bloom region at a time (8 MiB of them)
 _LOCAL_BYTES = 1 << 20  # blooms up to this size stay in a core's cache: built without sorting
 _PARTITION_BITS = 8
-_RECENT = 1 << 12  # slots of the recent-hash filter (32 KiB: stays in L1); drops ~half of binaries' windows
+# slots of the recent-hash filter at most: when hashes are kept (files up to 32 MiB; 32 KiB, in L1: drops
+# ~half a binary's windows) and when they are inserted straight into a big bloom (512 KiB, in L2: ~2/3)
+_RECENT_KEPT = 1 << 12
+_RECENT_INSERT = 1 << 16
 _PARTITION_MIN = 1 << 12  # fewer hashes than this are inserted as they come
 _GATHER_AHEAD = 12
 _BLOCK_BYTES = geometry.BLOCK_BYTES
@@ -370,12 +373,16 @@ def _hll_loop(chunk, first, n, fold, reg):
 
 
 @njit(inline="always")
-def _recent_table():
-    """A direct-mapped table of the last gram hash seen in each of _RECENT slots: a hash found in its
-    slot was added already (HLL and bloom inserts are idempotent), so it is not added again. Slot j
-    starts as ~j, a value no hash stored in slot j can equal (its low bits are j): no false hit."""
-    table = np.empty(_RECENT, dtype=np.uint64)
-    for j in range(_RECENT):
+def _recent_table(windows, most):
+    """A direct-mapped table of the last gram hash seen in each slot: a hash found in its slot was added
+    already (HLL and bloom inserts are idempotent), so it is not added again. A power of two of slots,
+    from 2**10 up to `most` as `windows` grows (filling a big table costs more than a small file). Slot
+    j starts as ~j, a value no hash stored in slot j can equal (its low bits are j): no false hit."""
+    slots = 1 << 10
+    while slots < most and slots < windows:
+        slots <<= 1
+    table = np.empty(slots, dtype=np.uint64)
+    for j in range(slots):
         table[j] = ~np.uint64(j)
     return table
 
@@ -384,7 +391,7 @@ def _recent_table():
 def _fresh(table, h):
     """1 unless `h` was the last hash in its slot, which it now is; without a branch (half the windows
     of a binary repeat: a branch on it is mispredicted half the time)."""
-    slot = h & np.uint64(_RECENT - 1)
+    slot = h & np.uint64(table.shape[0] - 1)
     fresh = np.int64(table[slot] != h)
     table[slot] = h
     return fresh
@@ -392,7 +399,7 @@ def _fresh(table, h):
 
 @njit(inline="always")
 def _collect_loop(chunk, first, n, fold, reg, out):
-    table = _recent_table()
+    table = _recent_table(chunk.shape[0] - first, _RECENT_KEPT)
     count = 0
     for i in range(first, chunk.shape[0] - n + 1):
         gram = _gram(chunk, i, n)
@@ -412,7 +419,7 @@ def _collect_loop(chunk, first, n, fold, reg, out):
 def _bloom_loop(chunk, first, n, k, fold, nblocks, bloom):
     blocks = np.uint64(nblocks)
     hashes = np.empty(2 * min(_PART_BATCH, max(0, chunk.shape[0] - first)), dtype=np.uint64)
-    table = _recent_table()
+    table = _recent_table(chunk.shape[0] - first, _RECENT_INSERT)
     start = first
     last = chunk.shape[0] - n + 1
     while start < last:
