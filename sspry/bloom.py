@@ -1,8 +1,10 @@
 """Bloom geometry: the size classes and where a gram's bits are, for the index side and the query side.
 
-A gram's identity is MurmurHash3 x64_128 of its bytes (seed 0), split into two 64-bit halves (h1, h2);
-h1 feeds the size estimate (features/sizing.py), h2 places the gram in a *blocked* bloom of
-`nblocks` blocks of BLOCK_BITS (512) bits:
+A gram's identity is one 64-bit hash `h` of its n bytes (n <= 8) packed little-endian into an integer:
+`gram_hash` below, splitmix64's finaliser (two multiplies) of gram + n * 0x9E3779B97F4A7C15. The same h
+feeds the size estimate (features/sizing.py: HyperLogLog register from its low 14 bits, rank from the
+rest) and places the gram in a *blocked* bloom of `nblocks` blocks of BLOCK_BITS (512) bits (h2 below
+is that same h; policy format 1 used MurmurHash3 x64_128's two halves, see docs/architecture.md):
 
   * block = the high BLOCK_HASH_BITS (32) bits of h2 scaled to the block count: (h2 >> 32) * nblocks >> 32;
   * probe i (i < k) sets bit (a + i*b) mod 512 of that block, a = h2 & 511 and b = ((h2 >> 9) & 511) | 1
@@ -39,6 +41,39 @@ _OFFSET_BITS = np.uint64(OFFSET_BITS)
 _OFFSET_MASK = np.uint64(OFFSET_MASK)
 _BLOCK_BITS = np.uint64(BLOCK_BITS)
 _ODD = np.uint64(1)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+_S30 = np.uint64(30)
+_S27 = np.uint64(27)
+_S31 = np.uint64(31)
+_MASK64 = (1 << 64) - 1
+
+
+# --- the gram hash (compiled by features/kernels.py; numpy uint64 scalars or arrays in, out) -------------
+def gram_hash(gram, n):
+    """The 64-bit hash of an n-byte gram packed little-endian in `gram` (both uint64): splitmix64's
+    finaliser, a bijection of gram + n * golden, so grams of one size never collide in the hash."""
+    z = gram + n * _GOLDEN
+    z = (z ^ (z >> _S30)) * _MIX1
+    z = (z ^ (z >> _S27)) * _MIX2
+    return z ^ (z >> _S31)
+
+
+def gram_hash_bytes(gram: bytes) -> int:
+    """`gram_hash` in plain Python integers: the reference the kernels and the query side are held to."""
+    z = (int.from_bytes(gram, "little") + len(gram) * 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def gram_hash_array(grams: list[bytes]) -> np.ndarray:
+    """`gram_hash` of each gram (any sizes up to 8 bytes), vectorised with numpy: the query side's hash."""
+    packed = np.array([int.from_bytes(g, "little") for g in grams], dtype=np.uint64)
+    sizes = np.array([len(g) for g in grams], dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        return gram_hash(packed, sizes)
 
 
 # --- size classes -------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 from sspry.limits import MAX_PREFIX_BYTES, MAX_TREE_DOCS
 
-POLICY_VERSION = 1  # the format of sspry.json (its "version" field)
+POLICY_VERSION = 2  # the format of sspry.json (its "version" field); 2: the gram hash of sspry/bloom.py
 ID_SOURCES = {"md5": 16, "sha1": 20, "sha256": 32, "sha512": 64}
 GRAM_PAIRS = ((3, 4), (4, 5), (5, 6), (7, 8))
 FP_RANGE = (0.01, 0.5)

@@ -1,17 +1,16 @@
-"""Slow, obviously-correct reference implementations (mmh3, datasketch, bitarray) of what the compiled
-kernels compute, so tests can hold the fast path to them."""
+"""Slow, obviously-correct reference implementations (plain-Python gram hash, datasketch, bitarray) of
+what the compiled kernels compute, so tests can hold the fast path to them."""
 
 from __future__ import annotations
 
 import hashlib
 import math
 
-import mmh3
 import numpy as np
 from bitarray import bitarray
 from datasketch.hyperloglog import HyperLogLogPlusPlus
 
-from sspry.bloom import bloom_positions
+from sspry.bloom import bloom_positions, gram_hash_bytes
 from sspry.features.sizing import HLL_PRECISION, bloom_blocks
 from sspry.policy import BLOCK_BITS, Policy
 
@@ -31,9 +30,7 @@ def indexed_grams(data: bytes, n: int, fold: bool) -> list[bytes]:
 
 
 def hll_registers(data: bytes, n: int, fold: bool = False) -> np.ndarray:
-    hll = HyperLogLogPlusPlus(
-        p=HLL_PRECISION, hashfunc=lambda b: mmh3.hash64(b, seed=0, x64arch=True, signed=False)[0]
-    )
+    hll = HyperLogLogPlusPlus(p=HLL_PRECISION, hashfunc=gram_hash_bytes)
     for gram in indexed_grams(data, n, fold):
         hll.update(gram)
     return hll.reg
@@ -43,7 +40,7 @@ def bloom(data: bytes, n: int, k: int, nblocks: int, fold: bool = False) -> byte
     bits = bitarray(nblocks * BLOCK_BITS, endian="little")
     bits.setall(0)
     grams = sorted(set(indexed_grams(data, n, fold)))
-    h2 = np.array([mmh3.hash64(g, seed=0, x64arch=True, signed=False)[1] for g in grams], dtype=np.uint64)
+    h2 = np.array([gram_hash_bytes(g) for g in grams], dtype=np.uint64)
     for position in bloom_positions(h2, nblocks, k).ravel().tolist():
         bits[position] = 1
     return bits.tobytes()

@@ -6,11 +6,10 @@ from __future__ import annotations
 import random
 import threading
 
-import mmh3
 import numpy as np
 import pytest
 
-from sspry.bloom import bloom_positions, ladder
+from sspry.bloom import bloom_positions, gram_hash_bytes, ladder
 from sspry.policy import BLOCK_BITS, Policy
 from sspry.query import bitmaps, evaluate, program
 from sspry.query.evaluate import SegmentEvaluator, evaluate_snapshot
@@ -75,7 +74,7 @@ class Reference:
     def holds(self, node: Node, doc: int) -> bool:
         if isinstance(node, Gram):
             bloom = self.blooms[node.tier][doc]
-            h2 = np.array([mmh3.hash64(node.gram, seed=0, x64arch=True, signed=False)[1]], dtype=np.uint64)
+            h2 = np.array([gram_hash_bytes(node.gram)], dtype=np.uint64)
             positions = bloom_positions(h2, len(bloom) // BLOCK_BITS, POLICY.tier_k(node.tier))[0]
             return bool(bloom[positions.astype(np.intp)].all())
         if isinstance(node, Const):

@@ -22,7 +22,7 @@ from click.testing import CliRunner
 from sspry import limits
 from sspry.cli import main
 from sspry.document import Document, path_key
-from sspry.policy import Policy, PolicyError
+from sspry.policy import POLICY_VERSION, Policy, PolicyError
 from sspry.store import diskio
 from sspry.store.errors import ForestError, StorageFull
 from sspry.store.filenames import TEMP_PREFIX, log_name
@@ -470,7 +470,8 @@ def test_a_forest_of_another_format_is_refused_in_one_line(tmp_path, family: str
         data = json.loads(path.read_text())
         data[key] = 7
         path.write_text(json.dumps(data))
-        expected = f"{path}: {family} format 7, this sspry reads format 1"
+        reads = POLICY_VERSION if family == "policy" else 1
+        expected = f"{path}: {family} format 7, this sspry reads format {reads}"
     elif family == "log":
         data = bytearray(log.read_bytes())
         data[8:12] = struct.pack("<I", 7)
@@ -487,6 +488,19 @@ def test_a_forest_of_another_format_is_refused_in_one_line(tmp_path, family: str
     result = CliRunner().invoke(main, ["local", "compact", "--root", str(root)])
     assert result.exit_code == 2 and isinstance(result.exception, SystemExit)
     assert result.output.strip() == f"Error: {expected}"
+
+
+def test_a_forest_of_policy_format_1_is_refused_with_what_to_do(tmp_path) -> None:
+    """Policy format 1 hashed grams with MurmurHash3: such a forest is refused, naming the fix."""
+    root = tmp_path / "f"
+    _forest_with_a_segment_and_a_log(root)
+    data = json.loads((root / "sspry.json").read_text())
+    data["version"] = 1
+    (root / "sspry.json").write_text(json.dumps(data))
+    with pytest.raises(ForestError) as caught:
+        Forest.open(root)
+    assert str(caught.value).startswith(f"{root / 'sspry.json'}: policy format 1, this sspry reads format 2")
+    assert "index the files again" in str(caught.value)
 
 
 def test_a_forest_written_before_format_versions_opens(tmp_path) -> None:

@@ -6,16 +6,18 @@ import os
 import random
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
-import mmh3
 import numpy as np
 import pytest
 from datasketch.hyperloglog import HyperLogLogPlusPlus
 
 from sspry import bloom
-from sspry.features import extract, kernels
+from sspry.features import extract, kernels, sizing
 from sspry.policy import GRAM_PAIRS, Policy
 from tests import reference
+
+PINNED = {b"abc": 0x22C9C8BE9172F1CE, b"MZ\x90\x00": 0xF2DC38720D2C3C60}
 
 
 def _samples() -> dict[str, bytes]:
@@ -53,12 +55,23 @@ def test_compiled_probes_equal_the_numpy_reference() -> None:
 
 
 @pytest.mark.parametrize("n", range(3, 9))
-def test_murmur3_matches_mmh3(n: int) -> None:
+def test_gram_hash_compiled_numpy_and_plain_python_agree(n: int) -> None:
+    """The index side (compiled kernels) and the query side (numpy) hash a gram as the plain-Python
+    reference does; a few fixed values pin the function itself (a change is a new policy format)."""
     rng = random.Random(n)
-    for _ in range(200):
-        key = bytes(rng.randrange(256) for _ in range(n))
-        got = kernels.murmur3_x64_128(np.uint64(int.from_bytes(key, "little")), n)
-        assert (int(got[0]), int(got[1])) == mmh3.hash64(key, seed=0, x64arch=True, signed=False)
+    keys = [bytes(rng.randrange(256) for _ in range(n)) for _ in range(300)] + [b"\x00" * n, b"\xff" * n]
+    expect = [bloom.gram_hash_bytes(key) for key in keys]
+    packed = np.array([int.from_bytes(key, "little") for key in keys], dtype=np.uint64)
+    compiled = np.empty(len(keys), dtype=np.uint64)
+    kernels.gram_hash_many(packed, n, compiled)
+    assert compiled.tolist() == expect
+    assert bloom.gram_hash_array(keys).tolist() == expect
+    assert sizing.gram_hashes(keys)[1].tolist() == expect
+
+
+def test_gram_hash_pinned_values() -> None:
+    assert bloom.gram_hash_bytes(b"abc") == PINNED[b"abc"]
+    assert bloom.gram_hash_bytes(b"MZ\x90\x00") == PINNED[b"MZ\x90\x00"]
 
 
 def _chunked(data: bytes, seed: int) -> list[tuple[np.ndarray, int]]:
@@ -144,6 +157,10 @@ def _check_document(path: str, data: bytes, policy: Policy) -> None:
     assert doc.tier2.tobytes() == want["tier2"]
     assert doc.entropy == pytest.approx(want["entropy"], abs=1e-12)
     assert doc.prefix == want["prefix"]
+    with ThreadPoolExecutor(2) as helpers:  # rescanned tiers in two halves on helper threads: same bits
+        halved = extract.extract_file(path, policy, helpers)
+    assert (halved.tier1_estimate, halved.tier2_estimate) == (doc.tier1_estimate, doc.tier2_estimate)
+    assert (halved.tier1.tobytes(), halved.tier2.tobytes()) == (doc.tier1.tobytes(), doc.tier2.tobytes())
 
 
 @pytest.mark.parametrize("fold", [False, True])
@@ -204,6 +221,25 @@ def test_unreadable_and_vanished_files_are_skipped(tmp_path) -> None:
             extract.extract_file(str(locked), policy)
 
 
+def test_extract_many_yields_in_input_order_with_a_byte_bounded_window(tmp_path, monkeypatch) -> None:
+    """Many files of mixed sizes, a missing one among them, and a window bounded by bytes: every file
+    comes back once, in input order, the missing one as a problem."""
+    monkeypatch.setattr(extract, "PENDING_BYTES", 3000)
+    rng = random.Random(11)
+    paths = []
+    for i in range(40):
+        path = tmp_path / f"f{i}"
+        path.write_bytes(bytes(rng.randrange(256) for _ in range(rng.choice((10, 500, 4000)))))
+        paths.append(str(path))
+    paths.insert(17, str(tmp_path / "missing"))
+    got = list(extract.extract_many(paths, Policy(), workers=2))
+    assert [path for path, _, _ in got] == paths
+    assert [problem is not None for _, _, problem in got] == [p.endswith("missing") for p in paths]
+    for path, doc, _ in got:
+        if doc is not None:
+            assert doc.filesize == os.path.getsize(path)
+
+
 def _python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
 
@@ -229,7 +265,7 @@ def test_warm_kernels_compiles_what_a_small_file_needs(tmp_path) -> None:
     sample.write_bytes(random.Random(1).randbytes(100_000))
     code = (
         "import sys\n"
-        "from sspry.features import extract, kernels\n"
+        "from sspry.features import extract, kernels, sizing\n"
         "from sspry.policy import Policy\n"
         "def loaded():\n"
         "    return {n: len(k.signatures) for n, k in vars(kernels).items() if hasattr(k, 'signatures')}\n"

@@ -17,7 +17,7 @@ import stat
 import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 
 import numpy as np
 
@@ -32,6 +32,8 @@ IN_MEMORY_BYTES = 256 << 20
 STREAM_CHUNK = 16 << 20
 EXACT_MIN_BYTES = 1 << 20  # below this, scanning the 2 MiB 3-gram bitmap costs more than hashing windows
 KEEP_HASHES_MAX_BYTES = 32 << 20  # up to this size a file's bloom hashes are kept between the two scans
+PENDING_FILES = 64  # files submitted ahead per extraction thread, at most (see extract_many)
+PENDING_BYTES = 256 << 20  # ... and input bytes between them, unless only 2 per thread are pending
 HLL_THRESHOLD = 15500  # datasketch's linear-counting threshold for precision 14
 
 
@@ -111,6 +113,8 @@ class _Tier:
         self.kept = 0
         self.estimate = 0
         self.bloom = np.zeros(0, np.uint8)
+        self._parts: list[Future] = []
+        self._other: np.ndarray | None = None
 
     def count(self, chunk: np.ndarray, carried: int) -> None:
         first = kernels.first_window(carried, self.n)
@@ -139,9 +143,55 @@ class _Tier:
         blocks = len(self.bloom) * 8 // BLOCK_BITS
         kernels.bloom_insert(chunk, first, self.n, self.k, self.fold, blocks, self.bloom)
 
+    # A rescan tier of a file in memory can be counted and inserted in two halves on helper threads:
+    # HyperLogLog registers merge by maximum and blooms by OR, so the result is the same bits.
+    def _halves(self, whole: np.ndarray) -> list[tuple[np.ndarray, int]]:
+        """Two (chunk, carried) parts of `whole` holding each of its windows once."""
+        middle = max(0, len(whole) - self.n + 1) // 2
+        return [(whole[: middle + self.n - 1], 0), (whole[middle:], self.n - 1)]
 
-def extract_file(path: str, policy: Policy) -> Document:
-    """Compute the Document of one file. Raises SkippedFile for anything that prevents it."""
+    def count_halves(self, whole: np.ndarray, helpers: Executor) -> None:
+        self._other = np.zeros_like(self.counter)
+        self._parts = [
+            helpers.submit(
+                kernels.hll_update, chunk, kernels.first_window(carried, self.n), self.n, self.fold, reg
+            )
+            for (chunk, carried), reg in zip(self._halves(whole), (self.counter, self._other), strict=True)
+        ]
+
+    def insert_halves(self, whole: np.ndarray, helpers: Executor) -> None:
+        blocks = len(self.bloom) * 8 // BLOCK_BITS
+        self._other = np.zeros_like(self.bloom)
+        self._parts = [
+            helpers.submit(
+                kernels.bloom_insert,
+                chunk,
+                kernels.first_window(carried, self.n),
+                self.n,
+                self.k,
+                self.fold,
+                blocks,
+                bloom,
+            )
+            for (chunk, carried), bloom in zip(self._halves(whole), (self.bloom, self._other), strict=True)
+        ]
+
+    def join(self) -> None:
+        """Wait for the halves and merge them (registers by maximum, blooms by OR)."""
+        for part in self._parts:
+            part.result()
+        if len(self.bloom):  # inserted
+            np.bitwise_or(self.bloom, self._other, out=self.bloom)
+        else:  # counted
+            np.maximum(self.counter, self._other, out=self.counter)
+        self._parts, self._other = [], None
+
+
+def extract_file(path: str, policy: Policy, helpers: Executor | None = None) -> Document:
+    """Compute the Document of one file. Raises SkippedFile for anything that prevents it. With
+    `helpers` (a thread pool), a tier of a file in memory that is hashed twice (over
+    KEEP_HASHES_MAX_BYTES) is counted and inserted in two halves on it, while this thread does the rest:
+    a big file then uses two cores when they are free (the same document either way)."""
     try:
         handle = open(path, "rb")  # noqa: SIM115 - closed below, with the reader's lifetime
     except OSError as exc:
@@ -155,6 +205,9 @@ def extract_file(path: str, policy: Policy) -> Document:
         hist = np.zeros(256, dtype=np.int64)
         in_memory = reader.whole is not None
         tiers = (_Tier(policy, 1, info.st_size, in_memory), _Tier(policy, 2, info.st_size, in_memory))
+        halved = [t for t in tiers if helpers is not None and in_memory and t.mode == "rescan"]
+        for tier in halved:
+            tier.count_halves(reader.whole, helpers)
         prefix = b""
         for chunk, carried in reader.chunks():
             fresh = chunk[carried:]
@@ -163,15 +216,23 @@ def extract_file(path: str, policy: Policy) -> Document:
             hasher.update(fresh)
             kernels.byte_histogram(chunk, carried, hist)
             for tier in tiers:
-                tier.count(chunk, carried)
+                if tier not in halved:
+                    tier.count(chunk, carried)
         source_id = hasher.digest()
         if reader.whole is not None:
             fields, entry_bytes, scanned = module_fields(data=reader.whole)
         else:
             fields, entry_bytes, scanned = module_fields(path=path, head=prefix)
-        for tier in tiers:
+        for tier in halved:
+            tier.join()
             tier.size_bloom()
-        second = [tier for tier in tiers if tier.mode == "rescan"]
+            tier.insert_halves(reader.whole, helpers)
+        for tier in tiers:
+            if tier not in halved:
+                tier.size_bloom()
+        for tier in halved:
+            tier.join()
+        second = [tier for tier in tiers if tier.mode == "rescan" and tier not in halved]
         if second:
             rehash = policy.new_id_hasher() if reader.whole is None else None
             for chunk, carried in reader.chunks():
@@ -232,18 +293,38 @@ def extract_many(
     files: Iterable[str], policy: Policy, workers: int, stop: threading.Event | None = None
 ) -> Iterator[tuple[str, Document | None, SkippedFile | None]]:
     """Extract files on `workers` threads, yielding (path, document, problem) in input order. Once
-    `stop` is set no further file is started; those already started are finished and yielded."""
-    pending: deque[tuple[str, Future]] = deque()
-    window = max(2, workers * 2)
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sspry-extract") as pool:
+    `stop` is set no further file is started; those already started are finished and yielded.
+
+    Files are submitted ahead of the one yielded next while fewer than 2 per worker are pending, or
+    fewer than PENDING_FILES per worker holding under PENDING_BYTES of input between them, so a big file
+    at the head does not leave the other workers idle once they have finished the few files behind it
+    (2 files per worker left a core idle for much of a run over /usr/lib). Only `workers` files are
+    read at a time; the finished ones wait as documents, about a tenth of their bytes for binaries."""
+    pending: deque[tuple[str, Future, int]] = deque()
+    pending_bytes = 0
+    with (
+        ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sspry-extract") as pool,
+        ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sspry-halves") as helpers,
+    ):
+        halves = helpers if workers > 1 else None
         for path in files:
             if stop is not None and stop.is_set():
                 break
-            pending.append((path, pool.submit(extract_file, path, policy)))
-            if len(pending) >= window:
-                yield _collect(*pending.popleft())
+            try:
+                size = os.stat(path).st_size
+            except OSError:
+                size = 0  # extract_file reports the problem
+            pending.append((path, pool.submit(extract_file, path, policy, halves), size))
+            pending_bytes += size
+            while len(pending) >= 2 * workers and (
+                len(pending) >= PENDING_FILES * workers or pending_bytes >= PENDING_BYTES
+            ):
+                done, future, size = pending.popleft()
+                pending_bytes -= size
+                yield _collect(done, future)
         while pending:
-            yield _collect(*pending.popleft())
+            done, future, _ = pending.popleft()
+            yield _collect(done, future)
 
 
 def _collect(path: str, future: Future) -> tuple[str, Document | None, SkippedFile | None]:

@@ -3,15 +3,18 @@
 Kernels see one chunk at a time. A chunk after the first starts with the last CARRY bytes of the one
 before, and `first` says where the windows not seen yet begin, so streaming a file in chunks gives the
 same result as one pass over it. Grams are the n bytes at each position packed little-endian into a
-uint64 (n <= 8) and hashed with MurmurHash3 x64_128 (seed 0); `sizing.py` documents how the two hash
-halves are used and `tests/test_kernels.py` checks every kernel against mmh3, datasketch and bitarray.
+uint64 (n <= 8) and hashed with sspry/bloom.py's `gram_hash` (two multiplies); `sizing.py` documents how
+the hash is used and `tests/test_kernels.py` checks every kernel against the plain-Python hash,
+datasketch and bitarray.
 
 3-grams have only 2**24 values, so Tier 1 at the default gram size needs no hashing per window: a 2 MiB
 presence bitmap marks the grams a file holds (exact count, no estimate), and only the distinct ones are
 hashed into the bloom. Other gram sizes are counted with HyperLogLog and inserted window by window.
 With case folding (the policy's `fold_case`), a gram holding ASCII capitals is inserted lowercased too,
 so the bloom holds lower(g) for every gram g of the file and a `nocase` window is one gram to test.
-A run of identical grams (zero padding, for instance) is hashed once: HLL and bloom inserts are idempotent.
+Every window is hashed (no branch on what it holds); when hashes are kept or inserted, a small
+direct-mapped table of recent hashes drops the repeats (about half the windows of binaries): HLL and
+bloom inserts are idempotent.
 
 The query side's kernels, `gather_rows`, `probe_rows` and `run_program` (see query/gather.py and
 query/program.py), live here too, so this is the only module that imports numba. numba keeps the machine
@@ -34,8 +37,15 @@ from sspry import bloom as geometry
 
 CARRY = 7  # bytes a chunk repeats from the previous one: enough for the largest gram (8)
 PRESENCE_BYTES = 1 << 21  # one bit per possible 3-gram
-_BATCH = 1 << 14
 _PREFETCH_AHEAD = 16
+_PART_BATCH = 1 << 20  # hashes sorted by bloom region at a time (8 MiB of them)
+_LOCAL_BYTES = 1 << 20  # blooms up to this size stay in a core's cache: built without sorting
+_PARTITION_BITS = 8
+# slots of the recent-hash filter at most: when hashes are kept (files up to 32 MiB; 32 KiB, in L1: drops
+# ~half a binary's windows) and when they are inserted straight into a big bloom (512 KiB, in L2: ~2/3)
+_RECENT_KEPT = 1 << 12
+_RECENT_INSERT = 1 << 16
+_PARTITION_MIN = 1 << 12  # fewer hashes than this are inserted as they come
 _GATHER_AHEAD = 12
 _BLOCK_BYTES = geometry.BLOCK_BYTES
 _BLOCK_BITS = geometry.BLOCK_BITS
@@ -143,41 +153,25 @@ def _prefetch_read(typingctx, array, index):
     return types.void(array, index), _prefetch_codegen(0)
 
 
-@njit(inline="always")
-def _rotl64(x, r):
-    return (x << np.uint64(r)) | (x >> np.uint64(64 - r))
+# The gram hash, compiled from sspry/bloom.py as it is written there (the query side hashes with the same
+# function through numpy).
+_gram_hash = njit(inline="always")(geometry.gram_hash)
 
 
 @njit(inline="always")
-def _fmix64(k):
-    k ^= k >> np.uint64(33)
-    k *= np.uint64(0xFF51AFD7ED558CCD)
-    k ^= k >> np.uint64(33)
-    k *= np.uint64(0xC4CEB9FE1A85EC53)
-    k ^= k >> np.uint64(33)
-    return k
+def gram_hash_of(gram, n):
+    """The hash of an n-byte gram packed in `gram` (a uint64)."""
+    return _gram_hash(gram, np.uint64(n))
 
 
-@njit(inline="always")
-def murmur3_x64_128(gram, n):
-    """MurmurHash3_x64_128(seed=0) of an n-byte key (n <= 8) packed little-endian in `gram`."""
-    h1 = np.uint64(0)
-    h2 = np.uint64(0)
-    k1 = gram * np.uint64(0x87C37B91114253D5)
-    k1 = _rotl64(k1, 31)
-    k1 *= np.uint64(0x4CF5AD432745937F)
-    h1 ^= k1
-    h1 ^= np.uint64(n)
-    h2 ^= np.uint64(n)
-    h1 += h2
-    h2 += h1
-    h1 = _fmix64(h1)
-    h2 = _fmix64(h2)
-    h1 += h2
-    h2 += h1
-    return h1, h2
+@njit(nogil=True, cache=True)
+def gram_hash_many(grams, n, out):
+    """out[i] = the hash of n-byte gram grams[i]: the compiled hash, for tests to hold to the reference."""
+    for i in range(grams.shape[0]):
+        out[i] = gram_hash_of(grams[i], n)
 
 
+_ALL_ONES = np.uint64(0xFFFFFFFFFFFFFFFF)
 _LOW7 = np.uint64(0x7F7F7F7F7F7F7F7F)
 _HIGH = np.uint64(0x8080808080808080)
 _TO_A = np.uint64(0x3F3F3F3F3F3F3F3F)  # 0x80 - 0x41: a heptet >= 'A' gets its high bit set
@@ -198,6 +192,28 @@ def _load(chunk, i, n):
     for j in range(n):
         gram |= np.uint64(chunk[i + j]) << np.uint64(8 * j)
     return gram
+
+
+@intrinsic
+def _load_u64(typingctx, array, index):
+    """The 8 bytes of a uint8 array from `index` on as one little-endian uint64 (an unaligned load; the
+    caller keeps index + 8 <= len)."""
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        pointer = builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(64).as_pointer())
+        return builder.load(pointer, align=1)
+
+    return types.uint64(array, index), codegen
+
+
+@njit(inline="always")
+def _gram(chunk, i, n):
+    """The n-gram at position i packed little-endian: one 8-byte load, masked, except in the last 7
+    bytes (byte by byte there). Four single-byte loads per window cost 4x the hashing: measured."""
+    if i + 8 <= chunk.shape[0]:
+        return _load_u64(chunk, i) & (_ALL_ONES >> np.uint64(64 - 8 * n))  # n = 8: no shift by 64
+    return _load(chunk, i, n)
 
 
 # The bloom geometry, compiled from sspry/bloom.py as it is written there. numba's cache is keyed on this
@@ -223,6 +239,34 @@ def _apply(hashes, count, bloom_bytes, blocks, k):
             block_bit, _, _ = _gram_probes(hashes[q + _PREFETCH_AHEAD], blocks)
             _prefetch(bloom_bytes, block_bit >> np.uint64(3))
         _set_bits(bloom_bytes, hashes[q], blocks, k)
+
+
+@njit(inline="always")
+def _apply_local(hashes, count, bloom_bytes, blocks, k):
+    """Set the bits of the first `count` hashes like _apply, but for a bloom bigger than a core's cache
+    first sort each batch of _PART_BATCH hashes into 256 regions (a counting sort on the hash's top 8
+    bits: the block grows with them) and insert region by region, so the bits set hit cache instead of
+    missing it once per gram: ~2 ns to sort and ~2 to set a gram against ~8 in an 8 MiB bloom (measured;
+    fewer regions sort slower, each counter a chain of dependent increments). Same bits either way."""
+    if bloom_bytes.shape[0] <= _LOCAL_BYTES or count < _PARTITION_MIN:
+        _apply(hashes, count, bloom_bytes, blocks, k)
+        return
+    regions = 1 << _PARTITION_BITS
+    shift = np.uint64(64 - _PARTITION_BITS)
+    scratch = np.empty(min(count, _PART_BATCH), dtype=np.uint64)
+    at = np.empty(regions + 1, dtype=np.int64)
+    for start in range(0, count, _PART_BATCH):
+        end = min(count, start + _PART_BATCH)
+        at[:] = 0
+        for q in range(start, end):
+            at[np.int64(hashes[q] >> shift) + 1] += 1
+        for r in range(regions):
+            at[r + 1] += at[r]
+        for q in range(start, end):
+            region = np.int64(hashes[q] >> shift)
+            scratch[at[region]] = hashes[q]
+            at[region] += 1
+        _apply(scratch, end - start, bloom_bytes, blocks, k)
 
 
 @njit(nogil=True, cache=True)
@@ -259,7 +303,7 @@ def gram3_presence(chunk, first, fold, bitmap):
     """Mark every 3-gram of the chunk (windows from `first`) in a 2**24-bit presence bitmap, and with
     `fold` its lowercase form too."""
     for i in range(first, chunk.shape[0] - 2):
-        gram = _load(chunk, i, 3)
+        gram = _gram(chunk, i, 3)
         bitmap[gram >> np.uint64(3)] |= np.uint8(1) << np.uint8(gram & np.uint64(7))
         if fold:
             low = _lower(gram)
@@ -270,7 +314,7 @@ def gram3_presence(chunk, first, fold, bitmap):
 def presence_bloom(bitmap, k, nblocks, bloom):
     """Insert every 3-gram marked in the presence bitmap into the bloom."""
     blocks = np.uint64(nblocks)
-    hashes = np.empty(_BATCH, dtype=np.uint64)
+    hashes = np.empty(_PART_BATCH, dtype=np.uint64)
     count = 0
     for byte_index in range(bitmap.shape[0]):
         bits = bitmap[byte_index]
@@ -279,13 +323,13 @@ def presence_bloom(bitmap, k, nblocks, bloom):
         for bit in range(8):
             if not (bits >> bit) & 1:
                 continue
-            _, h2 = murmur3_x64_128(np.uint64(byte_index * 8 + bit), 3)
+            h2 = gram_hash_of(np.uint64(byte_index * 8 + bit), 3)
             hashes[count] = h2
             count += 1
-            if count == _BATCH:
-                _apply(hashes, count, bloom, blocks, k)
+            if count == _PART_BATCH:
+                _apply_local(hashes, count, bloom, blocks, k)
                 count = 0
-    _apply(hashes, count, bloom, blocks, k)
+    _apply_local(hashes, count, bloom, blocks, k)
 
 
 @njit(nogil=True, cache=True)
@@ -315,79 +359,82 @@ def _hll_rank(h1, reg):
 
 @njit(inline="always")
 def _hll_add(gram, n, reg):
-    h1, _ = murmur3_x64_128(gram, n)
+    h1 = gram_hash_of(gram, n)
     _hll_rank(h1, reg)
 
 
 @njit(inline="always")
 def _hll_loop(chunk, first, n, fold, reg):
-    prev = np.uint64(0)
-    has_prev = False
-    for i in range(first, chunk.shape[0] - n + 1):
-        gram = _load(chunk, i, n)
-        if has_prev and gram == prev:
-            continue
-        prev = gram
-        has_prev = True
+    for i in range(first, chunk.shape[0] - n + 1):  # no branches but the register's: adds are idempotent
+        gram = _gram(chunk, i, n)
         _hll_add(gram, n, reg)
         if fold:
-            low = _lower(gram)
-            if low != gram:
-                _hll_add(low, n, reg)
+            _hll_add(_lower(gram), n, reg)
+
+
+@njit(inline="always")
+def _recent_table(windows, most):
+    """A direct-mapped table of the last gram hash seen in each slot: a hash found in its slot was added
+    already (HLL and bloom inserts are idempotent), so it is not added again. A power of two of slots,
+    from 2**10 up to `most` as `windows` grows (filling a big table costs more than a small file). Slot
+    j starts as ~j, a value no hash stored in slot j can equal (its low bits are j): no false hit."""
+    slots = 1 << 10
+    while slots < most and slots < windows:
+        slots <<= 1
+    table = np.empty(slots, dtype=np.uint64)
+    for j in range(slots):
+        table[j] = ~np.uint64(j)
+    return table
+
+
+@njit(inline="always")
+def _fresh(table, h):
+    """1 unless `h` was the last hash in its slot, which it now is; without a branch (half the windows
+    of a binary repeat: a branch on it is mispredicted half the time)."""
+    slot = h & np.uint64(table.shape[0] - 1)
+    fresh = np.int64(table[slot] != h)
+    table[slot] = h
+    return fresh
 
 
 @njit(inline="always")
 def _collect_loop(chunk, first, n, fold, reg, out):
-    prev = np.uint64(0)
-    has_prev = False
+    table = _recent_table(chunk.shape[0] - first, _RECENT_KEPT)
     count = 0
     for i in range(first, chunk.shape[0] - n + 1):
-        gram = _load(chunk, i, n)
-        if has_prev and gram == prev:
-            continue
-        prev = gram
-        has_prev = True
-        h1, h2 = murmur3_x64_128(gram, n)
-        _hll_rank(h1, reg)
-        out[count] = h2
-        count += 1
-        if fold:
-            low = _lower(gram)
-            if low != gram:
-                h1, h2 = murmur3_x64_128(low, n)
-                _hll_rank(h1, reg)
-                out[count] = h2
-                count += 1
+        gram = _gram(chunk, i, n)
+        h = gram_hash_of(gram, n)
+        _hll_rank(h, reg)
+        out[count] = h  # kept only if fresh: otherwise the next one overwrites it
+        count += _fresh(table, h)
+        if fold:  # no branch on low != gram: then its hash was just recorded and is not fresh
+            h = gram_hash_of(_lower(gram), n)
+            _hll_rank(h, reg)
+            out[count] = h
+            count += _fresh(table, h)
     return count
 
 
 @njit(inline="always")
 def _bloom_loop(chunk, first, n, k, fold, nblocks, bloom):
     blocks = np.uint64(nblocks)
-    hashes = np.empty(2 * _BATCH, dtype=np.uint64)
-    prev = np.uint64(0)
-    has_prev = False
+    hashes = np.empty(2 * min(_PART_BATCH, max(0, chunk.shape[0] - first)), dtype=np.uint64)
+    table = _recent_table(chunk.shape[0] - first, _RECENT_INSERT)
     start = first
     last = chunk.shape[0] - n + 1
     while start < last:
-        end = min(last, start + _BATCH)
+        end = min(last, start + _PART_BATCH)
         count = 0
         for i in range(start, end):
-            gram = _load(chunk, i, n)
-            if has_prev and gram == prev:
-                continue
-            prev = gram
-            has_prev = True
-            _, h2 = murmur3_x64_128(gram, n)
-            hashes[count] = h2
-            count += 1
-            if fold:
-                low = _lower(gram)
-                if low != gram:
-                    _, h2 = murmur3_x64_128(low, n)
-                    hashes[count] = h2
-                    count += 1
-        _apply(hashes, count, bloom, blocks, k)
+            gram = _gram(chunk, i, n)
+            h = gram_hash_of(gram, n)
+            hashes[count] = h  # kept only if fresh: otherwise the next one overwrites it
+            count += _fresh(table, h)
+            if fold:  # no branch on low != gram: then its hash was just recorded and is not fresh
+                h = gram_hash_of(_lower(gram), n)
+                hashes[count] = h
+                count += _fresh(table, h)
+        _apply_local(hashes, count, bloom, blocks, k)
         start = end
 
 
@@ -448,7 +495,7 @@ def hll_collect(chunk, first, n, fold, reg, out):
 @njit(nogil=True, cache=True)
 def bloom_apply(hashes, count, k, nblocks, bloom):
     """Set the bits of the first `count` kept hashes (see hll_collect)."""
-    _apply(hashes, count, bloom, np.uint64(nblocks), k)
+    _apply_local(hashes, count, bloom, np.uint64(nblocks), k)
 
 
 # --- query side: gram rows out of bit-sliced class matrices, and plan programs over packed bitmaps ------

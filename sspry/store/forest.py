@@ -117,9 +117,15 @@ def read_policy(root: Path) -> Policy:
         data = json.loads(path.read_text())
     except ValueError as exc:
         raise ForestError(f"{path}: not a policy sspry can read ({exc})") from None
-    found = data.get("version", POLICY_VERSION) if isinstance(data, dict) else None
+    found = data.get("version", 1) if isinstance(data, dict) else None  # every policy file has one
     if found != POLICY_VERSION:
-        raise format_error(path, "policy", found, POLICY_VERSION)
+        error = format_error(path, "policy", found, POLICY_VERSION)
+        if found == 1:  # format 1 hashed grams with MurmurHash3: its blooms cannot be searched now
+            error = ForestError(
+                f"{error}: its blooms use the gram hash of sspry before format 2; create a new forest "
+                "(sspry init) and index the files again (see docs/operations.md)"
+            )
+        raise error
     return Policy.from_json(path.read_text())
 
 
