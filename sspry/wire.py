@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from google.protobuf.message import DecodeError
 
 from sspry.document import PATH_KEY_BYTES, Document, path_key
-from sspry.policy import Policy
+from sspry.policy import POLICY_VERSION, Policy, PolicyError
 from sspry.store.files import FileRecord
 from sspry.v1 import sspry_pb2
 
@@ -37,10 +37,27 @@ def policy_to_proto(policy: Policy) -> sspry_pb2.Policy:
         ladder_steps=policy.ladder_steps,
         prefix_bytes=policy.prefix_bytes,
         fold_case=policy.fold_case,
+        version=policy.version,
+    )
+
+
+def _version_problem(version: int, whose: str) -> str | None:
+    """Why rows or a forest of policy `version` cannot be used here (blooms of another gram hash would
+    make searches miss files silently), or None."""
+    if version == POLICY_VERSION:
+        return None
+    shown = version if version else f"before {POLICY_VERSION}"
+    return (
+        f"{whose} of policy version {shown}, this sspry reads {POLICY_VERSION}: "
+        "run the same sspry version on clients and servers"
     )
 
 
 def policy_from_proto(message: sspry_pb2.Policy) -> Policy:
+    """A server's policy; PolicyError when its forest is of another version than this sspry's."""
+    problem = _version_problem(message.version, "the server's forest is")
+    if problem:
+        raise PolicyError(problem)
     return Policy(
         id_source=message.id_source,
         gram_sizes=(message.tier1_gram, message.tier2_gram),
@@ -138,7 +155,9 @@ def row_frames(
         data = row.SerializeToString()
         for start in range(0, max(len(data), 1), chunk):
             end = start + chunk
-            yield sspry_pb2.InsertFrame(chunk=data[start:end], row_end=end >= len(data))
+            yield sspry_pb2.InsertFrame(
+                chunk=data[start:end], row_end=end >= len(data), version=POLICY_VERSION
+            )
 
 
 class RowAssembler:
@@ -151,6 +170,9 @@ class RowAssembler:
         self._pending: list[bytes] = []
 
     def add(self, frame: sspry_pb2.InsertFrame) -> None:
+        problem = _version_problem(frame.version, "rows built by an sspry")
+        if problem:
+            raise WireError(problem)
         self.bytes += len(frame.chunk)
         if self.bytes > self.max_bytes:
             raise WireError(f"insert call larger than {self.max_bytes} bytes: send smaller batches")

@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from sspry.cli import main
 from sspry.document import Document
-from sspry.policy import Policy
+from sspry.policy import POLICY_VERSION, Policy
 from sspry.progress import Progress, Stage
 from sspry.query.search import search_rule_file
 from sspry.store.forest import Forest
@@ -205,25 +205,28 @@ def test_bad_input_on_the_wire(servers) -> None:
     short_id.CopyFrom(good)
     short_id.source_id = b"\x01" * 5
     payload = good.SerializeToString()
-    assert insert([sspry_pb2.InsertFrame(chunk=wrong_bloom.SerializeToString(), row_end=True)]) == (
-        grpc.StatusCode.INVALID_ARGUMENT
-    )
-    assert insert([sspry_pb2.InsertFrame(chunk=short_id.SerializeToString(), row_end=True)]) == (
-        grpc.StatusCode.INVALID_ARGUMENT
-    )
+    assert insert(
+        [sspry_pb2.InsertFrame(version=POLICY_VERSION, chunk=wrong_bloom.SerializeToString(), row_end=True)]
+    ) == (grpc.StatusCode.INVALID_ARGUMENT)
+    assert insert(
+        [sspry_pb2.InsertFrame(version=POLICY_VERSION, chunk=short_id.SerializeToString(), row_end=True)]
+    ) == (grpc.StatusCode.INVALID_ARGUMENT)
+    # a good row from an sspry before policy version 2 (frames without a version): its blooms hash
+    # grams another way, so searches would miss it
+    assert insert([sspry_pb2.InsertFrame(chunk=payload, row_end=True)]) == grpc.StatusCode.INVALID_ARGUMENT
     # a good row, then a row cut short: the whole call fails, the good row is not written either
     truncated = [
-        sspry_pb2.InsertFrame(chunk=payload, row_end=True),
-        sspry_pb2.InsertFrame(chunk=payload[: len(payload) // 2], row_end=False),
+        sspry_pb2.InsertFrame(version=POLICY_VERSION, chunk=payload, row_end=True),
+        sspry_pb2.InsertFrame(version=POLICY_VERSION, chunk=payload[: len(payload) // 2], row_end=False),
     ]
     assert insert(truncated) == grpc.StatusCode.INVALID_ARGUMENT
     assert (
-        insert([sspry_pb2.InsertFrame(chunk=b"\xff\x00garbage", row_end=True)])
+        insert([sspry_pb2.InsertFrame(version=POLICY_VERSION, chunk=b"\xff\x00garbage", row_end=True)])
         == grpc.StatusCode.INVALID_ARGUMENT
     )
-    assert insert([sspry_pb2.InsertFrame(chunk=b"\x00" * (2 << 20), row_end=True)]) == (
-        grpc.StatusCode.RESOURCE_EXHAUSTED
-    )
+    assert insert(
+        [sspry_pb2.InsertFrame(version=POLICY_VERSION, chunk=b"\x00" * (2 << 20), row_end=True)]
+    ) == (grpc.StatusCode.RESOURCE_EXHAUSTED)
 
     def search(source: str, targets: list[str]) -> grpc.StatusCode:
         try:
@@ -245,7 +248,10 @@ def test_bad_input_on_the_wire(servers) -> None:
     # nothing was written, and the server still serves
     info = json.loads(stub.Info(sspry_pb2.InfoRequest(), timeout=30).json)
     assert info["documents"] == 0 and info["pending_log_bytes"] == 0
-    assert insert([sspry_pb2.InsertFrame(chunk=payload, row_end=True)]) == grpc.StatusCode.OK
+    assert (
+        insert([sspry_pb2.InsertFrame(version=POLICY_VERSION, chunk=payload, row_end=True)])
+        == grpc.StatusCode.OK
+    )
     assert stub.Publish(sspry_pb2.PublishRequest(), timeout=30).documents == 1
     health = health_pb2_grpc.HealthStub(channel).Check(
         health_pb2.HealthCheckRequest(service="sspry.v1.Sspry")

@@ -11,7 +11,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from sspry.policy import Policy
+from sspry.policy import POLICY_VERSION, Policy
 from sspry.store.forest import Forest
 from sspry.v1 import sspry_pb2, sspry_pb2_grpc
 from tests.test_server import ServerProcess
@@ -73,8 +73,8 @@ def test_insert_bytes_in_flight_share_one_budget(serve) -> None:
     chunk = b"\x00" * (3 << 20)
 
     def big_then_wait():
-        yield sspry_pb2.InsertFrame(chunk=chunk, row_end=False)
-        yield sspry_pb2.InsertFrame(chunk=chunk, row_end=False)
+        yield sspry_pb2.InsertFrame(version=POLICY_VERSION, chunk=chunk, row_end=False)
+        yield sspry_pb2.InsertFrame(version=POLICY_VERSION, chunk=chunk, row_end=False)
         hold.wait()  # 6 MiB held by the server, the call still open
 
     first = stub.Insert.future(big_then_wait(), timeout=60)
@@ -84,7 +84,9 @@ def test_insert_bytes_in_flight_share_one_budget(serve) -> None:
         time.sleep(0.05)
     before = rss_kib(server.process.pid)
     with pytest.raises(grpc.RpcError) as refused:
-        stub.Insert(iter([sspry_pb2.InsertFrame(chunk=chunk, row_end=True)]), timeout=30)
+        stub.Insert(
+            iter([sspry_pb2.InsertFrame(version=POLICY_VERSION, chunk=chunk, row_end=True)]), timeout=30
+        )
     assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "server busy" in refused.value.details()
     assert rss_kib(server.process.pid) - before < 64 << 10  # the refused bytes were not kept
@@ -178,7 +180,10 @@ def test_a_full_disk_is_resource_exhausted_and_the_server_goes_on(tmp_path) -> N
         channel = grpc.insecure_channel(server.addr)
         stub = sspry_pb2_grpc.SspryStub(channel)
         rows = [make_doc(Policy(shards=2), __import__("random").Random(i)).to_row() for i in range(3)]
-        frames = [sspry_pb2.InsertFrame(chunk=r.SerializeToString(), row_end=True) for r in rows]
+        frames = [
+            sspry_pb2.InsertFrame(version=POLICY_VERSION, chunk=r.SerializeToString(), row_end=True)
+            for r in rows
+        ]
         with pytest.raises(grpc.RpcError) as refused:
             stub.Insert(iter(frames), timeout=30)
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
