@@ -46,6 +46,12 @@ class Verdict:
     scans: int = 0  # rule groups it was scanned with
 
 
+def qualified_name(namespace: str, rule: str) -> str:
+    """A rule's name when more than one namespace is searched (YARA's own `namespace:rule`): what
+    results and scans call it (RuleSource.qualify, Compiled.name)."""
+    return f"{namespace}:{rule}"
+
+
 @dataclass(frozen=True)
 class Compiled:
     """Native rules of one engine."""
@@ -55,7 +61,7 @@ class Compiled:
     qualified: bool = False  # matches are named `namespace:rule` (several namespaces searched)
 
     def name(self, namespace: str, rule: str) -> str:
-        return f"{namespace}:{rule}" if self.qualified else rule
+        return qualified_name(namespace, rule) if self.qualified else rule
 
 
 def _yara_x():

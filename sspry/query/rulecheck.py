@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
+from sspry.engines import qualified_name
 from sspry.policy import Policy
 from sspry.query.externals import Externals
 from sspry.query.plan import TRUE, Gram, leaves
@@ -95,7 +96,7 @@ def check_rules(
     for spec in specs:
         for report in _check_namespace(spec, policy, max_anchors, externals):
             if len(specs) > 1:
-                report.plan = replace(report.plan, name=f"{spec.namespace}:{report.plan.name}")
+                report.plan = replace(report.plan, name=qualified_name(spec.namespace, report.plan.name))
             reports.append(report)
     return reports
 

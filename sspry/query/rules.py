@@ -30,6 +30,7 @@ from pathlib import Path
 import yara
 import yaramod
 
+from sspry.engines import qualified_name
 from sspry.features.xmodules import X_MODULES
 from sspry.query.externals import Externals, declarations
 
@@ -121,7 +122,7 @@ class RuleSource:
 
     def qualify(self, namespace: str, rule: str) -> str:
         """A rule's name in results: `namespace:rule` when more than one namespace is searched."""
-        return f"{namespace}:{rule}" if len(self.namespaces) > 1 else rule
+        return qualified_name(namespace, rule) if len(self.namespaces) > 1 else rule
 
     @cached_property
     def targets(self) -> tuple[str, ...]:
