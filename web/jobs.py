@@ -104,6 +104,19 @@ def title(names: list[str]) -> str:
     return names[0] if len(names) == 1 else f"{names[0]} (+{len(names) - 1} more)"
 
 
+def _candidate_filter(job_id: str, rule_idx: int | None, verified: bool | None) -> tuple[list[str], list]:
+    """The WHERE terms (over `candidates c`) and their arguments for a job's candidates, of one rule
+    and with one verdict when given."""
+    where, args = ["c.job_id = ?"], [job_id]
+    if rule_idx is not None:
+        where.append("c.rule_idx = ?")
+        args.append(rule_idx)
+    if verified is not None:
+        where.append("c.verified = ?")
+        args.append(int(verified))
+    return where, args
+
+
 class JobCancelled(Exception):
     """Raised inside a running job once it is cancelled (or the web server stops)."""
 
@@ -250,13 +263,7 @@ class JobStore:
     def candidates(
         self, job_id: str, rule_idx: int | None, verified: bool | None, offset: int, limit: int | None
     ) -> tuple[int, list[sqlite3.Row]]:
-        where, args = ["c.job_id = ?"], [job_id]
-        if rule_idx is not None:
-            where.append("c.rule_idx = ?")
-            args.append(rule_idx)
-        if verified is not None:
-            where.append("c.verified = ?")
-            args.append(int(verified))
+        where, args = _candidate_filter(job_id, rule_idx, verified)
         clause = " AND ".join(where)
         db = self.connection()
         if verified is None and rule_idx is not None:
@@ -282,13 +289,7 @@ class JobStore:
         self, job_id: str, rule_idx: int | None, verified: bool | None, batch: int = 5000
     ) -> Iterator[sqlite3.Row]:
         """Every candidate of the job (or of one rule), in order, read in batches by key (no OFFSET)."""
-        where, args = ["c.job_id = ?"], [job_id]
-        if rule_idx is not None:
-            where.append("c.rule_idx = ?")
-            args.append(rule_idx)
-        if verified is not None:
-            where.append("c.verified = ?")
-            args.append(int(verified))
+        where, args = _candidate_filter(job_id, rule_idx, verified)
         db = self._open()  # its own: a streamed response is read on whichever thread is free
         try:
             yield from self._batches(db, where, args, batch)
