@@ -173,7 +173,7 @@ def rule_groups(
     those of namespaces only yara-x compiles (rules.judged) with yara-x's of them, whatever `engine`."""
     found = [name for name, docs in wanted.items() if docs]
     targets = [name for name in found if source.locate[name][0].engine == "yara"]
-    only_x = [name for name in found if name not in set(targets)]  # only yara-x compiles their files
+    only_x = [name for name in found if source.locate[name][0].engine != "yara"]  # only yara-x compiles
     x_groups = [Group(frozenset(only_x), source.compiled_x)] if only_x else []
     externals = dict(source.externals)
     qualified = len(source.namespaces) > 1
