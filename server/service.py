@@ -448,7 +448,7 @@ def _planned(done: int, total: int) -> sspry_pb2.SearchFrame:
 
 _compiled_lock = threading.Lock()
 _compiled: OrderedDict[bytes, frozenset[str]] = OrderedDict()  # sha256 of a valid source -> its rules
-COMPILED_SOURCES = 64
+COMPILED_SOURCES = 4096  # sources (a namespace each) whose rule names are kept: a rule directory has hundreds
 
 
 def _rule_source(namespaces: list, request: sspry_pb2.SearchRequest):
