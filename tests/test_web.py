@@ -286,7 +286,24 @@ def test_https(forest, tmp_path) -> None:
         text=True,
         timeout=60,
     )
-    assert wrong.returncode == 2 and "cannot use them" in wrong.stderr, wrong.stderr
+    assert wrong.returncode == 2 and f"--tls-cert {key} is not a PEM certificate" in wrong.stderr, (
+        wrong.stderr
+    )
+    # an encrypted key is refused in one line, never with a passphrase prompt on the terminal
+    locked = tmp_path / "locked.key"
+    subprocess.run(
+        ["openssl", "pkey", "-in", str(key), "-aes128", "-passout", "pass:secret", "-out", str(locked)],
+        check=True,
+    )
+    tls = ("--tls-cert", str(cert), "--tls-key", str(locked), "--state-dir", str(tmp_path / "s3"))
+    wrong = subprocess.run(
+        [sys.executable, "-m", "sspry", "web", "--root", str(root), *tls],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert wrong.returncode == 2 and "is encrypted" in wrong.stderr, wrong.stderr
 
 
 def test_jobs_are_bounded_cancelled_and_survive_restarts(forest, tmp_path) -> None:

@@ -14,7 +14,6 @@ import ipaddress
 import os
 import re
 import socket
-import ssl
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -68,13 +67,14 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def check_tls(cert: Path, key: Path) -> None:
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    """The TLS files checked as `sspry serve` checks them (server.app.load_tls: never a passphrase
+    prompt on the terminal, a mismatch named), as a WebError."""
+    from sspry.server.app import ServeError, load_tls
+
     try:
-        context.load_cert_chain(cert, key)
-    except ssl.SSLError as exc:  # before OSError, which it is
-        raise WebError(f"--tls-cert {cert} / --tls-key {key}: cannot use them: {exc.reason or exc}") from None
-    except OSError as exc:
-        raise WebError(f"cannot read {exc.filename or cert}: {exc.strerror}") from None
+        load_tls(Path(cert), Path(key))
+    except ServeError as exc:
+        raise WebError(str(exc)) from None
 
 
 def lock_state(state_dir: Path):
