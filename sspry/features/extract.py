@@ -1,11 +1,12 @@
 """File -> Document: every feature of a file, reading it once.
 
-Per file: the Source ID, a byte histogram (entropy), HyperLogLog estimates of distinct Tier 1 and Tier 2
-grams, the two blooms sized from those estimates, and YARA's module fields (metadata.py). Files up to
-IN_MEMORY_BYTES are read into memory once and scanned twice (count, then insert); larger files are
-streamed twice and the second read must hash to the same Source ID, so a file that changes underneath
-us is reported instead of indexed wrong. A 3-gram tier of a file of 1 MiB or more is counted exactly and
-built from its distinct grams in the first scan (see kernels.py).
+Per file: the Source ID, a byte histogram (entropy), the longest runs of hex digits (runs.py),
+HyperLogLog estimates of distinct Tier 1 and Tier 2 grams, the two blooms sized from those estimates,
+and YARA's module fields (metadata.py). Files up to IN_MEMORY_BYTES are read into memory once and
+scanned twice (count, then insert); larger files are streamed twice and the second read must hash to
+the same Source ID, so a file that changes underneath us is reported instead of indexed wrong. A
+3-gram tier of a file of 1 MiB or more is counted exactly and built from its distinct grams in the
+first scan (see kernels.py).
 The compiled kernels release the GIL, so a thread pool gives real parallelism.
 """
 
@@ -24,6 +25,7 @@ import numpy as np
 from sspry.document import Document, path_key
 from sspry.features import kernels
 from sspry.features.metadata import module_fields
+from sspry.features.runs import RunCounter
 from sspry.features.sizing import HLL_PRECISION, bloom_blocks
 from sspry.features.walk import SkippedFile
 from sspry.policy import BLOCK_BITS, Policy, PolicyError
@@ -203,6 +205,7 @@ def extract_file(path: str, policy: Policy, helpers: Executor | None = None) -> 
         reader = _Reader(path, handle, info.st_size)
         hasher = policy.new_id_hasher()
         hist = np.zeros(256, dtype=np.int64)
+        runs = RunCounter()
         in_memory = reader.whole is not None
         tiers = (_Tier(policy, 1, info.st_size, in_memory), _Tier(policy, 2, info.st_size, in_memory))
         halved = [t for t in tiers if helpers is not None and in_memory and t.mode == "rescan"]
@@ -215,6 +218,7 @@ def extract_file(path: str, policy: Policy, helpers: Executor | None = None) -> 
                 prefix += fresh[: policy.prefix_bytes - len(prefix)].tobytes()
             hasher.update(fresh)
             kernels.byte_histogram(chunk, carried, hist)
+            runs.update(chunk, carried)
             for tier in tiers:
                 if tier not in halved:
                     tier.count(chunk, carried)
@@ -223,6 +227,7 @@ def extract_file(path: str, policy: Policy, helpers: Executor | None = None) -> 
             fields, entry_bytes, scanned = module_fields(data=reader.whole)
         else:
             fields, entry_bytes, scanned = module_fields(path=path, head=prefix)
+        fields.update(runs.fields())
         for tier in halved:
             tier.join()
             tier.size_bloom()
@@ -279,6 +284,7 @@ def warm_kernels(policy: Policy) -> None:
     hist = np.zeros(256, dtype=np.int64)
     kernels.byte_histogram(sample, 0, hist)
     shannon_entropy(hist)
+    RunCounter().update(sample, 0)
     for tier in (1, 2):
         counter = _Tier(policy, tier, len(sample), in_memory=True)
         counter.count(sample, 0)

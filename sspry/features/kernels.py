@@ -34,6 +34,7 @@ from numba.core import cgutils, event
 from numba.extending import intrinsic
 
 from sspry import bloom as geometry
+from sspry.features.runs import LONG_WORD, RUN_MIN
 
 CARRY = 7  # bytes a chunk repeats from the previous one: enough for the largest gram (8)
 PRESENCE_BYTES = 1 << 21  # one bit per possible 3-gram
@@ -296,6 +297,176 @@ def byte_histogram(chunk, first, hist):
         lanes[0, chunk[i]] += 1
     for value in range(256):
         hist[value] += lanes[0, value] + lanes[1, value] + lanes[2, value] + lanes[3, value]
+
+
+# --- byte-class runs: the run fields of the sidecar (features/runs.py) -------------------------------
+@intrinsic
+def _class_masks(typingctx, array, index):
+    """Three 16-bit masks of the 16 bytes from `index` on (the caller keeps index + 16 <= len), one bit
+    per byte: bits 0-15 hex digits, 16-31 fullword delimiters (not an ASCII letter or digit), 32-47
+    zero bytes. Vector compares: a few instructions for 16 bytes."""
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        vector = ir.VectorType(ir.IntType(8), 16)
+        v = builder.load(builder.bitcast(builder.gep(data, [args[1]]), vector.as_pointer()), align=1)
+
+        def splat(value):
+            return ir.Constant(vector, [value] * 16)
+
+        digit = builder.icmp_unsigned("<", builder.sub(v, splat(0x30)), splat(10))
+        letter = builder.sub(builder.or_(v, splat(0x20)), splat(0x61))  # 'a'..'z' and 'A'..'Z' -> 0..25
+        hex_letter = builder.icmp_unsigned("<", letter, splat(6))
+        any_letter = builder.icmp_unsigned("<", letter, splat(26))
+        zero = builder.icmp_unsigned("==", v, splat(0))
+        i16, i64 = ir.IntType(16), ir.IntType(64)
+
+        def bits(mask, shift):
+            return builder.shl(builder.zext(builder.bitcast(mask, i16), i64), ir.Constant(i64, shift))
+
+        hex_bits = bits(builder.or_(digit, hex_letter), 0)
+        delimiters = bits(builder.not_(builder.or_(digit, any_letter)), 16)
+        return builder.or_(hex_bits, builder.or_(delimiters, bits(zero, 32)))
+
+    return types.uint64(array, index), codegen
+
+
+@intrinsic
+def _popcount64(typingctx, x):
+    sig = types.uint64(types.uint64)
+
+    def codegen(context, builder, signature, args):
+        return builder.ctpop(args[0])
+
+    return sig, codegen
+
+
+@njit(inline="always")
+def _byte_masks(b):
+    """_class_masks' bits of one byte value (bit 0 hex, bit 16 delimiter, bit 32 zero)."""
+    digit = np.uint64(0x30) <= b <= np.uint64(0x39)
+    letter = (b | np.uint64(0x20)) - np.uint64(0x61)
+    hexed = digit or letter < np.uint64(6)
+    word = digit or letter < np.uint64(26)
+    return np.uint64(hexed) | (np.uint64(not word) << np.uint64(16)) | (np.uint64(b == 0) << np.uint64(32))
+
+
+# state slots of class_runs
+RUN_NEXT, RUN_HEX, RUN_HEX_BEST, RUN_CLEAN, RUN_WORD_BEST, RUN_PREV_HEX, RUN_WIDE0, RUN_WIDE1 = range(8)
+RUN_WIDE_BEST, RUN_WORD_LENGTHS, RUN_STATE = 8, 9, 10
+# RUN_WORD_LENGTHS: bit n for a fullword hex run of exactly n (RUN_MIN <= n < LONG_WORD), LONG_WORD for longer
+
+
+@njit(inline="always")
+def _word(state, length):
+    """A run of `length` hex digits between fullword delimiters ended."""
+    if length > state[RUN_WORD_BEST]:
+        state[RUN_WORD_BEST] = length
+    if length >= RUN_MIN:
+        state[RUN_WORD_LENGTHS] |= np.int64(1) << min(length, LONG_WORD)
+
+
+@njit(inline="always")
+def _ones_from_top(x, width):
+    """Consecutive one bits of a `width`-bit value from its top bit down."""
+    return _ctlz64(~(x << np.uint64(64 - width))) if width < 64 else _ctlz64(~x)
+
+
+@njit(inline="always")
+def _runs_block(masks, width, at, state):
+    """Fold one block of `width` (<= 16) bytes starting at absolute offset `at` into the run state."""
+    one = np.uint64(1)
+    full = (one << np.uint64(width)) - one
+    h = masks & full
+    d = (masks >> np.uint64(16)) & full
+    z = (masks >> np.uint64(32)) & full
+    # hex run and fullword (clean) hex run
+    run = state[RUN_HEX]
+    if h == 0:
+        if run > state[RUN_HEX_BEST]:
+            state[RUN_HEX_BEST] = run
+        if state[RUN_CLEAN] and d & one:
+            _word(state, run)
+        state[RUN_HEX] = 0
+        state[RUN_CLEAN] = np.int64((d >> np.uint64(width - 1)) & one)
+    elif h == full:
+        state[RUN_HEX] = run + width
+    else:
+        lead = np.int64(_cttz64(~h))
+        total = run + lead
+        if total > state[RUN_HEX_BEST]:
+            state[RUN_HEX_BEST] = total
+        if state[RUN_CLEAN] and (d >> np.uint64(lead)) & one:
+            _word(state, total)
+        tail = np.int64(_ones_from_top(h, width))
+        inner = (
+            h
+            & ~((one << np.uint64(lead)) - one)
+            & ~(((one << np.uint64(tail)) - one) << np.uint64(width - tail))
+        )
+        y = inner & (inner >> one)
+        y &= y >> np.uint64(2)
+        y &= y >> np.uint64(4)
+        while y:  # a run of at least 8 inside the block (rare): each one
+            start = _cttz64(inner)
+            length = np.int64(_cttz64(~(inner >> start)))
+            if length > state[RUN_HEX_BEST]:
+                state[RUN_HEX_BEST] = length
+            if (d >> (start - one)) & (d >> (start + np.uint64(length))) & one:
+                _word(state, length)
+            inner &= ~(((one << np.uint64(length)) - one) << start)
+            y = inner & (inner >> one)
+            y &= y >> np.uint64(2)
+            y &= y >> np.uint64(4)
+        state[RUN_HEX] = tail
+        state[RUN_CLEAN] = np.int64((d >> np.uint64(width - tail - 1)) & one)  # before the tail run
+    # wide hex run: bit j = the byte before j is a hex digit and byte j is zero, a (digit, 0) pair that
+    # starts at at + j - 1; pairs chain two bytes apart, so each parity of start offset has its own run
+    pairs = ((h << one) | np.uint64(state[RUN_PREV_HEX])) & z
+    state[RUN_PREV_HEX] = np.int64((h >> np.uint64(width - 1)) & one)
+    if pairs == 0 and width > 1:  # most blocks: both runs end here (one byte holds one parity only)
+        state[RUN_WIDE_BEST] = max(state[RUN_WIDE_BEST], state[RUN_WIDE0], state[RUN_WIDE1])
+        state[RUN_WIDE0] = 0
+        state[RUN_WIDE1] = 0
+        return
+    for parity in range(2):
+        # positions j of this block whose pair starts at an offset of this parity
+        select = np.uint64(0x5555) if (at - 1 + parity) & 1 == 0 else np.uint64(0xAAAA)
+        select &= full
+        slot = RUN_WIDE0 + parity
+        real = pairs & select
+        if real == select:
+            state[slot] += np.int64(_popcount64(select))
+            continue
+        filled = real | (full & ~select)
+        first_gap = _cttz64(~filled)
+        total = state[slot] + np.int64(_popcount64(select & ((one << first_gap) - one)))
+        if total > state[RUN_WIDE_BEST]:
+            state[RUN_WIDE_BEST] = total
+        top = np.int64(_ones_from_top(filled, width))
+        state[slot] = np.int64(_popcount64(select & ~((one << np.uint64(width - top)) - one)))
+
+
+@njit(nogil=True, cache=True)
+def class_runs(chunk, first, state):
+    """Fold the bytes of `chunk` from `first` on into `state` (RUN_STATE int64 slots, see
+    features/runs.py): the longest run of hex digits, of hex digits between fullword delimiters, and of
+    wide (digit, 0) pairs, exact from RUN_MIN up. Blocks of 16 bytes are classified with vector
+    compares; a chunk's last few bytes one at a time."""
+    size = chunk.shape[0]
+    at = state[RUN_NEXT]
+    i = first
+    while i + 16 <= size:
+        _runs_block(_class_masks(chunk, i), 16, at, state)
+        i += 16
+        at += 16
+    if i < size:
+        masks = np.uint64(0)
+        for j in range(size - i):
+            masks |= _byte_masks(np.uint64(chunk[i + j])) << np.uint64(j)
+        _runs_block(masks, size - i, at, state)
+        at += size - i
+    state[RUN_NEXT] = at
 
 
 @njit(nogil=True, cache=True)

@@ -28,7 +28,8 @@ from sspry.query.literals import (
     members,
     widen,
 )
-from sspry.query.plan import TRUE, Node
+from sspry.query.plan import TRUE, Node, and_
+from sspry.query.runs import run_fact
 
 _XOR = re.compile(r"^xor(?:\(\s*(\w+)\s*(?:-\s*(\w+)\s*)?\))?$")
 
@@ -124,6 +125,16 @@ def _variants(base: Pattern, string) -> Pattern:
     return forms[0] if len(forms) == 1 else Alt(tuple(forms))
 
 
+def _run_fact(base: Pattern, string) -> Node:
+    """The run fields' fact for a string's forms (runs.py); TRUE for encodings that change its bytes."""
+    if string.is_base64 or string.is_base64_wide or string.is_xor:
+        return TRUE
+    if string.is_hex:
+        return run_fact(base, ascii=True, wide=False, fullword=False)
+    ascii = string.is_ascii or not string.is_wide
+    return run_fact(base, ascii=ascii, wide=string.is_wide, fullword=string.is_fullword)
+
+
 def plan_string(string, mapper: GramMapper) -> StringPlan:
     identifier = string.identifier
     line, column = string.location.begin.line, string.location.begin.column
@@ -138,6 +149,7 @@ def plan_string(string, mapper: GramMapper) -> StringPlan:
             pattern = literal(string.pure_text)
             if string.is_nocase:
                 pattern = map_sets(pattern, fold_case)
+        runs = _run_fact(pattern, string)
         if string.is_base64 or string.is_base64_wide:
             pattern = _base64_pattern(string)
         elif not string.is_hex:
@@ -145,5 +157,6 @@ def plan_string(string, mapper: GramMapper) -> StringPlan:
     except (HexError, ValueError, UnicodeDecodeError) as exc:
         return StringPlan(identifier, TRUE, f"not understood: {exc}", line=line, column=column)
     node, exact = analyze_pattern(pattern, mapper)
+    node = and_(node, runs)
     note = None if node is not TRUE else "no gram is certain to occur in its matches (too short or too loose)"
     return StringPlan(identifier, node, note, exact, string.is_fullword, line, column)
