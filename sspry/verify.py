@@ -9,8 +9,13 @@ split into groups, each compiled on its own (from yaramod's text of its rules, w
 rules and every rule they reference), and a file is scanned with the groups holding one of its rules.
 Broad rules (candidates for much of what is verified) share one group, which nearly every file needs
 anyway; selective rules go in small groups of rules whose candidates overlap, so a file meets few of
-them. yara-python scans run on a thread pool (it releases the GIL while it scans, hashlib while it
-hashes); yara-x holds the GIL, so its scans run in worker processes that load the compiled groups once.
+them. A selective rule with a string YARA has no good atom for (fewer than 3 fixed bytes in a row: a
+regex over a character class, hex with a wildcard every other byte) costs YARA time per byte of every
+file it is scanned over (`Big_Numbers`' regex: 1.4 s over 40 MB, a rule of plain strings under
+0.05 s), so it is never merged with others: it is scanned over its own candidates only, in a group of
+the rules with exactly its candidates.
+yara-python scans run on a thread pool (it releases the GIL while it scans, hashlib while it hashes);
+yara-x holds the GIL, so its scans run in worker processes that load the compiled groups once.
 A rule yara-x refuses is verified with yara-python.
 """
 
@@ -42,11 +47,13 @@ from sspry.progress import SILENT, Progress
 from sspry.query.externals import Externals
 from sspry.query.results import MATCH_DETAILS, SearchResult, SearchStream
 from sspry.query.rules import RELEASE_PARSE_CHARS, Namespace, RuleSource, parse, release_parser
+from sspry.query.strings import atom_bytes
 
 BROAD_SHARE = 0.25  # a rule that is a candidate for this share of the verified files is broad
 GROUP_RULES = 64  # selective rules per group
 MIN_SPLIT_RULES = 32  # fewer rules than this are scanned as one group
 MIN_PROCESS_FILES = 8  # fewer files than this are scanned here, whatever the engine
+MIN_ATOM = 3  # fixed bytes in a row a string needs for YARA to find it by a good atom
 
 
 @dataclass(frozen=True)
@@ -98,16 +105,21 @@ def _references(rule: yaramod.Rule, names: set[str]) -> set[str]:
     return found
 
 
-def _parts(wanted: dict[str, set[bytes]], targets: list[str]) -> list[list[str]]:
+def _parts(wanted: dict[str, set[bytes]], targets: list[str], slow: set[str]) -> list[list[str]]:
     """The target rules split into groups: the broad ones together, the selective ones in groups of
-    GROUP_RULES rules whose candidates overlap (see the module docstring)."""
+    GROUP_RULES rules whose candidates overlap, and the selective `slow` ones (a string without a good
+    atom) by their exact candidate sets (see the module docstring)."""
     if len(targets) < MIN_SPLIT_RULES:
         return [targets]
     documents = len(set().union(*(wanted[name] for name in targets)))
     broad = [name for name in targets if len(wanted[name]) >= BROAD_SHARE * documents]
     order = {doc: i for i, doc in enumerate(sorted(set().union(*wanted.values())))}
     selective = sorted(set(targets) - set(broad), key=lambda n: (min(order[d] for d in wanted[n]), n))
-    parts: list[list[str]] = [broad]
+    by_candidates: dict[frozenset[bytes], list[str]] = {}
+    for name in (n for n in selective if n in slow):
+        by_candidates.setdefault(frozenset(wanted[name]), []).append(name)
+    selective = [name for name in selective if name not in slow]
+    parts: list[list[str]] = [broad, *by_candidates.values()]
     for start in range(0, len(selective), GROUP_RULES):
         part = selective[start : start + GROUP_RULES]
         union = set().union(*(wanted[name] for name in part))
@@ -126,6 +138,7 @@ class _Parsed:
     needed_by: dict[str, set[str]]  # rule -> the rules its condition names
     always: set[str]  # the global rules (every group of the namespace needs them)
     imports: str
+    slow: set[str]  # rules with a string YARA has no good atom for (strings.atom_bytes < MIN_ATOM)
 
     @classmethod
     def of(cls, namespace: Namespace, externals: Externals) -> _Parsed | None:
@@ -145,6 +158,7 @@ class _Parsed:
             {name: _references(rule, names) for name, rule in rules.items()},
             {name for name, rule in rules.items() if rule.is_global},
             "".join(f'import "{module.name}"\n' for module in parsed.imports),
+            {name for name, rule in rules.items() if any(atom_bytes(s) < MIN_ATOM for s in rule.strings)},
         )
         if namespace.parsed is None and len(namespace.text or "") >= RELEASE_PARSE_CHARS:
             rules = parsed = None  # type: ignore[assignment]  # the parse's last references
@@ -209,7 +223,10 @@ def rule_groups(
         return group, [name for name in part if name in failed_names]
 
     refused = []
-    for part in _parts(wanted, splittable) if splittable else []:
+    slow = {
+        source.qualify(ns, rule) for ns, found in parsed.items() if found is not None for rule in found.slow
+    }
+    for part in _parts(wanted, splittable, slow) if splittable else []:
         group, failed = build(part, engine)
         refused.extend(failed)
         kept = [name for name in part if name not in failed]

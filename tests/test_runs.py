@@ -190,3 +190,44 @@ def test_run_fields_are_module_field_names() -> None:
 
     assert all(limits.FIELD_NAME.fullmatch(name) for name in RUN_FIELDS)
     assert RUN_MIN == 8
+
+
+def test_rule_check_names_the_runs_a_string_needs() -> None:
+    from sspry.policy import Policy
+    from sspry.query.rulecheck import check_rules
+
+    text = (
+        "rule big { strings: $a = /[0-9a-fA-F]{32}/ fullword wide ascii condition: $a }\n"
+        "rule open { strings: $a = /[0-9a-f]{20,}/ fullword condition: $a }\n"
+        "rule short { strings: $a = /[0-9a-f]{4}/ condition: $a }\n"
+    )
+    reports = {r.plan.name: r.to_json() for r in check_rules(Policy(), 16, rule=text)}
+    assert reports["big"]["status"] == "searchable"
+    assert reports["big"]["strings"][0]["runs"] == [
+        "a fullword run of 32 hex digits",
+        "a wide run of 32 or more hex digits",
+    ]
+    assert reports["open"]["strings"][0]["runs"] == ["a fullword run of 20 or more hex digits"]
+    assert reports["short"]["status"] == "unsearchable" and reports["short"]["strings"][0]["runs"] == []
+
+
+@pytest.mark.parametrize(
+    ("string", "fixed"),
+    [
+        ('"abcdef"', 6),
+        ('"abc" nocase', 3),
+        ("{ FF 75 ?? FF 55 ?? }", 2),
+        ("{ 60 E8 00 00 00 00 5D }", 7),
+        ("/[0-9a-fA-F]{32}/", 0),
+        ("/abc[0-9]+xyzw/", 4),
+        ("/(abcd|wxyz)[0-9]/", 4),
+        ("/(abcd|x)/", 1),
+    ],
+)
+def test_atom_bytes_are_the_fixed_bytes_every_match_holds(string: str, fixed: int) -> None:
+    import yaramod
+
+    from sspry.query.strings import atom_bytes
+
+    parsed = yaramod.Yaramod().parse_string(f"rule a {{ strings: $a = {string} condition: $a }}")
+    assert atom_bytes(parsed.rules[0].strings[0]) == fixed

@@ -24,6 +24,8 @@ def bundle(tokens: int) -> str:
         'rule needs_helper { strings: $n = "token-0-" condition: $n and helper }',
         "rule broad { condition: filesize > 10 }",
         "rule entropy { condition: math.entropy(0, filesize) > 3 }",
+        # no good atom for YARA: scanned over its own candidates only, in a group of its own
+        "rule hexy { strings: $a = /[0-9a-f]{12}/ fullword condition: $a }",
     ]
     rules += [f'rule t{i} {{ strings: $a = "token-{i}-" condition: $a }}' for i in range(tokens)]
     return "\n".join(rules) + "\n"
@@ -49,6 +51,7 @@ def test_grouped_verification_equals_scanning_with_every_rule(tmp_path, monkeypa
     samples.mkdir()
     for i in range(60):
         extra = " helper-mark" if i % 3 == 0 else ""
+        extra += " 0123456789ab" if i % 10 == 0 else ""
         (samples / f"f{i}").write_text(f"file {i} holds token-{i}- and token-{(i * 7) % 60}-{extra}")
     (samples / "empty").write_bytes(b"")
     text = bundle(60)
@@ -59,6 +62,8 @@ def test_grouped_verification_equals_scanning_with_every_rule(tmp_path, monkeypa
     wanted = {r.name: {c.source_id for c in r.candidates} for r in result.rules}
     groups = rule_groups(wanted, load_rules(rule=text), engine=engine)
     assert len(groups) > 2  # split: the broad rules together, the selective ones in small groups
+    assert frozenset({"hexy"}) in {g.names for g in groups}
+    assert len(wanted["hexy"]) < 60  # narrowed by its run of hex digits
     by_engine = {name: g.compiled.engine for g in groups for name in g.names}
     assert by_engine["refused_by_x"] == "yara" and by_engine["t5"] == engine
     assert result.verification["group_scans"] < len(groups) * result.verification["files"]
@@ -69,4 +74,4 @@ def test_grouped_verification_equals_scanning_with_every_rule(tmp_path, monkeypa
             assert candidate.verified == (rule.name in truth), (rule.name, candidate.paths)
     matched = {r.name: sum(1 for c in r.candidates if c.verified) for r in result.rules}
     assert matched["needs_helper"] == 1 and matched["broad"] == 60 and matched["t5"] >= 1
-    assert matched["refused_by_x"] >= 1
+    assert matched["refused_by_x"] >= 1 and matched["hexy"] == 6

@@ -358,11 +358,14 @@ RUN_WIDE_BEST, RUN_WORD_LENGTHS, RUN_STATE = 8, 9, 10
 
 
 @njit(inline="always")
-def _word(state, length):
-    """A run of `length` hex digits between fullword delimiters ended."""
-    if length > state[RUN_WORD_BEST]:
-        state[RUN_WORD_BEST] = length
-    if length >= RUN_MIN:
+def _ended(state, length, word):
+    """A run of `length` >= RUN_MIN hex digits ended, between fullword delimiters if `word`. (Shorter
+    runs are not kept: testing the length first is a branch the CPU predicts.)"""
+    if length > state[RUN_HEX_BEST]:
+        state[RUN_HEX_BEST] = length
+    if word:
+        if length > state[RUN_WORD_BEST]:
+            state[RUN_WORD_BEST] = length
         state[RUN_WORD_LENGTHS] |= np.int64(1) << min(length, LONG_WORD)
 
 
@@ -383,10 +386,8 @@ def _runs_block(masks, width, at, state):
     # hex run and fullword (clean) hex run
     run = state[RUN_HEX]
     if h == 0:
-        if run > state[RUN_HEX_BEST]:
-            state[RUN_HEX_BEST] = run
-        if state[RUN_CLEAN] and d & one:
-            _word(state, run)
+        if run >= RUN_MIN:
+            _ended(state, run, state[RUN_CLEAN] and d & one)
         state[RUN_HEX] = 0
         state[RUN_CLEAN] = np.int64((d >> np.uint64(width - 1)) & one)
     elif h == full:
@@ -394,10 +395,8 @@ def _runs_block(masks, width, at, state):
     else:
         lead = np.int64(_cttz64(~h))
         total = run + lead
-        if total > state[RUN_HEX_BEST]:
-            state[RUN_HEX_BEST] = total
-        if state[RUN_CLEAN] and (d >> np.uint64(lead)) & one:
-            _word(state, total)
+        if total >= RUN_MIN:
+            _ended(state, total, state[RUN_CLEAN] and (d >> np.uint64(lead)) & one)
         tail = np.int64(_ones_from_top(h, width))
         inner = (
             h
@@ -410,10 +409,8 @@ def _runs_block(masks, width, at, state):
         while y:  # a run of at least 8 inside the block (rare): each one
             start = _cttz64(inner)
             length = np.int64(_cttz64(~(inner >> start)))
-            if length > state[RUN_HEX_BEST]:
-                state[RUN_HEX_BEST] = length
-            if (d >> (start - one)) & (d >> (start + np.uint64(length))) & one:
-                _word(state, length)
+            if length >= RUN_MIN:
+                _ended(state, length, (d >> (start - one)) & (d >> (start + np.uint64(length))) & one)
             inner &= ~(((one << np.uint64(length)) - one) << start)
             y = inner & (inner >> one)
             y &= y >> np.uint64(2)
@@ -441,7 +438,7 @@ def _runs_block(masks, width, at, state):
         filled = real | (full & ~select)
         first_gap = _cttz64(~filled)
         total = state[slot] + np.int64(_popcount64(select & ((one << first_gap) - one)))
-        if total > state[RUN_WIDE_BEST]:
+        if total >= RUN_MIN and total > state[RUN_WIDE_BEST]:
             state[RUN_WIDE_BEST] = total
         top = np.int64(_ones_from_top(filled, width))
         state[slot] = np.int64(_popcount64(select & ~((one << np.uint64(width - top)) - one)))

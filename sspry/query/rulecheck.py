@@ -17,10 +17,11 @@ from dataclasses import dataclass, field, replace
 from sspry.engines import qualified_name
 from sspry.policy import Policy
 from sspry.query.externals import Externals
-from sspry.query.plan import TRUE, Gram, leaves
+from sspry.query.plan import TRUE, Field, Gram, leaves
 from sspry.query.ruleplan import CODES, HINTS, RulePlan
 from sspry.query.rules import RuleError, RulePaths, RuleText, Spec, judged, parse, rule_names, rule_specs
 from sspry.query.ruleset import plan_rules
+from sspry.query.runs import describe
 
 STATUS_ORDER = ("searchable", "searchable-needs-verify", "unsearchable")
 SEARCHABLE_SUMMARY = (
@@ -59,6 +60,7 @@ class RuleReport:
                         f"tier{tier}": sorted(g.gram.hex() for g in grams if g.tier == tier)
                         for tier in (1, 2)
                     },
+                    "runs": sorted(filter(None, (describe(f) for f in leaves(string.node, Field)))),
                     "note": string.note,
                 }
             )
@@ -176,7 +178,8 @@ def format_text(
         for string in data["strings"]:
             counts = ", ".join(f"{tier} {len(grams)} grams" for tier, grams in string["grams"].items())
             shown = f" = {string['text']}" if string["text"] else ""
-            lines.append(f"  string {string['id']}{shown} (line {string['line']}): {counts}")
+            runs = f"; runs: {' or '.join(string['runs'])}" if string["runs"] else ""
+            lines.append(f"  string {string['id']}{shown} (line {string['line']}): {counts}{runs}")
         for note in data["notes"]:
             lines.append(f"  {note['line']}:{note['column']} {note['code']}: {note['text']}")
             lines.append(f"    why: {note['message']}")

@@ -1,4 +1,5 @@
-"""What a pattern forces on a file's runs of hex digits (the sidecar's run fields, features/runs.py).
+"""What a pattern forces on the runs of a byte class in what it matches: hex digits, for the sidecar's
+run fields (features/runs.py); fixed bytes, for how well YARA can find it (`fixed_bytes`).
 
 A string such as `/[0-9a-fA-F]{32}/` holds no gram certain to occur, but every match of it is 32 hex
 digits in a row, so only files whose longest run of hex digits is 32 or more can match. `hex_runs`
@@ -17,6 +18,7 @@ the fields stay candidates.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sspry.features.runs import (
@@ -28,7 +30,7 @@ from sspry.features.runs import (
     RUN_MIN,
     WIDE_HEX_RUN,
 )
-from sspry.query.literals import Alt, Cat, Lit, Pattern, Rep
+from sspry.query.literals import Alt, Cat, Lit, Pattern, Rep, fold_case
 from sspry.query.plan import FALSE, TRUE, Field, Node, not_, or_
 
 HEX_MASK = sum(1 << b for b in HEX_DIGITS)
@@ -46,7 +48,7 @@ class Runs:
 NONE = Runs(0, 0, 0, False)
 
 
-def _all_hex(length: int, longest: int | None) -> Runs:
+def _all_in(length: int, longest: int | None) -> Runs:
     return Runs(length, length, length, True, longest)
 
 
@@ -58,12 +60,29 @@ def _is_hex(mask: int) -> bool:
     return mask != 0 and mask & ~HEX_MASK == 0
 
 
+def _is_fixed(mask: int) -> bool:
+    """One byte, or one letter in either case (YARA finds nocase atoms as well)."""
+    return mask != 0 and (mask & (mask - 1) == 0 or fold_case(mask & -mask) == mask)
+
+
 def hex_runs(pattern: Pattern) -> Runs:
     """Bounds on the hex-digit runs of every match of `pattern` (see the module docstring)."""
+    return class_runs(pattern, _is_hex)
+
+
+def fixed_bytes(pattern: Pattern) -> int:
+    """How many fixed bytes in a row every match of `pattern` holds: YARA looks a string up by an atom
+    of up to 4 such bytes, so a string with fewer than 3 (a regex over a class, hex with a wildcard
+    every other byte) is checked at nearly every offset of every file it scans."""
+    return class_runs(pattern, _is_fixed).inner
+
+
+def class_runs(pattern: Pattern, member: Callable[[int], bool]) -> Runs:
+    """Bounds on the runs of byte sets `member` accepts, in every match of `pattern`."""
     if isinstance(pattern, Lit):
-        flags = [_is_hex(mask) for mask in pattern.seq]
+        flags = [member(mask) for mask in pattern.seq]
         if all(flags):
-            return _all_hex(len(flags), len(flags))
+            return _all_in(len(flags), len(flags))
         prefix = flags.index(False)
         suffix = flags[::-1].index(False)
         inner = current = 0
@@ -72,12 +91,12 @@ def hex_runs(pattern: Pattern) -> Runs:
             inner = max(inner, current)
         return Runs(inner, prefix, suffix, False)
     if isinstance(pattern, Cat):
-        result = _all_hex(0, 0)
+        result = _all_in(0, 0)
         for item in pattern.items:
-            result = _cat(result, hex_runs(item))
+            result = _cat(result, class_runs(item, member))
         return result
     if isinstance(pattern, Alt):
-        items = [hex_runs(item) for item in pattern.items]
+        items = [class_runs(item, member) for item in pattern.items]
         return Runs(
             min(r.inner for r in items),
             min(r.prefix for r in items),
@@ -87,11 +106,11 @@ def hex_runs(pattern: Pattern) -> Runs:
         )
     assert isinstance(pattern, Rep)
     if pattern.hi == 0:
-        return _all_hex(0, 0)
-    item = hex_runs(pattern.item)
+        return _all_in(0, 0)
+    item = class_runs(pattern.item, member)
     if item.whole:  # an all-hex item's bounds are its shortest length
         longest = None if pattern.hi is None or item.longest is None else pattern.hi * item.longest
-        return _all_hex(pattern.lo * item.inner, longest)
+        return _all_in(pattern.lo * item.inner, longest)
     if pattern.lo == 0:
         return NONE
     joined = item.suffix + item.prefix if pattern.lo >= 2 else 0
@@ -150,3 +169,18 @@ def run_fact(pattern: Pattern, ascii: bool, wide: bool, fullword: bool) -> Node:
     if wide:
         forms = or_(forms, _at_least(WIDE_HEX_RUN, runs.inner))
     return forms
+
+
+def describe(fact: Field) -> str | None:
+    """A run field's test in words (for rule-check), or None for a field that is not one of them or
+    for the presence tests that keep old documents."""
+    if fact.op in ("==", "!=") or fact.name not in (HEX_RUN, HEX_WORD, WIDE_HEX_RUN, HEX_WORD_LENGTHS):
+        return None
+    if fact.name == HEX_WORD_LENGTHS:
+        lengths = [n for n in range(RUN_MIN, LONG_WORD + 1) if fact.value >> n & 1]
+        if lengths[-1] == LONG_WORD:
+            return f"a fullword run of {lengths[0]} or more hex digits"
+        span = str(lengths[0]) if len(lengths) == 1 else f"{lengths[0]}-{lengths[-1]}"
+        return f"a fullword run of {span} hex digits"
+    kind = {HEX_RUN: "", HEX_WORD: "fullword ", WIDE_HEX_RUN: "wide "}[fact.name]
+    return f"a {kind}run of {fact.value} or more hex digits"

@@ -29,7 +29,7 @@ from sspry.query.literals import (
     widen,
 )
 from sspry.query.plan import TRUE, Node, and_
-from sspry.query.runs import run_fact
+from sspry.query.runs import fixed_bytes, run_fact
 
 _XOR = re.compile(r"^xor(?:\(\s*(\w+)\s*(?:-\s*(\w+)\s*)?\))?$")
 
@@ -125,6 +125,28 @@ def _variants(base: Pattern, string) -> Pattern:
     return forms[0] if len(forms) == 1 else Alt(tuple(forms))
 
 
+def _lowered(string) -> Pattern:
+    """The string's bytes as the pattern IR, case folded when nocase, before wide/xor/base64 forms."""
+    if string.is_hex:
+        return parse_hex(string.pure_text.decode("ascii"))
+    if string.is_regexp:
+        pattern = regex.convert(string.unit)
+        if "i" in (string.suffix_modifiers or "") or string.is_nocase:
+            pattern = map_sets(pattern, fold_case)
+        return pattern
+    pattern = literal(string.pure_text)
+    return map_sets(pattern, fold_case) if string.is_nocase else pattern
+
+
+def atom_bytes(string) -> int:
+    """Fixed bytes in a row that every match of the string holds (runs.fixed_bytes): below 3, YARA
+    has no good atom for it and checks it nearly everywhere. 0 for what is not understood."""
+    try:
+        return fixed_bytes(_lowered(string))
+    except (HexError, ValueError, UnicodeDecodeError):
+        return 0
+
+
 def _run_fact(base: Pattern, string) -> Node:
     """The run fields' fact for a string's forms (runs.py); TRUE for encodings that change its bytes."""
     if string.is_base64 or string.is_base64_wide or string.is_xor:
@@ -139,16 +161,7 @@ def plan_string(string, mapper: GramMapper) -> StringPlan:
     identifier = string.identifier
     line, column = string.location.begin.line, string.location.begin.column
     try:
-        if string.is_hex:
-            pattern = parse_hex(string.pure_text.decode("ascii"))
-        elif string.is_regexp:
-            pattern = regex.convert(string.unit)
-            if "i" in (string.suffix_modifiers or "") or string.is_nocase:
-                pattern = map_sets(pattern, fold_case)
-        else:
-            pattern = literal(string.pure_text)
-            if string.is_nocase:
-                pattern = map_sets(pattern, fold_case)
+        pattern = _lowered(string)
         runs = _run_fact(pattern, string)
         if string.is_base64 or string.is_base64_wide:
             pattern = _base64_pattern(string)
