@@ -21,9 +21,10 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
-from itertools import accumulate, product
+from itertools import product
 
-from sspry.query.plan import TRUE, Gram, Node, and_, or_
+from sspry.query.plan import TRUE, And, Gram, Node, and_, or_
+from sspry.query.windows import Lanes, best
 
 ALL = (1 << 256) - 1
 DEFAULT_MAX_ANCHORS = 16  # grams read per literal and tier unless a search asks otherwise
@@ -132,92 +133,94 @@ def fold_down(mask: int) -> int:
 
 
 class GramMapper:
-    """Turns Seqs into gram formulas for the two tiers, within an anchor budget per Seq.
+    """Turns Seqs into gram formulas for the two tiers, within an anchor budget per Seq and tier.
 
     A window of single bytes is one exact gram. Other windows expand to the product of their byte sets;
     in Tier 1 of a forest that folds case (every gram also indexed lowercased), their lowercased product
-    is tested instead, so a nocase window is one gram, not up to 2**n."""
+    is tested instead, so a nocase window is one gram, not up to 2**n. A Seq's formula is the AND of the
+    chosen windows of every tier, built flat (one And node, no node per tier)."""
 
     def __init__(self, gram_sizes: Sequence[int], max_anchors: int, fold_case: bool = False):
         self.gram_sizes = tuple(gram_sizes)
         self.max_anchors = max_anchors
         self.fold_case = fold_case
         self._memo: dict[Seq, Node] = {}
+        self._grams: list[dict[bytes, Node]] = [{} for _ in self.gram_sizes]  # per tier: gram -> node
         self._windows: dict[tuple[int, Seq], Node] = {}  # (tier, window of byte sets) -> OR of its grams
 
     def seq(self, seq: Seq) -> Node:
         node = self._memo.get(seq)
         if node is None:
             try:  # most Seqs are one byte at every position
-                first = list(map(_BYTE_OF.__getitem__, seq))
-                loose = None
+                raw = bytes(map(_BYTE_OF.__getitem__, seq))
             except KeyError:
-                first = [members(s)[0] for s in seq]  # the byte of a single-byte position
-                loose = [s & (s - 1) != 0 for s in seq]
-            node = and_(
-                *(self._tier(seq, first, loose, tier, n) for tier, n in enumerate(self.gram_sizes, start=1))
-            )
+                node = self._loose(seq)
+            else:
+                node = self._exact(raw)
             self._memo[seq] = node
         return node
 
     def any_of(self, seqs: frozenset[Seq]) -> Node:
         return or_(*(self.seq(s) for s in sorted(seqs)))
 
-    def _tier(self, seq: Seq, first: list[int], loose: list[bool] | None, tier: int, n: int) -> Node:
-        """The AND of the best `max_anchors` windows of n positions (see `choose_windows`); each window
-        is one gram (exact) or the OR of its variants. `loose`: which positions hold more than one byte
-        (None: none does)."""
-        if len(seq) < n:
-            return TRUE
-        raw = bytes(first)
-        if loose is None:
-            starts, _ = choose_windows(first, None, None, n, self.max_anchors)
-            return and_(*(Gram(tier, raw[start : start + n]) for start in starts))
-        tested = [fold_down(s) for s in seq] if self.fold_case and tier == 1 else seq
-        counts = [s.bit_count() for s in tested]
-        starts, exact = choose_windows(first, loose, counts, n, self.max_anchors)
-        alternatives = []
-        for start in starts:
-            if exact[start]:
-                alternatives.append(Gram(tier, raw[start : start + n]))
+    def _gram(self, tier: int, gram: bytes) -> Node:
+        table = self._grams[tier - 1]
+        node = table.get(gram)
+        if node is None:
+            node = table[gram] = Gram(tier, gram)
+        return node
+
+    def _exact(self, raw: bytes) -> Node:
+        """A Seq of one byte per position: per tier, the grams of its best windows (`windows.best`)."""
+        grams: list[Node] = []
+        lanes = None
+        for tier, n in enumerate(self.gram_sizes, start=1):
+            count = len(raw) - n + 1
+            if count <= 0:
+                continue
+            if count <= self.max_anchors:
+                starts: Sequence[int] = range(count)
             else:
+                lanes = lanes or Lanes(raw)
+                starts = best(lanes.scores(n), self.max_anchors)
+            grams.extend(self._gram(tier, g) for g in dict.fromkeys(raw[s : s + n] for s in starts))
+        if not grams:
+            return TRUE
+        return grams[0] if len(grams) == 1 else And(*grams)
+
+    def _loose(self, seq: Seq) -> Node:
+        """A Seq with sets of several bytes: windows of at most MAX_VARIANTS variants, fewest variants
+        first, then by score (of each position's lowest byte); each window one gram (no loose position)
+        or the OR of its variants."""
+        first = bytes(members(s)[0] for s in seq)  # the byte of a single-byte position
+        loose = [s & (s - 1) != 0 for s in seq]
+        lanes = None
+        items: list[Node] = []
+        for tier, n in enumerate(self.gram_sizes, start=1):
+            if len(seq) < n:
+                continue
+            tested = [fold_down(s) for s in seq] if self.fold_case and tier == 1 else seq
+            counts = [s.bit_count() for s in tested]
+            exact = [not any(w) for w in _windows(loose, n)]
+            variants = [1 if e else math.prod(w) for e, w in zip(exact, _windows(counts, n), strict=False)]
+            starts = [s for s in range(len(exact)) if variants[s] <= MAX_VARIANTS]
+            if len(starts) > self.max_anchors:
+                lanes = lanes or Lanes(first)
+                scores = lanes.scores(n)  # < 64: fewest variants first, then highest score
+                starts = sorted(
+                    sorted(starts, key=lambda s: variants[s] * 64 - scores[s])[: self.max_anchors]
+                )
+            for start in starts:
+                if exact[start]:
+                    items.append(self._gram(tier, first[start : start + n]))
+                    continue
                 window = tuple(tested[start : start + n])
                 node = self._windows.get((tier, window))
                 if node is None:
-                    node = or_(*(Gram(tier, bytes(v)) for v in product(*map(members, window))))
+                    node = or_(*(self._gram(tier, bytes(v)) for v in product(*map(members, window))))
                     self._windows[(tier, window)] = node
-                alternatives.append(node)
-        return and_(*alternatives)
-
-
-def choose_windows(
-    first: list[int], loose: list[bool] | None, counts: list[int] | None, n: int, k: int
-) -> tuple[list[int], Sequence[bool]]:
-    """(the starts of the k best windows of n positions, in order; per start, whether its window is
-    exact). Best: fewest variants (product of the tested byte-set sizes, 1 for an exact window; windows
-    of more than MAX_VARIANTS are never chosen), then rarest (`_WEIGHT` summed + distinct bytes), then
-    earliest. `loose` and `counts` (the tested set sizes) are None when every position is one byte."""
-    count = len(first) - n + 1
-    if loose is None and count <= k:
-        return list(range(count)), [True] * count
-    if loose is None or counts is None:
-        exact: Sequence[bool] = [True] * count
-        variants = [1] * count
-    else:
-        exact = [not any(w) for w in _windows(loose, n)]
-        variants = [1 if e else math.prod(w) for e, w in zip(exact, _windows(counts, n), strict=False)]
-    starts = [s for s in range(count) if variants[s] <= MAX_VARIANTS]
-    if len(starts) > k:
-        # -(weights summed + distinct bytes), per window; sorting is stable, so ties keep the earliest
-        weights = list(accumulate(map(_WEIGHT.__getitem__, first), initial=0.0))
-        distinct = map(len, map(set, _windows(first, n)))
-        rarity = [-(b - a + d) for a, b, d in zip(weights, weights[n:], distinct)]  # noqa: B905
-        if loose is None:
-            ranked = sorted(starts, key=rarity.__getitem__)
-        else:
-            ranked = sorted(starts, key=lambda s: (variants[s], rarity[s]))
-        starts = sorted(ranked[:k])
-    return starts, exact
+                items.append(node)
+        return and_(*items)
 
 
 _BYTE_OF = {1 << b: b for b in range(256)}  # a set of one byte -> that byte
@@ -226,20 +229,6 @@ _BYTE_OF = {1 << b: b for b in range(256)}  # a set of one byte -> that byte
 def _windows(values: list, n: int) -> Iterator[tuple]:
     """Every run of n consecutive values, in order."""
     return zip(*(values[i:] for i in range(n)), strict=False)  # the shifted copies are shorter
-
-
-def _weight(b: int) -> float:
-    """How unusual a byte is in files, heuristically (higher: fewer files contain grams with it)."""
-    if b in (0x00, 0xFF):
-        return 0.0
-    if b in (0x20, 0xCC, 0x90, 0x01):
-        return 1.0
-    if 0x61 <= b <= 0x7A or 0x30 <= b <= 0x39:
-        return 2.0
-    return 3.0
-
-
-_WEIGHT = [_weight(b) for b in range(256)]
 
 
 def _limit(seqs: frozenset[Seq], keep_start: bool) -> frozenset[Seq]:

@@ -55,6 +55,7 @@ _PLANNER_MODULES = (
     "sspry.query.ruleset",
     "sspry.query.strings",
     "sspry.query.terms",
+    "sspry.query.windows",
 )
 
 
