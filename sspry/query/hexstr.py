@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from functools import cache
 
-from sspry.query.literals import ALL, ANY, Alt, Cat, Lit, Pattern, Rep, byte
+from sspry.query.literals import ALL, ANY, SINGLE, Alt, Cat, Lit, Pattern, Rep, byte
 
 _BYTE = r"[0-9A-Fa-f?]{2}"
 # a run of bytes (one token for the lot: long hex strings are mostly runs), a negated byte, a jump, or
@@ -38,6 +38,14 @@ def _byte_set(text: str) -> int:
     return mask
 
 
+def _run(text: str) -> list[int]:
+    """The byte sets of a run of pairs (whitespace between them allowed)."""
+    compact = "".join(text.split())
+    if "?" not in compact:  # plain bytes, the common case: decoded at once
+        return list(map(SINGLE.__getitem__, bytes.fromhex(compact)))
+    return list(map(_byte_set, _PAIR.findall(compact)))
+
+
 def _tokens(body: str) -> list[tuple]:
     tokens = []
     at = 0
@@ -48,7 +56,7 @@ def _tokens(body: str) -> list[tuple]:
             raise HexError(f"unexpected {body[at : at + 10]!r} in hex string")
         at = match.end()
         if match.group("run"):
-            tokens.append(("run", [_byte_set(pair) for pair in _PAIR.findall(match.group("run"))]))
+            tokens.append(("run", _run(match.group("run"))))
         elif match.group("negated"):
             tokens.append(("run", [ALL ^ _byte_set(match.group("negated"))]))
         elif match.group("punct"):

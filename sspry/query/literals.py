@@ -21,7 +21,8 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
-from itertools import product
+from itertools import compress, product
+from typing import NamedTuple
 
 from sspry.query.plan import TRUE, And, Gram, Node, and_, or_
 from sspry.query.windows import Lanes, best
@@ -87,8 +88,11 @@ EMPTY = Lit(())
 ANY = Lit((ALL,))
 
 
+SINGLE = tuple(byte(b) for b in range(256))  # byte -> the set of that byte alone
+
+
 def literal(data: bytes) -> Lit:
-    return Lit(tuple(byte(b) for b in data))
+    return Lit(tuple(map(SINGLE.__getitem__, data)))
 
 
 def map_sets(pattern: Pattern, fn) -> Pattern:
@@ -106,7 +110,9 @@ def map_sets(pattern: Pattern, fn) -> Pattern:
 def widen(pattern: Pattern) -> Pattern:
     """UTF-16LE as YARA's `wide` does it: every byte followed by a zero byte."""
     if isinstance(pattern, Lit):
-        return Lit(tuple(x for s in pattern.seq for x in (s, byte(0))))
+        wide = [byte(0)] * (2 * len(pattern.seq))
+        wide[::2] = pattern.seq
+        return Lit(tuple(wide))
     if isinstance(pattern, Cat):
         return Cat(tuple(widen(p) for p in pattern.items))
     if isinstance(pattern, Alt):
@@ -116,8 +122,7 @@ def widen(pattern: Pattern) -> Pattern:
 
 
 # --- analysis -------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Info:
+class Info(NamedTuple):  # a tuple: built for every node of every pattern, and cheaper than a dataclass
     exact: frozenset[Seq] | None
     prefix: frozenset[Seq]
     suffix: frozenset[Seq]
@@ -130,6 +135,9 @@ UPPER = byte_range(0x41, 0x5A)
 def fold_down(mask: int) -> int:
     """The set with ASCII capitals replaced by their lowercase letters."""
     return (mask & ~UPPER) | ((mask & UPPER) << 0x20)
+
+
+_folded = cache(fold_down)  # a few hundred distinct sets, met a million times
 
 
 class GramMapper:
@@ -183,7 +191,12 @@ class GramMapper:
             else:
                 lanes = lanes or Lanes(raw)
                 starts = best(lanes.scores(n), self.max_anchors)
-            grams.extend(self._gram(tier, g) for g in dict.fromkeys(raw[s : s + n] for s in starts))
+            table = self._grams[tier - 1]
+            for gram in dict.fromkeys([raw[s : s + n] for s in starts]):
+                node = table.get(gram)
+                if node is None:
+                    node = table[gram] = Gram(tier, gram)
+                grams.append(node)
         if not grams:
             return TRUE
         return grams[0] if len(grams) == 1 else And(*grams)
@@ -192,26 +205,26 @@ class GramMapper:
         """A Seq with sets of several bytes: windows of at most MAX_VARIANTS variants, fewest variants
         first, then by score (of each position's lowest byte); each window one gram (no loose position)
         or the OR of its variants."""
-        first = bytes(members(s)[0] for s in seq)  # the byte of a single-byte position
+        if 0 in seq:  # an empty byte set: nothing matches it (as before: planned as an error, TRUE)
+            raise IndexError("tuple index out of range")
+        first = bytes([(s & -s).bit_length() - 1 for s in seq])  # the byte of a single-byte position
         loose = [s & (s - 1) != 0 for s in seq]
         lanes = None
         items: list[Node] = []
         for tier, n in enumerate(self.gram_sizes, start=1):
             if len(seq) < n:
                 continue
-            tested = [fold_down(s) for s in seq] if self.fold_case and tier == 1 else seq
-            counts = [s.bit_count() for s in tested]
-            exact = [not any(w) for w in _windows(loose, n)]
-            variants = [1 if e else math.prod(w) for e, w in zip(exact, _windows(counts, n), strict=False)]
-            starts = [s for s in range(len(exact)) if variants[s] <= MAX_VARIANTS]
+            tested = list(map(_folded, seq)) if self.fold_case and tier == 1 else seq
+            inexact = list(map(any, _windows(loose, n)))
+            variants = list(map(math.prod, _windows(list(map(int.bit_count, tested)), n)))
+            starts = list(compress(range(len(variants)), map(MAX_VARIANTS.__ge__, variants)))
             if len(starts) > self.max_anchors:
                 lanes = lanes or Lanes(first)
                 scores = lanes.scores(n)  # < 64: fewest variants first, then highest score
-                starts = sorted(
-                    sorted(starts, key=lambda s: variants[s] * 64 - scores[s])[: self.max_anchors]
-                )
+                rank = [v * 64 - score for v, score in zip(variants, scores, strict=True)]
+                starts = sorted(sorted(starts, key=rank.__getitem__)[: self.max_anchors])
             for start in starts:
-                if exact[start]:
+                if not inexact[start]:
                     items.append(self._gram(tier, first[start : start + n]))
                     continue
                 window = tuple(tested[start : start + n])

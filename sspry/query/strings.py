@@ -113,10 +113,13 @@ def _xor_set(mask: int, key: int) -> int:
 def _variants(base: Pattern, string) -> Pattern:
     """Alternatives for ascii/wide and xor keys, applied as YARA does (widen first, then xor)."""
     forms = []
-    if string.is_ascii or not string.is_wide:
+    wide = string.is_wide
+    if not wide or string.is_ascii:
         forms.append(base)
-    if string.is_wide:
+    if wide:
         forms.append(widen(base))
+    if not string.is_xor:  # the modifiers are a list of new C++ wrappers each time: read them only for xor
+        return forms[0] if len(forms) == 1 else Alt(tuple(forms))
     for modifier in string.modifiers:
         if modifier.type == yaramod.StringModifierType.Xor:
             keys = _xor_keys(modifier.text)
@@ -125,23 +128,28 @@ def _variants(base: Pattern, string) -> Pattern:
 
 
 def plan_string(string, mapper: GramMapper) -> StringPlan:
+    # each property of a yaramod string is a call into C++ (pure_text of a hex string rebuilds its text):
+    # read each once, and only those the kind of string has (a hex string has no other modifier than
+    # `private`)
     identifier = string.identifier
-    line, column = string.location.begin.line, string.location.begin.column
+    begin = string.location.begin
+    line, column = begin.line, begin.column
     try:
         if string.is_hex:
             pattern = parse_hex(string.pure_text.decode("ascii"))
-        elif string.is_regexp:
-            pattern = regex.convert(string.unit)
-            if "i" in (string.suffix_modifiers or "") or string.is_nocase:
-                pattern = map_sets(pattern, fold_case)
         else:
-            pattern = literal(string.pure_text)
-            if string.is_nocase:
-                pattern = map_sets(pattern, fold_case)
-        if string.is_base64 or string.is_base64_wide:
-            pattern = _base64_pattern(string)
-        elif not string.is_hex:
-            pattern = _variants(pattern, string)
+            if string.is_regexp:
+                pattern = regex.convert(string.unit)
+                if "i" in (string.suffix_modifiers or "") or string.is_nocase:
+                    pattern = map_sets(pattern, fold_case)
+            else:
+                pattern = literal(string.pure_text)
+                if string.is_nocase:
+                    pattern = map_sets(pattern, fold_case)
+            if string.is_base64 or string.is_base64_wide:
+                pattern = _base64_pattern(string)
+            else:
+                pattern = _variants(pattern, string)
     except (HexError, ValueError, UnicodeDecodeError) as exc:
         return StringPlan(identifier, TRUE, f"not understood: {exc}", line=line, column=column)
     node, exact = analyze_pattern(pattern, mapper)
