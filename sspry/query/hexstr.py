@@ -46,6 +46,23 @@ def _run(text: str) -> list[int]:
     return list(map(_byte_set, _PAIR.findall(compact)))
 
 
+def _plain(body: str) -> Lit | None:
+    """A body of byte pairs alone (no jump, alternative or `~`: nine in ten of Yara-Rules' hex strings),
+    decoded at once; None for any other body."""
+    try:  # pairs of hex digits or `?`, whitespace only between pairs
+        data = bytes.fromhex(body.replace("?", "0"))
+    except ValueError:
+        return None
+    if not data:
+        return None
+    if "?" not in body:
+        return Lit(tuple(map(SINGLE.__getitem__, data)))
+    pairs = body.split()
+    if len(body) != 3 * len(pairs) - 1:  # not yaramod's one space between pairs
+        pairs = _PAIR.findall("".join(pairs))
+    return Lit(tuple(map(_byte_set, pairs)))
+
+
 def _tokens(body: str) -> list[tuple]:
     tokens = []
     at = 0
@@ -80,7 +97,11 @@ def _tokens(body: str) -> list[tuple]:
 
 def parse_hex(body: str) -> Pattern:
     """Parse the text between the braces of a hex string."""
-    tokens = _tokens(body.strip().strip("{}"))
+    body = body.strip().strip("{}")
+    plain = _plain(body)
+    if plain is not None:
+        return plain
+    tokens = _tokens(body)
     pattern, at = _sequence(tokens, 0)
     if at != len(tokens):
         raise HexError("unbalanced parentheses in hex string")

@@ -21,11 +21,11 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
-from itertools import compress, product
+from itertools import compress, product, repeat
 from typing import NamedTuple
 
-from sspry.query.plan import TRUE, And, Gram, Node, and_, or_
-from sspry.query.windows import Lanes, best
+from sspry.query.plan import TRUE, And, Gram, Node, Or, and_, or_
+from sspry.query.windows import Lanes, best, window_sums
 
 ALL = (1 << 256) - 1
 DEFAULT_MAX_ANCHORS = 16  # grams read per literal and tier unless a search asks otherwise
@@ -171,12 +171,15 @@ class GramMapper:
     def any_of(self, seqs: frozenset[Seq]) -> Node:
         return or_(*(self.seq(s) for s in sorted(seqs)))
 
-    def _gram(self, tier: int, gram: bytes) -> Node:
+    def _nodes(self, tier: int, grams: list[bytes]) -> list[Node]:
+        """The Gram node of each gram (the mapper's table first: most grams repeat)."""
         table = self._grams[tier - 1]
-        node = table.get(gram)
-        if node is None:
-            node = table[gram] = Gram(tier, gram)
-        return node
+        nodes = list(map(table.get, grams))
+        if None in nodes:
+            for i, node in enumerate(nodes):
+                if node is None:
+                    nodes[i] = table[grams[i]] = Gram(tier, grams[i])
+        return nodes
 
     def _exact(self, raw: bytes) -> Node:
         """A Seq of one byte per position: per tier, the grams of its best windows (`windows.best`)."""
@@ -191,12 +194,7 @@ class GramMapper:
             else:
                 lanes = lanes or Lanes(raw)
                 starts = best(lanes.scores(n), self.max_anchors)
-            table = self._grams[tier - 1]
-            for gram in dict.fromkeys([raw[s : s + n] for s in starts]):
-                node = table.get(gram)
-                if node is None:
-                    node = table[gram] = Gram(tier, gram)
-                grams.append(node)
+            grams += self._nodes(tier, list(dict.fromkeys([raw[s : s + n] for s in starts])))
         if not grams:
             return TRUE
         return grams[0] if len(grams) == 1 else And(*grams)
@@ -207,17 +205,21 @@ class GramMapper:
         or the OR of its variants."""
         if 0 in seq:  # an empty byte set: nothing matches it (as before: planned as an error, TRUE)
             raise IndexError("tuple index out of range")
-        first = bytes([(s & -s).bit_length() - 1 for s in seq])  # the byte of a single-byte position
-        loose = [s & (s - 1) != 0 for s in seq]
+        first = bytes(map(_lowest, seq))  # the byte of a single-byte position
+        sizes = list(map(int.bit_count, seq))
+        loose = bytes(map((1).__lt__, sizes))
         lanes = None
         items: list[Node] = []
         for tier, n in enumerate(self.gram_sizes, start=1):
             if len(seq) < n:
                 continue
-            tested = list(map(_folded, seq)) if self.fold_case and tier == 1 else seq
-            inexact = list(map(any, _windows(loose, n)))
-            variants = list(map(math.prod, _windows(list(map(int.bit_count, tested)), n)))
-            starts = list(compress(range(len(variants)), map(MAX_VARIANTS.__ge__, variants)))
+            tested, counts = seq, sizes
+            if self.fold_case and tier == 1:
+                tested = tuple(map(_folded, seq))
+                counts = list(map(int.bit_count, tested))
+            inexact = window_sums(loose, n)  # non-zero: the window has a loose position
+            variants = _variants(counts, n)
+            starts = list(compress(range(len(variants)), variants.translate(_FEW)))
             if len(starts) > self.max_anchors:
                 lanes = lanes or Lanes(first)
                 scores = lanes.scores(n)  # < 64: fewest variants first, then highest score
@@ -225,15 +227,45 @@ class GramMapper:
                 starts = sorted(sorted(starts, key=rank.__getitem__)[: self.max_anchors])
             for start in starts:
                 if not inexact[start]:
-                    items.append(self._gram(tier, first[start : start + n]))
+                    items += self._nodes(tier, [first[start : start + n]])
                     continue
-                window = tuple(tested[start : start + n])
+                window = tested[start : start + n]
                 node = self._windows.get((tier, window))
-                if node is None:
-                    node = or_(*(self._gram(tier, bytes(v)) for v in product(*map(members, window))))
-                    self._windows[(tier, window)] = node
+                if node is None:  # every variant differs: the OR of their grams, as or_ would build it
+                    grams = self._nodes(tier, list(map(b"".join, product(*map(_member_bytes, window)))))
+                    node = self._windows[(tier, window)] = grams[0] if len(grams) == 1 else Or(*grams)
                 items.append(node)
         return and_(*items)
+
+
+@cache
+def _lowest(mask: int) -> int:
+    return (mask & -mask).bit_length() - 1
+
+
+@cache
+def _member_bytes(mask: int) -> tuple[bytes, ...]:
+    return tuple(bytes((b,)) for b in members(mask))
+
+
+_POWERS = frozenset(1 << i for i in range(9))
+_FEW = bytes(int(v <= MAX_VARIANTS) for v in range(256))  # translate table: variants -> chosen or not
+
+
+def _variants(counts: list[int], n: int) -> bytes:
+    """Per window of n positions: the number of its variants (the product of its set sizes), or
+    MAX_VARIANTS + 1 for any more than MAX_VARIANTS."""
+    if _POWERS.issuperset(counts):  # sizes 1, 2 (a letter in any case), 16 (a nibble), 256 (`??`) ...
+        # log2(size) + 1 per position, summed per window: the product is 2**(sum - n)
+        sums = window_sums(bytes(map(int.bit_length, counts)), n)
+        return sums.translate(_POWER_OF[n])
+    return bytes(map(min, map(math.prod, _windows(counts, n)), repeat(MAX_VARIANTS + 1)))
+
+
+# per n: translate table from the summed log2(size) + 1 of a window of n positions to its variants
+_POWER_OF = {
+    n: bytes(1 << (v - n) if n <= v <= n + 4 else MAX_VARIANTS + 1 for v in range(256)) for n in range(1, 9)
+}
 
 
 _BYTE_OF = {1 << b: b for b in range(256)}  # a set of one byte -> that byte

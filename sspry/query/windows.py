@@ -64,6 +64,15 @@ class Lanes:
         return total.to_bytes(self._size, "little")[: self._size - n + 1]
 
 
+def window_sums(values: bytes, n: int) -> bytes:
+    """Per window of n positions (len - n + 1 of them): its values summed (each sum must be < 256)."""
+    lanes = int.from_bytes(values, "little")
+    total = 0
+    for i in range(n):
+        total += lanes >> (8 * i)
+    return total.to_bytes(len(values), "little")[: len(values) - n + 1]
+
+
 def best(scores: bytes, k: int) -> list[int]:
     """The starts of the k windows of highest score (earliest first among equals), in order."""
     if len(scores) <= k:
