@@ -225,9 +225,10 @@ class GramMapper:
                 scores = lanes.scores(n)  # < 64: fewest variants first, then highest score
                 rank = [v * 64 - score for v, score in zip(variants, scores, strict=True)]
                 starts = sorted(sorted(starts, key=rank.__getitem__)[: self.max_anchors])
+            exact = iter(self._nodes(tier, [first[s : s + n] for s in starts if not inexact[s]]))
             for start in starts:
                 if not inexact[start]:
-                    items += self._nodes(tier, [first[start : start + n]])
+                    items.append(next(exact))
                     continue
                 window = tested[start : start + n]
                 node = self._windows.get((tier, window))
