@@ -77,4 +77,24 @@ def best(scores: bytes, k: int) -> list[int]:
     """The starts of the k windows of highest score (earliest first among equals), in order."""
     if len(scores) <= k:
         return list(range(len(scores)))
-    return sorted(sorted(range(len(scores)), key=scores.__getitem__, reverse=True)[:k])
+    # the k-th highest score: every window above it is taken, and the earliest of those at it
+    above = 0
+    threshold = max(scores)
+    while True:
+        at = scores.count(threshold)
+        if above + at >= k:
+            break
+        above += at
+        threshold -= 1
+    marks = scores.translate(_RANKS[threshold])
+    starts = []
+    for mark, wanted in ((2, above), (1, k - above)):
+        start = -1
+        for _ in range(wanted):
+            start = marks.find(mark, start + 1)
+            starts.append(start)
+    return sorted(starts)
+
+
+# per threshold: a translate table from a score to 2 (above the threshold), 1 (at it) or 0 (below)
+_RANKS = [bytes(2 if v > t else 1 if v == t else 0 for v in range(256)) for t in range(256)]
