@@ -126,7 +126,7 @@ class Info(NamedTuple):  # a tuple: built for every node of every pattern, and c
     exact: frozenset[Seq] | None
     prefix: frozenset[Seq]
     suffix: frozenset[Seq]
-    match: Node
+    match: tuple[Node, ...]  # an AND, kept open: a long concatenation builds one And node, not one per step
 
 
 UPPER = byte_range(0x41, 0x5A)
@@ -302,13 +302,13 @@ class Analyzer:
     def required(self, info: Info) -> Node:
         """Everything known to hold for every match of the node."""
         if info.exact is not None:
-            return and_(info.match, self.mapper.any_of(info.exact))
-        return and_(info.match, self.mapper.any_of(info.prefix), self.mapper.any_of(info.suffix))
+            return and_(*info.match, self.mapper.any_of(info.exact))
+        return and_(*info.match, self.mapper.any_of(info.prefix), self.mapper.any_of(info.suffix))
 
     def analyze(self, pattern: Pattern) -> Info:
         if isinstance(pattern, Lit):
             exact = frozenset({pattern.seq})
-            return Info(exact, exact, exact, TRUE)
+            return Info(exact, exact, exact, ())
         if isinstance(pattern, Cat):
             info = self.analyze(EMPTY)
             for item in pattern.items:
@@ -327,7 +327,7 @@ class Analyzer:
         if a.exact is not None and b.exact is not None:
             exact = _product(a.exact, b.exact)
             if exact is not None:
-                return Info(exact, exact, exact, and_(a.match, b.match))
+                return Info(exact, exact, exact, a.match + b.match)
         a_end = a.exact if a.exact is not None else a.suffix
         b_start = b.exact if b.exact is not None else b.prefix
         crossing = _product(a_end, b_start)
@@ -337,12 +337,12 @@ class Analyzer:
             join = and_(self.mapper.any_of(a_end), self.mapper.any_of(b_start))
         prefix = (a.exact is not None and _product(a.exact, b.prefix)) or a.prefix
         suffix = (b.exact is not None and _product(a.suffix, b.exact)) or b.suffix
-        return Info(None, _limit(prefix, True), _limit(suffix, False), and_(a.match, b.match, join))
+        return Info(None, _limit(prefix, True), _limit(suffix, False), (*a.match, *b.match, join))
 
     def _alt(self, a: Info, b: Info) -> Info:
         if a.exact is not None and b.exact is not None and len(a.exact | b.exact) <= MAX_SET:
             exact = a.exact | b.exact
-            return Info(exact, exact, exact, TRUE)
+            return Info(exact, exact, exact, ())
         prefix = (a.exact if a.exact is not None else a.prefix) | (
             b.exact if b.exact is not None else b.prefix
         )
@@ -350,7 +350,7 @@ class Analyzer:
             b.exact if b.exact is not None else b.suffix
         )
         return Info(
-            None, _limit(prefix, True), _limit(suffix, False), or_(self.required(a), self.required(b))
+            None, _limit(prefix, True), _limit(suffix, False), (or_(self.required(a), self.required(b)),)
         )
 
     def _rep(self, rep: Rep) -> Info:
@@ -360,7 +360,7 @@ class Analyzer:
             if rep.hi == 1:
                 return self._alt(self.analyze(EMPTY), self.analyze(rep.item))
             nothing = frozenset({()})
-            return Info(None, nothing, nothing, TRUE)
+            return Info(None, nothing, nothing, ())
         item = self.analyze(rep.item)
         info = item
         for _ in range(min(rep.lo, MAX_COPIES) - 1):
@@ -371,7 +371,7 @@ class Analyzer:
         # every match ends with a whole copy of the item.
         item_end = item.exact if item.exact is not None else item.suffix
         prefix = info.exact if info.exact is not None else info.prefix
-        return Info(None, prefix, item_end, self.required(info))
+        return Info(None, prefix, item_end, (self.required(info),))
 
 
 def pattern_plan(pattern: Pattern, mapper: GramMapper) -> Node:
