@@ -155,6 +155,7 @@ class GramMapper:
         self._memo: dict[Seq, Node] = {}
         self._grams: list[dict[bytes, Node]] = [{} for _ in self.gram_sizes]  # per tier: gram -> node
         self._windows: dict[tuple[int, Seq], Node] = {}  # (tier, window of byte sets) -> OR of its grams
+        self.strings: dict[tuple, tuple] = {}  # a string's text and modifiers -> its plan (strings.py)
 
     def seq(self, seq: Seq) -> Node:
         node = self._memo.get(seq)

@@ -127,23 +127,48 @@ def _variants(base: Pattern, string) -> Pattern:
     return forms[0] if len(forms) == 1 else Alt(tuple(forms))
 
 
+# (formula, note, exact set, understood): what a string's text and modifiers plan to, whatever its name
+Planned = tuple[Node, str | None, frozenset[Seq] | None, bool]
+
+
 def plan_string(string, mapper: GramMapper) -> StringPlan:
+    """A string's plan. Strings with the same text and modifiers (a third of Yara-Rules' hex strings
+    repeat one before them) are planned once per mapper; a regex is planned every time."""
     # each property of a yaramod string is a call into C++ (pure_text of a hex string rebuilds its text):
     # read each once, and only those the kind of string has (a hex string has no other modifier than
     # `private`)
     identifier = string.identifier
     begin = string.location.begin
     line, column = begin.line, begin.column
+    if string.is_hex:
+        key: tuple | None = (True, string.pure_text)
+    elif not string.is_regexp:
+        key = (False, string.pure_text, string.modifiers_text)
+    else:
+        key = None  # a regex's text is not read at all (its AST is): planned every time
+    planned: Planned | None = mapper.strings.get(key) if key is not None else None
+    if planned is None:
+        planned = _plan_pattern(string, key[1] if key is not None else b"", mapper)
+        if key is not None:
+            mapper.strings[key] = planned
+    node, note, exact, understood = planned
+    if not understood:
+        return StringPlan(identifier, TRUE, note, line=line, column=column)
+    return StringPlan(identifier, node, note, exact, string.is_fullword, line, column)
+
+
+def _plan_pattern(string, text: bytes, mapper: GramMapper) -> Planned:
+    """The plan of a string whose text (for a hex or text string) is `text`."""
     try:
         if string.is_hex:
-            pattern = parse_hex(string.pure_text.decode("ascii"))
+            pattern = parse_hex(text.decode("ascii"))
         else:
             if string.is_regexp:
                 pattern = regex.convert(string.unit)
                 if "i" in (string.suffix_modifiers or "") or string.is_nocase:
                     pattern = map_sets(pattern, fold_case)
             else:
-                pattern = literal(string.pure_text)
+                pattern = literal(text)
                 if string.is_nocase:
                     pattern = map_sets(pattern, fold_case)
             if string.is_base64 or string.is_base64_wide:
@@ -151,7 +176,7 @@ def plan_string(string, mapper: GramMapper) -> StringPlan:
             else:
                 pattern = _variants(pattern, string)
     except (HexError, ValueError, UnicodeDecodeError) as exc:
-        return StringPlan(identifier, TRUE, f"not understood: {exc}", line=line, column=column)
+        return TRUE, f"not understood: {exc}", None, False
     node, exact = analyze_pattern(pattern, mapper)
     note = None if node is not TRUE else "no gram is certain to occur in its matches (too short or too loose)"
-    return StringPlan(identifier, node, note, exact, string.is_fullword, line, column)
+    return node, note, exact, True
