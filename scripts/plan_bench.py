@@ -3,14 +3,15 @@
 fresh process), per rule, for a directory of rules as one bundle and per top-level folder -- against an
 older commit in the same run.
 
-  scripts/plan_bench.py --rules DIR [--against REV] [--runs 3] [--json OUT]
+  scripts/plan_bench.py --rules DIR [--against REV ...] [--runs 3] [--json OUT]
 
 Every measurement runs in a fresh worker process, the trees interleaved run by run (old, new, old,
 new, ...), and the median is reported. Times are CPU seconds of the worker (other work on a shared
 machine moves them less than wall time); numpy is imported before timing, as a search has it loaded.
 The bundle is every rule file concatenated (their rule names must not clash). `--against REV` checks
-REV out into a temporary git worktree and runs the same measurements with it on PYTHONPATH; a tree
-without a plan cache reports cold times only.
+REV out into a temporary git worktree and runs the same measurements with it on PYTHONPATH (given
+several times, each revision; all interleaved in the same runs); a tree without a plan cache reports cold
+times only.
 
   cold     plan_rules over the parsed bundle, no cache (parse excluded)
   store    plan_rules over the text with an empty on-disk cache: parse + plan + storing every plan
@@ -157,9 +158,10 @@ def print_report(report: dict) -> None:
                 f"{row['warm_s']:.3f} s ({1000 * row['warm_s'] / rules:.3f} ms/rule), warm from disk in a "
                 f"fresh process {row['disk_s']:.3f} s ({1000 * row['disk_s'] / rules:.3f} ms/rule)"
             )
-    if len(labels) == 2:
-        old, new = (report[label]["bundle"]["cold_s"] for label in labels)
-        print(f"cold planning, bundle: {old / new:.2f}x ({labels[0]} {old:.3f} s, {labels[1]} {new:.3f} s)")
+    new = report[labels[-1]]["bundle"]["cold_s"]
+    for label in labels[:-1]:
+        old = report[label]["bundle"]["cold_s"]
+        print(f"cold planning, bundle: {old / new:.2f}x ({label} {old:.3f} s, {labels[-1]} {new:.3f} s)")
 
 
 def main() -> int:
@@ -167,7 +169,12 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--rules", required=True, type=Path)
-    parser.add_argument("--against", help="a git revision to compare with (run from a temporary worktree)")
+    parser.add_argument(
+        "--against",
+        action="append",
+        default=[],
+        help="a git revision to compare with (run from a temporary worktree); may be given several times",
+    )
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--json", dest="json_out")
     parser.add_argument("--worker", choices=("bundle", "folders", "disk"), help=argparse.SUPPRESS)
@@ -177,21 +184,22 @@ def main() -> int:
         print(json.dumps(worker(args.rules.resolve(), args.worker, args.cache_dir)))
         return 0
     rules = args.rules.resolve()
-    trees = {"new": REPO}
-    scratch = None
-    if args.against:
-        scratch = tempfile.mkdtemp(prefix="sspry-plan-bench-tree-")
-        subprocess.run(
-            ["git", "-C", str(REPO), "worktree", "add", "--detach", scratch, args.against],
-            check=True,
-            capture_output=True,
-        )
-        trees = {"old": Path(scratch), "new": REPO}
+    trees: dict[str, Path] = {}
     try:
-        report = measure(trees, rules, args.runs)
+        for revision in args.against:
+            scratch = tempfile.mkdtemp(prefix="sspry-plan-bench-tree-")
+            trees[revision if len(args.against) > 1 else "old"] = Path(scratch)
+            subprocess.run(
+                ["git", "-C", str(REPO), "worktree", "add", "--detach", scratch, revision],
+                check=True,
+                capture_output=True,
+            )
+        report = measure({**trees, "new": REPO}, rules, args.runs)
     finally:
-        if scratch is not None:
-            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", scratch], check=False)
+        for scratch in trees.values():
+            subprocess.run(
+                ["git", "-C", str(REPO), "worktree", "remove", "--force", str(scratch)], check=False
+            )
     print_report(report)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(report, indent=1))

@@ -144,10 +144,12 @@ class ConditionPlanner:
                 stack.extend((item.right_operand, item.left_operand))
             else:
                 operands.append(self.plan(item))
-        result = operands[0]
-        for operand in operands[1:]:
-            result = (result & operand) if kind is yaramod.AndExpression else (result | operand)
-        return result
+        if len(operands) == 1:
+            return operands[0]
+        # the chain's bounds in one And/Or each (as folding Approx & / | pairwise gives, without an
+        # intermediate node per operand)
+        combine = and_ if kind is yaramod.AndExpression else or_
+        return Approx(combine(*(o.upper for o in operands)), combine(*(o.lower for o in operands)), FALSE)
 
     def _not(self, expr) -> Approx:
         inner = self.plan(expr.operand)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from functools import cache
 
-from sspry.query.literals import ALL, ANY, Alt, Cat, Lit, Pattern, Rep, byte
+from sspry.query.literals import ALL, ANY, SINGLE, Alt, Cat, Lit, Pattern, Rep, byte
 
 _BYTE = r"[0-9A-Fa-f?]{2}"
 # a run of bytes (one token for the lot: long hex strings are mostly runs), a negated byte, a jump, or
@@ -38,6 +38,31 @@ def _byte_set(text: str) -> int:
     return mask
 
 
+def _run(text: str) -> list[int]:
+    """The byte sets of a run of pairs (whitespace between them allowed)."""
+    compact = "".join(text.split())
+    if "?" not in compact:  # plain bytes, the common case: decoded at once
+        return list(map(SINGLE.__getitem__, bytes.fromhex(compact)))
+    return list(map(_byte_set, _PAIR.findall(compact)))
+
+
+def _plain(body: str) -> Lit | None:
+    """A body of byte pairs alone (no jump, alternative or `~`: nine in ten of Yara-Rules' hex strings),
+    decoded at once; None for any other body."""
+    try:  # pairs of hex digits or `?`, whitespace only between pairs
+        data = bytes.fromhex(body.replace("?", "0"))
+    except ValueError:
+        return None
+    if not data:
+        return None
+    if "?" not in body:
+        return Lit(tuple(map(SINGLE.__getitem__, data)))
+    pairs = body.split()
+    if len(body) != 3 * len(pairs) - 1:  # not yaramod's one space between pairs
+        pairs = _PAIR.findall("".join(pairs))
+    return Lit(tuple(map(_byte_set, pairs)))
+
+
 def _tokens(body: str) -> list[tuple]:
     tokens = []
     at = 0
@@ -48,7 +73,7 @@ def _tokens(body: str) -> list[tuple]:
             raise HexError(f"unexpected {body[at : at + 10]!r} in hex string")
         at = match.end()
         if match.group("run"):
-            tokens.append(("run", [_byte_set(pair) for pair in _PAIR.findall(match.group("run"))]))
+            tokens.append(("run", _run(match.group("run"))))
         elif match.group("negated"):
             tokens.append(("run", [ALL ^ _byte_set(match.group("negated"))]))
         elif match.group("punct"):
@@ -72,7 +97,11 @@ def _tokens(body: str) -> list[tuple]:
 
 def parse_hex(body: str) -> Pattern:
     """Parse the text between the braces of a hex string."""
-    tokens = _tokens(body.strip().strip("{}"))
+    body = body.strip().strip("{}")
+    plain = _plain(body)
+    if plain is not None:
+        return plain
+    tokens = _tokens(body)
     pattern, at = _sequence(tokens, 0)
     if at != len(tokens):
         raise HexError("unbalanced parentheses in hex string")

@@ -21,9 +21,11 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
-from itertools import accumulate, product
+from itertools import compress, product, repeat
+from typing import NamedTuple
 
-from sspry.query.plan import TRUE, Gram, Node, and_, or_
+from sspry.query.plan import TRUE, And, Gram, Node, Or, and_, or_
+from sspry.query.windows import Lanes, best, window_sums
 
 ALL = (1 << 256) - 1
 DEFAULT_MAX_ANCHORS = 16  # grams read per literal and tier unless a search asks otherwise
@@ -86,8 +88,11 @@ EMPTY = Lit(())
 ANY = Lit((ALL,))
 
 
+SINGLE = tuple(byte(b) for b in range(256))  # byte -> the set of that byte alone
+
+
 def literal(data: bytes) -> Lit:
-    return Lit(tuple(byte(b) for b in data))
+    return Lit(tuple(map(SINGLE.__getitem__, data)))
 
 
 def map_sets(pattern: Pattern, fn) -> Pattern:
@@ -105,7 +110,9 @@ def map_sets(pattern: Pattern, fn) -> Pattern:
 def widen(pattern: Pattern) -> Pattern:
     """UTF-16LE as YARA's `wide` does it: every byte followed by a zero byte."""
     if isinstance(pattern, Lit):
-        return Lit(tuple(x for s in pattern.seq for x in (s, byte(0))))
+        wide = [byte(0)] * (2 * len(pattern.seq))
+        wide[::2] = pattern.seq
+        return Lit(tuple(wide))
     if isinstance(pattern, Cat):
         return Cat(tuple(widen(p) for p in pattern.items))
     if isinstance(pattern, Alt):
@@ -115,12 +122,11 @@ def widen(pattern: Pattern) -> Pattern:
 
 
 # --- analysis -------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Info:
+class Info(NamedTuple):  # a tuple: built for every node of every pattern, and cheaper than a dataclass
     exact: frozenset[Seq] | None
     prefix: frozenset[Seq]
     suffix: frozenset[Seq]
-    match: Node
+    match: tuple[Node, ...]  # an AND, kept open: a long concatenation builds one And node, not one per step
 
 
 UPPER = byte_range(0x41, 0x5A)
@@ -131,93 +137,137 @@ def fold_down(mask: int) -> int:
     return (mask & ~UPPER) | ((mask & UPPER) << 0x20)
 
 
+_folded = cache(fold_down)  # a few hundred distinct sets, met a million times
+
+
 class GramMapper:
-    """Turns Seqs into gram formulas for the two tiers, within an anchor budget per Seq.
+    """Turns Seqs into gram formulas for the two tiers, within an anchor budget per Seq and tier.
 
     A window of single bytes is one exact gram. Other windows expand to the product of their byte sets;
     in Tier 1 of a forest that folds case (every gram also indexed lowercased), their lowercased product
-    is tested instead, so a nocase window is one gram, not up to 2**n."""
+    is tested instead, so a nocase window is one gram, not up to 2**n. A Seq's formula is the AND of the
+    chosen windows of every tier, built flat (one And node, no node per tier)."""
 
     def __init__(self, gram_sizes: Sequence[int], max_anchors: int, fold_case: bool = False):
         self.gram_sizes = tuple(gram_sizes)
         self.max_anchors = max_anchors
         self.fold_case = fold_case
         self._memo: dict[Seq, Node] = {}
+        self._grams: list[dict[bytes, Node]] = [{} for _ in self.gram_sizes]  # per tier: gram -> node
         self._windows: dict[tuple[int, Seq], Node] = {}  # (tier, window of byte sets) -> OR of its grams
+        self.strings: dict[tuple, tuple] = {}  # a string's text and modifiers -> its plan (strings.py)
 
     def seq(self, seq: Seq) -> Node:
         node = self._memo.get(seq)
         if node is None:
             try:  # most Seqs are one byte at every position
-                first = list(map(_BYTE_OF.__getitem__, seq))
-                loose = None
+                raw = bytes(map(_BYTE_OF.__getitem__, seq))
             except KeyError:
-                first = [members(s)[0] for s in seq]  # the byte of a single-byte position
-                loose = [s & (s - 1) != 0 for s in seq]
-            node = and_(
-                *(self._tier(seq, first, loose, tier, n) for tier, n in enumerate(self.gram_sizes, start=1))
-            )
+                node = self._loose(seq)
+            else:
+                node = self._exact(raw)
             self._memo[seq] = node
         return node
 
     def any_of(self, seqs: frozenset[Seq]) -> Node:
         return or_(*(self.seq(s) for s in sorted(seqs)))
 
-    def _tier(self, seq: Seq, first: list[int], loose: list[bool] | None, tier: int, n: int) -> Node:
-        """The AND of the best `max_anchors` windows of n positions (see `choose_windows`); each window
-        is one gram (exact) or the OR of its variants. `loose`: which positions hold more than one byte
-        (None: none does)."""
-        if len(seq) < n:
-            return TRUE
-        raw = bytes(first)
-        if loose is None:
-            starts, _ = choose_windows(first, None, None, n, self.max_anchors)
-            return and_(*(Gram(tier, raw[start : start + n]) for start in starts))
-        tested = [fold_down(s) for s in seq] if self.fold_case and tier == 1 else seq
-        counts = [s.bit_count() for s in tested]
-        starts, exact = choose_windows(first, loose, counts, n, self.max_anchors)
-        alternatives = []
-        for start in starts:
-            if exact[start]:
-                alternatives.append(Gram(tier, raw[start : start + n]))
-            else:
-                window = tuple(tested[start : start + n])
-                node = self._windows.get((tier, window))
+    def _nodes(self, tier: int, grams: list[bytes]) -> list[Node]:
+        """The Gram node of each gram (the mapper's table first: most grams repeat)."""
+        table = self._grams[tier - 1]
+        nodes = list(map(table.get, grams))
+        if None in nodes:
+            for i, node in enumerate(nodes):
                 if node is None:
-                    node = or_(*(Gram(tier, bytes(v)) for v in product(*map(members, window))))
-                    self._windows[(tier, window)] = node
-                alternatives.append(node)
-        return and_(*alternatives)
+                    nodes[i] = table[grams[i]] = Gram(tier, grams[i])
+        return nodes
+
+    def _exact(self, raw: bytes) -> Node:
+        """A Seq of one byte per position: per tier, the grams of its best windows (`windows.best`)."""
+        grams: list[Node] = []
+        lanes = None
+        for tier, n in enumerate(self.gram_sizes, start=1):
+            count = len(raw) - n + 1
+            if count <= 0:
+                continue
+            if count <= self.max_anchors:
+                starts: Sequence[int] = range(count)
+            else:
+                lanes = lanes or Lanes(raw)
+                starts = best(lanes.scores(n), self.max_anchors)
+            grams += self._nodes(tier, list(dict.fromkeys([raw[s : s + n] for s in starts])))
+        if not grams:
+            return TRUE
+        return grams[0] if len(grams) == 1 else And(*grams)
+
+    def _loose(self, seq: Seq) -> Node:
+        """A Seq with sets of several bytes: windows of at most MAX_VARIANTS variants, fewest variants
+        first, then by score (of each position's lowest byte); each window one gram (no loose position)
+        or the OR of its variants."""
+        if 0 in seq:  # an empty byte set: nothing matches it (as before: planned as an error, TRUE)
+            raise IndexError("tuple index out of range")
+        first = bytes(map(_lowest, seq))  # the byte of a single-byte position
+        sizes = list(map(int.bit_count, seq))
+        loose = bytes(map((1).__lt__, sizes))
+        lanes = None
+        items: list[Node] = []
+        for tier, n in enumerate(self.gram_sizes, start=1):
+            if len(seq) < n:
+                continue
+            tested, counts = seq, sizes
+            if self.fold_case and tier == 1:
+                tested = tuple(map(_folded, seq))
+                counts = list(map(int.bit_count, tested))
+            inexact = window_sums(loose, n)  # non-zero: the window has a loose position
+            variants = _variants(counts, n)
+            starts = list(compress(range(len(variants)), variants.translate(_FEW)))
+            if len(starts) > self.max_anchors:
+                lanes = lanes or Lanes(first)
+                scores = lanes.scores(n)  # < 64: fewest variants first, then highest score
+                rank = [v * 64 - score for v, score in zip(variants, scores, strict=True)]
+                starts = sorted(sorted(starts, key=rank.__getitem__)[: self.max_anchors])
+            exact = iter(self._nodes(tier, [first[s : s + n] for s in starts if not inexact[s]]))
+            for start in starts:
+                if not inexact[start]:
+                    items.append(next(exact))
+                    continue
+                window = tested[start : start + n]
+                node = self._windows.get((tier, window))
+                if node is None:  # every variant differs: the OR of their grams, as or_ would build it
+                    grams = self._nodes(tier, list(map(b"".join, product(*map(_member_bytes, window)))))
+                    node = self._windows[(tier, window)] = grams[0] if len(grams) == 1 else Or(*grams)
+                items.append(node)
+        return and_(*items)
 
 
-def choose_windows(
-    first: list[int], loose: list[bool] | None, counts: list[int] | None, n: int, k: int
-) -> tuple[list[int], Sequence[bool]]:
-    """(the starts of the k best windows of n positions, in order; per start, whether its window is
-    exact). Best: fewest variants (product of the tested byte-set sizes, 1 for an exact window; windows
-    of more than MAX_VARIANTS are never chosen), then rarest (`_WEIGHT` summed + distinct bytes), then
-    earliest. `loose` and `counts` (the tested set sizes) are None when every position is one byte."""
-    count = len(first) - n + 1
-    if loose is None and count <= k:
-        return list(range(count)), [True] * count
-    if loose is None or counts is None:
-        exact: Sequence[bool] = [True] * count
-        variants = [1] * count
-    else:
-        exact = [not any(w) for w in _windows(loose, n)]
-        variants = [1 if e else math.prod(w) for e, w in zip(exact, _windows(counts, n), strict=False)]
-    starts = [s for s in range(count) if variants[s] <= MAX_VARIANTS]
-    if len(starts) > k:
-        # -(weights summed + distinct bytes), per window; sorting is stable, so ties keep the earliest
-        weights = list(accumulate(map(_WEIGHT.__getitem__, first), initial=0.0))
-        distinct = map(len, map(set, _windows(first, n)))
-        rarity = [-(b - a + d) for a, b, d in zip(weights, weights[n:], distinct)]  # noqa: B905
-        if loose is None:
-            ranked = sorted(starts, key=rarity.__getitem__)
-        else:
-            ranked = sorted(starts, key=lambda s: (variants[s], rarity[s]))
-        starts = sorted(ranked[:k])
-    return starts, exact
+@cache
+def _lowest(mask: int) -> int:
+    return (mask & -mask).bit_length() - 1
+
+
+@cache
+def _member_bytes(mask: int) -> tuple[bytes, ...]:
+    return tuple(bytes((b,)) for b in members(mask))
+
+
+_POWERS = frozenset(1 << i for i in range(9))
+_FEW = bytes(int(v <= MAX_VARIANTS) for v in range(256))  # translate table: variants -> chosen or not
+
+
+def _variants(counts: list[int], n: int) -> bytes:
+    """Per window of n positions: the number of its variants (the product of its set sizes), or
+    MAX_VARIANTS + 1 for any more than MAX_VARIANTS."""
+    if _POWERS.issuperset(counts):  # sizes 1, 2 (a letter in any case), 16 (a nibble), 256 (`??`) ...
+        # log2(size) + 1 per position, summed per window: the product is 2**(sum - n)
+        sums = window_sums(bytes(map(int.bit_length, counts)), n)
+        return sums.translate(_POWER_OF[n])
+    return bytes(map(min, map(math.prod, _windows(counts, n)), repeat(MAX_VARIANTS + 1)))
+
+
+# per n: translate table from the summed log2(size) + 1 of a window of n positions to its variants
+_POWER_OF = {
+    n: bytes(1 << (v - n) if n <= v <= n + 4 else MAX_VARIANTS + 1 for v in range(256)) for n in range(1, 9)
+}
 
 
 _BYTE_OF = {1 << b: b for b in range(256)}  # a set of one byte -> that byte
@@ -226,20 +276,6 @@ _BYTE_OF = {1 << b: b for b in range(256)}  # a set of one byte -> that byte
 def _windows(values: list, n: int) -> Iterator[tuple]:
     """Every run of n consecutive values, in order."""
     return zip(*(values[i:] for i in range(n)), strict=False)  # the shifted copies are shorter
-
-
-def _weight(b: int) -> float:
-    """How unusual a byte is in files, heuristically (higher: fewer files contain grams with it)."""
-    if b in (0x00, 0xFF):
-        return 0.0
-    if b in (0x20, 0xCC, 0x90, 0x01):
-        return 1.0
-    if 0x61 <= b <= 0x7A or 0x30 <= b <= 0x39:
-        return 2.0
-    return 3.0
-
-
-_WEIGHT = [_weight(b) for b in range(256)]
 
 
 def _limit(seqs: frozenset[Seq], keep_start: bool) -> frozenset[Seq]:
@@ -267,13 +303,13 @@ class Analyzer:
     def required(self, info: Info) -> Node:
         """Everything known to hold for every match of the node."""
         if info.exact is not None:
-            return and_(info.match, self.mapper.any_of(info.exact))
-        return and_(info.match, self.mapper.any_of(info.prefix), self.mapper.any_of(info.suffix))
+            return and_(*info.match, self.mapper.any_of(info.exact))
+        return and_(*info.match, self.mapper.any_of(info.prefix), self.mapper.any_of(info.suffix))
 
     def analyze(self, pattern: Pattern) -> Info:
         if isinstance(pattern, Lit):
             exact = frozenset({pattern.seq})
-            return Info(exact, exact, exact, TRUE)
+            return Info(exact, exact, exact, ())
         if isinstance(pattern, Cat):
             info = self.analyze(EMPTY)
             for item in pattern.items:
@@ -292,7 +328,7 @@ class Analyzer:
         if a.exact is not None and b.exact is not None:
             exact = _product(a.exact, b.exact)
             if exact is not None:
-                return Info(exact, exact, exact, and_(a.match, b.match))
+                return Info(exact, exact, exact, a.match + b.match)
         a_end = a.exact if a.exact is not None else a.suffix
         b_start = b.exact if b.exact is not None else b.prefix
         crossing = _product(a_end, b_start)
@@ -302,12 +338,12 @@ class Analyzer:
             join = and_(self.mapper.any_of(a_end), self.mapper.any_of(b_start))
         prefix = (a.exact is not None and _product(a.exact, b.prefix)) or a.prefix
         suffix = (b.exact is not None and _product(a.suffix, b.exact)) or b.suffix
-        return Info(None, _limit(prefix, True), _limit(suffix, False), and_(a.match, b.match, join))
+        return Info(None, _limit(prefix, True), _limit(suffix, False), (*a.match, *b.match, join))
 
     def _alt(self, a: Info, b: Info) -> Info:
         if a.exact is not None and b.exact is not None and len(a.exact | b.exact) <= MAX_SET:
             exact = a.exact | b.exact
-            return Info(exact, exact, exact, TRUE)
+            return Info(exact, exact, exact, ())
         prefix = (a.exact if a.exact is not None else a.prefix) | (
             b.exact if b.exact is not None else b.prefix
         )
@@ -315,7 +351,7 @@ class Analyzer:
             b.exact if b.exact is not None else b.suffix
         )
         return Info(
-            None, _limit(prefix, True), _limit(suffix, False), or_(self.required(a), self.required(b))
+            None, _limit(prefix, True), _limit(suffix, False), (or_(self.required(a), self.required(b)),)
         )
 
     def _rep(self, rep: Rep) -> Info:
@@ -325,7 +361,7 @@ class Analyzer:
             if rep.hi == 1:
                 return self._alt(self.analyze(EMPTY), self.analyze(rep.item))
             nothing = frozenset({()})
-            return Info(None, nothing, nothing, TRUE)
+            return Info(None, nothing, nothing, ())
         item = self.analyze(rep.item)
         info = item
         for _ in range(min(rep.lo, MAX_COPIES) - 1):
@@ -336,7 +372,7 @@ class Analyzer:
         # every match ends with a whole copy of the item.
         item_end = item.exact if item.exact is not None else item.suffix
         prefix = info.exact if info.exact is not None else info.prefix
-        return Info(None, prefix, item_end, self.required(info))
+        return Info(None, prefix, item_end, (self.required(info),))
 
 
 def pattern_plan(pattern: Pattern, mapper: GramMapper) -> Node:

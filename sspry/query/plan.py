@@ -257,6 +257,8 @@ class Not(Node):
 def _flatten(kind: type, items) -> list[Node]:
     """The children of an And/Or over `items`: nested nodes of the same kind opened, each child once, in
     first-seen order (nodes are interned, so equal means identical)."""
+    if kind not in map(type, items):  # nothing to open (most calls): de-duplicated in one C call
+        return list(dict.fromkeys(items))
     out: dict[Node, None] = {}
     for item in items:
         if type(item) is kind:

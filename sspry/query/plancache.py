@@ -42,6 +42,7 @@ _IDENTIFIER = re.compile(rb"[A-Za-z_][A-Za-z0-9_]*")
 # the modules whose code decides what a plan is
 _PLANNER_MODULES = (
     "sspry.features.metadata",
+    "sspry.features.runs",
     "sspry.features.xmodules",
     "sspry.query.condition",
     "sspry.query.externals",
@@ -53,8 +54,10 @@ _PLANNER_MODULES = (
     "sspry.query.regex",
     "sspry.query.ruleplan",
     "sspry.query.ruleset",
+    "sspry.query.runs",
     "sspry.query.strings",
     "sspry.query.terms",
+    "sspry.query.windows",
 )
 
 

@@ -86,7 +86,7 @@ class RulesetPlanner:
 _gc_lock = threading.Lock()
 _gc_relaxers = 0
 _gc_thresholds = gc.get_threshold()
-GC_RELAXED = 100  # the young generation is collected this many times less often while planning
+GC_RELAXED = 1000  # the young generation is collected this many times less often while planning
 
 
 @contextmanager

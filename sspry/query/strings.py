@@ -114,10 +114,13 @@ def _xor_set(mask: int, key: int) -> int:
 def _variants(base: Pattern, string) -> Pattern:
     """Alternatives for ascii/wide and xor keys, applied as YARA does (widen first, then xor)."""
     forms = []
-    if string.is_ascii or not string.is_wide:
+    wide = string.is_wide
+    if not wide or string.is_ascii:
         forms.append(base)
-    if string.is_wide:
+    if wide:
         forms.append(widen(base))
+    if not string.is_xor:  # the modifiers are a list of new C++ wrappers each time: read them only for xor
+        return forms[0] if len(forms) == 1 else Alt(tuple(forms))
     for modifier in string.modifiers:
         if modifier.type == yaramod.StringModifierType.Xor:
             keys = _xor_keys(modifier.text)
@@ -125,16 +128,17 @@ def _variants(base: Pattern, string) -> Pattern:
     return forms[0] if len(forms) == 1 else Alt(tuple(forms))
 
 
-def _lowered(string) -> Pattern:
-    """The string's bytes as the pattern IR, case folded when nocase, before wide/xor/base64 forms."""
+def _lowered(string, text: bytes) -> Pattern:
+    """The string's bytes as the pattern IR, case folded when nocase, before wide/xor/base64 forms;
+    `text` is its pure_text (read once by the caller; unused for a regex)."""
     if string.is_hex:
-        return parse_hex(string.pure_text.decode("ascii"))
+        return parse_hex(text.decode("ascii"))
     if string.is_regexp:
         pattern = regex.convert(string.unit)
         if "i" in (string.suffix_modifiers or "") or string.is_nocase:
             pattern = map_sets(pattern, fold_case)
         return pattern
-    pattern = literal(string.pure_text)
+    pattern = literal(text)
     return map_sets(pattern, fold_case) if string.is_nocase else pattern
 
 
@@ -142,34 +146,65 @@ def atom_bytes(string) -> int:
     """Fixed bytes in a row that every match of the string holds (runs.fixed_bytes): below 3, YARA
     has no good atom for it and checks it nearly everywhere. 0 for what is not understood."""
     try:
-        return fixed_bytes(_lowered(string))
+        return fixed_bytes(_lowered(string, b"" if string.is_regexp else string.pure_text))
     except (HexError, ValueError, UnicodeDecodeError):
         return 0
 
 
 def _run_fact(base: Pattern, string) -> Node:
     """The run fields' fact for a string's forms (runs.py); TRUE for encodings that change its bytes."""
-    if string.is_base64 or string.is_base64_wide or string.is_xor:
-        return TRUE
     if string.is_hex:
         return run_fact(base, ascii=True, wide=False, fullword=False)
+    if string.is_base64 or string.is_base64_wide or string.is_xor:
+        return TRUE
     ascii = string.is_ascii or not string.is_wide
     return run_fact(base, ascii=ascii, wide=string.is_wide, fullword=string.is_fullword)
 
 
+# (formula, note, exact set, understood): what a string's text and modifiers plan to, whatever its name
+Planned = tuple[Node, str | None, frozenset[Seq] | None, bool]
+
+
 def plan_string(string, mapper: GramMapper) -> StringPlan:
+    """A string's plan. Strings with the same text and modifiers (a third of Yara-Rules' hex strings
+    repeat one before them) are planned once per mapper; a regex is planned every time."""
+    # each property of a yaramod string is a call into C++ (pure_text of a hex string rebuilds its text):
+    # read each once, and only those the kind of string has (a hex string has no other modifier than
+    # `private`)
     identifier = string.identifier
-    line, column = string.location.begin.line, string.location.begin.column
+    begin = string.location.begin
+    line, column = begin.line, begin.column
+    if string.is_hex:
+        key: tuple | None = (True, string.pure_text)
+    elif not string.is_regexp:
+        key = (False, string.pure_text, string.modifiers_text)
+    else:
+        key = None  # a regex's text is not read at all (its AST is): planned every time
+    planned: Planned | None = mapper.strings.get(key) if key is not None else None
+    if planned is None:
+        planned = _plan_pattern(string, key[1] if key is not None else b"", mapper)
+        if key is not None:
+            mapper.strings[key] = planned
+    node, note, exact, understood = planned
+    if not understood:
+        return StringPlan(identifier, TRUE, note, line=line, column=column)
+    return StringPlan(identifier, node, note, exact, string.is_fullword, line, column)
+
+
+def _plan_pattern(string, text: bytes, mapper: GramMapper) -> Planned:
+    """The plan of a string whose text (for a hex or text string) is `text`."""
     try:
-        pattern = _lowered(string)
+        pattern = _lowered(string, text)
         runs = _run_fact(pattern, string)
-        if string.is_base64 or string.is_base64_wide:
+        if string.is_hex:
+            pass
+        elif string.is_base64 or string.is_base64_wide:
             pattern = _base64_pattern(string)
-        elif not string.is_hex:
+        else:
             pattern = _variants(pattern, string)
     except (HexError, ValueError, UnicodeDecodeError) as exc:
-        return StringPlan(identifier, TRUE, f"not understood: {exc}", line=line, column=column)
+        return TRUE, f"not understood: {exc}", None, False
     node, exact = analyze_pattern(pattern, mapper)
     node = and_(node, runs)
     note = None if node is not TRUE else "no gram is certain to occur in its matches (too short or too loose)"
-    return StringPlan(identifier, node, note, exact, string.is_fullword, line, column)
+    return node, note, exact, True
