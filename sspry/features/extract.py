@@ -32,8 +32,9 @@ IN_MEMORY_BYTES = 256 << 20
 STREAM_CHUNK = 16 << 20
 EXACT_MIN_BYTES = 1 << 20  # below this, scanning the 2 MiB 3-gram bitmap costs more than hashing windows
 KEEP_HASHES_MAX_BYTES = 32 << 20  # up to this size a file's bloom hashes are kept between the two scans
-PENDING_FILES = 64  # files submitted ahead per extraction thread, at most (see extract_many)
+PENDING_FILES = 512  # files submitted ahead per extraction thread, at most (see extract_many)
 PENDING_BYTES = 256 << 20  # ... and input bytes between them, unless only 2 per thread are pending
+PENDING_FILE_BYTES = 32 << 20  # what one file counts against PENDING_BYTES at most (see extract_many)
 HLL_THRESHOLD = 15500  # datasketch's linear-counting threshold for precision 14
 
 
@@ -143,12 +144,16 @@ class _Tier:
         blocks = len(self.bloom) * 8 // BLOCK_BITS
         kernels.bloom_insert(chunk, first, self.n, self.k, self.fold, blocks, self.bloom)
 
-    # A rescan tier of a file in memory can be counted and inserted in two halves on helper threads:
-    # HyperLogLog registers merge by maximum and blooms by OR, so the result is the same bits.
-    def _halves(self, whole: np.ndarray) -> list[tuple[np.ndarray, int]]:
-        """Two (chunk, carried) parts of `whole` holding each of its windows once."""
-        middle = max(0, len(whole) - self.n + 1) // 2
-        return [(whole[: middle + self.n - 1], 0), (whole[middle:], self.n - 1)]
+    # A rescan tier can be counted and inserted in parts on helper threads: HyperLogLog registers merge
+    # by maximum and blooms by OR, so the result is the same bits. A file in memory is cut in two halves
+    # once; a streamed file's chunks are counted on a helper one after the other while this thread
+    # does the rest of the chunk, and inserted half on a helper, half here.
+    def _halves(self, chunk: np.ndarray, carried: int = 0) -> list[tuple[np.ndarray, int]]:
+        """Two (chunk, carried) parts of `chunk` holding each of its windows from
+        first_window(carried) on once."""
+        first = kernels.first_window(carried, self.n)
+        middle = first + max(0, len(chunk) - self.n + 1 - first) // 2
+        return [(chunk[: middle + self.n - 1], carried), (chunk[middle:], self.n - 1)]
 
     def count_halves(self, whole: np.ndarray, helpers: Executor) -> None:
         self._other = np.zeros_like(self.counter)
@@ -176,22 +181,44 @@ class _Tier:
             for (chunk, carried), bloom in zip(self._halves(whole), (self.bloom, self._other), strict=True)
         ]
 
-    def join(self) -> None:
-        """Wait for the halves and merge them (registers by maximum, blooms by OR)."""
+    def count_behind(self, chunk: np.ndarray, carried: int, helpers: Executor) -> None:
+        """Count a streamed chunk on a helper, once the previous chunk is counted (see join)."""
         for part in self._parts:
             part.result()
-        if len(self.bloom):  # inserted
-            np.bitwise_or(self.bloom, self._other, out=self.bloom)
-        else:  # counted
-            np.maximum(self.counter, self._other, out=self.counter)
+        self._parts = [helpers.submit(self.count, chunk, carried)]
+
+    def insert_split(self, chunk: np.ndarray, carried: int, helpers: Executor) -> None:
+        """Insert a streamed chunk's first half on a helper (into a second bloom, ORed in by join) and
+        its second half here."""
+        for part in self._parts:
+            part.result()
+        if self._other is None:
+            self._other = np.zeros_like(self.bloom)
+        (head, head_carried), (rest, rest_carried) = self._halves(chunk, carried)
+        blocks = len(self.bloom) * 8 // BLOCK_BITS
+        first = kernels.first_window(head_carried, self.n)
+        self._parts = [
+            helpers.submit(kernels.bloom_insert, head, first, self.n, self.k, self.fold, blocks, self._other)
+        ]
+        self.insert(rest, rest_carried)
+
+    def join(self) -> None:
+        """Wait for the parts and merge them (registers by maximum, blooms by OR)."""
+        for part in self._parts:
+            part.result()
+        if self._other is not None:
+            if len(self.bloom):  # inserted
+                np.bitwise_or(self.bloom, self._other, out=self.bloom)
+            else:  # counted
+                np.maximum(self.counter, self._other, out=self.counter)
         self._parts, self._other = [], None
 
 
 def extract_file(path: str, policy: Policy, helpers: Executor | None = None) -> Document:
     """Compute the Document of one file. Raises SkippedFile for anything that prevents it. With
-    `helpers` (a thread pool), a tier of a file in memory that is hashed twice (over
-    KEEP_HASHES_MAX_BYTES) is counted and inserted in two halves on it, while this thread does the rest:
-    a big file then uses two cores when they are free (the same document either way)."""
+    `helpers` (a thread pool), a tier that is hashed twice (a file in memory over KEEP_HASHES_MAX_BYTES,
+    or streamed) is counted and inserted in parts on it, while this thread does the rest: a big file
+    then uses two cores when they are free (the same document either way)."""
     try:
         handle = open(path, "rb")  # noqa: SIM115 - closed below, with the reader's lifetime
     except OSError as exc:
@@ -206,6 +233,7 @@ def extract_file(path: str, policy: Policy, helpers: Executor | None = None) -> 
         in_memory = reader.whole is not None
         tiers = (_Tier(policy, 1, info.st_size, in_memory), _Tier(policy, 2, info.st_size, in_memory))
         halved = [t for t in tiers if helpers is not None and in_memory and t.mode == "rescan"]
+        behind = [t for t in tiers if helpers is not None and not in_memory and t.mode == "rescan"]
         for tier in halved:
             tier.count_halves(reader.whole, helpers)
         prefix = b""
@@ -213,11 +241,15 @@ def extract_file(path: str, policy: Policy, helpers: Executor | None = None) -> 
             fresh = chunk[carried:]
             if len(prefix) < policy.prefix_bytes:
                 prefix += fresh[: policy.prefix_bytes - len(prefix)].tobytes()
+            for tier in behind:
+                tier.count_behind(chunk, carried, helpers)
             hasher.update(fresh)
             kernels.byte_histogram(chunk, carried, hist)
             for tier in tiers:
-                if tier not in halved:
+                if tier not in halved and tier not in behind:
                     tier.count(chunk, carried)
+        for tier in behind:
+            tier.join()
         source_id = hasher.digest()
         if reader.whole is not None:
             fields, entry_bytes, scanned = module_fields(data=reader.whole)
@@ -239,7 +271,12 @@ def extract_file(path: str, policy: Policy, helpers: Executor | None = None) -> 
                 if rehash is not None:
                     rehash.update(chunk[carried:])
                 for tier in second:
-                    tier.insert(chunk, carried)
+                    if tier in behind:
+                        tier.insert_split(chunk, carried, helpers)
+                    else:
+                        tier.insert(chunk, carried)
+            for tier in behind:
+                tier.join()
             if rehash is not None and rehash.digest() != source_id:
                 raise SkippedFile(path, "file changed while being read")
     except OSError as exc:
@@ -299,7 +336,10 @@ def extract_many(
     fewer than PENDING_FILES per worker holding under PENDING_BYTES of input between them, so a big file
     at the head does not leave the other workers idle once they have finished the few files behind it
     (2 files per worker left a core idle for much of a run over /usr/lib). Only `workers` files are
-    read at a time; the finished ones wait as documents, about a tenth of their bytes for binaries."""
+    read at a time; the finished ones wait as documents, about a tenth of their bytes for binaries. A
+    file counts at most PENDING_FILE_BYTES against the budget: the budget is for the documents waiting
+    behind the head, and a 300 MB file at the head (streamed, not held) used to exhaust it alone and
+    idle the other workers for the seconds it took (a core idle for 3.4 s of an 11 s run over /usr/lib)."""
     pending: deque[tuple[str, Future, int]] = deque()
     pending_bytes = 0
     with (
@@ -311,7 +351,7 @@ def extract_many(
             if stop is not None and stop.is_set():
                 break
             try:
-                size = os.stat(path).st_size
+                size = min(os.stat(path).st_size, PENDING_FILE_BYTES)
             except OSError:
                 size = 0  # extract_file reports the problem
             pending.append((path, pool.submit(extract_file, path, policy, halves), size))
