@@ -120,7 +120,7 @@ class _Tier:
     def count(self, chunk: np.ndarray, carried: int) -> None:
         first = kernels.first_window(carried, self.n)
         if self.mode == "exact":
-            kernels.gram3_presence(chunk, first, self.fold, self.counter)
+            kernels.gram3_presence(chunk, first, self.counter)
         elif self.mode == "kept":
             self.kept = kernels.hll_collect(chunk, first, self.n, self.fold, self.counter, self.hashes)
         else:
@@ -128,6 +128,8 @@ class _Tier:
 
     def size_bloom(self) -> None:
         if self.mode == "exact":
+            if self.fold:
+                kernels.presence_lower(self.counter)
             self.estimate = int(np.bitwise_count(self.counter).sum())
         else:
             self.estimate = hll_estimate(self.counter)
