@@ -41,7 +41,7 @@ _PREFETCH_AHEAD = 16
 _PART_BATCH = 1 << 20  # hashes sorted by bloom region at a time (8 MiB of them)
 _LOCAL_BYTES = 1 << 20  # blooms up to this size stay in a core's cache: built without sorting
 _PARTITION_BITS = 8
-# slots of the recent-hash filter at most: when hashes are kept (files up to 32 MiB; 32 KiB, in L1: drops
+# slots of the recent-hash filter at most: when hashes are kept (files up to 1 MiB; 32 KiB, in L1: drops
 # ~half a binary's windows) and when they are inserted straight into a big bloom (512 KiB, in L2: ~2/3)
 _RECENT_KEPT = 1 << 12
 _RECENT_INSERT = 1 << 16
@@ -464,7 +464,7 @@ def _collect_loop(chunk, first, n, fold, reg, out):
 @njit(inline="always")
 def _bloom_loop(chunk, first, n, k, fold, nblocks, bloom):
     blocks = np.uint64(nblocks)
-    hashes = np.empty(2 * min(_PART_BATCH, max(0, chunk.shape[0] - first)), dtype=np.uint64)
+    hashes = np.empty((2 if fold else 1) * min(_PART_BATCH, max(0, chunk.shape[0] - first)), dtype=np.uint64)
     table = _recent_table(chunk.shape[0] - first, _RECENT_INSERT)
     run = np.empty(2 * _RUN, dtype=np.uint64)
     start = first
