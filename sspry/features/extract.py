@@ -421,6 +421,10 @@ def extract_many(
     idle the other workers for the seconds it took (a core idle for 3.4 s of an 11 s run over /usr/lib).
     Big files share a budget of memory (_Held)."""
     _one_arena()
+
+    def stopped() -> bool:
+        return stop is not None and stop.is_set()
+
     pending: deque[tuple[str, Future, int]] = deque()
     pending_bytes = 0
     with (
@@ -430,7 +434,7 @@ def extract_many(
         halves = helpers if workers > 1 else None
         held = _Held()
         for path in files:
-            if stop is not None and stop.is_set():
+            if stopped():
                 break
             try:
                 full = os.stat(path).st_size
@@ -439,15 +443,22 @@ def extract_many(
             size = min(full, PENDING_FILE_BYTES)
             pending.append((path, pool.submit(_extract_held, held, full, path, policy, halves), size))
             pending_bytes += size
-            while len(pending) >= 2 * workers and (
-                len(pending) >= PENDING_FILES * workers or pending_bytes >= PENDING_BYTES
+            while not stopped() and (
+                len(pending) >= 2 * workers
+                and (len(pending) >= PENDING_FILES * workers or pending_bytes >= PENDING_BYTES)
             ):
                 done, future, size = pending.popleft()
                 pending_bytes -= size
                 yield _collect(done, future)
+        cancelled = False
         while pending:
+            if stopped() and not cancelled:  # submitted files not started yet are not started at all
+                cancelled = True  # (the executor starts them in order: those left are the last ones)
+                for _, future, _ in pending:
+                    future.cancel()
             done, future, _ = pending.popleft()
-            yield _collect(done, future)
+            if not future.cancelled():
+                yield _collect(done, future)
 
 
 def _collect(path: str, future: Future) -> tuple[str, Document | None, SkippedFile | None]:
