@@ -51,14 +51,39 @@ if ((INIT)); then
     "$BIN" init --root "$ROOT" --force "${INIT_EXTRA[@]}" >"$OUT/init.log"
 fi
 
-# Files and bytes of the input, counted the way `sspry index` walks it (regular files, recursively).
+# Files and bytes of the input, counted the way `sspry index` walks it (sspry/features/walk.py): each
+# path given, directories walked without following their symlinked subdirectories, every name that is
+# (or links to) a regular file, once per absolute path. `find -type f` skipped the symlinks to files
+# (/usr/bin has hundreds) and undercounted the input.
 if ((PATH_LIST)); then
     mapfile -t TARGETS < <(cat "${PATHS[@]}")
 else
     TARGETS=("${PATHS[@]}")
 fi
-read -r INPUT_FILES INPUT_BYTES < <(find "${TARGETS[@]}" -type f -printf '%s\n' 2>/dev/null |
-    awk '{ n++; b += $1 } END { printf "%d %d\n", n, b }')
+read -r INPUT_FILES INPUT_BYTES < <(python3 - "${TARGETS[@]}" <<'PY'
+import os, stat, sys
+seen = {}
+def add(path, info):
+    seen[os.path.abspath(path)] = info.st_size
+for root in sys.argv[1:]:
+    try:
+        info = os.stat(root)
+    except OSError:
+        continue
+    if stat.S_ISDIR(info.st_mode):
+        for directory, _, names in os.walk(root):
+            for name in names:
+                try:
+                    found = os.stat(os.path.join(directory, name))
+                except OSError:
+                    continue
+                if stat.S_ISREG(found.st_mode):
+                    add(os.path.join(directory, name), found)
+    elif stat.S_ISREG(info.st_mode):
+        add(root, info)
+print(len(seen), sum(seen.values()))
+PY
+)
 
 start_server
 db_bytes() { python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["disk_bytes"])' "$1"; }

@@ -6,6 +6,7 @@ import os
 import random
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -117,7 +118,9 @@ def test_exact_3gram_path_matches_reference(name: str, fold: bool) -> None:
     data = _samples()[name]
     bitmap = np.zeros(kernels.PRESENCE_BYTES, np.uint8)
     for chunk, carried in _chunked(data, len(data)):
-        kernels.gram3_presence(chunk, kernels.first_window(carried, 3), fold, bitmap)
+        kernels.gram3_presence(chunk, kernels.first_window(carried, 3), bitmap)
+    if fold:
+        kernels.presence_lower(bitmap)
     distinct = set(reference.indexed_grams(data, 3, fold))
     assert int(np.bitwise_count(bitmap).sum()) == len(distinct)
     for k, nblocks in ((1, 5), (3, 2)):
@@ -238,6 +241,48 @@ def test_extract_many_yields_in_input_order_with_a_byte_bounded_window(tmp_path,
     for path, doc, _ in got:
         if doc is not None:
             assert doc.filesize == os.path.getsize(path)
+
+
+def test_extract_many_big_files_share_the_held_budget(tmp_path, monkeypatch) -> None:
+    """Big files wait for the bytes others hold (a file alone always goes, even over the budget): every
+    file still comes back, in order, with the document extract_file gives."""
+    monkeypatch.setattr(extract, "BIG_FILE_BYTES", 1000)
+    monkeypatch.setattr(extract, "HELD_BYTES", 3000)
+    rng = random.Random(5)
+    paths = []
+    for i in range(12):
+        path = tmp_path / f"f{i}"
+        path.write_bytes(bytes(rng.randrange(256) for _ in range(rng.choice((300, 1500, 2500, 4000)))))
+        paths.append(str(path))
+    got = list(extract.extract_many(paths, Policy(), workers=2))
+    assert [path for path, _, _ in got] == paths
+    for path, doc, problem in got:
+        assert problem is None
+        alone = extract.extract_file(path, Policy())
+        assert (doc.source_id, doc.tier1.tobytes(), doc.tier2.tobytes()) == (
+            alone.source_id,
+            alone.tier1.tobytes(),
+            alone.tier2.tobytes(),
+        )
+
+
+def test_extract_many_stop_starts_no_queued_file(tmp_path) -> None:
+    """Files submitted ahead but not started when `stop` is set are never extracted: what comes back is
+    the first files, in order (those finished or being extracted then), far fewer than were queued (all
+    300: under the look-ahead limits)."""
+    paths = []
+    for i in range(300):
+        path = tmp_path / f"f{i:03d}"
+        path.write_bytes(os.urandom(200_000))
+        paths.append(str(path))
+    stop = threading.Event()
+    got = []
+    for path, _, _ in extract.extract_many(paths, Policy(), workers=2, stop=stop):
+        got.append(path)
+        if len(got) == 10:
+            stop.set()
+    assert got == paths[: len(got)]
+    assert len(got) < 150
 
 
 def _python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:

@@ -12,6 +12,9 @@ The compiled kernels release the GIL, so a thread pool gives real parallelism.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
 import math
 import os
 import stat
@@ -33,9 +36,12 @@ from sspry.policy import BLOCK_BITS, Policy, PolicyError
 IN_MEMORY_BYTES = 256 << 20
 STREAM_CHUNK = 16 << 20
 EXACT_MIN_BYTES = 1 << 20  # below this, scanning the 2 MiB 3-gram bitmap costs more than hashing windows
-KEEP_HASHES_MAX_BYTES = 32 << 20  # up to this size a file's bloom hashes are kept between the two scans
-PENDING_FILES = 64  # files submitted ahead per extraction thread, at most (see extract_many)
+KEEP_HASHES_MAX_BYTES = 1 << 20  # up to this size a file's bloom hashes are kept between the two scans
+PENDING_FILES = 512  # files submitted ahead per extraction thread, at most (see extract_many)
 PENDING_BYTES = 256 << 20  # ... and input bytes between them, unless only 2 per thread are pending
+PENDING_FILE_BYTES = 32 << 20  # what one file counts against PENDING_BYTES at most (see extract_many)
+BIG_FILE_BYTES = 16 << 20  # files this big take their bytes from HELD_BYTES while they are in memory
+HELD_BYTES = 160 << 20  # ... which the workers' big files share (see _Held)
 HLL_THRESHOLD = 15500  # datasketch's linear-counting threshold for precision 14
 
 
@@ -121,7 +127,7 @@ class _Tier:
     def count(self, chunk: np.ndarray, carried: int) -> None:
         first = kernels.first_window(carried, self.n)
         if self.mode == "exact":
-            kernels.gram3_presence(chunk, first, self.fold, self.counter)
+            kernels.gram3_presence(chunk, first, self.counter)
         elif self.mode == "kept":
             self.kept = kernels.hll_collect(chunk, first, self.n, self.fold, self.counter, self.hashes)
         else:
@@ -129,6 +135,8 @@ class _Tier:
 
     def size_bloom(self) -> None:
         if self.mode == "exact":
+            if self.fold:
+                kernels.presence_lower(self.counter)
             self.estimate = int(np.bitwise_count(self.counter).sum())
         else:
             self.estimate = hll_estimate(self.counter)
@@ -145,12 +153,16 @@ class _Tier:
         blocks = len(self.bloom) * 8 // BLOCK_BITS
         kernels.bloom_insert(chunk, first, self.n, self.k, self.fold, blocks, self.bloom)
 
-    # A rescan tier of a file in memory can be counted and inserted in two halves on helper threads:
-    # HyperLogLog registers merge by maximum and blooms by OR, so the result is the same bits.
-    def _halves(self, whole: np.ndarray) -> list[tuple[np.ndarray, int]]:
-        """Two (chunk, carried) parts of `whole` holding each of its windows once."""
-        middle = max(0, len(whole) - self.n + 1) // 2
-        return [(whole[: middle + self.n - 1], 0), (whole[middle:], self.n - 1)]
+    # A rescan tier can be counted and inserted in parts on helper threads: HyperLogLog registers merge
+    # by maximum and blooms by OR, so the result is the same bits. A file in memory is cut in two halves
+    # once; a streamed file's chunks are counted on a helper one after the other while this thread
+    # does the rest of the chunk, and inserted half on a helper, half here.
+    def _halves(self, chunk: np.ndarray, carried: int = 0) -> list[tuple[np.ndarray, int]]:
+        """Two (chunk, carried) parts of `chunk` holding each of its windows from
+        first_window(carried) on once."""
+        first = kernels.first_window(carried, self.n)
+        middle = first + max(0, len(chunk) - self.n + 1 - first) // 2
+        return [(chunk[: middle + self.n - 1], carried), (chunk[middle:], self.n - 1)]
 
     def count_halves(self, whole: np.ndarray, helpers: Executor) -> None:
         self._other = np.zeros_like(self.counter)
@@ -178,22 +190,44 @@ class _Tier:
             for (chunk, carried), bloom in zip(self._halves(whole), (self.bloom, self._other), strict=True)
         ]
 
-    def join(self) -> None:
-        """Wait for the halves and merge them (registers by maximum, blooms by OR)."""
+    def count_behind(self, chunk: np.ndarray, carried: int, helpers: Executor) -> None:
+        """Count a streamed chunk on a helper, once the previous chunk is counted (see join)."""
         for part in self._parts:
             part.result()
-        if len(self.bloom):  # inserted
-            np.bitwise_or(self.bloom, self._other, out=self.bloom)
-        else:  # counted
-            np.maximum(self.counter, self._other, out=self.counter)
+        self._parts = [helpers.submit(self.count, chunk, carried)]
+
+    def insert_split(self, chunk: np.ndarray, carried: int, helpers: Executor) -> None:
+        """Insert a streamed chunk's first half on a helper (into a second bloom, ORed in by join) and
+        its second half here."""
+        for part in self._parts:
+            part.result()
+        if self._other is None:
+            self._other = np.zeros_like(self.bloom)
+        (head, head_carried), (rest, rest_carried) = self._halves(chunk, carried)
+        blocks = len(self.bloom) * 8 // BLOCK_BITS
+        first = kernels.first_window(head_carried, self.n)
+        self._parts = [
+            helpers.submit(kernels.bloom_insert, head, first, self.n, self.k, self.fold, blocks, self._other)
+        ]
+        self.insert(rest, rest_carried)
+
+    def join(self) -> None:
+        """Wait for the parts and merge them (registers by maximum, blooms by OR)."""
+        for part in self._parts:
+            part.result()
+        if self._other is not None:
+            if len(self.bloom):  # inserted
+                np.bitwise_or(self.bloom, self._other, out=self.bloom)
+            else:  # counted
+                np.maximum(self.counter, self._other, out=self.counter)
         self._parts, self._other = [], None
 
 
 def extract_file(path: str, policy: Policy, helpers: Executor | None = None) -> Document:
     """Compute the Document of one file. Raises SkippedFile for anything that prevents it. With
-    `helpers` (a thread pool), a tier of a file in memory that is hashed twice (over
-    KEEP_HASHES_MAX_BYTES) is counted and inserted in two halves on it, while this thread does the rest:
-    a big file then uses two cores when they are free (the same document either way)."""
+    `helpers` (a thread pool), a tier that is hashed twice (a file in memory over KEEP_HASHES_MAX_BYTES,
+    or streamed) is counted and inserted in parts on it, while this thread does the rest: a big file
+    then uses two cores when they are free (the same document either way)."""
     try:
         handle = open(path, "rb")  # noqa: SIM115 - closed below, with the reader's lifetime
     except OSError as exc:
@@ -209,6 +243,7 @@ def extract_file(path: str, policy: Policy, helpers: Executor | None = None) -> 
         in_memory = reader.whole is not None
         tiers = (_Tier(policy, 1, info.st_size, in_memory), _Tier(policy, 2, info.st_size, in_memory))
         halved = [t for t in tiers if helpers is not None and in_memory and t.mode == "rescan"]
+        behind = [t for t in tiers if helpers is not None and not in_memory and t.mode == "rescan"]
         for tier in halved:
             tier.count_halves(reader.whole, helpers)
         prefix = b""
@@ -216,12 +251,16 @@ def extract_file(path: str, policy: Policy, helpers: Executor | None = None) -> 
             fresh = chunk[carried:]
             if len(prefix) < policy.prefix_bytes:
                 prefix += fresh[: policy.prefix_bytes - len(prefix)].tobytes()
+            for tier in behind:
+                tier.count_behind(chunk, carried, helpers)
             hasher.update(fresh)
             kernels.byte_histogram(chunk, carried, hist)
             runs.update(chunk, carried)
             for tier in tiers:
-                if tier not in halved:
+                if tier not in halved and tier not in behind:
                     tier.count(chunk, carried)
+        for tier in behind:
+            tier.join()
         source_id = hasher.digest()
         if reader.whole is not None:
             fields, entry_bytes, scanned = module_fields(data=reader.whole)
@@ -244,7 +283,12 @@ def extract_file(path: str, policy: Policy, helpers: Executor | None = None) -> 
                 if rehash is not None:
                     rehash.update(chunk[carried:])
                 for tier in second:
-                    tier.insert(chunk, carried)
+                    if tier in behind:
+                        tier.insert_split(chunk, carried, helpers)
+                    else:
+                        tier.insert(chunk, carried)
+            for tier in behind:
+                tier.join()
             if rehash is not None and rehash.digest() != source_id:
                 raise SkippedFile(path, "file changed while being read")
     except OSError as exc:
@@ -291,6 +335,79 @@ def warm_kernels(policy: Policy) -> None:
         counter.size_bloom()
 
 
+class _Held:
+    """The bytes of big files the workers hold in memory: a big file waits for others to finish while
+    taking its bytes would pass HELD_BYTES (a file alone always goes). Two ~100 MB files extracted at
+    once made the peak of a 2-worker run over /usr/bin (node and nodejs); one at a time, each still has
+    two cores (its rescanned tier in halves on the helper threads)."""
+
+    def __init__(self) -> None:
+        self.held = 0
+        self.changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def holding(self, size: int) -> Iterator[None]:
+        if size < BIG_FILE_BYTES:
+            yield
+            return
+        size = size if size <= IN_MEMORY_BYTES else 2 * STREAM_CHUNK  # streamed: a chunk or two at a time
+        with self.changed:
+            self.changed.wait_for(lambda: self.held == 0 or self.held + size <= HELD_BYTES)
+            self.held += size
+        try:
+            yield
+        finally:
+            with self.changed:
+                self.held -= size
+                self.changed.notify_all()
+
+
+def _extract_held(held: _Held, size: int, path: str, policy: Policy, helpers: Executor | None) -> Document:
+    try:
+        with held.holding(size):
+            return extract_file(path, policy, helpers)
+    finally:
+        if size >= BIG_FILE_BYTES:
+            _trim()
+
+
+@functools.cache
+def _libc():
+    """The C library when it is glibc (it has malloc_trim), else None."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.malloc_trim, libc.mallopt  # noqa: B018 - glibc's, or AttributeError
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+_M_ARENA_MAX = -8  # glibc's mallopt parameter
+
+
+@functools.cache
+def _one_arena() -> None:
+    """Have threads started from now on share malloc arenas instead of one each (glibc: up to 8 per
+    core), once per process: each arena keeps the freed buffers of the big files its thread saw. Over a
+    2-worker extraction of /usr/bin the peak was 810 MB with the default, 727 with _trim alone and
+    630-710 with both (the same CPU time: the kernels allocate a few buffers per file, under no
+    contention worth measuring). Process-wide: the index pipeline sets it when it starts extracting."""
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(_M_ARENA_MAX, 1)
+
+
+def _trim() -> None:
+    """Give the memory freed in every malloc arena back to the system. glibc keeps the freed buffers of
+    a big file (its bytes, the bloom batches: tens of MB in each thread's arena, below its dynamic mmap
+    threshold) for later allocations. Called after each big file. Over a 2-worker extraction of /usr/bin
+    (one arena, see _one_arena) the peak was 658-687 MB with it and 774-778 without, for 0.3-0.5 s more
+    CPU in ~13.5 (the pages given back are faulted in again by the next big file)."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 def default_workers() -> int:
     return max(1, len(os.sched_getaffinity(0)))
 
@@ -305,7 +422,16 @@ def extract_many(
     fewer than PENDING_FILES per worker holding under PENDING_BYTES of input between them, so a big file
     at the head does not leave the other workers idle once they have finished the few files behind it
     (2 files per worker left a core idle for much of a run over /usr/lib). Only `workers` files are
-    read at a time; the finished ones wait as documents, about a tenth of their bytes for binaries."""
+    read at a time; the finished ones wait as documents, about a tenth of their bytes for binaries. A
+    file counts at most PENDING_FILE_BYTES against the budget: the budget is for the documents waiting
+    behind the head, and a 300 MB file at the head (streamed, not held) used to exhaust it alone and
+    idle the other workers for the seconds it took (a core idle for 3.4 s of an 11 s run over /usr/lib).
+    Big files share a budget of memory (_Held)."""
+    _one_arena()
+
+    def stopped() -> bool:
+        return stop is not None and stop.is_set()
+
     pending: deque[tuple[str, Future, int]] = deque()
     pending_bytes = 0
     with (
@@ -313,24 +439,33 @@ def extract_many(
         ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sspry-halves") as helpers,
     ):
         halves = helpers if workers > 1 else None
+        held = _Held()
         for path in files:
-            if stop is not None and stop.is_set():
+            if stopped():
                 break
             try:
-                size = os.stat(path).st_size
+                full = os.stat(path).st_size
             except OSError:
-                size = 0  # extract_file reports the problem
-            pending.append((path, pool.submit(extract_file, path, policy, halves), size))
+                full = 0  # extract_file reports the problem
+            size = min(full, PENDING_FILE_BYTES)
+            pending.append((path, pool.submit(_extract_held, held, full, path, policy, halves), size))
             pending_bytes += size
-            while len(pending) >= 2 * workers and (
-                len(pending) >= PENDING_FILES * workers or pending_bytes >= PENDING_BYTES
+            while not stopped() and (
+                len(pending) >= 2 * workers
+                and (len(pending) >= PENDING_FILES * workers or pending_bytes >= PENDING_BYTES)
             ):
                 done, future, size = pending.popleft()
                 pending_bytes -= size
                 yield _collect(done, future)
+        cancelled = False
         while pending:
+            if stopped() and not cancelled:  # submitted files not started yet are not started at all
+                cancelled = True  # (the executor starts them in order: those left are the last ones)
+                for _, future, _ in pending:
+                    future.cancel()
             done, future, _ = pending.popleft()
-            yield _collect(done, future)
+            if not future.cancelled():
+                yield _collect(done, future)
 
 
 def _collect(path: str, future: Future) -> tuple[str, Document | None, SkippedFile | None]:

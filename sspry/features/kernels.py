@@ -42,7 +42,7 @@ _PREFETCH_AHEAD = 16
 _PART_BATCH = 1 << 20  # hashes sorted by bloom region at a time (8 MiB of them)
 _LOCAL_BYTES = 1 << 20  # blooms up to this size stay in a core's cache: built without sorting
 _PARTITION_BITS = 8
-# slots of the recent-hash filter at most: when hashes are kept (files up to 32 MiB; 32 KiB, in L1: drops
+# slots of the recent-hash filter at most: when hashes are kept (files up to 1 MiB; 32 KiB, in L1: drops
 # ~half a binary's windows) and when they are inserted straight into a big bloom (512 KiB, in L2: ~2/3)
 _RECENT_KEPT = 1 << 12
 _RECENT_INSERT = 1 << 16
@@ -467,15 +467,27 @@ def class_runs(chunk, first, state):
 
 
 @njit(nogil=True, cache=True)
-def gram3_presence(chunk, first, fold, bitmap):
-    """Mark every 3-gram of the chunk (windows from `first`) in a 2**24-bit presence bitmap, and with
-    `fold` its lowercase form too."""
+def gram3_presence(chunk, first, bitmap):
+    """Mark every 3-gram of the chunk (windows from `first`) in a 2**24-bit presence bitmap (with case
+    folding, presence_lower afterwards adds their lowercase forms)."""
     for i in range(first, chunk.shape[0] - 2):
         gram = _gram(chunk, i, 3)
         bitmap[gram >> np.uint64(3)] |= np.uint8(1) << np.uint8(gram & np.uint64(7))
-        if fold:
-            low = _lower(gram)
-            bitmap[low >> np.uint64(3)] |= np.uint8(1) << np.uint8(low & np.uint64(7))
+
+
+@njit(nogil=True, cache=True)
+def presence_lower(bitmap):
+    """Mark the lowercase form of every 3-gram marked: once per distinct gram instead of once per
+    window (a second bitmap update per window cost 0.45 of the pass; this costs ~0.2 of it on 50 MB of
+    binaries). A form marked here has no capitals, so lowering it again changes nothing."""
+    for byte_index in range(bitmap.shape[0]):
+        bits = bitmap[byte_index]
+        if bits == 0:
+            continue
+        for bit in range(8):
+            if (bits >> bit) & 1:
+                low = _lower(np.uint64(byte_index * 8 + bit))
+                bitmap[low >> np.uint64(3)] |= np.uint8(1) << np.uint8(low & np.uint64(7))
 
 
 @njit(nogil=True, cache=True)
@@ -531,13 +543,41 @@ def _hll_add(gram, n, reg):
     _hll_rank(h1, reg)
 
 
+_RUN = 1024  # windows hashed at a time into a buffer, by a loop the compiler vectorises
+
+
+@njit(inline="always")
+def _hash_run(chunk, start, count, n, fold, out):
+    """out[j] = the hash of the n-gram at start + j for j < count, and with `fold` out[count + j] = the
+    hash of its lowercase form. Nothing but loads, masks and the hash in the loop, so LLVM vectorises
+    it (8 windows a step with AVX-512); the per-window work that cannot be (the recent-hash filter, the
+    HyperLogLog register) reads the buffer after: HLL passes 1.2x (1.4x folded) faster, measured."""
+    if start + count + 7 <= chunk.shape[0]:
+        mask = _ALL_ONES >> np.uint64(64 - 8 * n)
+        for j in range(count):
+            out[j] = gram_hash_of(_load_u64(chunk, start + j) & mask, n)
+        if fold:
+            for j in range(count):
+                out[count + j] = gram_hash_of(_lower(_load_u64(chunk, start + j) & mask), n)
+    else:  # the last windows: no 8-byte load past the end
+        for j in range(count):
+            gram = _gram(chunk, start + j, n)
+            out[j] = gram_hash_of(gram, n)
+            if fold:
+                out[count + j] = gram_hash_of(_lower(gram), n)
+
+
 @njit(inline="always")
 def _hll_loop(chunk, first, n, fold, reg):
-    for i in range(first, chunk.shape[0] - n + 1):  # no branches but the register's: adds are idempotent
-        gram = _gram(chunk, i, n)
-        _hll_add(gram, n, reg)
-        if fold:
-            _hll_add(_lower(gram), n, reg)
+    run = np.empty(2 * _RUN, dtype=np.uint64)
+    last = chunk.shape[0] - n + 1
+    i = first
+    while i < last:  # no branches but the register's: adds are idempotent
+        count = min(_RUN, last - i)
+        _hash_run(chunk, i, count, n, fold, run)
+        for j in range(2 * count if fold else count):
+            _hll_rank(run[j], reg)
+        i += count
 
 
 @njit(inline="always")
@@ -568,40 +608,51 @@ def _fresh(table, h):
 @njit(inline="always")
 def _collect_loop(chunk, first, n, fold, reg, out):
     table = _recent_table(chunk.shape[0] - first, _RECENT_KEPT)
+    run = np.empty(2 * _RUN, dtype=np.uint64)
     count = 0
-    for i in range(first, chunk.shape[0] - n + 1):
-        gram = _gram(chunk, i, n)
-        h = gram_hash_of(gram, n)
-        _hll_rank(h, reg)
-        out[count] = h  # kept only if fresh: otherwise the next one overwrites it
-        count += _fresh(table, h)
-        if fold:  # no branch on low != gram: then its hash was just recorded and is not fresh
-            h = gram_hash_of(_lower(gram), n)
+    last = chunk.shape[0] - n + 1
+    i = first
+    while i < last:
+        windows = min(_RUN, last - i)
+        _hash_run(chunk, i, windows, n, fold, run)
+        for j in range(windows):  # each window's lowercase form right after it, as the filter wants
+            h = run[j]
             _hll_rank(h, reg)
-            out[count] = h
+            out[count] = h  # kept only if fresh: otherwise the next one overwrites it
             count += _fresh(table, h)
+            if fold:  # no branch on low != gram: then its hash was just recorded and is not fresh
+                h = run[windows + j]
+                _hll_rank(h, reg)
+                out[count] = h
+                count += _fresh(table, h)
+        i += windows
     return count
 
 
 @njit(inline="always")
 def _bloom_loop(chunk, first, n, k, fold, nblocks, bloom):
     blocks = np.uint64(nblocks)
-    hashes = np.empty(2 * min(_PART_BATCH, max(0, chunk.shape[0] - first)), dtype=np.uint64)
+    hashes = np.empty((2 if fold else 1) * min(_PART_BATCH, max(0, chunk.shape[0] - first)), dtype=np.uint64)
     table = _recent_table(chunk.shape[0] - first, _RECENT_INSERT)
+    run = np.empty(2 * _RUN, dtype=np.uint64)
     start = first
     last = chunk.shape[0] - n + 1
     while start < last:
         end = min(last, start + _PART_BATCH)
         count = 0
-        for i in range(start, end):
-            gram = _gram(chunk, i, n)
-            h = gram_hash_of(gram, n)
-            hashes[count] = h  # kept only if fresh: otherwise the next one overwrites it
-            count += _fresh(table, h)
-            if fold:  # no branch on low != gram: then its hash was just recorded and is not fresh
-                h = gram_hash_of(_lower(gram), n)
-                hashes[count] = h
+        i = start
+        while i < end:
+            windows = min(_RUN, end - i)
+            _hash_run(chunk, i, windows, n, fold, run)
+            for j in range(windows):  # each window's lowercase form right after it, as in _collect_loop
+                h = run[j]
+                hashes[count] = h  # kept only if fresh: otherwise the next one overwrites it
                 count += _fresh(table, h)
+                if fold:
+                    h = run[windows + j]
+                    hashes[count] = h
+                    count += _fresh(table, h)
+            i += windows
         _apply_local(hashes, count, bloom, blocks, k)
         start = end
 
