@@ -231,3 +231,22 @@ def test_atom_bytes_are_the_fixed_bytes_every_match_holds(string: str, fixed: in
 
     parsed = yaramod.Yaramod().parse_string(f"rule a {{ strings: $a = {string} condition: $a }}")
     assert atom_bytes(parsed.rules[0].strings[0]) == fixed
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_extracted_documents_carry_the_run_fields(tmp_path: Path, monkeypatch, streamed: bool) -> None:
+    """In memory or streamed in small chunks (runs crossing every chunk boundary), a file's document
+    holds the reference's run fields."""
+    from sspry.features import extract
+    from sspry.policy import Policy
+
+    if streamed:
+        monkeypatch.setattr(extract, "IN_MEMORY_BYTES", 1000)
+        monkeypatch.setattr(extract, "STREAM_CHUNK", 64)
+    rng = random.Random(5)
+    data = b"".join(_random_bytes(rng) for _ in range(40))
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    doc = extract.extract_file(str(path), Policy())
+    assert {name: doc.fields[name] for name in RUN_FIELDS} == reference_fields(data)
+    assert len(data) > 1000 and any(reference_fields(data).values())
