@@ -141,8 +141,9 @@ class _Parsed:
     slow: set[str]  # rules with a string YARA has no good atom for (strings.atom_bytes < MIN_ATOM)
 
     @classmethod
-    def of(cls, namespace: Namespace, externals: Externals) -> _Parsed | None:
-        """None when yaramod cannot parse it (its rules are then scanned with its whole compilation)."""
+    def of(cls, namespace: Namespace, externals: Externals, wanted: Collection[str] = ()) -> _Parsed | None:
+        """None when yaramod cannot parse it (its rules are then scanned with its whole compilation);
+        which rules are slow is judged for the `wanted` ones only (the rules verification will scan)."""
         parsed = namespace.parsed
         if parsed is None and namespace.text is not None:
             try:
@@ -158,7 +159,11 @@ class _Parsed:
             {name: _references(rule, names) for name, rule in rules.items()},
             {name for name, rule in rules.items() if rule.is_global},
             "".join(f'import "{module.name}"\n' for module in parsed.imports),
-            {name for name, rule in rules.items() if any(atom_bytes(s) < MIN_ATOM for s in rule.strings)},
+            {
+                name
+                for name in wanted
+                if name in rules and any(atom_bytes(s) < MIN_ATOM for s in rules[name].strings)
+            },
         )
         if namespace.parsed is None and len(namespace.text or "") >= RELEASE_PARSE_CHARS:
             rules = parsed = None  # type: ignore[assignment]  # the parse's last references
@@ -202,7 +207,10 @@ def rule_groups(
 
     if engine == "yara" and len(targets) < MIN_SPLIT_RULES:
         return whole(targets) + x_groups
-    parsed = {ns: _Parsed.of(namespaces[ns], externals) for ns in by_namespace}
+    parsed = {
+        ns: _Parsed.of(namespaces[ns], externals, {source.locate[name][1] for name in names})
+        for ns, names in by_namespace.items()
+    }
     splittable = [name for name in targets if parsed[source.locate[name][0].name] is not None]
     groups = whole([name for name in targets if parsed[source.locate[name][0].name] is None])
 
