@@ -196,12 +196,11 @@ def _plan_pattern(string, text: bytes, mapper: GramMapper) -> Planned:
     try:
         pattern = _lowered(string, text)
         runs = _run_fact(pattern, string)
-        if string.is_hex:
-            pass
-        elif string.is_base64 or string.is_base64_wide:
-            pattern = _base64_pattern(string)
-        else:
-            pattern = _variants(pattern, string)
+        if not string.is_hex:  # a hex string has no forms
+            if string.is_base64 or string.is_base64_wide:
+                pattern = _base64_pattern(string)
+            else:
+                pattern = _variants(pattern, string)
     except (HexError, ValueError, UnicodeDecodeError) as exc:
         return TRUE, f"not understood: {exc}", None, False
     node, exact = analyze_pattern(pattern, mapper)
