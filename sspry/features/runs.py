@@ -42,11 +42,10 @@ class RunCounter:
 
         self.state = np.zeros(kernels.RUN_STATE, dtype=np.int64)
         self.state[kernels.RUN_CLEAN] = 1  # the file's start is a delimiter
+        self._kernel = kernels.class_runs
 
     def update(self, chunk, first: int) -> None:
-        from sspry.features import kernels
-
-        kernels.class_runs(chunk, first, self.state)
+        self._kernel(chunk, first, self.state)
 
     def fields(self) -> dict[str, int]:
         from sspry.features import kernels

@@ -40,6 +40,7 @@ from sspry.query.plan import (
     Unscanned,
     and_,
     exact_or_unknown,
+    field_present,
     not_,
     or_,
 )
@@ -227,7 +228,7 @@ class ConditionPlanner:
             return Approx.maybe(plan.node, undefined)
         fact = or_(*(BytesAt(source, o, seq) for o in offsets for seq in sorted(plan.exact)))
         if entry_field is not None:
-            fact = and_(fact, _present(entry_field))
+            fact = and_(fact, field_present(entry_field))
         sure = FALSE if plan.fullword else fact  # fullword also wants delimiters around the match
         if source == "entry":  # entry-point bytes come from YARA's modules: unknown where they did not run
             return Approx(or_(fact, Unscanned()), sure, undefined)
@@ -343,7 +344,7 @@ class ConditionPlanner:
     def field(self, name: str, op: str, value: int) -> Approx:
         """A module field compared: undefined where the file does not have the field, unknown where its
         module did not run (yara-python could not scan the file; the yara-x modules were not run on it)."""
-        return exact_or_unknown(Field(name, op, value), _not_run(name), not_(_present(name)))
+        return exact_or_unknown(Field(name, op, value), _not_run(name), not_(field_present(name)))
 
     def _function(self, expr) -> Approx:
         """Module functions used as booleans."""
@@ -463,7 +464,7 @@ class ConditionPlanner:
                 return exact_or_unknown(fact, FALSE, Filesize("<", read.offset + width))
             # and at an entry point that is not there
             if read.entry_field is not None:
-                fact = and_(fact, _present(read.entry_field))
+                fact = and_(fact, field_present(read.entry_field))
             return exact_or_unknown(fact, Unscanned(), TRUE)
         if (
             op == "=="
@@ -617,15 +618,10 @@ _TERMS = {
 del P
 
 
-def _present(name: str) -> Node:
-    """The file has module field `name` (the sidecar keeps exactly the fields YARA defined)."""
-    return or_(Field(name, "==", 0), Field(name, "!=", 0))
-
-
 def _not_run(name: str) -> Node:
     """Where the module of field `name` did not run on the file, so the sidecar cannot tell."""
     if name.split(".")[0] in xmodules.X_MODULES:
-        return not_(_present(xmodules.MARK))
+        return not_(field_present(xmodules.MARK))
     return Unscanned()
 
 

@@ -313,6 +313,11 @@ def not_(item: Node) -> Node:
     return Not(item)
 
 
+def field_present(name: str) -> Node:
+    """The document has sidecar field `name` (the sidecar keeps exactly the fields defined for it)."""
+    return or_(Field(name, "==", 0), Field(name, "!=", 0))
+
+
 @dataclass(frozen=True)
 class Approx:
     """A YARA boolean's bounds, per document: lower => true => upper, and undefined => `undefined`.

@@ -31,7 +31,7 @@ from sspry.features.runs import (
     WIDE_HEX_RUN,
 )
 from sspry.query.literals import Alt, Cat, Lit, Pattern, Rep, fold_case
-from sspry.query.plan import FALSE, TRUE, Field, Node, not_, or_
+from sspry.query.plan import FALSE, TRUE, Field, Node, field_present, not_, or_
 
 HEX_MASK = sum(1 << b for b in HEX_DIGITS)
 
@@ -129,7 +129,7 @@ def _cat(a: Runs, b: Runs) -> Runs:
 
 def _absent(field: str) -> Node:
     """The document has no such field: indexed before it existed, so it stays a candidate."""
-    return not_(or_(Field(field, "==", 0), Field(field, "!=", 0)))
+    return not_(field_present(field))
 
 
 def _at_least(field: str, value: int) -> Node:
