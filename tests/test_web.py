@@ -215,6 +215,17 @@ def test_openapi_info_and_rule_check(web, forest) -> None:
     assert status == 400 and body["line"] == 1
 
 
+def _web_exits(*args: str) -> subprocess.CompletedProcess:
+    """`sspry web ARGS` expected to refuse its arguments and exit (no terminal: nothing may prompt)."""
+    return subprocess.run(
+        [sys.executable, "-m", "sspry", "web", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+
+
 def test_download_only_indexed_files_checked_against_their_id(web, forest, tmp_path) -> None:
     _, corpus = forest
     job = web.wait(web.search(C2))
@@ -251,19 +262,9 @@ def test_token_downloads_off_and_listen_rules(forest, tmp_path) -> None:
         assert status == 403 and "--allow-download" in body["error"]
     finally:
         web.stop()
-    refused = subprocess.run(
-        [sys.executable, "-m", "sspry", "web", "--root", str(root), "--listen", "0.0.0.0:0"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    refused = _web_exits("--root", str(root), "--listen", "0.0.0.0:0")
     assert refused.returncode == 2 and "not a loopback address: give --token" in refused.stderr
-    both = subprocess.run(
-        [sys.executable, "-m", "sspry", "web", "--root", str(root), "--addr", "127.0.0.1:1"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    both = _web_exits("--root", str(root), "--addr", "127.0.0.1:1")
     assert both.returncode == 2 and "give --root DIR" in both.stderr
 
 
@@ -280,12 +281,7 @@ def test_https(forest, tmp_path) -> None:
     finally:
         web.stop()
     tls = ("--tls-cert", str(key), "--tls-key", str(key), "--state-dir", str(tmp_path / "s2"))
-    wrong = subprocess.run(
-        [sys.executable, "-m", "sspry", "web", "--root", str(root), *tls],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    wrong = _web_exits("--root", str(root), *tls)
     assert wrong.returncode == 2 and f"--tls-cert {key} is not a PEM certificate" in wrong.stderr, (
         wrong.stderr
     )
@@ -296,13 +292,7 @@ def test_https(forest, tmp_path) -> None:
         check=True,
     )
     tls = ("--tls-cert", str(cert), "--tls-key", str(locked), "--state-dir", str(tmp_path / "s3"))
-    wrong = subprocess.run(
-        [sys.executable, "-m", "sspry", "web", "--root", str(root), *tls],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-    )
+    wrong = _web_exits("--root", str(root), *tls)
     assert wrong.returncode == 2 and "is encrypted" in wrong.stderr, wrong.stderr
 
 
