@@ -26,6 +26,9 @@ def bundle(tokens: int) -> str:
         "rule entropy { condition: math.entropy(0, filesize) > 3 }",
         # no good atom for YARA: scanned over its own candidates only, in a group of its own
         "rule hexy { strings: $a = /[0-9a-f]{12}/ fullword condition: $a }",
+        # libyara's fast mode (no string details asked) must still find every match of these
+        'rule counted { strings: $a = "token-" condition: #a == 2 and @a[2] > @a[1] + 8 }',
+        'rule late { strings: $a = "token-" condition: for any i in (1..#a) : (@a[i] > 26) }',
     ]
     rules += [f'rule t{i} {{ strings: $a = "token-{i}-" condition: $a }}' for i in range(tokens)]
     return "\n".join(rules) + "\n"
@@ -75,3 +78,4 @@ def test_grouped_verification_equals_scanning_with_every_rule(tmp_path, monkeypa
     matched = {r.name: sum(1 for c in r.candidates if c.verified) for r in result.rules}
     assert matched["needs_helper"] == 1 and matched["broad"] == 60 and matched["t5"] >= 1
     assert matched["refused_by_x"] >= 1 and matched["hexy"] == 6
+    assert matched["counted"] == 60 and 0 < matched["late"] < 60
