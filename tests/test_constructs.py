@@ -27,9 +27,12 @@ CUSTOM = b"!@#$%^&*(){}[].,|ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstu"  # 
 MODULES = "".join(f'import "{m}"\n' for m in ("pe", "elf", "dotnet", "math", "hash", "time"))
 
 
+TEXT = b"lorem ipsum dolor sit amet " * 20
+
+
 def _samples() -> dict[str, bytes]:
     rng = random.Random(5)
-    text = b"lorem ipsum dolor sit amet " * 20
+    text = TEXT
     samples = {
         "pe32": build_pe(payload=b"xx" + NEEDLE + b"yy" + NEEDLE),
         "pe64dll": build_pe(
@@ -74,8 +77,15 @@ CASES: list[tuple[str, str | None]] = [
     (f'strings: $a = "{NEEDLE.decode()}" condition: not ($a at 0)', None),
     (f'strings: $a = "{NEEDLE.decode()}" condition: $a at 100', "text"),
     (f'strings: $a = "{NEEDLE.decode()}" nocase condition: $a at 0', "needle_at_3"),
-    # entry point
+    (f'strings: $a = "{NEEDLE.decode()}{TEXT[:70].decode()}" condition: $a at 0', "needle_at_3"),
+    (f'strings: $a = "{NEEDLE.decode()}{TEXT[:70].decode()}" condition: not ($a at 0)', None),
+    ("strings: $a = { 6E 65 [1-3] 64 6C ?5 } condition: $a at 0", "needle_at_3"),
+    ("strings: $a = /needle.{2,4}e/ condition: $a at 0", "needle_at_3"),
+    # entry point: the 16 stored bytes decide the start of a longer string
     ("strings: $a = { E8 ?? 00 00 00 } condition: $a at pe.entry_point", "pe32"),
+    (f"strings: $a = {{ E8 ?? 00 00 00 {NEEDLE.hex(' ')} ?? }} condition: $a at pe.entry_point", "pe32"),
+    ("strings: $a = { E8 [4] 6E 65 [0-8] 6F } condition: $a at pe.entry_point", "pe32"),
+    ("strings: $a = { E8 [4] 6E 65 [0-8] 6F } condition: not ($a at pe.entry_point)", None),
     ("condition: uint8(pe.entry_point) == 0x55", "pe64dll"),
     ("condition: uint16(entrypoint + 1) == 0xEC8B", "pe64dll"),
     ("condition: not (uint8(pe.entry_point) == 0x55)", "pe32"),
@@ -185,6 +195,62 @@ def test_unscanned_documents_keep_module_predicates_undecided() -> None:
     assert not facts.holds(plan)
     facts.document.scanned[0] = False
     assert facts.holds(plan)
+
+
+def _random_hex(rng: random.Random, depth: int = 0) -> tuple[str, object]:
+    """A random hex-string body and a maker of its matches (rng -> bytes): bytes, wildcards, nibbles,
+    jumps and alternations, starting and ending with a whole byte as YARA requires."""
+    parts: list[tuple[str, object]] = []
+    for _ in range(rng.randint(1, 12)):
+        kind = rng.choice("bbbbw?nja" if depth == 0 else "bbw")
+        value = rng.randrange(256)
+        if kind == "b":
+            parts.append((f"{value:02X}", lambda r, v=value: bytes([v])))
+        elif kind == "w":
+            parts.append(("??", lambda r: bytes([r.randrange(256)])))
+        elif kind == "n":
+            parts.append((f"{value >> 4:X}?", lambda r, v=value: bytes([(v & 0xF0) | r.randrange(16)])))
+        elif kind == "j":
+            lo = rng.randint(1, 5)
+            hi = rng.choice([lo, lo + rng.randint(1, 4)])
+            text = f"[{lo}]" if lo == hi else f"[{lo}-{hi}]"
+            parts.append((text, lambda r, lo=lo, hi=hi: r.randbytes(r.randint(lo, hi))))
+        elif kind == "a":
+            options = [_random_hex(rng, depth + 1) for _ in range(rng.randint(2, 3))]
+            text = "(" + " | ".join(body for body, _ in options) + ")"
+            parts.append((text, lambda r, o=options: r.choice(o)[1](r)))  # type: ignore[operator]
+    first, last = rng.randrange(256), rng.randrange(256)
+    parts = [
+        (f"{first:02X}", lambda r, v=first: bytes([v])),
+        *parts,
+        (f"{last:02X}", lambda r, v=last: bytes([v])),
+    ]
+    return " ".join(t for t, _ in parts), lambda r: b"".join(make(r) for _, make in parts)  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("where", ["0", "pe.entry_point"])
+def test_random_hex_strings_at_a_place_are_decided_by_their_first_bytes(where: str) -> None:
+    """`$a at 0` / `$a at pe.entry_point` for random hex strings, most longer than the stored window
+    (64 first bytes, 16 at the entry point): never a false negative against yara-python on files that
+    hold a match there or elsewhere, and most files without one pruned by the stored bytes alone."""
+    rng = random.Random(11)
+    pruned = kept_away = 0
+    for _ in range(60):
+        body, make = _random_hex(rng)
+        source = _rule_source(f"strings: $a = {{ {body} }} condition: $a at {where}")
+        compiled = yara.compile(source=source)
+        plan = plan_rules(yaramod_parser().parse_string(source), ["t"], POLICY)[0].upper
+        for placed in (True, False):
+            match = make(rng) if placed else rng.randbytes(rng.randint(1, 40))  # type: ignore[operator]
+            tail = rng.randbytes(rng.randint(0, 90))
+            data = build_pe(code=match + tail) if where != "0" else match + tail
+            truth = bool(compiled.match(data=data))
+            holds = Facts(data, POLICY).holds(plan)
+            assert holds or not truth, f"false negative: {body} on {data[:80].hex()}"
+            if not truth:
+                kept_away += 1
+                pruned += not holds
+    assert pruned >= 0.9 * kept_away, (pruned, kept_away)
 
 
 def test_one_failing_rule_never_fails_the_bundle(monkeypatch) -> None:

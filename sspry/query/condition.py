@@ -214,25 +214,31 @@ class ConditionPlanner:
     ) -> Approx:
         """The string matches at one of `offsets` of the stored bytes of `source`. Constant offsets
         are always defined; the entry point is undefined for files that are neither PE nor ELF (and
-        pe.entry_point for ELF files: `entry_field`)."""
+        pe.entry_point for ELF files: `entry_field`). A match longer than the stored window must still
+        start with the window's bytes (a file too short for the match holds none), so each sequence is
+        cut to the window: then the test is necessary, no longer sufficient, and the string's grams
+        still apply."""
         plan = self.string_plan(identifier)
         if plan is None:
             return UNKNOWN
         undefined = FALSE if source == "prefix" else TRUE
         window = self.policy.prefix_bytes if source == "prefix" else ENTRY_BYTES
-        if (
-            plan.exact is None
-            or len(plan.exact) * len(offsets) > 64
-            or any(o < 0 or o + len(seq) > window for seq in plan.exact for o in offsets)
-        ):
+        starts = {}
+        for offset in offsets:
+            found = plan.starts(window - offset) if 0 <= offset < window else None
+            if found is None:
+                return Approx.maybe(plan.node, undefined)
+            starts[offset] = found
+        if sum(len(seqs) for seqs, _ in starts.values()) > 64:
             return Approx.maybe(plan.node, undefined)
-        fact = or_(*(BytesAt(source, o, seq) for o in offsets for seq in sorted(plan.exact)))
+        fact = or_(*(BytesAt(source, o, seq) for o, (seqs, _) in starts.items() for seq in sorted(seqs)))
         if entry_field is not None:
             fact = and_(fact, field_present(entry_field))
-        sure = FALSE if plan.fullword else fact  # fullword also wants delimiters around the match
+        cut = not all(whole for _, whole in starts.values())
+        sure = FALSE if plan.fullword or cut else fact  # fullword also wants delimiters around the match
         if source == "entry":  # entry-point bytes come from YARA's modules: unknown where they did not run
-            return Approx(or_(fact, Unscanned()), sure, undefined)
-        return Approx(fact, sure, undefined)
+            fact = or_(fact, Unscanned())
+        return Approx(and_(fact, plan.node) if cut else fact, sure, undefined)
 
     def strings_of(self, iterable) -> list[StringPlan] | None:
         """The strings a `them` / `($a, $b*)` set names, or None if it is not a string set."""

@@ -20,8 +20,9 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, reduce
 from itertools import compress, product, repeat
+from operator import or_ as or_bits
 from typing import NamedTuple
 
 from sspry.query.plan import TRUE, And, Gram, Node, Or, and_, or_
@@ -385,3 +386,41 @@ def analyze_pattern(pattern: Pattern, mapper: GramMapper) -> tuple[Node, frozens
     analyzer = Analyzer(mapper)
     info = analyzer.analyze(pattern)
     return analyzer.required(info), info.exact
+
+
+def head(pattern: Pattern, limit: int) -> tuple[Seq, bool]:
+    """The byte sets every match of `pattern` starts with, at most `limit` of them, and whether they are
+    exactly its matches (one length, nothing cut). An alternation contributes the union of its
+    alternatives' sets, position by position, as far as the shortest reaches (exact only when every
+    alternative is a single byte set); a repetition its `lo` leading copies; everything stops at the
+    first part whose length varies. For `$a at X`, where the stored bytes hold a short window."""
+    if limit <= 0:
+        return (), False
+    if isinstance(pattern, Lit):
+        return pattern.seq[:limit], len(pattern.seq) <= limit
+    if isinstance(pattern, Cat):
+        return _head_of(pattern.items, limit)
+    if isinstance(pattern, Alt):
+        heads = [head(item, limit) for item in pattern.items]
+        if not heads:
+            return (), False
+        shortest = min(len(seq) for seq, _ in heads)
+        union = tuple(
+            reduce(or_bits, sets) for sets in zip(*(seq[:shortest] for seq, _ in heads), strict=True)
+        )
+        return union, all(whole and len(seq) == 1 for seq, whole in heads)
+    assert isinstance(pattern, Rep)
+    copies = min(pattern.lo, limit)  # a copy is at least one position long, or it adds nothing
+    seq, whole = _head_of((pattern.item,) * copies, limit)
+    return seq, whole and pattern.hi == pattern.lo and copies == pattern.lo
+
+
+def _head_of(items: Sequence[Pattern], limit: int) -> tuple[Seq, bool]:
+    """`head` of the concatenation of `items`."""
+    found: Seq = ()
+    for item in items:
+        seq, whole = head(item, limit - len(found))
+        found += seq
+        if not whole:
+            return found, False
+    return found, True

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import yaramod
 
@@ -23,6 +23,7 @@ from sspry.query.literals import (
     Seq,
     analyze_pattern,
     fold_case,
+    head,
     literal,
     map_sets,
     members,
@@ -43,6 +44,20 @@ class StringPlan:
     fullword: bool = False
     line: int = 0
     column: int = 0
+    pattern: Pattern | None = field(default=None, compare=False, repr=False)  # not kept in stored plans
+
+    def starts(self, limit: int) -> tuple[frozenset[Seq], bool] | None:
+        """Byte-set sequences of at most `limit` positions, one of which every match starts with, and
+        whether they are exactly its matches (none was cut); None when nothing is known (or a position
+        allows no byte: the gram planner calls that an error)."""
+        if self.exact is not None:
+            seqs, whole = frozenset(s[:limit] for s in self.exact), all(len(s) <= limit for s in self.exact)
+        elif self.pattern is not None:
+            seq, whole = head(self.pattern, limit)
+            seqs = frozenset({seq})
+        else:
+            return None
+        return None if any(not seq or 0 in seq for seq in seqs) else (seqs, whole)
 
 
 B64 = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
@@ -161,8 +176,9 @@ def _run_fact(base: Pattern, string) -> Node:
     return run_fact(base, ascii=ascii, wide=string.is_wide, fullword=string.is_fullword)
 
 
-# (formula, note, exact set, understood): what a string's text and modifiers plan to, whatever its name
-Planned = tuple[Node, str | None, frozenset[Seq] | None, bool]
+# (formula, note, exact set, understood, pattern): what a string's text and modifiers plan to, whatever
+# its name
+Planned = tuple[Node, str | None, frozenset[Seq] | None, bool, Pattern | None]
 
 
 def plan_string(string, mapper: GramMapper) -> StringPlan:
@@ -185,10 +201,10 @@ def plan_string(string, mapper: GramMapper) -> StringPlan:
         planned = _plan_pattern(string, key[1] if key is not None else b"", mapper)
         if key is not None:
             mapper.strings[key] = planned
-    node, note, exact, understood = planned
+    node, note, exact, understood, pattern = planned
     if not understood:
         return StringPlan(identifier, TRUE, note, line=line, column=column)
-    return StringPlan(identifier, node, note, exact, string.is_fullword, line, column)
+    return StringPlan(identifier, node, note, exact, string.is_fullword, line, column, pattern)
 
 
 def _plan_pattern(string, text: bytes, mapper: GramMapper) -> Planned:
@@ -202,8 +218,8 @@ def _plan_pattern(string, text: bytes, mapper: GramMapper) -> Planned:
             else:
                 pattern = _variants(pattern, string)
     except (HexError, ValueError, UnicodeDecodeError) as exc:
-        return TRUE, f"not understood: {exc}", None, False
+        return TRUE, f"not understood: {exc}", None, False, None
     node, exact = analyze_pattern(pattern, mapper)
     node = and_(node, runs)
     note = None if node is not TRUE else "no gram is certain to occur in its matches (too short or too loose)"
-    return node, note, exact, True
+    return node, note, exact, True, pattern
