@@ -7,13 +7,16 @@ document with several paths is read from the first that still holds its content.
 A file is scanned only with rules it is a candidate for, as far as that pays: the rules of a bundle are
 split into groups, each compiled on its own (from yaramod's text of its rules, with the imports, global
 rules and every rule they reference), and a file is scanned with the groups holding one of its rules.
-Broad rules (candidates for much of what is verified) share one group, which nearly every file needs
-anyway; selective rules go in small groups of rules whose candidates overlap, so a file meets few of
-them. A selective rule with a string YARA has no good atom for (fewer than 3 fixed bytes in a row: a
-regex over a character class, hex with a wildcard every other byte) costs YARA time per byte of every
-file it is scanned over (`Big_Numbers`' regex: 1.4 s over 40 MB, a rule of plain strings under
-0.05 s), so it is never merged with others: it is scanned over its own candidates only, in a group of
-the rules with exactly its candidates.
+Every scan of a file costs libyara a pass over its bytes, and for rules with good atoms that pass, not
+the rules, is most of the cost: over 400 candidate files of Yara-Rules' malware/, a group of 110 rules
+and one of 64 each took about 4 ms a file. So such rules share one group, and a file is read by it
+once. A rule with a string YARA has no good atom for (fewer than 3 fixed bytes in a row: a regex over
+a character class, hex with a wildcard every other byte) costs YARA time per byte of every file it is
+scanned over (`Big_Numbers`' regex: 1.4 s over 40 MB, a rule of plain strings under 0.05 s): unless it
+is broad (a candidate for much of what is verified) it is scanned over its own candidates only, in a
+group of the rules with exactly its candidates. (Before, selective rules went in groups of 64 whose
+candidates overlapped: malware/ needed 851 group scans for those 400 files and 5.5 s, now 594 and
+3.6 s; the whole of Yara-Rules 2.11 s against 1.79 s over 150 files.)
 yara-python scans run on a thread pool (it releases the GIL while it scans, hashlib while it hashes);
 yara-x holds the GIL, so its scans run in worker processes that load the compiled groups once.
 A rule yara-x refuses is verified with yara-python.
@@ -50,7 +53,6 @@ from sspry.query.rules import RELEASE_PARSE_CHARS, Namespace, RuleSource, parse,
 from sspry.query.strings import atom_bytes
 
 BROAD_SHARE = 0.25  # a rule that is a candidate for this share of the verified files is broad
-GROUP_RULES = 64  # selective rules per group
 MIN_SPLIT_RULES = 32  # fewer rules than this are scanned as one group
 MIN_PROCESS_FILES = 8  # fewer files than this are scanned here, whatever the engine
 MIN_ATOM = 3  # fixed bytes in a row a string needs for YARA to find it by a good atom
@@ -106,28 +108,19 @@ def _references(rule: yaramod.Rule, names: set[str]) -> set[str]:
 
 
 def _parts(wanted: dict[str, set[bytes]], targets: list[str], slow: set[str]) -> list[list[str]]:
-    """The target rules split into groups: the broad ones together, the selective ones in groups of
-    GROUP_RULES rules whose candidates overlap, and the selective `slow` ones (a string without a good
-    atom) by their exact candidate sets (see the module docstring)."""
+    """The target rules split into groups: all in one, except the selective `slow` ones (a string
+    without a good atom), which are grouped by their exact candidate sets (see the module docstring)."""
     if len(targets) < MIN_SPLIT_RULES:
         return [targets]
     documents = len(set().union(*(wanted[name] for name in targets)))
-    broad = [name for name in targets if len(wanted[name]) >= BROAD_SHARE * documents]
-    order = {doc: i for i, doc in enumerate(sorted(set().union(*wanted.values())))}
-    selective = sorted(set(targets) - set(broad), key=lambda n: (min(order[d] for d in wanted[n]), n))
-    by_candidates: dict[frozenset[bytes], list[str]] = {}
-    for name in (n for n in selective if n in slow):
-        by_candidates.setdefault(frozenset(wanted[name]), []).append(name)
-    selective = [name for name in selective if name not in slow]
-    parts: list[list[str]] = [broad, *by_candidates.values()]
-    for start in range(0, len(selective), GROUP_RULES):
-        part = selective[start : start + GROUP_RULES]
-        union = set().union(*(wanted[name] for name in part))
-        if len(union) >= 2 * BROAD_SHARE * documents:
-            parts[0].extend(part)  # most files need it anyway: a scan of its own would cost more
+    shared: list[str] = []
+    apart: dict[frozenset[bytes], list[str]] = {}
+    for name in targets:
+        if name in slow and len(wanted[name]) < BROAD_SHARE * documents:
+            apart.setdefault(frozenset(wanted[name]), []).append(name)
         else:
-            parts.append(part)
-    return [part for part in parts if part]
+            shared.append(name)
+    return [part for part in (shared, *apart.values()) if part]
 
 
 @dataclass
