@@ -322,8 +322,9 @@ class SspryService:
             loop.call_soon_threadsafe(frames.put_nowait, frame)
 
         def work() -> None:
+            received = time.perf_counter()
             try:
-                self._search(request, _rule_source(namespaces, request), emit, cancelled)
+                self._search(request, _rule_source(namespaces, request), emit, cancelled, received)
             except _Cancelled:
                 pass
             except BaseException as exc:
@@ -348,15 +349,16 @@ class SspryService:
             finally:
                 self.active_searches -= 1
 
-    def _search(self, request, source, emit, cancelled: threading.Event) -> None:
+    def _search(self, request, source, emit, cancelled: threading.Event, received: float) -> None:
         """Plan and search `source` (a RuleSource) on a worker thread, emitting frames (see SearchFrame in
-        the proto); stops early once `cancelled` is set."""
+        the proto); stops early once `cancelled` is set. The plan time counts from `received` (before
+        YARA checked the source)."""
         from sspry.query.evaluate import evaluate_snapshot
         from sspry.query.literals import DEFAULT_MAX_ANCHORS
         from sspry.query.ruleset import iter_source_plans
         from sspry.query.search import hits_result, note_codes
 
-        started = time.perf_counter()
+        started = received
         snapshot = self.forest.snapshot()
         emit(sspry_pb2.SearchFrame(start=sspry_pb2.SearchStart(documents=snapshot.documents)))
         plans = []

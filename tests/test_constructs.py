@@ -67,6 +67,8 @@ SAMPLES = _samples()
 DIGEST = hashlib.sha256(SAMPLES["needle_at_3"]).hexdigest()
 ELF_ENTRY = module_fields(data=SAMPLES["elf"])[1]  # its entry-point bytes: pe.entry_point is undefined there
 
+SAME_BYTES = "uint8(@a[i]) == uint8(@a[i] + 8)"  # true where the needle is: both bytes are "n"
+
 # rule body -> a sample the plan must exclude (None: only soundness is checked)
 CASES: list[tuple[str, str | None]] = [
     # strings at offsets: decided from the stored first bytes
@@ -110,6 +112,11 @@ CASES: list[tuple[str, str | None]] = [
     (f'strings: $a = "{NEEDLE.decode()}" condition: !a[1] == 10', "text"),
     (f'strings: $a = "{NEEDLE.decode()}" condition: for any i in (1..#a) : (@a[i] > 5)', "text"),
     (f'strings: $a = "{NEEDLE.decode()}" condition: for all i in (1..#a) : (@a[i] > 5)', None),
+    # a body only the file decides: the range (1..#a) must still hold a value
+    (f'strings: $a = "{NEEDLE.decode()}" condition: for any i in (1..#a) : ({SAME_BYTES})', "text"),
+    (f'strings: $a = "{NEEDLE.decode()}" condition: for 1 i in (1..#a) : ({SAME_BYTES})', "text"),
+    (f'strings: $a = "{NEEDLE.decode()}" condition: for all i in (1..#a) : (uint8(@a[i]) == 0x6E)', None),
+    (f'strings: $a = "{NEEDLE.decode()}" condition: for any i in (0..#a) : (uint8(i) == 0)', None),
     (f'strings: $a = "{NEEDLE.decode()}" condition: $a or for 1 i in (1..3) : (uint8(i) == 0x65)', None),
     # module fields, from YARA's own modules
     ("condition: pe.is_pe", "elf"),

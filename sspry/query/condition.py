@@ -334,9 +334,10 @@ class ConditionPlanner:
         return self.quantified(expr, items)
 
     def _for_values(self, expr) -> Approx:
-        """`for Q i in (...) : (BODY)`: with Q = any or n >= 1, some iteration's BODY holds, and whatever
-        BODY forces for every value of i holds (i itself is unknown: terms using it are not constant).
-        `all` and `none` may hold vacuously on an empty range: unknown."""
+        """`for Q i in (...) : (BODY)`: with Q = any or n >= 1, some iteration's BODY holds, so the range
+        is not empty (`for any i in (1..#a)` needs $a), and whatever BODY forces for every value of i
+        holds (i itself is unknown: terms using it are not constant). `all` and `none` may hold
+        vacuously on an empty range: unknown."""
         variable = expr.variable
         if isinstance(variable, yaramod.AllExpression | yaramod.NoneExpression):
             return self.unknown(expr, "vacuous-loop")
@@ -344,7 +345,17 @@ class ConditionPlanner:
             k = self.constant(variable)
             if not isinstance(k, int) or k < 1:
                 return self.unknown(expr, "vacuous-loop")
-        return Approx.maybe(self.plan(expr.body).upper, undefined=FALSE)  # a loop is never undefined
+        body = self.plan(expr.body).upper
+        return Approx.maybe(and_(body, self.range_needs(expr.iterable)), undefined=FALSE)  # never undefined
+
+    def range_needs(self, iterable) -> Node:
+        """What `(LOW..HIGH)` needs to hold a value, when HIGH counts strings and LOW is a constant."""
+        if not isinstance(iterable, yaramod.RangeExpression):
+            return TRUE
+        low, high = self.term(iterable.low), self.term(iterable.high)
+        if isinstance(high, Counts) and isinstance(low, Const):
+            return counts_needed(high, ">=", low)
+        return TRUE
 
     # --- module fields and functions -----------------------------------------------------------
     def field(self, name: str, op: str, value: int) -> Approx:
