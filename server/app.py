@@ -23,7 +23,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from sspry.server.service import DEFAULT_LIMITS, Limits, Maintenance, SspryService
+from sspry.server.service import DEFAULT_LIMITS, SETTLE_AFTER_S, Limits, Maintenance, SspryService
 from sspry.store.forest import Forest
 from sspry.v1 import sspry_pb2
 
@@ -101,6 +101,7 @@ class Server:
         max_message_bytes: int = 64 << 20,
         search_workers: int = 0,
         limits: Limits = DEFAULT_LIMITS,
+        settle_after_s: float = SETTLE_AFTER_S,
     ):
         self.forest = forest
         self.requested = addr
@@ -115,7 +116,7 @@ class Server:
         self.service = SspryService(
             forest, token=token, search_workers=search_workers, limits=limits, on_shutdown=self.stop
         )
-        self.maintenance = Maintenance(self.service)
+        self.maintenance = Maintenance(self.service, settle_after_s=settle_after_s)
         self.addr = ""
         self._stopping: asyncio.Event | None = None
         check_bindable(addr)
@@ -179,6 +180,7 @@ def serve(
     max_message_bytes: int,
     search_workers: int,
     limits: Limits = DEFAULT_LIMITS,
+    settle_after_s: float = SETTLE_AFTER_S,
 ) -> None:
     tls = load_tls(tls_cert, tls_key) if tls_cert and tls_key else None
     forest = Forest.open(root, writable=True)
@@ -191,6 +193,7 @@ def serve(
             max_message_bytes=max_message_bytes,
             search_workers=search_workers,
             limits=limits,
+            settle_after_s=settle_after_s,
         )
 
         async def main() -> None:

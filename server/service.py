@@ -53,6 +53,7 @@ MAX_TARGETS = 100_000
 PROGRESS_INTERVAL_S = 0.5  # while planning, a progress frame at least this often ...
 PROGRESS_RULES = 256  # ... and after every this many rules
 FRAMES_AHEAD = 32  # frames a search may have produced that its client has not taken yet
+SETTLE_AFTER_S = 30.0  # seconds without inserts before shards are merged into one segment each
 SERVICE = sspry_pb2.DESCRIPTOR.services_by_name["Sspry"]
 log = logging.getLogger("sspry.server")
 
@@ -532,15 +533,23 @@ class Maintenance(threading.Thread):
     are held in memory until published), and merges small segments
     (size-tiered compaction) whenever the segment set changed, so neither waits for a client to ask
     and a server under continuous ingest does not pile up segments every search must visit.
+    Once no insert came for `settle_after_s` (0: never), it also merges each shard's segments into one,
+    a shard per turn (publishing waits for one shard's merge at most): a search pays per segment and
+    size class (100,000 documents: 40 segments took 2.8 ms a rule to evaluate, 8 took 1.0 ms), and
+    a shard is bounded by its tree (policy.tree_docs / shards documents), so is its rewrite.
     A failed publish or compaction (a full disk) changes nothing and is retried with backoff, each on
     its own schedule: acknowledged rows stay in the log, searches go on over the last manifest."""
 
-    def __init__(self, service: SspryService, publish_idle_s: float = 1.0):
+    def __init__(
+        self, service: SspryService, publish_idle_s: float = 1.0, settle_after_s: float = SETTLE_AFTER_S
+    ):
         super().__init__(name="sspry-maintenance", daemon=True)
         self.service = service
         self.publish_idle_s = publish_idle_s
+        self.settle_after_s = settle_after_s
         self.stopping = threading.Event()
         self._compacted_generation = -1
+        self._settled_generation = -1
         self.publishing = Backoff("publish")
         self.compacting = Backoff("compaction")
 
@@ -561,6 +570,21 @@ class Maintenance(threading.Thread):
                 try:
                     forest.compact(full=False)
                     self._compacted_generation = forest.manifest.generation
+                    self.compacting.succeeded()
+                except Exception as exc:
+                    self.compacting.failed(exc, now)
+            settled = forest.manifest.generation == self._settled_generation
+            if (
+                self.settle_after_s
+                and idle >= self.settle_after_s
+                and not settled
+                and self.compacting.ready(now)
+            ):
+                try:
+                    generation = forest.manifest.generation
+                    merged = forest.compact(full=True, shard_limit=1).rewritten
+                    if not merged and forest.manifest.generation == generation:
+                        self._settled_generation = generation
                     self.compacting.succeeded()
                 except Exception as exc:
                     self.compacting.failed(exc, now)

@@ -844,6 +844,14 @@ def _cluster(addr, timeout, max_message_bytes, ignore_offline, token, tls_ca):
     help="Seconds an insert stream may send nothing before it is ended.",
 )
 @click.option(
+    "--settle-after",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="Seconds without inserts after which each shard's segments are merged into one, a shard at a "
+    "time (searches visit fewer segments); 0: never.",
+)
+@click.option(
     "--log-level",
     default="warning",
     show_default=True,
@@ -861,6 +869,7 @@ def serve(
     max_searches,
     insert_budget_bytes,
     idle_timeout,
+    settle_after,
     log_level,
 ):
     """Serve the Forest at ROOT over gRPC until SIGINT/SIGTERM or `sspry shutdown`."""
@@ -899,6 +908,7 @@ def serve(
                 idle_timeout_s=idle_timeout,
                 searches=max_searches,
             ),
+            settle_after_s=settle_after,
         )
     except (ForestError, ServeError) as exc:
         raise InputError(str(exc)) from exc

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -457,3 +458,37 @@ def test_progress_of_planning_a_bundle_on_the_server_and_of_verifying(servers, t
     assert result.timings_ms["plan"] > 0 and result.timings_ms["search"] > 0
     verified = [[c.verified for c in r.candidates if c.verified] for r in result.rules[:4]]
     assert verified == [[True], [True], [True], []]
+
+
+def _info(addr: str) -> dict:
+    return json.loads(run("info", "--addr", addr).stdout)
+
+
+def _wait_for(what, timeout_s: float = 30.0):
+    """`what()` once it is truthy, polling; fails the test after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not (found := what()):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+    return found
+
+
+def test_an_idle_server_merges_each_shard_into_one_segment(servers, indexed_corpus) -> None:
+    """After --settle-after seconds without inserts each shard holds one segment, and searches find what
+    they found before."""
+    server = servers("settle", "--settle-after", "4")
+    files = [str(p) for p in indexed_corpus.corpus.files]
+    for part in (files[::2], files[1::2]):  # two publishes: two segments in each shard
+        published = _info(server.addr)["documents"]
+        published += json.loads(run("index", "--addr", server.addr, "--json", *part).stdout)[
+            "inserted_documents"
+        ]
+        _wait_for(lambda n=published: _info(server.addr)["documents"] == n)
+    before = _info(server.addr)
+    assert before["segments"] == 4  # 2 shards, and the size-tiered compaction merges only 4 at a time
+    search = ("search", "--addr", server.addr, "--rule", str(indexed_corpus.rules), "--json")
+    found = [r["candidate_count"] for r in json.loads(run(*search).stdout)["rules"]]
+    _wait_for(lambda: _info(server.addr)["segments"] == 2)
+    after = _info(server.addr)
+    assert after["documents"] == before["documents"] and after["generation"] > before["generation"]
+    assert [r["candidate_count"] for r in json.loads(run(*search).stdout)["rules"]] == found

@@ -193,6 +193,23 @@ class SearchStream:
         return SearchResult([], self.documents, self.timings_ms, self.servers, self.offline).summary_json()
 
 
+def remembering(
+    paths_of: Callable[[list[bytes]], dict[bytes, PathsOf]],
+) -> Callable[[list[bytes]], dict[bytes, PathsOf]]:
+    """`paths_of` looking each document up once: the rules of a bundle name the same documents again
+    and again (the 1,000 rules of `scripts/bench.py` at 100,000 documents: 89,569 candidates, one
+    catalog query per rule). Holds one entry per distinct candidate, as the collected result does."""
+    known: dict[bytes, PathsOf] = {}
+
+    def remembered(source_ids: list[bytes]) -> dict[bytes, PathsOf]:
+        fresh = [i for i in source_ids if i not in known]
+        if fresh:
+            known.update(paths_of(fresh))
+        return {i: known[i] for i in source_ids if i in known}
+
+    return remembered
+
+
 def attach_paths(
     rules: Sequence[RuleResult], paths_of: Callable[[list[bytes]], dict[bytes, PathsOf]]
 ) -> None:

@@ -25,6 +25,7 @@ from sspry.query.results import (
     attach_paths,
     candidate_limit,
     effective_limit,
+    remembering,
     rule_result,
 )
 from sspry.query.ruleplan import RulePlan
@@ -124,11 +125,13 @@ def stream_forest(
     stream = SearchStream(source.targets, snapshot.documents, {"plan": (planned - started) * 1000})
     stream.source = source
 
+    paths_of = remembering(forest.paths_of)
+
     def rules() -> Iterator[RuleResult]:
         for plan, found in zip(plans, hits, strict=True):
             rule = hits_result(plan.name, snapshot, found, cap, count_only)
             rule.notes = note_codes(plan)
-            attach_paths([rule], forest.paths_of)
+            attach_paths([rule], paths_of)
             yield rule
         stream.timings_ms["search"] = (time.perf_counter() - planned) * 1000
 

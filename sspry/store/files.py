@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import sys
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ FORMAT_VERSION = 1
 SHOWN_PATHS = 16  # paths reported per candidate (the total is reported beside them)
 _CHUNK = 500  # parameters per IN (...) query, under SQLite's limit
 _PAGE = 4096  # what a write transaction costs at least, for the disk-full injector (diskio.charge)
+_FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()  # os.fsdecode's
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -201,7 +203,7 @@ class FileCatalog:
                     counts[source_id] = counts.get(source_id, 0) + 1
                     paths = shown.setdefault(source_id, [])
                     if path is not None and len(paths) < SHOWN_PATHS:
-                        paths.append(os.fsdecode(path))
+                        paths.append(path.decode(_FS_ENCODING, _FS_ERRORS))  # os.fsdecode, less checking
         return {i: PathsOf(tuple(shown[i]), counts[i]) for i in counts}
 
     def files(self) -> int:

@@ -668,10 +668,12 @@ class Forest:
                 out.append(PathDeletion(path, source_id, gone, left))
             return out
 
-    def compact(self, full: bool = False) -> CompactResult:
+    def compact(self, full: bool = False, shard_limit: int = 0) -> CompactResult:
         """Rewrite segments: all of a shard into one (`full`), or the size-tiered choice (automatic).
-        A group whose segment cannot be built (other than for a full disk) is left as it is, and said in
-        `details`; on a full disk (StorageFull) nothing changes."""
+        With `shard_limit`, at most that many shards are rewritten in this call (the write lock, which
+        publishing waits for, is held for those only). A group whose segment cannot be built (other
+        than for a full disk) is left as it is, and said in `details`; on a full disk (StorageFull)
+        nothing changes."""
         self._require_writable()
         result = CompactResult()
         with self._write_lock, self._full_disk("compact"):
@@ -681,10 +683,15 @@ class Forest:
             views = {(v.tree, v.shard, v.entry.name): v for v in snapshot.views}
             manifest = self.manifest.copy()
             with self._attempt(manifest) as made:
-                for t, shards in enumerate(manifest.trees):
-                    for s, segments in enumerate(shards):
-                        for group in compaction.plan_shard(segments, full):
-                            self._merge(t, s, group, segments, views, manifest, made, result)
+                chosen = [
+                    (t, s, segments, groups)
+                    for t, shards in enumerate(manifest.trees)
+                    for s, segments in enumerate(shards)
+                    if (groups := compaction.plan_shard(segments, full))
+                ]
+                for t, s, segments, groups in chosen[: shard_limit or None]:
+                    for group in groups:
+                        self._merge(t, s, group, segments, views, manifest, made, result)
                 if result.rewritten:
                     self._swap(manifest)
             kill_point("compact.swapped")
