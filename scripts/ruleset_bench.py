@@ -17,6 +17,8 @@ A set's bundle concatenates its rule files, leaving out files YARA does not comp
 `include` or `global` rules (a global rule would restrict the rules of other files once they share a
 namespace) and files that define a rule name an earlier file defined; both sides scan the same bundle.
 The forest is built once in WORK (reused by later runs with the same corpus); `--reindex` rebuilds it.
+Each server is searched once it has settled (merged each shard into one segment, as a server does once
+inserts stop), so no merge runs while a search is timed.
 """
 
 from __future__ import annotations
@@ -119,13 +121,29 @@ class Server:
     """`sspry serve` on a free loopback port, its peak RSS readable and resettable."""
 
     def __init__(self, sspry: list[str], root: Path):
+        self.sspry = sspry
         self.process = subprocess.Popen(
-            [*sspry, "serve", "--root", str(root), "--addr", "127.0.0.1:0"], stdout=subprocess.PIPE, text=True
+            [*sspry, "serve", "--root", str(root), "--addr", "127.0.0.1:0", "--settle-after", "1"],
+            stdout=subprocess.PIPE,
+            text=True,
         )
         line = self.process.stdout.readline()
         if "listening on" not in line:
             raise SystemExit(f"server did not start: {line}")
         self.addr = line.split()[-1]
+
+    def settle(self) -> None:
+        """Wait until the server has merged each shard into one segment (it does once inserts stop), so
+        no merge runs while a search is timed."""
+        while True:
+            info = json.loads(
+                subprocess.run(
+                    [*self.sspry, "info", "--addr", self.addr], capture_output=True, check=True
+                ).stdout
+            )
+            if info["segments"] <= info["trees"] * info["shards"]:
+                return
+            time.sleep(1)
 
     def reset_peak(self) -> None:
         with open(f"/proc/{self.process.pid}/clear_refs", "w") as handle:
@@ -201,6 +219,7 @@ def main() -> int:
         shutil.rmtree(root / PLANS_DIR, ignore_errors=True)
         server = Server(sspry, root)
         try:
+            server.settle()
             row = {"set": name, "rule_files": kept, "rules": rules, **brute}
             search = [*sspry, "search", "--addr", server.addr, "--rule", str(bundle), "--json"]
             runs = [("first", search), ("repeated", search)]

@@ -26,6 +26,7 @@ import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from sspry.store import diskio
 from sspry.store.errors import ForestError
@@ -62,8 +63,7 @@ class FileRecord:
     mtime_ns: int
 
 
-@dataclass(frozen=True)
-class PathsOf:
+class PathsOf(NamedTuple):  # a tuple: one is made per candidate document, cheaper than a dataclass
     """The recorded paths of one document: the first SHOWN_PATHS of them, and how many there are."""
 
     paths: tuple[str, ...]
