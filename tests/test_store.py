@@ -210,6 +210,25 @@ def test_publish_dedups_deletes_and_compacts(tmp_path) -> None:
         assert ids == {d.source_id for d in docs}
 
 
+def test_a_full_compaction_can_go_one_shard_at_a_time(tmp_path) -> None:
+    """`shard_limit` (a server settling) rewrites that many shards per call, until each has one segment."""
+    policy = Policy(shards=2)
+    Forest.init(tmp_path / "f", policy)
+    rng = random.Random(3)
+    docs = [make_doc(policy, rng) for _ in range(40)]
+    with Forest.open(tmp_path / "f", writable=True) as forest:
+        for part in (docs[:20], docs[20:]):  # two publishes: two segments in each shard
+            forest.ingest(part)
+            forest.publish()
+        assert forest.info()["segments"] == 4
+        assert forest.compact(full=True, shard_limit=1).rewritten == 2
+        assert forest.info()["segments"] == 3
+        assert forest.compact(full=True, shard_limit=1).rewritten == 2
+        assert forest.info()["segments"] == 2
+        assert forest.compact(full=True, shard_limit=1).rewritten == 0
+        assert forest.info()["documents"] == 40
+
+
 def test_ingest_rejects_malformed_rows_and_writes_nothing(tmp_path) -> None:
     policy = Policy()
     Forest.init(tmp_path / "f", policy)
