@@ -176,9 +176,9 @@ def _run_fact(base: Pattern, string) -> Node:
     return run_fact(base, ascii=ascii, wide=string.is_wide, fullword=string.is_fullword)
 
 
-# (formula, note, exact set, understood, pattern): what a string's text and modifiers plan to, whatever
-# its name
-Planned = tuple[Node, str | None, frozenset[Seq] | None, bool, Pattern | None]
+# (formula, note, exact set, pattern; None when the string is not understood): what a string's text and
+# modifiers plan to, whatever its name
+Planned = tuple[Node, str | None, frozenset[Seq] | None, Pattern | None]
 
 
 def plan_string(string, mapper: GramMapper) -> StringPlan:
@@ -201,8 +201,8 @@ def plan_string(string, mapper: GramMapper) -> StringPlan:
         planned = _plan_pattern(string, key[1] if key is not None else b"", mapper)
         if key is not None:
             mapper.strings[key] = planned
-    node, note, exact, understood, pattern = planned
-    if not understood:
+    node, note, exact, pattern = planned
+    if pattern is None:
         return StringPlan(identifier, TRUE, note, line=line, column=column)
     return StringPlan(identifier, node, note, exact, string.is_fullword, line, column, pattern)
 
@@ -218,8 +218,8 @@ def _plan_pattern(string, text: bytes, mapper: GramMapper) -> Planned:
             else:
                 pattern = _variants(pattern, string)
     except (HexError, ValueError, UnicodeDecodeError) as exc:
-        return TRUE, f"not understood: {exc}", None, False, None
+        return TRUE, f"not understood: {exc}", None, None
     node, exact = analyze_pattern(pattern, mapper)
     node = and_(node, runs)
     note = None if node is not TRUE else "no gram is certain to occur in its matches (too short or too loose)"
-    return node, note, exact, True, pattern
+    return node, note, exact, pattern
