@@ -393,7 +393,9 @@ def head(pattern: Pattern, limit: int) -> tuple[Seq, bool]:
     exactly its matches (one length, nothing cut). An alternation contributes the union of its
     alternatives' sets, position by position, as far as the shortest reaches (exact only when every
     alternative is a single byte set); a repetition its `lo` leading copies; everything stops at the
-    first part whose length varies. For `$a at X`, where the stored bytes hold a short window."""
+    first part whose length varies. For `$a at X`, where the stored bytes hold a short window. Not the
+    Analyzer's `prefix` sets: those stop after MAX_COPIES copies of a repetition, and a PEiD jump `[4]`
+    is four copies of `??` with fixed bytes after it."""
     if limit <= 0:
         return (), False
     if isinstance(pattern, Lit):
