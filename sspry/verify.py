@@ -53,7 +53,6 @@ from sspry.query.rules import RELEASE_PARSE_CHARS, Namespace, RuleSource, parse,
 from sspry.query.strings import atom_bytes
 
 BROAD_SHARE = 0.25  # a rule that is a candidate for this share of the verified files is broad
-MIN_SPLIT_RULES = 32  # fewer rules than this are scanned as one group
 MIN_PROCESS_FILES = 8  # fewer files than this are scanned here, whatever the engine
 MIN_ATOM = 3  # fixed bytes in a row a string needs for YARA to find it by a good atom
 
@@ -110,8 +109,6 @@ def _references(rule: yaramod.Rule, names: set[str]) -> set[str]:
 def _parts(wanted: dict[str, set[bytes]], targets: list[str], slow: set[str]) -> list[list[str]]:
     """The target rules split into groups: all in one, except the selective `slow` ones (a string
     without a good atom), which are grouped by their exact candidate sets (see the module docstring)."""
-    if len(targets) < MIN_SPLIT_RULES:
-        return [targets]
     documents = len(set().union(*(wanted[name] for name in targets)))
     shared: list[str] = []
     apart: dict[frozenset[bytes], list[str]] = {}
@@ -198,8 +195,6 @@ def rule_groups(
         """`names` scanned with yara-python's compilation of every namespace."""
         return [Group(frozenset(names), Compiled("yara", source.compiled, qualified))] if names else []
 
-    if engine == "yara" and len(targets) < MIN_SPLIT_RULES:
-        return whole(targets) + x_groups
     parsed = {
         ns: _Parsed.of(namespaces[ns], externals, {source.locate[name][1] for name in names})
         for ns, names in by_namespace.items()

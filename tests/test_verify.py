@@ -44,6 +44,27 @@ def test_a_global_rule_yara_x_refuses_sends_its_groups_to_yara_python() -> None:
     assert [(g.names, g.compiled.engine) for g in groups] == [(frozenset({"r"}), "yara")]
 
 
+def test_a_small_rule_set_is_scanned_without_its_rules_that_have_no_candidates() -> None:
+    """A rule without candidates costs its scan time on every file for nothing (Yara-Rules' maldocs/:
+    one such regex rule was 3/4 of the time of verifying 25 rules): however few the rules, the groups
+    hold only the rules asked about, the global rules and the rules those reference."""
+    text = (
+        "global rule g { condition: filesize > 0 }\n"
+        'private rule helper { strings: $h = "mark" condition: $h }\n'
+        'rule asked { strings: $a = "token" condition: $a and helper }\n'
+        'rule idle { strings: $r = /\\W\\w+\\s+\\s".+"/ condition: $r }\n'
+        "rule slow_apart { strings: $x = /[0-9a-f]{12}/ condition: $x }\n"
+    )
+    wanted = {"asked": {bytes([i]) for i in range(8)}, "idle": set(), "slow_apart": {b"\x00"}}
+    groups = rule_groups(wanted, load_rules(rule=text), engine="yara")
+    compiled = {g.names: {r.identifier for r in g.compiled.rules} for g in groups}  # type: ignore[attr-defined]
+    # the selective rule without a good atom is scanned over its own candidate only, in a group of its own
+    assert compiled == {
+        frozenset({"asked"}): {"g", "helper", "asked"},
+        frozenset({"slow_apart"}): {"g", "slow_apart"},
+    }
+
+
 @pytest.mark.parametrize("engine", ["yara", "yara-x"])
 def test_grouped_verification_equals_scanning_with_every_rule(tmp_path, engine) -> None:
     """With either engine (yara-x in worker processes, the rule it refuses verified by yara-python),
