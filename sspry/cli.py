@@ -22,6 +22,7 @@ from pathlib import Path
 
 import click
 
+from sspry.heap import keep_heap
 from sspry.limits import MAX_TREE_DOCS
 from sspry.policy import FP_RANGE, ID_SOURCES, Policy, PolicyError, parse_gram_sizes
 from sspry.progress import Progress, Stage
@@ -199,6 +200,7 @@ def main() -> None:
     # yara-python warns for each scan in which a string passed YARA's limit of matches; the rule's
     # verdict stands as YARA gives it, and over a corpus the warnings only bury the output
     warnings.filterwarnings("ignore", message="too many matches", category=RuntimeWarning)
+    keep_heap()  # every YARA compilation would otherwise fault its 4 MB of heap back in (heap.py)
 
 
 # --- init --------------------------------------------------------------------------------------------
