@@ -163,12 +163,16 @@ def search_rule_file(
     workers: int = 0,
     progress: Progress = SILENT,
     compiled_gather: bool | None = None,
+    plan_cache: PlanCache | None = None,
 ) -> tuple[SearchResult, RuleSource]:
-    """Load (compile and parse), plan and search rule files (rules.rule_specs) on a Forest.
-    `compiled_gather` as in search_snapshot; by default chosen for a one-shot command."""
+    """Load (compile and parse), plan (reusing what `plan_cache` holds) and search rule files
+    (rules.rule_specs) on a Forest. `compiled_gather` as in search_snapshot; by default chosen for a
+    one-shot command."""
     started = time.perf_counter()
     source = load_rules(path=rule_path)
     loaded = time.perf_counter()
-    result = search_forest(forest, source, max_candidates, max_anchors, workers, progress, compiled_gather)
+    result = search_forest(
+        forest, source, max_candidates, max_anchors, workers, progress, compiled_gather, plan_cache
+    )
     result.timings_ms["compile"] = (loaded - started) * 1000
     return result, source
