@@ -44,3 +44,31 @@ rule b { strings: $p = { 4D 5A ?? 00 01 02 03 } $q = "some text" wide $r = "some
     assert b.strings[2].node is not b.strings[1].node  # ascii is not wide
     assert (b.strings[0].line, b.strings[0].identifier) == (4, "$p")  # where and what stay each string's
     assert a.strings[2].note is not None and a.strings[2].note == b.strings[3].note
+
+
+def test_a_search_collects_garbage_rarely_until_its_results_are_out(tmp_path) -> None:
+    """Searching relaxes the collector's young threshold (ruleset.gc_relaxed) while its results are
+    produced, and every search, consumed or abandoned, gives the thresholds back."""
+    import gc
+
+    import sspry
+
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    for i in range(4):
+        (samples / f"f{i}").write_text(f"sample {i} token-{i}")
+    rule = "\n".join(f'rule r{i} {{ strings: $a = "token-{i}" condition: $a }}' for i in range(4))
+    normal = gc.get_threshold()
+    with sspry.Database.create(tmp_path / "db", store_path=True) as db:
+        db.index([str(samples)])
+        stream = iter(db.stream(rule=rule))
+        first = next(stream)
+        assert first.name == "r0" and gc.get_threshold()[0] > normal[0]
+        assert [r.name for r in stream] == ["r1", "r2", "r3"]
+        assert gc.get_threshold() == normal
+        abandoned = iter(db.stream(rule=rule))
+        next(abandoned)
+        assert gc.get_threshold()[0] > normal[0]
+        del abandoned  # an unfinished stream's generator is closed when dropped
+        gc.collect()
+        assert gc.get_threshold() == normal

@@ -30,7 +30,7 @@ from sspry.query.results import (
 )
 from sspry.query.ruleplan import RulePlan
 from sspry.query.rules import RuleSource, load_rules
-from sspry.query.ruleset import iter_source_plans
+from sspry.query.ruleset import gc_relaxed, iter_source_plans
 from sspry.store.forest import Forest, Snapshot
 
 
@@ -112,15 +112,16 @@ def stream_forest(
     as in search_snapshot."""
     started = time.perf_counter()
     plans = []
-    with progress.stage("planning", len(source.targets), "rule") as stage:
-        for plan in iter_source_plans(source, forest.policy, max_anchors, cache=plan_cache):
-            plans.append(plan)
-            stage.advance()
-    planned = time.perf_counter()
-    snapshot = forest.snapshot()
-    hits = evaluate_snapshot(
-        snapshot, [plan.upper for plan in plans], forest.policy, workers, compiled_gather
-    )
+    with gc_relaxed():  # planning, compiling the batches and their results make objects that live on
+        with progress.stage("planning", len(source.targets), "rule") as stage:
+            for plan in iter_source_plans(source, forest.policy, max_anchors, cache=plan_cache):
+                plans.append(plan)
+                stage.advance()
+        planned = time.perf_counter()
+        snapshot = forest.snapshot()
+        hits = evaluate_snapshot(
+            snapshot, [plan.upper for plan in plans], forest.policy, workers, compiled_gather
+        )
     cap = effective_limit(snapshot.documents, max_candidates, limit)
     stream = SearchStream(source.targets, snapshot.documents, {"plan": (planned - started) * 1000})
     stream.source = source
@@ -128,11 +129,12 @@ def stream_forest(
     paths_of = remembering(forest.paths_of)
 
     def rules() -> Iterator[RuleResult]:
-        for plan, found in zip(plans, hits, strict=True):
-            rule = hits_result(plan.name, snapshot, found, cap, count_only)
-            rule.notes = note_codes(plan)
-            attach_paths([rule], paths_of)
-            yield rule
+        with gc_relaxed():  # the results and their paths, held until the caller is done with them
+            for plan, found in zip(plans, hits, strict=True):
+                rule = hits_result(plan.name, snapshot, found, cap, count_only)
+                rule.notes = note_codes(plan)
+                attach_paths([rule], paths_of)
+                yield rule
         stream.timings_ms["search"] = (time.perf_counter() - planned) * 1000
 
     return stream.feed(rules())
