@@ -304,4 +304,9 @@ def test_reader_sees_a_consistent_snapshot_while_a_writer_works(tmp_path) -> Non
             writer.compact(full=True)  # removes the segments the reader's snapshot has open
             assert sum(int(v.live.sum()) for v in snapshot.views) == snapshot.documents
             assert reader.snapshot().documents == snapshot.documents
+            # an unchanged manifest is not read again: the reader keeps its snapshot
+            assert reader.snapshot() is reader.snapshot()
         assert len(os.listdir(tmp_path / "f" / "trees" / "tree_0000" / "shard_000")) == 1
+        gone = next(iter(writer.snapshot().views)).reader.source_id(0)
+        assert writer.delete([gone]) == [True]  # a tombstone, and a new manifest naming it
+        assert reader.snapshot().documents == 17

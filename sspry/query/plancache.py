@@ -26,7 +26,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import asdict, replace
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 from sspry.policy import Policy
@@ -78,12 +78,17 @@ def planner_version() -> str:
 def context_digest(policy: Policy, max_anchors: int, externals: Externals | None = None) -> bytes:
     """What every rule's key shares: planner version, stored format, policy, anchor budget and the values
     of external variables."""
+    return _context_digest(policy, max_anchors, digest_part(externals))
+
+
+@lru_cache(maxsize=64)  # computed for every search: 0.1 ms of a 0.8 ms single-rule search
+def _context_digest(policy: Policy, max_anchors: int, externals: str) -> bytes:
     context = {
         "planner": planner_version(),
         "format": planformat.FORMAT_VERSION,
         "policy": asdict(policy),
         "max_anchors": max_anchors,
-        "externals": digest_part(externals),
+        "externals": externals,
     }
     return hashlib.sha256(json.dumps(context, sort_keys=True).encode()).digest()
 

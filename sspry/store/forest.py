@@ -133,6 +133,15 @@ def is_forest(root: Path) -> bool:
     return (root / POLICY_FILE).is_file() and (root / MANIFEST).is_file()
 
 
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    """What changes when a file is replaced by a rename or rewritten: inode, mtime and size."""
+    try:
+        found = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (found.st_ino, found.st_mtime_ns, found.st_size)
+
+
 def _shard_of(source_id: bytes, shards: int) -> int:
     return int.from_bytes(source_id[:4], "little") % shards
 
@@ -155,6 +164,7 @@ class Forest:
         self.manifest = read_manifest(root)
         self._next_id = self.manifest.next_id  # names handed out, never again in this process
         self._snapshot: Snapshot | None = None
+        self._manifest_stamp: tuple[int, int, int] | None = None  # read-only: the manifest last read
         self.catalog = FileCatalog(root / CATALOG_FILE)
 
     # --- lifecycle ---------------------------------------------------------------------------------
@@ -299,17 +309,20 @@ class Forest:
 
     # --- reading -----------------------------------------------------------------------------------
     def snapshot(self) -> Snapshot:
-        """The current segments. Read-only opens re-read the manifest and retry when a concurrent
-        writer removed a segment between reading the manifest and opening it."""
+        """The current segments. Read-only opens re-read the manifest when it was replaced (a writer
+        renames a new one into place, so its inode changes; a stat is 2 us, reading it 90 us of a 0.8 ms
+        single-rule search at 3,000 documents) and retry when a concurrent writer removed a segment
+        between reading the manifest and opening it."""
         with self._state_lock:
-            if (
-                self.writable
-                and self._snapshot is not None
-                and self._snapshot.generation == self.manifest.generation
+            if self._snapshot is not None and (
+                self._snapshot.generation == self.manifest.generation
+                if self.writable
+                else self._manifest_stamp == _stamp(self.root / MANIFEST)
             ):
                 return self._snapshot
             for attempt in range(20):
                 if not self.writable:
+                    self._manifest_stamp = _stamp(self.root / MANIFEST)  # before reading: never newer
                     self.manifest = read_manifest(self.root)
                 try:
                     self._snapshot = self._open_snapshot(self.manifest)
