@@ -53,6 +53,7 @@ MAX_TARGETS = 100_000
 PROGRESS_INTERVAL_S = 0.5  # while planning, a progress frame at least this often ...
 PROGRESS_RULES = 256  # ... and after every this many rules
 FRAMES_AHEAD = 32  # frames a search may have produced that its client has not taken yet
+HAND_OVER_S = 0.05  # a search's frames wait on its thread at most about this long (see _Emitter)
 SETTLE_AFTER_S = 30.0  # seconds without inserts before shards are merged into one segment each
 SERVICE = sspry_pb2.DESCRIPTOR.services_by_name["Sspry"]
 log = logging.getLogger("sspry.server")
@@ -313,15 +314,9 @@ class SspryService:
             )
         loop = asyncio.get_running_loop()
         frames: asyncio.Queue = asyncio.Queue()
-        room = threading.Semaphore(FRAMES_AHEAD)  # the worker waits for a slow client: memory stays flat
         cancelled = threading.Event()
         context.add_done_callback(lambda _: cancelled.set())  # the client left, or the deadline passed
-
-        def emit(frame) -> None:
-            while not room.acquire(timeout=0.5):
-                if cancelled.is_set():
-                    raise _Cancelled
-            loop.call_soon_threadsafe(frames.put_nowait, frame)
+        emit = _Emitter(loop, frames, cancelled)
 
         def work() -> None:
             received = time.perf_counter()
@@ -330,15 +325,17 @@ class SspryService:
             except _Cancelled:
                 pass
             except BaseException as exc:
+                emit.hand_over()
                 loop.call_soon_threadsafe(frames.put_nowait, exc)
             finally:
+                emit.hand_over()
                 loop.call_soon_threadsafe(frames.put_nowait, None)
 
         self.active_searches += 1
         running = loop.run_in_executor(self._search_pool, work)
         try:
             while (frame := await frames.get()) is not None:
-                room.release()
+                emit.room.release()
                 if isinstance(frame, WireError):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(frame))
                 if isinstance(frame, BaseException):
@@ -378,6 +375,7 @@ class SspryService:
                     reported = time.perf_counter()
                     emit(_planned(len(plans), len(targets)))
             emit(_planned(len(plans), len(targets)))
+            emit.hand_over(HAND_OVER_S)  # the client sees planning end before a long evaluation
             planned = time.perf_counter()
             hits = evaluate_snapshot(
                 snapshot,
@@ -450,6 +448,45 @@ class SspryService:
         await self._check(request, context)
         asyncio.get_running_loop().call_soon(self.on_shutdown)
         return sspry_pb2.ShutdownResponse(message="shutdown requested")
+
+
+class _Emitter:
+    """A search's frames, from its worker thread to the event loop, handed over in bursts.
+
+    Handing a frame to the loop wakes it, and the woken loop takes the GIL from the worker mid-search:
+    a repeated single rule at 3,000 documents took 1.33 ms on the server with a hand-over per frame
+    (start, progress, candidates, paths, summary), 0.69 ms with one at the end. So frames wait on the
+    worker's side until the oldest is HAND_OVER_S old (checked as frames come), the client's room runs
+    out, or the search ends; `room` bounds the frames not yet taken (held ones too), so memory stays
+    flat and a slow client slows the worker."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, frames: asyncio.Queue, cancelled: threading.Event):
+        self.loop, self.frames, self.cancelled = loop, frames, cancelled
+        self.room = threading.Semaphore(FRAMES_AHEAD)  # released as the client takes frames
+        self.held: list = []
+        self.oldest = 0.0
+
+    def __call__(self, frame) -> None:
+        if not self.room.acquire(blocking=False):
+            self.hand_over()  # what is held must reach the client before room frees
+            while not self.room.acquire(timeout=0.5):
+                if self.cancelled.is_set():
+                    raise _Cancelled
+        now = time.perf_counter()
+        if not self.held:
+            self.oldest = now
+        self.held.append(frame)
+        self.hand_over(HAND_OVER_S, now)
+
+    def hand_over(self, older_than: float = 0.0, now: float | None = None) -> None:
+        """Give the loop the held frames if the oldest is at least `older_than` seconds old."""
+        if self.held and (now or time.perf_counter()) - self.oldest >= older_than:
+            batch, self.held = self.held, []
+            self.loop.call_soon_threadsafe(self._put, batch)
+
+    def _put(self, batch: list) -> None:
+        for frame in batch:
+            self.frames.put_nowait(frame)
 
 
 def _planned(done: int, total: int) -> sspry_pb2.SearchFrame:
