@@ -360,8 +360,8 @@ class SspryService:
         with gc_relaxed():  # as searches in process do (query/search.py)
             started = received
             snapshot = self.forest.snapshot()
-            start = sspry_pb2.SearchStart(documents=snapshot.documents, policy=self._policy_proto)
-            emit(sspry_pb2.SearchFrame(start=start))
+            opening = sspry_pb2.SearchStart(documents=snapshot.documents, policy=self._policy_proto)
+            emit(sspry_pb2.SearchFrame(start=opening))
             plans = []
             reported = started
             anchors = request.max_anchors or DEFAULT_MAX_ANCHORS
