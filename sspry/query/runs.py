@@ -19,7 +19,7 @@ the fields stay candidates.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from sspry.features.runs import (
     HEX_DIGITS,
@@ -36,8 +36,7 @@ from sspry.query.plan import FALSE, TRUE, Field, Node, field_present, not_, or_
 HEX_MASK = sum(1 << b for b in HEX_DIGITS)
 
 
-@dataclass(frozen=True)
-class Runs:
+class Runs(NamedTuple):  # a tuple: built for every node of every pattern planned
     inner: int
     prefix: int
     suffix: int
@@ -56,6 +55,19 @@ def _sum(a: int | None, b: int | None) -> int | None:
     return None if a is None or b is None else a + b
 
 
+class _Flags(dict):
+    """byte set -> 1 if the member test accepts it, else 0; computed once per distinct set (a pattern's
+    positions are a few hundred distinct sets, met about a million times in Yara-Rules)."""
+
+    def __init__(self, member: Callable[[int], bool]):
+        super().__init__()
+        self.member = member
+
+    def __missing__(self, mask: int) -> int:
+        flag = self[mask] = int(self.member(mask))
+        return flag
+
+
 def _is_hex(mask: int) -> bool:
     return mask != 0 and mask & ~HEX_MASK == 0
 
@@ -65,31 +77,29 @@ def _is_fixed(mask: int) -> bool:
     return mask != 0 and (mask & (mask - 1) == 0 or fold_case(mask & -mask) == mask)
 
 
+_HEX, _FIXED = _Flags(_is_hex), _Flags(_is_fixed)
+
+
 def hex_runs(pattern: Pattern) -> Runs:
     """Bounds on the hex-digit runs of every match of `pattern` (see the module docstring)."""
-    return class_runs(pattern, _is_hex)
+    return class_runs(pattern, _HEX)
 
 
 def fixed_bytes(pattern: Pattern) -> int:
     """How many fixed bytes in a row every match of `pattern` holds: YARA looks a string up by an atom
     of up to 4 such bytes, so a string with fewer than 3 (a regex over a class, hex with a wildcard
     every other byte) is checked at nearly every offset of every file it scans."""
-    return class_runs(pattern, _is_fixed).inner
+    return class_runs(pattern, _FIXED).inner
 
 
-def class_runs(pattern: Pattern, member: Callable[[int], bool]) -> Runs:
+def class_runs(pattern: Pattern, member: _Flags) -> Runs:
     """Bounds on the runs of byte sets `member` accepts, in every match of `pattern`."""
     if isinstance(pattern, Lit):
-        flags = [member(mask) for mask in pattern.seq]
-        if all(flags):
+        flags = bytes(map(member.__getitem__, pattern.seq))
+        if 0 not in flags:
             return _all_in(len(flags), len(flags))
-        prefix = flags.index(False)
-        suffix = flags[::-1].index(False)
-        inner = current = 0
-        for flag in flags:
-            current = current + 1 if flag else 0
-            inner = max(inner, current)
-        return Runs(inner, prefix, suffix, False)
+        runs = flags.split(b"\x00")  # the runs of accepted sets, between refused ones
+        return Runs(len(max(runs, key=len)), len(runs[0]), len(runs[-1]), False)
     if isinstance(pattern, Cat):
         result = _all_in(0, 0)
         for item in pattern.items:
