@@ -51,6 +51,7 @@ _SCHEMA: dict[type, tuple[str, str]] = {
     Not: ("n", "n"),
 }
 _BY_CODE = {code: (kind, fields) for kind, (code, fields) in _SCHEMA.items()}
+_NODES_ONLY = frozenset(kind for kind, (_, fields) in _SCHEMA.items() if fields == "*")  # And, Or
 
 
 class FormatError(ValueError):
@@ -65,18 +66,26 @@ class _Encoder:
         grams: dict[Node, None] = {}
         others: dict[Node, None] = {}
         for root in roots:
-            stack: list[tuple[Node, bool]] = [(root, False)]
+            stack: list = [root]  # a node to visit, or (node,) once its children are done
             while stack:
-                item, expanded = stack.pop()
+                item = stack.pop()
+                if type(item) is tuple:
+                    others[item[0]] = None
+                    continue
                 if item in others or item in grams:
                     continue
-                if type(item) is Gram:
+                kind = type(item)
+                if kind is Gram:
                     grams[item] = None
-                elif expanded:
+                    continue
+                children = (
+                    item.key[1:] if kind in _NODES_ONLY else [f for f in item.key[1:] if isinstance(f, Node)]
+                )
+                if children:
+                    stack.append((item,))
+                    stack.extend(reversed(children))
+                else:  # a leaf fact: done at once, as post order has it
                     others[item] = None
-                else:
-                    stack.append((item, True))
-                    stack.extend((f, False) for f in reversed(item.key[1:]) if isinstance(f, Node))
         ordered = sorted(grams, key=lambda g: g.key[1])  # by tier, stable
         self.index: dict[Node, int] = {node: i for i, node in enumerate(ordered)}
         self.grams: list[list] = []
@@ -88,13 +97,17 @@ class _Encoder:
         for group in self.grams:
             group[2] = b"".join(group[2]).hex()
         self.rows: list[list] = []
+        index = self.index
         for node in others:
             code, kinds = _SCHEMA[type(node)]
-            row: list = [code]
-            for position, value in enumerate(node.key[1:]):
-                kind = kinds[position] if position < len(kinds) and kinds[position] != "*" else "n"
-                row.append(_encode_field(kind, value, self.index))
-            self.index[node] = len(self.index)
+            if kinds == "*":  # And, Or: every field a node (most rows)
+                row: list = [code, *map(index.__getitem__, node.key[1:])]
+            else:
+                row = [code]
+                for position, value in enumerate(node.key[1:]):
+                    kind = kinds[position] if position < len(kinds) and kinds[position] != "*" else "n"
+                    row.append(_encode_field(kind, value, index))
+            index[node] = len(index)
             self.rows.append(row)
 
 
