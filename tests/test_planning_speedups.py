@@ -58,6 +58,7 @@ def test_a_search_collects_garbage_rarely_until_its_results_are_out(tmp_path) ->
     for i in range(4):
         (samples / f"f{i}").write_text(f"sample {i} token-{i}")
     rule = "\n".join(f'rule r{i} {{ strings: $a = "token-{i}" condition: $a }}' for i in range(4))
+    gc.collect()  # closes any earlier test's abandoned planning iterator: the thresholds are the normal ones
     normal = gc.get_threshold()
     with sspry.Database.create(tmp_path / "db", store_path=True) as db:
         db.index([str(samples)])
