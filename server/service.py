@@ -319,9 +319,12 @@ class SspryService:
         emit = _Emitter(loop, frames, cancelled)
 
         def work() -> None:
+            from sspry.query.ruleset import gc_relaxed
+
             received = time.perf_counter()
             try:
-                self._search(request, _rule_source(namespaces, request), emit, cancelled, received)
+                with gc_relaxed():  # as searches in process do (query/search.py)
+                    self._search(request, _rule_source(namespaces, request), emit, cancelled, received)
             except _Cancelled:
                 pass
             except BaseException as exc:
@@ -348,87 +351,81 @@ class SspryService:
             finally:
                 self.active_searches -= 1
 
-    def _search(self, request, source, emit, cancelled: threading.Event, received: float) -> None:
+    def _search(self, request, source, emit, cancelled: threading.Event, started: float) -> None:
         """Plan and search `source` (a RuleSource) on a worker thread, emitting frames (see SearchFrame in
-        the proto); stops early once `cancelled` is set. The plan time counts from `received` (before
-        YARA checked the source)."""
+        the proto); stops early once `cancelled` is set. The plan time counts from `started` (the
+        request's arrival, before YARA checked the source)."""
         from sspry.query.evaluate import evaluate_snapshot
         from sspry.query.literals import DEFAULT_MAX_ANCHORS
-        from sspry.query.ruleset import gc_relaxed, iter_source_plans
+        from sspry.query.ruleset import iter_source_plans
         from sspry.query.search import hits_result, note_codes
 
-        with gc_relaxed():  # as searches in process do (query/search.py)
-            started = received
-            snapshot = self.forest.snapshot()
-            opening = sspry_pb2.SearchStart(documents=snapshot.documents, policy=self._policy_proto)
-            emit(sspry_pb2.SearchFrame(start=opening))
-            plans = []
-            reported = started
-            anchors = request.max_anchors or DEFAULT_MAX_ANCHORS
-            targets = source.targets
-            plans_of = iter_source_plans(source, self.forest.policy, anchors, cache=self.plan_cache)
-            for plan in plans_of:
-                if cancelled.is_set():
-                    raise _Cancelled
-                plans.append(plan)
-                if len(plans) % PROGRESS_RULES == 0 or time.perf_counter() - reported >= PROGRESS_INTERVAL_S:
-                    reported = time.perf_counter()
-                    emit(_planned(len(plans), len(targets)))
-            emit(_planned(len(plans), len(targets)))
-            emit.hand_over(HAND_OVER_S)  # the client sees planning end before a long evaluation
-            planned = time.perf_counter()
-            hits = evaluate_snapshot(
-                snapshot,
-                [p.upper for p in plans],
-                self.forest.policy,
-                self.search_workers,
-                cancelled=cancelled,
-            )
+        snapshot = self.forest.snapshot()
+        opening = sspry_pb2.SearchStart(documents=snapshot.documents, policy=self._policy_proto)
+        emit(sspry_pb2.SearchFrame(start=opening))
+        plans = []
+        reported = started
+        anchors = request.max_anchors or DEFAULT_MAX_ANCHORS
+        targets = source.targets
+        plans_of = iter_source_plans(source, self.forest.policy, anchors, cache=self.plan_cache)
+        for plan in plans_of:
             if cancelled.is_set():
                 raise _Cancelled
-            limit = None if request.limit == 0 else request.limit
-            sent: set[bytes] = set()  # documents whose paths this search has sent
-            candidates = 0
-            for index, (plan, found) in enumerate(zip(plans, hits, strict=True)):
-                if cancelled.is_set():
-                    raise _Cancelled
-                rule = hits_result(plan.name, snapshot, found, limit, request.count_only)
-                ids = [c.source_id for c in rule.candidates]
-                fresh = [i for i in ids if i not in sent]
-                sent.update(fresh)
-                self._emit_paths(fresh, emit)
-                for start in range(0, max(len(ids), 1), CANDIDATES_PER_FRAME):
-                    end = start + CANDIDATES_PER_FRAME >= len(ids)
-                    emit(
-                        sspry_pb2.SearchFrame(
-                            candidates=sspry_pb2.RuleCandidates(
-                                rule=index,
-                                source_ids=ids[start : start + CANDIDATES_PER_FRAME],
-                                rule_end=end,
-                                count=rule.candidate_count if end else 0,
-                                notes=note_codes(plan) if end else [],
-                            )
+            plans.append(plan)
+            if len(plans) % PROGRESS_RULES == 0 or time.perf_counter() - reported >= PROGRESS_INTERVAL_S:
+                reported = time.perf_counter()
+                emit(_planned(len(plans), len(targets)))
+        emit(_planned(len(plans), len(targets)))
+        emit.hand_over(HAND_OVER_S)  # the client sees planning end before a long evaluation
+        planned = time.perf_counter()
+        hits = evaluate_snapshot(
+            snapshot, [p.upper for p in plans], self.forest.policy, self.search_workers, cancelled=cancelled
+        )
+        if cancelled.is_set():
+            raise _Cancelled
+        limit = None if request.limit == 0 else request.limit
+        sent: set[bytes] = set()  # documents whose paths this search has sent
+        candidates = 0
+        for index, (plan, found) in enumerate(zip(plans, hits, strict=True)):
+            if cancelled.is_set():
+                raise _Cancelled
+            rule = hits_result(plan.name, snapshot, found, limit, request.count_only)
+            ids = [c.source_id for c in rule.candidates]
+            fresh = [i for i in ids if i not in sent]
+            sent.update(fresh)
+            self._emit_paths(fresh, emit)
+            for start in range(0, max(len(ids), 1), CANDIDATES_PER_FRAME):
+                end = start + CANDIDATES_PER_FRAME >= len(ids)
+                emit(
+                    sspry_pb2.SearchFrame(
+                        candidates=sspry_pb2.RuleCandidates(
+                            rule=index,
+                            source_ids=ids[start : start + CANDIDATES_PER_FRAME],
+                            rule_end=end,
+                            count=rule.candidate_count if end else 0,
+                            notes=note_codes(plan) if end else [],
                         )
                     )
-                candidates += rule.candidate_count
-            searched = time.perf_counter()
-            log.info(
-                "search: %d rules, %d candidates, plan %.1f ms, search %.1f ms",
-                len(targets),
-                candidates,
-                (planned - started) * 1000,
-                (searched - planned) * 1000,
-            )
-            emit(
-                sspry_pb2.SearchFrame(
-                    summary=sspry_pb2.SearchSummary(
-                        documents=snapshot.documents,
-                        elapsed_ms=(searched - started) * 1000,
-                        plan_ms=(planned - started) * 1000,
-                        search_ms=(searched - planned) * 1000,
-                    )
+                )
+            candidates += rule.candidate_count
+        searched = time.perf_counter()
+        log.info(
+            "search: %d rules, %d candidates, plan %.1f ms, search %.1f ms",
+            len(targets),
+            candidates,
+            (planned - started) * 1000,
+            (searched - planned) * 1000,
+        )
+        emit(
+            sspry_pb2.SearchFrame(
+                summary=sspry_pb2.SearchSummary(
+                    documents=snapshot.documents,
+                    elapsed_ms=(searched - started) * 1000,
+                    plan_ms=(planned - started) * 1000,
+                    search_ms=(searched - planned) * 1000,
                 )
             )
+        )
 
     def _emit_paths(self, source_ids: list[bytes], emit) -> None:
         """The recorded paths of these documents, in frames of about PATH_FRAME_BYTES."""
