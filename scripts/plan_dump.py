@@ -29,20 +29,20 @@ except ImportError:  # trees before the planner split kept it in condition.py
 
 def canonical_node(root: Node) -> str:
     """The DAG under `root` in post order: one `type(fields)` per distinct node, children as #index."""
-    index: dict[int, int] = {}
+    index: dict[Node, int] = {}  # by node: interned nodes are equal when identical, grams by value
     lines: list[str] = []
     stack: list[tuple[Node, bool]] = [(root, False)]
     while stack:
         node, expanded = stack.pop()
-        if id(node) in index:
+        if node in index:
             continue
         children = [k for k in node.key[1:] if isinstance(k, Node)]
         if not expanded:
             stack.append((node, True))
-            stack.extend((c, False) for c in reversed(children) if id(c) not in index)
+            stack.extend((c, False) for c in reversed(children) if c not in index)
             continue
-        fields = ",".join(f"#{index[id(k)]}" if isinstance(k, Node) else repr(k) for k in node.key[1:])
-        index[id(node)] = len(lines)
+        fields = ",".join(f"#{index[k]}" if isinstance(k, Node) else repr(k) for k in node.key[1:])
+        index[node] = len(lines)
         lines.append(f"{node.key[0].__name__}({fields})")
     return ";".join(lines)
 

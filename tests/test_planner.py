@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import pickle
 import random
 
 import pytest
@@ -82,6 +83,19 @@ def test_plan_algebra_simplifies() -> None:
     assert (~offset).lower is FALSE and (~~offset).upper is TRUE
     # and `and` counts an undefined operand as false: not ((not $a) and not (@a[1] == 0)) holds without $a
     assert (~string & ~offset).undefined is FALSE and (~(~string & ~offset)).upper is TRUE
+
+
+def test_grams_are_values_of_their_tier() -> None:
+    """Grams are not interned: equal grams built apart are one child of an And, and so is the And."""
+    a, again = Gram(1, b"abc"), Gram(1, b"abc")
+    assert a is not again and a == again and hash(a) == hash(again)
+    assert and_(a, Gram(1, b"bcd"), again).children == (a, Gram(1, b"bcd"))
+    assert and_(a, Gram(1, b"bcd")) is and_(again, Gram(1, b"bcd"))
+    other_tier = Gram(2, b"abc")
+    assert other_tier != a and (other_tier.tier, other_tier.gram) == (2, b"abc")
+    assert len(and_(a, other_tier).children) == 2
+    assert a.key == (Gram, 1, b"abc") and repr(a) == str(a) == "Gram(1, b'abc')"
+    assert pickle.loads(pickle.dumps(a)) == a and type(pickle.loads(pickle.dumps(a))) is Gram
 
 
 def test_int_literals_follow_yara() -> None:

@@ -25,7 +25,7 @@ from itertools import compress, product, repeat
 from operator import or_ as or_bits
 from typing import NamedTuple
 
-from sspry.query.plan import TRUE, And, Gram, Node, Or, and_, or_
+from sspry.query.plan import TRUE, And, Node, Or, and_, or_, tiered_gram
 from sspry.query.windows import Lanes, best, window_sums
 
 ALL = (1 << 256) - 1
@@ -154,7 +154,6 @@ class GramMapper:
         self.max_anchors = max_anchors
         self.fold_case = fold_case
         self._memo: dict[Seq, Node] = {}
-        self._grams: list[dict[bytes, Node]] = [{} for _ in self.gram_sizes]  # per tier: gram -> node
         self._windows: dict[tuple[int, Seq], Node] = {}  # (tier, window of byte sets) -> OR of its grams
         self.strings: dict[tuple, tuple] = {}  # a string's text and modifiers -> its plan (strings.py)
 
@@ -173,15 +172,11 @@ class GramMapper:
     def any_of(self, seqs: frozenset[Seq]) -> Node:
         return or_(*(self.seq(s) for s in sorted(seqs)))
 
-    def _nodes(self, tier: int, grams: list[bytes]) -> list[Node]:
-        """The Gram node of each gram (the mapper's table first: most grams repeat)."""
-        table = self._grams[tier - 1]
-        nodes = list(map(table.get, grams))
-        if None in nodes:
-            for i, node in enumerate(nodes):
-                if node is None:
-                    nodes[i] = table[grams[i]] = Gram(tier, grams[i])
-        return nodes
+    @staticmethod
+    def _nodes(tier: int, grams: list[bytes]) -> list[Node]:
+        """The Gram node of each gram."""
+        prefix = _TIER_BYTE[tier]
+        return [tiered_gram(prefix + gram) for gram in grams]
 
     def _exact(self, raw: bytes) -> Node:
         """A Seq of one byte per position: per tier, the grams of its best windows (`windows.best`)."""
@@ -196,7 +191,8 @@ class GramMapper:
             else:
                 lanes = lanes or Lanes(raw)
                 starts = best(lanes.scores(n), self.max_anchors)
-            grams += self._nodes(tier, list(dict.fromkeys([raw[s : s + n] for s in starts])))
+            prefix = _TIER_BYTE[tier]
+            grams += dict.fromkeys([tiered_gram(prefix + raw[s : s + n]) for s in starts])
         if not grams:
             return TRUE
         return grams[0] if len(grams) == 1 else And(*grams)
@@ -239,6 +235,9 @@ class GramMapper:
                     node = self._windows[(tier, window)] = grams[0] if len(grams) == 1 else Or(*grams)
                 items.append(node)
         return and_(*items)
+
+
+_TIER_BYTE = {1: b"\x01", 2: b"\x02"}
 
 
 @cache

@@ -1,9 +1,10 @@
 """Plan nodes: the boolean formula a rule becomes, over facts a segment can evaluate per document.
 
 Leaves are bloom facts (`Gram`: this n-gram is in the Tier 1 or Tier 2 bloom) and exact facts from the
-metadata sidecar (`Filesize`, ...). Nodes are interned: structurally equal nodes are the same object, so
-the plans of a bundle share subtrees, a gram row is read once, and memoised evaluation is by identity.
-The constructors simplify (constant folding, flattening, de-duplication) as they build.
+metadata sidecar (`Filesize`, ...). Nodes other than grams are interned: structurally equal nodes are the
+same object, so the plans of a bundle share subtrees and memoised evaluation is by identity. Grams are
+values (bytes): equal grams are equal keys, so a gram row is still read once. The constructors simplify
+(constant folding, flattening, de-duplication) as they build.
 
 A rule condition is planned as an `Approx(upper, lower, undefined)`: `upper` holds for every document the
 condition may match (the candidates), `lower` only for documents it surely matches. Negation swaps them,
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
+from functools import partial
 
 
 class _Ref(weakref.ref):
@@ -42,8 +44,16 @@ OPS = ("==", "!=", "<", "<=", ">", ">=")
 
 
 class Node:
+    """A plan node: an interned node (`Interned`) or a gram leaf (`Gram`, compared by value)."""
+
+    __slots__ = ()
+    key: tuple  # (type, *fields): what the node is, for storing and dumping plans
+
+
+class Interned(Node):
+    """A node that exists once per key while anything holds it (see _INTERN)."""
+
     __slots__ = ("__weakref__", "key")
-    key: tuple
 
     def __new__(cls, *key):
         full = (cls, *key)
@@ -66,7 +76,7 @@ class Node:
         return (type(self), self.key[1:])
 
 
-class Const(Node):
+class Const(Interned):
     __slots__ = ()
 
     @property
@@ -78,21 +88,45 @@ TRUE = Const(True)
 FALSE = Const(False)
 
 
-class Gram(Node):
-    """The n-gram `gram` (n = the tier's gram size) is present in the tier's bloom."""
+class Gram(bytes, Node):
+    """The n-gram `gram` (n = the tier's gram size) is present in the tier's bloom.
+
+    Not interned: a gram is its tier byte followed by its bytes, and equal grams are equal values (a
+    dictionary or an And/Or key treats them as one). Most nodes of a plan are grams, and an interned
+    node costs an object, a key tuple and a weak reference each: a fifth of cold planning."""
 
     __slots__ = ()
 
+    def __new__(cls, tier: int, gram: bytes) -> Gram:
+        return bytes.__new__(cls, _TIER_BYTE[tier] + gram)
+
     @property
     def tier(self) -> int:
-        return self.key[1]
+        return self[0]
 
     @property
     def gram(self) -> bytes:
-        return self.key[2]
+        return bytes(self[1:])
+
+    @property
+    def key(self) -> tuple:  # type: ignore[override]
+        return (Gram, self[0], bytes(self[1:]))
+
+    def __repr__(self) -> str:
+        return f"Gram{self.key[1:]!r}"
+
+    __str__ = __repr__  # not bytes' own
+
+    def __reduce__(self):
+        return (Gram, self.key[1:])
 
 
-class Filesize(Node):
+_TIER_BYTE = {1: b"\x01", 2: b"\x02"}
+# the gram of tier-prefixed bytes (tier byte + gram), without a Python-level call: for the planner's loops
+tiered_gram = partial(bytes.__new__, Gram)
+
+
+class Filesize(Interned):
     """filesize OP value (exact, from the document row)."""
 
     __slots__ = ()
@@ -106,7 +140,7 @@ class Filesize(Node):
         return self.key[2]
 
 
-class Field(Node):
+class Field(Interned):
     """Module field `name` is defined for the file and `value OP operand` holds (op "&": value & operand
     is non-zero). Exact for files YARA's modules scanned; see `Unscanned`."""
 
@@ -125,13 +159,13 @@ class Field(Node):
         return self.key[3]
 
 
-class Unscanned(Node):
+class Unscanned(Interned):
     """The file's module fields are unknown (YARA could not scan it when it was indexed)."""
 
     __slots__ = ()
 
 
-class Entropy(Node):
+class Entropy(Interned):
     """math.entropy(0, filesize) OP value (exact: the stored entropy is computed as YARA computes it)."""
 
     __slots__ = ()
@@ -145,7 +179,7 @@ class Entropy(Node):
         return self.key[2]
 
 
-class Identity(Node):
+class Identity(Interned):
     """The file's Source ID is `source_id`."""
 
     __slots__ = ()
@@ -155,7 +189,7 @@ class Identity(Node):
         return self.key[1]
 
 
-class ReadInt(Node):
+class ReadInt(Interned):
     """An integer read (uint8/16/32[be], int8/16/32[be]) at a constant offset of the stored first bytes
     (`source` "prefix") or entry-point bytes ("entry"), masked, compared: exact, and FALSE where the file
     is too short for the read, as YARA's read is then undefined."""
@@ -195,7 +229,7 @@ class ReadInt(Node):
         return self.key[8]
 
 
-class BytesAt(Node):
+class BytesAt(Interned):
     """The stored first bytes ("prefix") or entry-point bytes ("entry") hold, at `offset`, a byte of
     each set of `seq` in turn."""
 
@@ -214,7 +248,7 @@ class BytesAt(Node):
         return self.key[3]
 
 
-class And(Node):
+class And(Interned):
     __slots__ = ()
 
     @property
@@ -222,7 +256,7 @@ class And(Node):
         return self.key[1:]
 
 
-class Or(Node):
+class Or(Interned):
     __slots__ = ()
 
     @property
@@ -230,7 +264,7 @@ class Or(Node):
         return self.key[1:]
 
 
-class AtLeast(Node):
+class AtLeast(Interned):
     """At least k of the children hold (children may repeat: each occurrence counts)."""
 
     __slots__ = ()
@@ -244,7 +278,7 @@ class AtLeast(Node):
         return self.key[2:]
 
 
-class Not(Node):
+class Not(Interned):
     """Only ever over exact facts: see Approx."""
 
     __slots__ = ()
@@ -269,6 +303,13 @@ def _flatten(kind: type, items) -> list[Node]:
 
 
 def and_(*items: Node) -> Node:
+    if len(items) == 2:  # most calls: a node with TRUE is the node
+        if items[1] is TRUE:
+            return items[0]
+        if items[0] is TRUE:
+            return items[1]
+    elif len(items) == 1:  # a node alone is itself: nodes are built simplified
+        return items[0]
     children = _flatten(And, items)
     if FALSE in children:
         return FALSE
@@ -280,6 +321,13 @@ def and_(*items: Node) -> Node:
 
 
 def or_(*items: Node) -> Node:
+    if len(items) == 2:  # as in and_
+        if items[1] is FALSE:
+            return items[0]
+        if items[0] is FALSE:
+            return items[1]
+    elif len(items) == 1:
+        return items[0]
     children = _flatten(Or, items)
     if TRUE in children:
         return TRUE

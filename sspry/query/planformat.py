@@ -27,6 +27,7 @@ from sspry.query.plan import (
     Or,
     ReadInt,
     Unscanned,
+    tiered_gram,
 )
 from sspry.query.ruleplan import Note, RulePlan
 from sspry.query.strings import StringPlan
@@ -137,7 +138,8 @@ def _decode_nodes(grams: list[list], rows: list[list]) -> list[Node]:
     nodes: list[Node] = []
     for tier, size, text in grams:
         data = bytes.fromhex(text)
-        nodes.extend(Gram(tier, data[at : at + size]) for at in range(0, len(data), size))
+        prefix = bytes((tier,))
+        nodes.extend(tiered_gram(prefix + data[at : at + size]) for at in range(0, len(data), size))
     for row in rows:
         code = row[0]
         if code == "a":
