@@ -106,11 +106,11 @@ class Gram(bytes, Node):
 
     @property
     def gram(self) -> bytes:
-        return bytes(self[1:])
+        return self[1:]  # a slice of a bytes subclass is plain bytes
 
     @property
     def key(self) -> tuple:  # type: ignore[override]
-        return (Gram, self[0], bytes(self[1:]))
+        return (Gram, self[0], self[1:])
 
     def __repr__(self) -> str:
         return f"Gram{self.key[1:]!r}"

@@ -11,6 +11,7 @@ within its file keeps exact positions.
 from __future__ import annotations
 
 import json
+from operator import itemgetter
 
 from sspry.query.plan import (
     And,
@@ -87,14 +88,14 @@ class _Encoder:
                     stack.extend(reversed(children))
                 else:  # a leaf fact: done at once, as post order has it
                     others[item] = None
-        ordered = sorted(grams, key=lambda g: g.key[1])  # by tier, stable
+        ordered = sorted(grams, key=itemgetter(0))  # by tier (a gram's first byte), stable
         self.index: dict[Node, int] = {node: i for i, node in enumerate(ordered)}
         self.grams: list[list] = []
         for gram in ordered:
-            tier, data = gram.key[1], gram.key[2]
-            if not self.grams or self.grams[-1][0] != tier or self.grams[-1][1] != len(data):
-                self.grams.append([tier, len(data), []])
-            self.grams[-1][2].append(data)
+            tier, size = gram[0], len(gram) - 1
+            if not self.grams or self.grams[-1][0] != tier or self.grams[-1][1] != size:
+                self.grams.append([tier, size, []])
+            self.grams[-1][2].append(gram[1:])
         for group in self.grams:
             group[2] = b"".join(group[2]).hex()
         self.rows: list[list] = []

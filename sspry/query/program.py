@@ -63,7 +63,7 @@ class Leaves:
         self.grams: dict[int, list[Gram]] = {}
         self.h2: dict[int, np.ndarray] = {}
         for tier in (1, 2):
-            found = sorted((g for g in grams if g.tier == tier), key=lambda g: g.gram)
+            found = sorted(g for g in grams if g[0] == tier)  # by gram: every one starts with its tier byte
             h2 = gram_hashes([g.gram for g in found])[1]
             # rows in the order of their blocks: block = (h2 >> 32) * nblocks >> 32 grows with h2 in every
             # class, so the gather walks each class matrix from its first row to its last
