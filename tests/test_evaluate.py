@@ -19,6 +19,7 @@ from sspry.query.plan import (
     TRUE,
     And,
     AtLeast,
+    BytesAt,
     Const,
     Entropy,
     Filesize,
@@ -95,13 +96,19 @@ class Reference:
         return np.array([self.live[d] and self.holds(plan, d) for d in range(self.reader.docs)], dtype=bool)
 
 
+# byte sets of about half the values, few of them: BytesAt facts share (offset, set) tests
+BYTE_SETS = [sum(1 << b for b in random.Random(i).sample(range(256), 128)) for i in range(3)]
+
+
 def random_fact(rng: random.Random) -> Node:
     op = rng.choice(["<", "<=", ">", ">=", "==", "!="])
-    kind = rng.randrange(3)
+    kind = rng.randrange(4)
     if kind == 0:
         return Filesize(op, rng.randrange(1 << 30))
     if kind == 1:
         return Entropy(op, rng.random() * 8)
+    if kind == 2:
+        return BytesAt("prefix", rng.randrange(4), tuple(rng.choices(BYTE_SETS, k=rng.randint(1, 3))))
     return ReadInt("prefix", rng.randrange(4), 1, False, False, 0xFF, op, rng.randrange(256))
 
 
@@ -145,6 +152,7 @@ def test_packed_evaluation_equals_the_reference(tmp_path, monkeypatch, seed: int
         TRUE,
         FALSE,
         random_fact(rng),
+        *(BytesAt("prefix", offset, (BYTE_SETS[0],)) for offset in range(3)),
         and_(*grams[:3]),
         AtLeast(2, grams[0], grams[0], grams[1]),
     ]

@@ -30,7 +30,7 @@ import numpy as np
 
 from sspry.policy import Policy
 from sspry.query import bitmaps
-from sspry.query.facts import packed_fact
+from sspry.query.facts import packed_facts
 from sspry.query.gather import compiled_pays, probe_leaves, read_leaves
 from sspry.query.plan import Gram, Node, leaves
 from sspry.query.program import Leaves, Program, run_numpy
@@ -117,9 +117,7 @@ class SegmentEvaluator:
         """(plans x words bitmaps of each plan's live candidates, whether each has any)."""
         reader, batch = self.reader, self.batch
         words = bitmaps.words(reader.docs)
-        facts = np.empty((len(batch.facts), words), dtype=np.uint64)
-        for row, fact in enumerate(batch.facts):
-            facts[row] = packed_fact(fact, reader)
+        facts = packed_facts(batch.facts, reader)
         tier1 = read_leaves(reader, 1, batch.h2[1], self.k[1], None, self.compiled)
         out = np.zeros((batch.tier1.outputs, words), dtype=np.uint64)
         nonempty = np.zeros(batch.tier1.outputs, dtype=bool)

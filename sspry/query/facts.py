@@ -1,7 +1,7 @@
 """Exact facts from a segment's columns: file size, entropy, Source ID, module fields, stored bytes.
 
-`evaluate_fact` returns a boolean per document of the segment, `packed_fact` the same as a packed
-bitmap (query/bitmaps.py) for plan evaluation, kept per segment (segments never change) so a rule
+`evaluate_fact` returns a boolean per document of the segment, `packed_facts` the same as packed
+bitmaps (query/bitmaps.py) for plan evaluation, kept per segment (segments never change) so a rule
 searched again does not evaluate its facts again. These are the only leaves besides grams; they are
 exact, which is what lets `not` and `lower` bounds use them (see plan.Approx).
 """
@@ -11,7 +11,8 @@ from __future__ import annotations
 import threading
 import weakref
 from collections import OrderedDict
-from functools import cache
+from collections.abc import Sequence
+from functools import cache, lru_cache
 
 import numpy as np
 
@@ -96,20 +97,62 @@ _packed: weakref.WeakKeyDictionary[SegmentReader, OrderedDict[Node, np.ndarray]]
 _packed_lock = threading.Lock()
 
 
-def packed_fact(node: Node, reader: SegmentReader) -> np.ndarray:
-    """`evaluate_fact` as a packed bitmap, remembered for the segment's lifetime (read-only: shared)."""
+def packed_facts(nodes: Sequence[Node], reader: SegmentReader) -> np.ndarray:
+    """`evaluate_fact` of each node as packed bitmaps (rows in order), each remembered for the segment's
+    lifetime (read-only: shared by searches)."""
+    out = np.empty((len(nodes), bitmaps.words(reader.docs)), dtype=np.uint64)
+    missing: list[int] = []
     with _packed_lock:
         kept = _packed.get(reader)
         if kept is None:
             kept = _packed[reader] = OrderedDict()
-        found = kept.get(node)
-        if found is not None:
-            kept.move_to_end(node)
-            return found
-    found = bitmaps.pack(evaluate_fact(node, reader))
-    found.flags.writeable = False
+        for row, node in enumerate(nodes):
+            found = kept.get(node)
+            if found is None:
+                missing.append(row)
+            else:
+                kept.move_to_end(node)
+                out[row] = found
+    stored = [row for row in missing if isinstance(nodes[row], BytesAt)]
+    if stored:
+        out[stored] = _packed_bytes_at([nodes[row] for row in stored], reader)
+    for row in missing:
+        if not isinstance(nodes[row], BytesAt):
+            out[row] = bitmaps.pack(evaluate_fact(nodes[row], reader))
     with _packed_lock:
-        kept[node] = found
+        for row in missing:
+            found = out[row].copy()
+            found.flags.writeable = False
+            kept[nodes[row]] = found
         while len(kept) > max(16, FACT_CACHE_BITS // max(reader.docs, 1)):
             kept.popitem(last=False)
-    return found
+    return out
+
+
+def _packed_bytes_at(nodes: list[BytesAt], reader: SegmentReader) -> np.ndarray:
+    """BytesAt facts, each the AND of its rows in one matrix of the distinct tests they make (`_tests`)."""
+    tests, uses = _tests(tuple(nodes))
+    rows = np.empty((len(tests), bitmaps.words(reader.docs)), dtype=np.uint64)
+    for row, test in enumerate(tests):
+        data, length = _stored(reader, test[0])
+        if len(test) == 2:
+            rows[row] = bitmaps.pack(np.asarray(length) >= test[1])
+        else:
+            rows[row] = bitmaps.pack(_membership(test[2])[np.asarray(data[:, test[1]])])
+    return np.stack([np.bitwise_and.reduce(rows[used], axis=0) for used in uses])
+
+
+@lru_cache(maxsize=16)  # a batch's facts are the same on every segment
+def _tests(nodes: tuple[BytesAt, ...]) -> tuple[list[tuple], list[list[int]]]:
+    """The distinct tests BytesAt facts make -- the stored length reaching a fact's end, (source, end),
+    and each (source, offset, byte set) -- and the rows of those tests each fact is the AND of. A
+    bundle's PEiD signatures are thousands of facts over a few thousand such positions (Yara-Rules: 3,121
+    facts, 44,381 positions, 4,393 distinct), so each position is gathered once, not once per fact."""
+    tests: dict[tuple, int] = {}
+    uses = []
+    for node in nodes:
+        source, offset = node.source, node.offset
+        used = [tests.setdefault((source, offset + len(node.seq)), len(tests))]
+        used += [tests.setdefault((source, at, mask), len(tests)) for at, mask in enumerate(node.seq, offset)]
+        uses.append(used)
+    return list(tests), uses
