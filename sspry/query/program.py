@@ -23,6 +23,7 @@ soon as it is computed.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import chain
 
 import numpy as np
 
@@ -176,7 +177,10 @@ class Program:
         ops = self.ops
         n = len(ops)
         counts = np.array([len(operands) for _, _, operands in ops], dtype=np.int64)
-        refs = np.array([pair for _, _, operands in ops for pair in operands], dtype=np.int64).reshape(-1, 2)
+        pairs = chain.from_iterable(operands for _, _, operands in ops)
+        refs = np.fromiter(chain.from_iterable(pairs), dtype=np.int64, count=2 * int(counts.sum())).reshape(
+            -1, 2
+        )
         reader = np.repeat(np.arange(n, dtype=np.int64), counts)  # the instruction of each operand
         value = refs[:, 0] == VALUE
         children, readers = refs[value, 1], reader[value]
