@@ -113,6 +113,8 @@ def packed_facts(nodes: Sequence[Node], reader: SegmentReader) -> np.ndarray:
             else:
                 kept.move_to_end(node)
                 out[row] = found
+    if not missing:  # a search of rules seen before
+        return out
     stored = [row for row in missing if isinstance(nodes[row], BytesAt)]
     if stored:
         out[stored] = _packed_bytes_at([nodes[row] for row in stored], reader)
