@@ -25,7 +25,7 @@ from itertools import compress, product, repeat
 from operator import or_ as or_bits
 from typing import NamedTuple
 
-from sspry.query.plan import TRUE, And, Node, Or, and_, or_, tiered_gram
+from sspry.query.plan import TIER_BYTE, TRUE, And, Node, Or, and_, or_, tiered_gram
 from sspry.query.windows import Lanes, best, window_sums
 
 ALL = (1 << 256) - 1
@@ -175,7 +175,7 @@ class GramMapper:
     @staticmethod
     def _nodes(tier: int, grams: list[bytes]) -> list[Node]:
         """The Gram node of each gram."""
-        prefix = _TIER_BYTE[tier]
+        prefix = TIER_BYTE[tier]
         return [tiered_gram(prefix + gram) for gram in grams]
 
     def _exact(self, raw: bytes) -> Node:
@@ -191,7 +191,7 @@ class GramMapper:
             else:
                 lanes = lanes or Lanes(raw)
                 starts = best(lanes.scores(n), self.max_anchors)
-            prefix = _TIER_BYTE[tier]
+            prefix = TIER_BYTE[tier]
             grams += dict.fromkeys([tiered_gram(prefix + raw[s : s + n]) for s in starts])
         if not grams:
             return TRUE
@@ -235,9 +235,6 @@ class GramMapper:
                     node = self._windows[(tier, window)] = grams[0] if len(grams) == 1 else Or(*grams)
                 items.append(node)
         return and_(*items)
-
-
-_TIER_BYTE = {1: b"\x01", 2: b"\x02"}
 
 
 @cache

@@ -93,12 +93,13 @@ class Gram(bytes, Node):
 
     Not interned: a gram is its tier byte followed by its bytes, and equal grams are equal values (a
     dictionary or an And/Or key treats them as one). Most nodes of a plan are grams, and an interned
-    node costs an object, a key tuple and a weak reference each: a fifth of cold planning."""
+    node costs an object, a key tuple and a weak reference each (as values, cold planning of Yara-Rules
+    went 2.96 -> 2.41 s)."""
 
     __slots__ = ()
 
     def __new__(cls, tier: int, gram: bytes) -> Gram:
-        return bytes.__new__(cls, _TIER_BYTE[tier] + gram)
+        return bytes.__new__(cls, TIER_BYTE[tier] + gram)
 
     @property
     def tier(self) -> int:
@@ -121,8 +122,8 @@ class Gram(bytes, Node):
         return (Gram, self.key[1:])
 
 
-_TIER_BYTE = {1: b"\x01", 2: b"\x02"}
-# the gram of tier-prefixed bytes (tier byte + gram), without a Python-level call: for the planner's loops
+TIER_BYTE = {1: b"\x01", 2: b"\x02"}  # a gram's first byte, per tier (no other tier exists)
+# the gram of tier-prefixed bytes (TIER_BYTE + gram), without a Python-level call: for the planner's loops
 tiered_gram = partial(bytes.__new__, Gram)
 
 

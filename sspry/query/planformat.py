@@ -14,6 +14,7 @@ import json
 from operator import itemgetter
 
 from sspry.query.plan import (
+    TIER_BYTE,
     And,
     AtLeast,
     BytesAt,
@@ -139,7 +140,7 @@ def _decode_nodes(grams: list[list], rows: list[list]) -> list[Node]:
     nodes: list[Node] = []
     for tier, size, text in grams:
         data = bytes.fromhex(text)
-        prefix = bytes((tier,))
+        prefix = TIER_BYTE[tier]
         nodes.extend(tiered_gram(prefix + data[at : at + size]) for at in range(0, len(data), size))
     for row in rows:
         code = row[0]

@@ -177,10 +177,8 @@ class Program:
         ops = self.ops
         n = len(ops)
         counts = np.array([len(operands) for _, _, operands in ops], dtype=np.int64)
-        pairs = chain.from_iterable(operands for _, _, operands in ops)
-        refs = np.fromiter(chain.from_iterable(pairs), dtype=np.int64, count=2 * int(counts.sum())).reshape(
-            -1, 2
-        )
+        flat = chain.from_iterable(chain.from_iterable(operands for _, _, operands in ops))
+        refs = np.fromiter(flat, dtype=np.int64, count=2 * int(counts.sum())).reshape(-1, 2)
         reader = np.repeat(np.arange(n, dtype=np.int64), counts)  # the instruction of each operand
         value = refs[:, 0] == VALUE
         children, readers = refs[value, 1], reader[value]
