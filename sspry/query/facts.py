@@ -83,7 +83,8 @@ def evaluate_fact(node: Node, reader: SegmentReader) -> np.ndarray:
             bits = 8 * node.width
             signed = np.where(signed >= (1 << (bits - 1)), signed - (1 << bits), signed)
         return (np.asarray(length) >= node.offset + node.width) & _compare(signed, node.op, node.value)
-    if isinstance(node, BytesAt):
+    if isinstance(node, BytesAt):  # searches compute these together (_packed_bytes_at); this one is
+        # the plain form the tests' reference evaluators hold them to
         data, length = _stored(reader, node.source)
         result = np.asarray(length) >= node.offset + len(node.seq)
         for i, mask in enumerate(node.seq):
