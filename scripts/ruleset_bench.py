@@ -10,6 +10,12 @@ search` command timed from outside (wall clock, the client's peak RSS) while the
 read from /proc. Prints a table with the ratios (the faster brute force's time / sspry's time: above
 1, sspry is faster).
 
+The physical limit of search + verify is timed too ("limit"): a repeated search, plus yara-python (fast
+mode, same processes) over only the files the brute force found a match in, each content once. That is
+what search + verify would take if the prefilter returned exactly the files YARA matches and
+verification cost nothing beyond scanning them: no prefilter can do better, so a set whose limit ratio
+is under a target cannot reach it.
+
   scripts/ruleset_bench.py --corpus DIR [DIR ...] --rules DIR [--sets all,malware,...] [--work DIR]
                            [--engines yara,yara-x] [--brute full,fast] [--json OUT]
 
@@ -24,6 +30,7 @@ inserts stop), so no merge runs while a search is timed.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import multiprocessing
 import os
@@ -73,24 +80,33 @@ def _load_scanner(saved: str, fast: bool) -> None:
     _SCANNER, _FAST = yara.load(saved), fast
 
 
-def _scan(path: str) -> int:
+def _scan(path: str) -> tuple[str, int]:
     try:
         assert _SCANNER is not None
-        return len(_SCANNER.match(path, timeout=120, fast=_FAST))
+        return path, len(_SCANNER.match(path, timeout=120, fast=_FAST))
     except yara.Error:
-        return 0
+        return path, 0
 
 
-def brute_force(bundle: Path, files: list[str], processes: int, fast: bool) -> float:
+def brute_force(bundle: Path, files: list[str], processes: int, fast: bool) -> tuple[float, list[str]]:
     """Seconds for yara-python to scan every file with the bundle, in `processes` processes (`fast`: in
-    libyara's fast mode)."""
+    libyara's fast mode), and the files with a match."""
     with tempfile.TemporaryDirectory() as scratch:
         saved = os.path.join(scratch, "rules.bin")
         yara.compile(filepath=str(bundle)).save(saved)
         started = time.perf_counter()
         with multiprocessing.get_context("fork").Pool(processes, _load_scanner, (saved, fast)) as pool:
-            sum(pool.imap_unordered(_scan, files, chunksize=8))
-        return time.perf_counter() - started
+            matched = [path for path, found in pool.imap_unordered(_scan, files, chunksize=8) if found]
+        return time.perf_counter() - started, sorted(matched)
+
+
+def distinct_contents(paths: list[str]) -> list[str]:
+    """One path per distinct content (sha256) among `paths`: verification reads each document once."""
+    seen: dict[bytes, str] = {}
+    for path in paths:
+        with open(path, "rb") as handle:
+            seen.setdefault(hashlib.file_digest(handle, "sha256").digest(), path)
+    return sorted(seen.values())
 
 
 def timed(command: list[str]) -> tuple[float, int, str]:
@@ -210,11 +226,13 @@ def main() -> int:
         kept, rules = build_set(rule_files(source), bundle)
         if not rules:
             continue
-        brute = {
-            f"yara_{mode}_s": round(brute_force(bundle, files, args.processes, mode == "fast"), 2)
-            for mode in args.brute.split(",")
-        }
+        brute, matched = {}, []
+        for mode in args.brute.split(","):
+            seconds, matched = brute_force(bundle, files, args.processes, mode == "fast")
+            brute[f"yara_{mode}_s"] = round(seconds, 2)
         yara_s = min(brute.values())
+        matching = distinct_contents(matched)
+        oracle_s, _ = brute_force(bundle, matching, args.processes, fast=True)
         # The first search is cold: a fresh server and no stored plans (the plan cache is derived data).
         shutil.rmtree(root / PLANS_DIR, ignore_errors=True)
         server = Server(sspry, root)
@@ -239,6 +257,9 @@ def main() -> int:
                     row["documents"] = result["documents"]
         finally:
             server.stop()
+        row["matching_documents"] = len(matching)
+        row["limit_s"] = round(row["repeated_s"] + oracle_s, 2)
+        row["limit_ratio"] = round(yara_s / row["limit_s"], 2)
         rows.append(row)
         print(json.dumps(row), flush=True)
 
