@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from sspry.client.connection import ClientError, Connection, OfflineError, parse_addrs
 from sspry.deleting import Deletion, delete_values
-from sspry.document import Document
+from sspry.document import UNKNOWN_STAMP, Document
 from sspry.engines import DEFAULT_ENGINE
 from sspry.indexing import IndexSummary, index_files
 from sspry.policy import Policy
@@ -418,7 +418,8 @@ class _Answer:
             kind = frame.WhichOneof("frame")
             if kind == "paths":
                 for doc in frame.paths.documents:
-                    self.paths[doc.source_id] = PathsOf(tuple(doc.paths), doc.path_count)
+                    stamps = tuple(zip(doc.sizes, doc.mtimes_ns, strict=True))  # none from older servers
+                    self.paths[doc.source_id] = PathsOf(tuple(doc.paths), doc.path_count, stamps)
             elif kind == "candidates" and frame.candidates.rule == index:
                 ids.extend(frame.candidates.source_ids)
                 if frame.candidates.rule_end:
@@ -448,9 +449,19 @@ def _merge_paths(answers: list[_Answer], wanted: list[bytes]) -> dict[bytes, Pat
             if before is None:
                 merged[source_id] = paths
             else:
-                shown = tuple(dict.fromkeys(before.paths + paths.paths))[:SHOWN_PATHS]
-                merged[source_id] = PathsOf(shown, before.count + paths.count)
+                stamped = dict(_stamped(before))
+                for path, stamp in _stamped(paths):
+                    stamped.setdefault(path, stamp)
+                shown = list(stamped.items())[:SHOWN_PATHS]
+                merged[source_id] = PathsOf(
+                    tuple(p for p, _ in shown), before.count + paths.count, tuple(s for _, s in shown)
+                )
     return merged
+
+
+def _stamped(paths: PathsOf) -> zip:
+    """(path, stamp) pairs of `paths`; a server that sent no stamps gives UNKNOWN_STAMP (never trusted)."""
+    return zip(paths.paths, paths.stamps or [UNKNOWN_STAMP] * len(paths.paths), strict=True)
 
 
 def connect(

@@ -432,7 +432,13 @@ class SspryService:
         documents, size = [], 0
         for source_id, found in self.forest.paths_of(source_ids).items():
             documents.append(
-                sspry_pb2.CandidatePaths(source_id=source_id, paths=found.paths, path_count=found.count)
+                sspry_pb2.CandidatePaths(
+                    source_id=source_id,
+                    paths=found.paths,
+                    path_count=found.count,
+                    sizes=[size for size, _ in found.stamps],
+                    mtimes_ns=[mtime for _, mtime in found.stamps],
+                )
             )
             size += len(source_id) + sum(len(p) + 8 for p in found.paths)
             if size >= PATH_FRAME_BYTES:

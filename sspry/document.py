@@ -27,6 +27,25 @@ def _over(what: str, value: int, name: str) -> PolicyError:
     return PolicyError(f"{what}: {value}, over the limit of {getattr(limits, name)} ({name})")
 
 
+# A file rewritten within one tick of the clock that stamps it keeps its mtime (a jiffy on Linux, 2 s on
+# FAT), so a stamp this close to the reading proves nothing later: such a file is recorded with its mtime
+# unknown (-1), as git treats its "racily clean" entries.
+RACY_NS = 2_000_000_000
+UNKNOWN_STAMP = (0, -1)  # the (size, mtime_ns) of a path whose stamp is not known
+
+
+def settled_mtime(mtime_ns: int, read_end_ns: int) -> int:
+    """The mtime to record for a file read until `read_end_ns` (time.time_ns()): -1 when it is racy."""
+    return mtime_ns if mtime_ns < read_end_ns - RACY_NS else -1
+
+
+def unchanged(recorded: tuple[int, int], size: int, mtime_ns: int) -> bool:
+    """Whether a file that now has `size` and `mtime_ns` still holds the document indexed from it, by
+    its recorded (size, mtime_ns) stamp: re-indexing does not read it again, verification scans it
+    without hashing it. A stamp with its mtime unknown (-1) never holds."""
+    return recorded[1] >= 0 and recorded == (size, mtime_ns)
+
+
 def path_key(path: str) -> bytes:
     """The key a file is recorded under: blake2b-128 of its canonical path. Recorded for every forest,
     also those that do not store paths, so that a re-run recognises files it has already indexed."""

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import yara
 
+from sspry.document import UNKNOWN_STAMP, unchanged
 from sspry.policy import Policy
 
 ENGINES = ("yara", "yara-x")
@@ -44,6 +45,7 @@ class Verdict:
     detail: str | None = None
     size: int = 0  # bytes read and scanned
     scans: int = 0  # rule groups it was scanned with
+    hashed: bool = False  # its stamp did not hold: it was hashed to check it still holds the document
 
 
 def qualified_name(namespace: str, rule: str) -> str:
@@ -296,13 +298,21 @@ def scan_errors() -> tuple[type[BaseException], ...]:
     return _errors(yara.Error, "ScanError")
 
 
-def _read(path: str, source_id: bytes, policy: Policy) -> tuple[bytes | None, Verdict | None, int]:
-    """The file's bytes (None when too big to hold: scan it by path), or why it cannot be verified."""
+def _read(
+    path: str, source_id: bytes, policy: Policy, stamp: tuple[int, int]
+) -> tuple[bytes | None, Verdict | None, int, bool]:
+    """(the file's bytes (None: scan it by path) or why it cannot be verified, its size, whether it was
+    hashed). A file that still has the `stamp` recorded when it was indexed holds that document
+    (document.unchanged) and is scanned by path, unread here; any other is hashed, and scanned only if
+    it still holds the document."""
     try:
-        size = os.path.getsize(path)
-        hasher = policy.new_id_hasher()
-        data = None
-        with open(path, "rb") as handle:
+        with open(path, "rb") as handle:  # opened either way: an unreadable file is reported as such
+            info = os.fstat(handle.fileno())
+            size = info.st_size
+            if unchanged(stamp, size, info.st_mtime_ns):
+                return None, None, size, False
+            hasher = policy.new_id_hasher()
+            data = None
             if size <= IN_MEMORY_BYTES:
                 data = handle.read()
                 hasher.update(data)
@@ -310,16 +320,23 @@ def _read(path: str, source_id: bytes, policy: Policy) -> tuple[bytes | None, Ve
                 for block in iter(lambda: handle.read(16 << 20), b""):
                     hasher.update(block)
     except FileNotFoundError:
-        return None, Verdict(skipped="missing", detail=f"{path}: file no longer exists"), 0
+        return None, Verdict(skipped="missing", detail=f"{path}: file no longer exists"), 0, False
     except OSError as exc:
-        return None, Verdict(skipped="unreadable", detail=f"{path}: {exc.strerror or exc}"), 0
+        return None, Verdict(skipped="unreadable", detail=f"{path}: {exc.strerror or exc}"), 0, False
     if hasher.digest() != source_id:
-        return None, Verdict(skipped="changed", detail=f"{path}: file changed since it was indexed"), 0
-    return data, None, size
+        changed = Verdict(skipped="changed", detail=f"{path}: file changed since it was indexed")
+        return None, changed, 0, True
+    return data, None, size, True
 
 
 def _scan(
-    path: str, data: bytes | None, size: int, groups: list[Compiled], asked: Collection[str], externals
+    path: str,
+    data: bytes | None,
+    size: int,
+    groups: list[Compiled],
+    asked: Collection[str],
+    externals,
+    hashed: bool,
 ) -> Verdict:
     details: dict[str, dict] = {}
     try:
@@ -330,7 +347,7 @@ def _scan(
     except scan_errors() as exc:
         return Verdict(skipped="error", detail=f"{path}: yara: {exc}")
     kept = {rule: found for rule, found in details.items() if found} if asked else {}
-    return Verdict(matched=frozenset(details), details=kept, size=size, scans=len(groups))
+    return Verdict(matched=frozenset(details), details=kept, size=size, scans=len(groups), hashed=hashed)
 
 
 def scan_document(
@@ -340,17 +357,19 @@ def scan_document(
     policy: Policy,
     asked: Collection[str] = (),
     externals: Mapping | None = None,
+    stamps: tuple[tuple[int, int], ...] = (),
 ) -> Verdict:
     """Scan the first of `paths` that still holds the document with `groups`; otherwise report the first
-    path's problem. `asked`: the match details wanted (results.MATCH_DETAILS)."""
+    path's problem. `asked`: the match details wanted (results.MATCH_DETAILS); `stamps`: each path's
+    (size, mtime_ns) when it was indexed, when known."""
     if not paths:
         why = "no recorded path" if policy.store_path else "the forest was initialised without --store-path"
         return Verdict(skipped="no-path", detail=why)
     first: Verdict | None = None
-    for path in paths:
-        data, problem, size = _read(path, source_id, policy)
+    for path, stamp in zip(paths, stamps or [UNKNOWN_STAMP] * len(paths), strict=True):
+        data, problem, size, hashed = _read(path, source_id, policy, stamp)
         if problem is None:
-            return _scan(path, data, size, groups, asked, externals or {})
+            return _scan(path, data, size, groups, asked, externals or {}, hashed)
         first = first or problem
     assert first is not None
     return first
@@ -372,6 +391,10 @@ def init_worker(
     )
 
 
-def scan_in_worker(paths: tuple[str, ...], source_id: bytes, indexes: list[int]) -> Verdict:
+def scan_in_worker(
+    paths: tuple[str, ...], source_id: bytes, indexes: list[int], stamps: tuple[tuple[int, int], ...] = ()
+) -> Verdict:
     groups = [_WORKER["groups"][i] for i in indexes]
-    return scan_document(paths, source_id, groups, _WORKER["policy"], _WORKER["asked"], _WORKER["externals"])
+    return scan_document(
+        paths, source_id, groups, _WORKER["policy"], _WORKER["asked"], _WORKER["externals"], stamps
+    )

@@ -19,6 +19,7 @@ from sspry.cli import main
 from sspry.features import walk
 from sspry.policy import Policy
 from sspry.store.forest import Forest
+from tests.conftest import settle
 
 
 def run(*args: str, code: int = 0):
@@ -36,7 +37,7 @@ def files(tmp_path) -> Path:
     (directory / "sub" / "c.bin").write_bytes(bytes(range(256)) * 40)
     (directory / "sub" / "empty").write_bytes(b"")
     (directory / "sub" / "dup.txt").write_bytes(b"prefix needle-alpha suffix " * 10)  # same content as a.txt
-    return directory
+    return settle(directory)
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ import pytest
 from sspry.policy import Policy
 from sspry.store.forest import Forest
 from sspry.store.ingest_log import read_log
+from tests.conftest import settle
 from tests.test_server import ServerProcess
 
 FILES = 600
@@ -27,7 +28,7 @@ def corpus(tmp_path_factory) -> Path:
     directory.mkdir()
     for i in range(FILES):
         (directory / f"f{i:04d}.bin").write_bytes(os.urandom(FILE_BYTES))
-    return directory
+    return settle(directory)
 
 
 def sspry(*args: str) -> subprocess.Popen:

@@ -132,6 +132,8 @@ def test_two_servers_index_search_delete_info_shutdown(servers, indexed_corpus, 
         run("search", "--addr", addrs, "--rule", str(indexed_corpus.rules), "--json", "--verify").stdout
     )
     assert any(c["verified"] for r in verified["rules"] for c in r["candidates"])
+    # the servers sent each path's stamp, which still holds: no file was hashed to check it
+    assert verified["verification"]["files"] > 0 and verified["verification"]["hashed_files"] == 0
 
     infos = json.loads(run("info", "--addr", addrs).stdout)
     assert [i["addr"] for i in infos] == addrs.split(",")

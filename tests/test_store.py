@@ -194,7 +194,8 @@ def test_publish_dedups_deletes_and_compacts(tmp_path) -> None:
         assert forest.delete([docs[0].source_id, docs[0].source_id, b"\x01" * 32]) == [True, True, False]
         assert forest.delete([docs[0].source_id]) == [False]
         assert forest.paths_of([docs[0].source_id, docs[5].source_id]) == {
-            docs[5].source_id: PathsOf(("/d/5",), 1)  # a deleted document's paths are forgotten
+            # a deleted document's paths are forgotten; a path comes with its stamp when indexed
+            docs[5].source_id: PathsOf(("/d/5",), 1, ((docs[5].filesize, docs[5].mtime_ns),))
         }
         segments_before = info["segments"]
         forest.ingest([docs[0]])  # a deleted document can be indexed again

@@ -3,12 +3,16 @@ YARA says when it scans the file with every rule."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import yara
 
 import sspry
 from sspry.query.rules import load_rules
 from sspry.verify import rule_groups
+from tests.conftest import settle
 
 
 def bundle(tokens: int) -> str:
@@ -102,3 +106,33 @@ def test_grouped_verification_equals_scanning_with_every_rule(tmp_path, engine) 
     assert matched["needs_helper"] == 1 and matched["broad"] == 60 and matched["t5"] >= 1
     assert matched["refused_by_x"] >= 1 and matched["hexy"] == 6
     assert matched["counted"] == 60 and 0 < matched["late"] < 60
+
+
+def test_a_file_that_keeps_its_indexed_stamp_is_scanned_without_being_hashed(tmp_path) -> None:
+    """Verification trusts the (size, mtime) recorded at indexing as re-indexing does (document.unchanged):
+    a file that still has it is not hashed; one whose mtime moved is hashed, then scanned if it holds
+    its document, skipped if not; a file modified moments before it was indexed has no stamp to trust."""
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    for name in ("kept", "touched", "rewritten", "restamped"):
+        (samples / name).write_text(f"{name} holds token-0-")
+    settle(samples)
+    (samples / "fresh").write_text("fresh holds token-0-")  # indexed at once: its stamp is racy
+    rule = 'rule t { strings: $a = "token-0-" condition: $a }'
+    with sspry.Database.create(tmp_path / "db", store_path=True) as db:
+        db.index([str(samples)])
+        os.utime(samples / "touched")  # same content, a new mtime
+        (samples / "rewritten").write_text("rewritten lost token-0")
+        stamp = (samples / "restamped").stat()
+        (samples / "restamped").write_text("restamped holds token-X-")  # same size, its mtime put back:
+        os.utime(samples / "restamped", ns=(stamp.st_atime_ns, stamp.st_mtime_ns))  # taken as unchanged
+        result = db.search(rule=rule, verify=True)
+    outcomes = {Path(c.paths[0]).name: c.outcome for c in result.rules[0].candidates}
+    assert outcomes == {
+        "kept": "match",
+        "touched": "match",
+        "rewritten": "skipped:changed",
+        "restamped": "no-match",  # scanned as it is now, unhashed
+        "fresh": "match",
+    }
+    assert result.verification["files"] == 4 and result.verification["hashed_files"] == 2  # touched, fresh

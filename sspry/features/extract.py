@@ -19,13 +19,14 @@ import math
 import os
 import stat
 import threading
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 
 import numpy as np
 
-from sspry.document import Document, path_key
+from sspry.document import Document, path_key, settled_mtime
 from sspry.features import kernels
 from sspry.features.metadata import module_fields
 from sspry.features.runs import RunCounter
@@ -310,7 +311,7 @@ def extract_file(path: str, policy: Policy, helpers: Executor | None = None) -> 
         entry_bytes=entry_bytes,
         modules_scanned=scanned,
         path_key=path_key(canonical),
-        mtime_ns=info.st_mtime_ns,
+        mtime_ns=settled_mtime(info.st_mtime_ns, time.time_ns()),
     )
     try:
         doc.check(policy)  # a file over a limit of sspry.limits is a problem reported, not a failed run

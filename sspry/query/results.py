@@ -27,6 +27,7 @@ class Candidate:
     source_id: bytes
     paths: tuple[str, ...] = ()  # the first recorded paths of the document
     path_count: int = 0  # how many paths are recorded in all
+    stamps: tuple[tuple[int, int], ...] = ()  # (size, mtime_ns) of each path when indexed (not printed)
     verified: bool | None = None  # None: not verified, or could not be (see skipped)
     skipped: str | None = None  # one of SKIP_REASONS
     skip_detail: str | None = None  # the error behind it
@@ -219,4 +220,4 @@ def attach_paths(
         for candidate in rule.candidates:
             paths = found.get(candidate.source_id)
             if paths is not None:
-                candidate.paths, candidate.path_count = paths.paths, paths.count
+                candidate.paths, candidate.path_count, candidate.stamps = paths

@@ -64,10 +64,13 @@ class FileRecord:
 
 
 class PathsOf(NamedTuple):  # a tuple: one is made per candidate document, cheaper than a dataclass
-    """The recorded paths of one document: the first SHOWN_PATHS of them, and how many there are."""
+    """The recorded paths of one document: the first SHOWN_PATHS of them, and how many there are; with
+    each shown path, the (size, mtime_ns) it had when indexed (verification trusts a file that still
+    has them: engines.py)."""
 
     paths: tuple[str, ...]
     count: int
+    stamps: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -190,21 +193,25 @@ class FileCatalog:
 
     def paths_of(self, source_ids: Sequence[bytes]) -> dict[bytes, PathsOf]:
         """For each document with recorded paths: the first SHOWN_PATHS paths (in the order they were
-        recorded) and their number. Documents recorded without paths have an empty tuple."""
+        recorded), their number and their stamps. Documents recorded without paths have empty tuples."""
         shown: dict[bytes, list[str]] = {}
+        stamps: dict[bytes, list[tuple[int, int]]] = {}
         counts: dict[bytes, int] = {}
         with self._lock:
             for part in _chunks(list(dict.fromkeys(source_ids))):
                 marks = ",".join("?" * len(part))
-                for source_id, path in self._db.execute(
-                    f"SELECT source_id, path FROM files WHERE source_id IN ({marks}) ORDER BY id", part
+                for source_id, path, size, mtime in self._db.execute(
+                    f"SELECT source_id, path, size, mtime_ns FROM files WHERE source_id IN ({marks}) "
+                    "ORDER BY id",
+                    part,
                 ):
                     source_id = bytes(source_id)
                     counts[source_id] = counts.get(source_id, 0) + 1
                     paths = shown.setdefault(source_id, [])
                     if path is not None and len(paths) < SHOWN_PATHS:
                         paths.append(path.decode(_FS_ENCODING, _FS_ERRORS))  # os.fsdecode, less checking
-        return {i: PathsOf(tuple(shown[i]), counts[i]) for i in counts}
+                        stamps.setdefault(source_id, []).append((size, mtime))
+        return {i: PathsOf(tuple(shown[i]), counts[i], tuple(stamps.get(i, ()))) for i in counts}
 
     def files(self) -> int:
         with self._lock:

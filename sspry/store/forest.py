@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sspry.document import Document, path_key
+from sspry.document import Document, path_key, unchanged
 from sspry.policy import POLICY_VERSION, Policy, PolicyError
 from sspry.store import compaction, diskio, quarantine
 from sspry.store.errors import ForestError, StorageFull, format_error, full_disk_as, is_full
@@ -476,8 +476,8 @@ class Forest:
         same: list[bytes | None] = []  # the recorded document where the file is unchanged
         for key, size, mtime in stamps:
             record = found.get(key)
-            unchanged = record is not None and mtime >= 0 and (record.size, record.mtime_ns) == (size, mtime)
-            same.append(record.source_id if unchanged else None)
+            kept = record is not None and unchanged((record.size, record.mtime_ns), size, mtime)
+            same.append(record.source_id if kept else None)
         held = iter(self.holds([i for i in same if i is not None]).tolist())
         return [i is not None and next(held) for i in same]
 
