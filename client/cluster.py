@@ -418,8 +418,7 @@ class _Answer:
             kind = frame.WhichOneof("frame")
             if kind == "paths":
                 for doc in frame.paths.documents:
-                    stamps = tuple(zip(doc.sizes, doc.mtimes_ns, strict=True))  # none from older servers
-                    self.paths[doc.source_id] = PathsOf(tuple(doc.paths), doc.path_count, stamps)
+                    self.paths[doc.source_id] = PathsOf(tuple(doc.paths), doc.path_count, _stamps(doc))
             elif kind == "candidates" and frame.candidates.rule == index:
                 ids.extend(frame.candidates.source_ids)
                 if frame.candidates.rule_end:
@@ -457,6 +456,14 @@ def _merge_paths(answers: list[_Answer], wanted: list[bytes]) -> dict[bytes, Pat
                     tuple(p for p, _ in shown), before.count + paths.count, tuple(s for _, s in shown)
                 )
     return merged
+
+
+def _stamps(doc: sspry_pb2.CandidatePaths) -> tuple[tuple[int, int], ...]:
+    """Each path's stamp as the server sent it; none (so never trusted) from an older server, or when
+    the counts do not match the paths'."""
+    if not len(doc.sizes) == len(doc.mtimes_ns) == len(doc.paths):
+        return ()
+    return tuple(zip(doc.sizes, doc.mtimes_ns, strict=True))
 
 
 def _stamped(paths: PathsOf) -> zip:

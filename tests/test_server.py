@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from sspry.cli import main
+from sspry.client.cluster import _stamps
 from sspry.client.connection import ClientError
 from sspry.document import Document
 from sspry.policy import POLICY_VERSION, Policy
@@ -26,6 +27,7 @@ from sspry.progress import Progress, Stage
 from sspry.query.search import search_rule_file
 from sspry.store.forest import Forest
 from sspry.v1 import sspry_pb2, sspry_pb2_grpc
+from tests.conftest import settle
 from tests.test_store import make_doc
 
 
@@ -457,6 +459,36 @@ class Recorder(Progress):
                 recorder.calls[what] += 1
 
         return Counting()
+
+
+def test_paths_of_a_document_on_two_servers_keep_their_stamps_for_verification(servers, tmp_path) -> None:
+    """The same content indexed from one path into each server: the client merges both paths with the
+    stamp each server recorded, so verification hashes a file only when its own stamp no longer holds."""
+    a, b = servers("a"), servers("b")
+    for name, server in (("one", a), ("two", b)):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "same.txt").write_text("both servers hold token-stamped-")
+        settle(folder)
+        run("index", "--addr", server.addr, str(folder))
+    rules = tmp_path / "r.yar"
+    rules.write_text('rule r { strings: $a = "token-stamped-" condition: $a }')
+    addrs = f"{a.addr},{b.addr}"
+
+    def verified() -> tuple[list[str], dict]:
+        out = json.loads(run("search", "--addr", addrs, "--rule", str(rules), "--json", "--verify").stdout)
+        [candidate] = out["rules"][0]["candidates"]
+        assert candidate["verified"] is True
+        return candidate["paths"], out["verification"]
+
+    paths, verification = verified()
+    assert sorted(paths) == sorted(str(tmp_path / n / "same.txt") for n in ("one", "two"))
+    assert verification["hashed_files"] == 0
+    os.utime(paths[0])  # the path verification reads first: its stamp no longer holds
+    assert verified()[1]["hashed_files"] == 1
+    # stamps that do not pair with the paths (an older or broken server) are not trusted
+    sent = sspry_pb2.CandidatePaths(source_id=b"x", paths=["/p", "/q"], sizes=[1], mtimes_ns=[5])
+    assert _stamps(sent) == ()
 
 
 def test_progress_of_planning_a_bundle_on_the_server_and_of_verifying(servers, tmp_path) -> None:
