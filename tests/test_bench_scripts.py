@@ -198,3 +198,49 @@ def test_recall_audit_with_externals_several_sources_and_both_engines(tmp_path) 
         capture_output=True,
     )
     assert subprocess.run(audit, capture_output=True, text=True, timeout=300).returncode == 1
+
+
+def test_ruleset_bench_times_each_set_and_its_limit(tmp_path) -> None:
+    """A whole directory and one folder as sets, through a real server: every timing is there, the
+    candidates and verdicts are the bench's, and the limit scans each matching content once."""
+    files = tmp_path / "files"
+    files.mkdir()
+    for i in range(12):
+        (files / f"f{i}.txt").write_text(f"file {i} holds token-{i % 3}- and more text to scan")
+    (files / "copy.txt").write_text("file 0 holds token-0- and more text to scan")  # f0's content again
+    rules = tmp_path / "rules" / "folder"
+    rules.mkdir(parents=True)
+    (rules / "a.yar").write_text('rule zero { strings: $a = "token-0-" condition: $a }')
+    (rules / "b.yar").write_text('rule one { strings: $a = "token-1-" condition: $a }')
+    out = tmp_path / "out.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "ruleset_bench.py"),
+            "--corpus",
+            str(files),
+            "--rules",
+            str(tmp_path / "rules"),
+            "--work",
+            str(tmp_path / "work"),
+            "--brute",
+            "fast",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = {row["set"]: row for row in json.loads(out.read_text())["sets"]}
+    assert set(rows) == {"all", "folder"}
+    for row in rows.values():
+        assert row["rules"] == 2 and row["documents"] == 12  # copy.txt is f0's document
+        # f0, f3, f6, f9 (and copy.txt, the same content) hold token-0-; f1, f4, f7, f10 token-1-
+        assert row["matching_documents"] == 8 and row["candidate_pairs"] >= 8
+        for label in ("first", "repeated", "verify"):
+            assert row[f"{label}_s"] > 0 and row[f"{label}_ratio"] == round(
+                row["yara_fast_s"] / row[f"{label}_s"], 2
+            )
+        assert row["limit_s"] > row["repeated_s"]
