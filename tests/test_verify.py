@@ -80,11 +80,13 @@ def test_grouped_verification_equals_scanning_with_every_rule(tmp_path, engine) 
         extra += " 0123456789ab" if i % 10 == 0 else ""
         (samples / f"f{i}").write_text(f"file {i} holds token-{i}- and token-{(i * 7) % 60}-{extra}")
     (samples / "empty").write_bytes(b"")
+    settle(samples)
     text = bundle(60)
     with sspry.Database.create(tmp_path / "db", store_path=True) as db:
         db.index([str(samples)])
         result = db.search(rule=text, verify=True, engine=engine)
     assert result.verification["engine"] == engine
+    assert result.verification["hashed_files"] == 0  # each scanned by path, in the workers for yara-x
     wanted = {r.name: {c.source_id for c in r.candidates} for r in result.rules}
     groups = rule_groups(wanted, load_rules(rule=text), engine=engine)
     # one group for every rule with good atoms (a scan costs a pass over the file whatever its rules),
@@ -108,7 +110,8 @@ def test_grouped_verification_equals_scanning_with_every_rule(tmp_path, engine) 
     assert matched["counted"] == 60 and 0 < matched["late"] < 60
 
 
-def test_a_file_that_keeps_its_indexed_stamp_is_scanned_without_being_hashed(tmp_path) -> None:
+@pytest.mark.parametrize("engine", ["yara", "yara-x"])
+def test_a_file_that_keeps_its_indexed_stamp_is_scanned_without_being_hashed(tmp_path, engine) -> None:
     """Verification trusts the (size, mtime) recorded at indexing as re-indexing does (document.unchanged):
     a file that still has it is not hashed; one whose mtime moved is hashed, then scanned if it holds
     its document, skipped if not; a file modified moments before it was indexed has no stamp to trust."""
@@ -126,7 +129,7 @@ def test_a_file_that_keeps_its_indexed_stamp_is_scanned_without_being_hashed(tmp
         stamp = (samples / "restamped").stat()
         (samples / "restamped").write_text("restamped holds token-X-")  # same size, its mtime put back:
         os.utime(samples / "restamped", ns=(stamp.st_atime_ns, stamp.st_mtime_ns))  # taken as unchanged
-        result = db.search(rule=rule, verify=True)
+        result = db.search(rule=rule, verify=True, engine=engine)
     outcomes = {Path(c.paths[0]).name: c.outcome for c in result.rules[0].candidates}
     assert outcomes == {
         "kept": "match",
