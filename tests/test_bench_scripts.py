@@ -201,8 +201,8 @@ def test_recall_audit_with_externals_several_sources_and_both_engines(tmp_path) 
 
 
 def test_ruleset_bench_times_each_set_and_its_limit(tmp_path) -> None:
-    """A whole directory and one folder as sets, through a real server: every timing is there, the
-    candidates and verdicts are the bench's, and the limit scans each matching content once."""
+    """A whole directory and one folder as sets, through a real server: every timing comes with its
+    ratio to the brute force, and the limit scans each matching content once."""
     files = tmp_path / "files"
     files.mkdir()
     for i in range(12):
