@@ -135,6 +135,13 @@ class Connection:
         except grpc.RpcError as exc:
             raise self._error(exc) from None
 
+    def check_alive(self) -> None:
+        """OfflineError unless the server answers the standard health check within the timeout. A busy
+        server still answers it at once (its event loop serves it, not a search thread)."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        self._unary(health_pb2_grpc.HealthStub(self.channel).Check, health_pb2.HealthCheckRequest())
+
     def info(self) -> sspry_pb2.InfoResponse:
         return self._unary(self.stub.Info, sspry_pb2.InfoRequest())
 

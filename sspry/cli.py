@@ -754,7 +754,11 @@ def _client_options(function):
             help="Server address(es), comma separated  [default: 127.0.0.1:17653]",
         ),
         click.option(
-            "--timeout", default=30.0, show_default=True, type=click.FloatRange(0.1), help="Seconds per call."
+            "--timeout",
+            default=30.0,
+            show_default=True,
+            type=click.FloatRange(0.1),
+            help="Seconds per call (searches: per silence, then a health check).",
         ),
         click.option(
             "--max-message-bytes",

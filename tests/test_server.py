@@ -491,6 +491,38 @@ def test_paths_of_a_document_on_two_servers_keep_their_stamps_for_verification(s
     assert _stamps(sent) == ()
 
 
+def test_a_kept_cluster_gives_up_on_a_server_that_stopped_answering(servers, tmp_path) -> None:
+    """A server that stops answering between two searches of one Cluster (SIGSTOP: its socket still
+    accepts, nothing answers) is named offline after about twice the timeout, not at the search's
+    deadline (minutes); without ignore_offline the search fails with that message."""
+    import sspry
+
+    a, b = servers("a"), servers("b")
+    for name, server in (("one", a), ("two", b)):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "f.txt").write_text(f"{name} holds token-kept-")
+        run("index", "--addr", server.addr, str(folder))
+    rule = 'rule r { strings: $a = "token-kept-" condition: $a }'
+    with (
+        sspry.connect([a.addr, b.addr], timeout=1.0, ignore_offline=True) as kept,
+        sspry.connect([a.addr, b.addr], timeout=1.0) as strict,
+    ):
+        assert len(kept.search(rule=rule).rules[0].candidates) == 2
+        assert len(strict.search(rule=rule).rules[0].candidates) == 2
+        os.kill(b.process.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            result = kept.search(rule=rule)
+            elapsed = time.monotonic() - started
+            with pytest.raises(ClientError, match=f"server {b.addr} is not reachable"):
+                strict.search(rule=rule)
+        finally:
+            os.kill(b.process.pid, signal.SIGCONT)
+    assert result.offline == [b.addr] and elapsed < 10
+    assert [c.paths for c in result.rules[0].candidates] == [(str(tmp_path / "one" / "f.txt"),)]
+
+
 def test_progress_of_planning_a_bundle_on_the_server_and_of_verifying(servers, tmp_path) -> None:
     server = servers("a")
     files = tmp_path / "files"
