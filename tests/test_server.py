@@ -523,6 +523,29 @@ def test_a_kept_cluster_gives_up_on_a_server_that_stopped_answering(servers, tmp
     assert [c.paths for c in result.rules[0].candidates] == [(str(tmp_path / "one" / "f.txt"),)]
 
 
+def test_a_server_silent_while_it_works_passes_the_health_check_and_is_waited_for(
+    servers, tmp_path, monkeypatch
+) -> None:
+    """With a timeout shorter than the server's silences (compiling and planning 10,000 rules), the
+    client checks the server's health and goes on waiting: the search completes."""
+    import sspry
+    from sspry.client.connection import Connection
+
+    server = servers("a")
+    folder = tmp_path / "files"
+    folder.mkdir()
+    (folder / "f.txt").write_text("holds token-17-")
+    run("index", "--addr", server.addr, str(folder))
+    checks: list[str] = []
+    check = Connection.check_alive
+    monkeypatch.setattr(Connection, "check_alive", lambda self: (checks.append(self.addr), check(self))[1])
+    rules = "\n".join(f'rule r{i} {{ strings: $a = "token-{i}-" condition: $a }}' for i in range(10_000))
+    with sspry.connect(server.addr, timeout=0.1) as cluster:
+        result = cluster.search(rule=rules)
+    assert checks and set(checks) == {server.addr} and not result.offline
+    assert [r.name for r in result.rules if r.candidates] == ["r17"]
+
+
 def test_progress_of_planning_a_bundle_on_the_server_and_of_verifying(servers, tmp_path) -> None:
     server = servers("a")
     files = tmp_path / "files"
