@@ -130,10 +130,28 @@ class Connection:
         return ""
 
     def _unary(self, method, request, timeout: float | None = None):
+        """A call; one whose deadline is longer than the timeout (`timeout`) is watched (_watched)."""
         try:
-            return method(request, timeout=timeout or self.timeout, metadata=self.metadata)
+            if timeout is None or timeout <= self.timeout:
+                return method(request, timeout=timeout or self.timeout, metadata=self.metadata)
+            return self._watched(method.future(request, timeout=timeout, metadata=self.metadata))
         except grpc.RpcError as exc:
             raise self._error(exc) from None
+
+    def _watched(self, call):
+        """The result of a call (a future) allowed longer than the timeout: each time it has run another
+        timeout, the server must pass a health check (check_alive), or the call is cancelled and the
+        server is offline. A server that stopped answering is found in twice the timeout, not at the
+        call's deadline (minutes), while a busy one is waited for. Raises the call's grpc.RpcError."""
+        while True:
+            try:
+                return call.result(timeout=self.timeout)
+            except grpc.FutureTimeoutError:
+                try:
+                    self.check_alive()
+                except OfflineError:
+                    call.cancel()
+                    raise
 
     def check_alive(self) -> None:
         """OfflineError unless the server answers the standard health check within the timeout. A busy
@@ -151,7 +169,10 @@ class Connection:
         for attempt in range(BUSY_RETRIES + 1):
             frames = row_frames(rows, self.max_message_bytes)
             try:
-                return self.stub.Insert(frames, timeout=max(self.timeout, 600.0), metadata=self.metadata)
+                call = self.stub.Insert.future(
+                    frames, timeout=max(self.timeout, 600.0), metadata=self.metadata
+                )
+                return self._watched(call)
             except grpc.RpcError as exc:
                 busy = exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "server busy" in (
                     exc.details() or ""

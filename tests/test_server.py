@@ -523,6 +523,31 @@ def test_a_kept_cluster_gives_up_on_a_server_that_stopped_answering(servers, tmp
     assert [c.paths for c in result.rules[0].candidates] == [(str(tmp_path / "one" / "f.txt"),)]
 
 
+def test_calls_allowed_minutes_give_up_on_a_stopped_server_after_twice_the_timeout(servers) -> None:
+    """Publish (an hour's deadline), inserts and the known-files question (minutes) are watched: a
+    stopped server is offline after its silence and a failed health check, about twice the timeout."""
+    from sspry.client.connection import Connection, OfflineError
+
+    server = servers("a")
+    connection = Connection(server.addr, timeout=0.5)
+    row = make_doc(Policy(store_path=True, shards=2), __import__("random").Random(3)).to_row()
+    assert connection.publish().inserted == 0  # answered at once while it runs
+    os.kill(server.process.pid, signal.SIGSTOP)
+    try:
+        for call in (
+            connection.publish,
+            lambda: connection.insert([row]),
+            lambda: connection.known_files([]),
+        ):
+            started = time.monotonic()
+            with pytest.raises(OfflineError, match="is not reachable"):
+                call()
+            assert time.monotonic() - started < 5
+    finally:
+        os.kill(server.process.pid, signal.SIGCONT)
+        connection.close()
+
+
 def test_a_server_silent_while_it_works_passes_the_health_check_and_is_waited_for(
     servers, tmp_path, monkeypatch
 ) -> None:
