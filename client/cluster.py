@@ -398,19 +398,13 @@ class _Answer:
             self._frames.put(exc)
 
     def _next(self):
-        """The next frame that is not progress (progress goes to the stage). After the connection's
-        timeout without a frame the server must pass a health check, or it is offline (OfflineError):
-        a server that stopped answering (blackholed, or stopped) is given up after twice the timeout,
-        not at the search's deadline, while a busy one is waited for."""
+        """The next frame that is not progress (progress goes to the stage); each silence of the
+        connection's timeout is answered by `Connection.after_silence`."""
         while True:
             try:
                 frame = self._frames.get(timeout=self.connection.timeout)
             except queue.Empty:
-                try:
-                    self.connection.check_alive()
-                except OfflineError:
-                    self._call.cancel()
-                    raise
+                self.connection.after_silence(self._call)
                 continue
             if isinstance(frame, BaseException):
                 raise frame

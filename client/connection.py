@@ -139,19 +139,24 @@ class Connection:
             raise self._error(exc) from None
 
     def _watched(self, call):
-        """The result of a call (a future) allowed longer than the timeout: each time it has run another
-        timeout, the server must pass a health check (check_alive), or the call is cancelled and the
-        server is offline. A server that stopped answering is found in twice the timeout, not at the
-        call's deadline (minutes), while a busy one is waited for. Raises the call's grpc.RpcError."""
+        """The result of a call (a future) allowed longer than the timeout, each silence of the timeout
+        answered by `after_silence`. Raises the call's grpc.RpcError."""
         while True:
             try:
                 return call.result(timeout=self.timeout)
             except grpc.FutureTimeoutError:
-                try:
-                    self.check_alive()
-                except OfflineError:
-                    call.cancel()
-                    raise
+                self.after_silence(call)
+
+    def after_silence(self, call) -> None:
+        """`call` (allowed longer than the timeout) has gone a timeout without an answer: the server must
+        pass a health check (check_alive), or the call is cancelled and the server is offline
+        (OfflineError). So a server that stopped answering is found in twice the timeout, not at the
+        call's deadline (minutes), while a busy one is waited for."""
+        try:
+            self.check_alive()
+        except OfflineError:
+            call.cancel()
+            raise
 
     def check_alive(self) -> None:
         """OfflineError unless the server answers the standard health check within the timeout. A busy
