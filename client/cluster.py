@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from sspry.client.connection import ClientError, Connection, OfflineError, parse_addrs
 from sspry.deleting import Deletion, delete_values
-from sspry.document import UNKNOWN_STAMP, Document
+from sspry.document import Document, paired_stamps
 from sspry.engines import DEFAULT_ENGINE
 from sspry.indexing import IndexSummary, index_files
 from sspry.policy import Policy
@@ -472,8 +472,8 @@ def _stamps(doc: sspry_pb2.CandidatePaths) -> tuple[tuple[int, int], ...]:
 
 
 def _stamped(paths: PathsOf) -> zip:
-    """(path, stamp) pairs of `paths`; a server that sent no stamps gives UNKNOWN_STAMP (never trusted)."""
-    return zip(paths.paths, paths.stamps or [UNKNOWN_STAMP] * len(paths.paths), strict=True)
+    """(path, stamp) pairs of `paths` (document.paired_stamps: none trusted from a server that sent none)."""
+    return zip(paths.paths, paired_stamps(paths.paths, paths.stamps), strict=True)
 
 
 def connect(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -37,6 +38,12 @@ UNKNOWN_STAMP = (0, -1)  # the (size, mtime_ns) of a path whose stamp is not kno
 def settled_mtime(mtime_ns: int, read_end_ns: int) -> int:
     """The mtime to record for a file read until `read_end_ns` (time.time_ns()): -1 when it is racy."""
     return mtime_ns if mtime_ns < read_end_ns - RACY_NS else -1
+
+
+def paired_stamps(paths: Sequence[str], stamps: Sequence[tuple[int, int]]) -> Sequence[tuple[int, int]]:
+    """`stamps` when there is one per path, else UNKNOWN_STAMP for each path (so none is trusted): what
+    an older server, or a caller without stamps, gives."""
+    return stamps if len(stamps) == len(paths) else [UNKNOWN_STAMP] * len(paths)
 
 
 def unchanged(recorded: tuple[int, int], size: int, mtime_ns: int) -> bool:

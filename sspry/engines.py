@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import yara
 
-from sspry.document import UNKNOWN_STAMP, unchanged
+from sspry.document import paired_stamps, unchanged
 from sspry.policy import Policy
 
 ENGINES = ("yara", "yara-x")
@@ -366,7 +366,7 @@ def scan_document(
         why = "no recorded path" if policy.store_path else "the forest was initialised without --store-path"
         return Verdict(skipped="no-path", detail=why)
     first: Verdict | None = None
-    for path, stamp in zip(paths, stamps or [UNKNOWN_STAMP] * len(paths), strict=True):
+    for path, stamp in zip(paths, paired_stamps(paths, stamps), strict=True):
         data, problem, size, hashed = _read(path, source_id, policy, stamp)
         if problem is None:
             return _scan(path, data, size, groups, asked, externals or {}, hashed)
