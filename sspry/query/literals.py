@@ -247,18 +247,21 @@ def _member_bytes(mask: int) -> tuple[bytes, ...]:
     return tuple(bytes((b,)) for b in members(mask))
 
 
-_POWERS = frozenset(1 << i for i in range(9))
+# per set size, its lane in a window sum: log2(size) + 1 for a power of two, 9 (as for 256) for any size
+# over MAX_VARIANTS (a window holding one has too many variants whatever the others), None otherwise
+_LANE = [c.bit_length() if c & (c - 1) == 0 else 9 if c > MAX_VARIANTS else None for c in range(257)]
 _FEW = bytes(int(v <= MAX_VARIANTS) for v in range(256))  # translate table: variants -> chosen or not
 
 
 def _variants(counts: list[int], n: int) -> bytes:
     """Per window of n positions: the number of its variants (the product of its set sizes), or
     MAX_VARIANTS + 1 for any more than MAX_VARIANTS."""
-    if _POWERS.issuperset(counts):  # sizes 1, 2 (a letter in any case), 16 (a nibble), 256 (`??`) ...
-        # log2(size) + 1 per position, summed per window: the product is 2**(sum - n)
-        sums = window_sums(bytes(map(int.bit_length, counts)), n)
-        return sums.translate(_POWER_OF[n])
-    return bytes(map(min, map(math.prod, _windows(counts, n)), repeat(MAX_VARIANTS + 1)))
+    try:  # sizes 1, 2 (a letter in any case), 16 (a nibble), over 16 (`??`, `~4D`, folded `??`) ...
+        lanes = bytes(map(_LANE.__getitem__, counts))
+    except TypeError:  # a size of 3, 5-7 or 9-15: the products one by one
+        return bytes(map(min, map(math.prod, _windows(counts, n)), repeat(MAX_VARIANTS + 1)))
+    # log2(size) + 1 per position, summed per window: the product is 2**(sum - n) (or too many)
+    return window_sums(lanes, n).translate(_POWER_OF[n])
 
 
 # per n: translate table from the summed log2(size) + 1 of a window of n positions to its variants
