@@ -244,3 +244,59 @@ def test_ruleset_bench_times_each_set_and_its_limit(tmp_path) -> None:
                 row["yara_fast_s"] / row[f"{label}_s"], 2
             )
         assert row["limit_s"] >= row["repeated_s"] and row["limit_ratio"] > 0
+
+
+def test_gram_bound_counts_what_a_perfect_gram_index_would_return(tmp_path) -> None:
+    """A file holding every gram of a string but not the string is a candidate of any gram index and
+    does not match; a rule that also needs a file property is only 'at most' from grams alone."""
+    import sspry
+
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "match.bin").write_bytes(b"header zebra-quokka trailer")
+    (files / "split.bin").write_bytes(b"zebra-quo|ra-quokka")  # every 3- and 4-gram, not the string
+    (files / "sized.bin").write_bytes(b"a walrus-narwhal here")
+    (files / "none.bin").write_bytes(b"nothing of interest in this one")
+    rules = tmp_path / "rules.yar"
+    rules.write_text(
+        'rule plain { strings: $a = "zebra-quokka" condition: $a }\n'
+        'rule sized { strings: $b = "walrus-narwhal" condition: $b and filesize < 1000 }\n'
+    )
+    with sspry.Database.create(tmp_path / "forest", store_path=True) as db:
+        db.index([str(files)])
+    out = tmp_path / "bound.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "gram_bound.py"),
+            *("--root", str(tmp_path / "forest"), "--rules", str(rules)),
+            *("--processes", "1", "--json", str(out)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    assert report["rules"] == 2 and report["documents"] == 4
+    assert report["exact_grams_at_least"]["files"] == 2  # match.bin and split.bin
+    assert report["exact_grams_at_most"]["files"] == 3  # and sized.bin: its file size is not a gram
+    assert report["matching"]["files"] == 2  # match.bin and sized.bin
+    assert report["candidates"]["files"] >= 3
+    sizes = {p.name: p.stat().st_size for p in files.iterdir()}
+    assert report["exact_grams_at_least"]["bytes"] == sizes["match.bin"] + sizes["split.bin"]
+
+
+def test_gram_bound_finds_grams_across_chunks(tmp_path) -> None:
+    """Grams are found whole-file and in 5-byte chunks alike; Tier 1 also lowercased, Tier 2 not."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import gram_bound
+
+    wanted = [b"\x01abc", b"\x01xyz", b"\x01qrs", b"\x02bcde", b"\x02QRST", b"\x02none"]
+    tiers = [gram_bound.Tier.of(1, 3, True, wanted), gram_bound.Tier.of(2, 4, False, wanted)]
+    path = tmp_path / "probe.bin"
+    path.write_bytes(b"..aBcde..QRST..XyZ.." * 3)
+    whole = gram_bound.grams_in(str(path), tiers)
+    assert whole == {b"\x01abc", b"\x01xyz", b"\x01qrs", b"\x02QRST"}  # Bcde is not bcde in Tier 2
+    for chunk in (1, 2, 5, 7):
+        assert gram_bound.grams_in(str(path), tiers, chunk=chunk) == whole
