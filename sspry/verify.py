@@ -24,6 +24,9 @@ is broad (a candidate for much of what is verified) it is scanned over its own c
 group of the rules with exactly its candidates. (Before, selective rules went in groups of 64 whose
 candidates overlapped: malware/ needed 851 group scans for those 400 files and 5.5 s, now 594 and
 3.6 s; the whole of Yara-Rules 2.11 s against 1.79 s over 150 files.)
+libyara runs every imported module on every file it scans (pe: about 0.3 ms a small file), so a group
+imports only the modules its rules name, and its rules that name none are also compiled without any
+import, for the files only they are candidates for (`Group.plain`).
 yara-python scans run on a thread pool (it releases the GIL while it scans, hashlib while it hashes);
 yara-x holds the GIL, so its scans run in worker processes that load the compiled groups once.
 A rule yara-x refuses is verified with yara-python.
@@ -36,7 +39,7 @@ import os
 import time
 from collections.abc import Collection
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import yara
 import yaramod
@@ -66,10 +69,18 @@ MIN_ATOM = 3  # fixed bytes in a row a string needs for YARA to find it by a goo
 
 @dataclass(frozen=True)
 class Group:
-    """Rules compiled together, and the target rules among them this verification asks about."""
+    """Rules compiled together, and the target rules among them this verification asks about; when
+    some of them use a module and others do not, those others also compiled without any import
+    (`plain`), for the files none of the group's module rules is a candidate for."""
 
     names: frozenset[str]
     compiled: Compiled
+    plain: Compiled | None = None
+    plain_names: frozenset[str] = frozenset()
+
+    def plain_for(self, rules: set[str]) -> bool:
+        """Whether a file that is a candidate for `rules` is scanned with `plain`."""
+        return self.plain is not None and self.names.intersection(rules) <= self.plain_names
 
 
 @dataclass
@@ -104,7 +115,7 @@ class _Document:
 
 
 def _references(rule: yaramod.Rule, names: set[str]) -> set[str]:
-    """The rules a rule's condition names."""
+    """The rules and modules (of `names`) a rule's condition names."""
     found: set[str] = set()
 
     class Names(yaramod.ObservingVisitor):
@@ -135,9 +146,9 @@ class _Parsed:
     """One namespace's rules as yaramod parsed them: what a group needs to compile some of them."""
 
     texts: dict[str, str]  # rule -> its text, in file order
-    needed_by: dict[str, set[str]]  # rule -> the rules its condition names
+    needed_by: dict[str, set[str]]  # rule -> the rules and modules its condition names
     always: set[str]  # the global rules (every group of the namespace needs them)
-    imports: str
+    modules: tuple[str, ...]  # the namespace's imports, in order
     slow: set[str]  # rules with a string YARA has no good atom for (strings.atom_bytes < MIN_ATOM)
 
     @classmethod
@@ -153,12 +164,13 @@ class _Parsed:
         if parsed is None:
             return None
         rules = {rule.name: rule for rule in parsed.rules if rule.name not in externals}
-        names = set(rules)
+        modules = tuple(module.name for module in parsed.imports)
+        names = set(rules) | set(modules)
         found = cls(
             {name: rule.text for name, rule in rules.items()},
             {name: _references(rule, names) for name, rule in rules.items()},
             {name for name, rule in rules.items() if rule.is_global},
-            "".join(f'import "{module.name}"\n' for module in parsed.imports),
+            modules,
             {
                 name
                 for name in wanted
@@ -170,15 +182,23 @@ class _Parsed:
             release_parser()  # before the groups are compiled: never both in memory
         return found
 
-    def closure(self, rules: list[str]) -> list[tuple[str, str]]:
-        """(name, text) of `rules`, the global rules and every rule they reference, in file order."""
+    def closure(self, rules: Collection[str]) -> tuple[str, list[tuple[str, str]]]:
+        """The imports and the (name, text) of `rules`, the global rules and every rule they reference,
+        in file order. Only the modules those rules name are imported: YARA parses a file with every
+        imported module (pe: about 0.3 ms a small file), and a module a rule names but is not imported
+        would fail the compilation, never change a verdict."""
         found, pending = set(), [*rules, *self.always]
         while pending:
             name = pending.pop()
             if name not in found:
                 found.add(name)
                 pending.extend(self.needed_by.get(name, ()))
-        return [(name, text) for name, text in self.texts.items() if name in found]
+        imports = "".join(f'import "{module}"\n' for module in self.modules if module in found)
+        return imports, [(name, text) for name, text in self.texts.items() if name in found]
+
+    def uses_modules(self, rule: str) -> bool:
+        """Whether the rule, or a rule it needs (the global rules included), names a module."""
+        return bool(self.closure([rule])[0])
 
 
 def rule_groups(
@@ -218,7 +238,7 @@ def rule_groups(
         for name in part:
             namespace, rule = source.locate[name]
             own.setdefault(namespace.name, []).append(rule)
-        units = [(ns, parsed[ns].imports, parsed[ns].closure(rules)) for ns, rules in own.items()]  # type: ignore[union-attr]
+        units = [(ns, *parsed[ns].closure(rules)) for ns, rules in own.items()]  # type: ignore[union-attr]
         try:
             group, failed = compile_group(engine, units, externals, qualified)
         except (yara.Error, ValueError):  # yaramod's text of a rule yara refuses
@@ -227,6 +247,10 @@ def rule_groups(
             return None, list(part)  # without a global rule the others would match where YARA does not
         failed_names = {source.qualify(ns, rule) for ns, rule in failed}
         return group, [name for name in part if name in failed_names]
+
+    def uses_modules(name: str) -> bool:
+        namespace, rule = source.locate[name]
+        return parsed[namespace.name].uses_modules(rule)  # type: ignore[union-attr]
 
     refused = []
     slow = {
@@ -237,11 +261,23 @@ def rule_groups(
         refused.extend(failed)
         kept = [name for name in part if name not in failed]
         if group is not None and kept:
-            groups.append(Group(frozenset(kept), group))
+            groups.append(_with_plain(Group(frozenset(kept), group), engine, build, uses_modules))
     if refused:
         group, _ = build(refused, "yara") if engine != "yara" else (None, refused)
         groups += [Group(frozenset(refused), group)] if group is not None else whole(refused)
     return groups + x_groups
+
+
+def _with_plain(group: Group, engine: str, build, uses_modules) -> Group:
+    """The group with its rules that use no module (`uses_modules`) also compiled apart (`build`), when
+    it has both kinds."""
+    plain = [name for name in group.names if not uses_modules(name)]
+    if not plain or len(plain) == len(group.names):
+        return group
+    compiled, failed = build(sorted(plain), engine)
+    if compiled is None or failed:
+        return group  # as compiled with the modules: still right, only slower
+    return replace(group, plain=compiled, plain_names=frozenset(plain))
 
 
 def needs_paths(policy: Policy) -> None:
@@ -283,13 +319,13 @@ def collect(
     return result
 
 
-def _pool(groups: list[Group], files: int, workers: int, policy: Policy, details, externals) -> Executor:
+def _pool(scanners: list[Compiled], files: int, workers: int, policy: Policy, details, externals) -> Executor:
     """Threads for yara-python; worker processes (spawned: a client may hold gRPC threads, which a fork
-    would copy mid-flight), each loading the groups once, when a group is yara-x's and there are files
-    enough to pay for starting them."""
-    if files < MIN_PROCESS_FILES or all(g.compiled.engine == "yara" for g in groups):
+    would copy mid-flight), each loading the compiled groups once, when one is yara-x's and there are
+    files enough to pay for starting them."""
+    if files < MIN_PROCESS_FILES or all(c.engine == "yara" for c in scanners):
         return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sspry-verify")
-    blobs = [serialize(g.compiled) for g in groups]
+    blobs = [serialize(c) for c in scanners]
     return ProcessPoolExecutor(
         max_workers=workers,
         mp_context=multiprocessing.get_context("spawn"),
@@ -323,14 +359,24 @@ def verify(
     externals = source.externals
     stats = VerifyStats(groups=len(groups), engine=engine)
     workers = workers or min(4, len(os.sched_getaffinity(0)))
-    pool = _pool(groups, len(documents), workers, policy, details, externals)
+    scanners = [g.compiled for g in groups]  # then each group's plain compilation, if it has one
+    plain_at: dict[int, int] = {}
+    for i, group in enumerate(groups):
+        if group.plain is not None:
+            plain_at[i] = len(scanners)
+            scanners.append(group.plain)
+    pool = _pool(scanners, len(documents), workers, policy, details, externals)
     in_processes = isinstance(pool, ProcessPoolExecutor)
 
     def submit(source_id: bytes, doc: _Document):
-        needed = [i for i, g in enumerate(groups) if not g.names.isdisjoint(doc.rules)]
+        needed = [
+            plain_at[i] if g.plain_for(doc.rules) else i
+            for i, g in enumerate(groups)
+            if not g.names.isdisjoint(doc.rules)
+        ]
         if in_processes:
             return pool.submit(scan_in_worker, doc.paths, source_id, needed, doc.stamps)
-        chosen = [groups[i].compiled for i in needed]
+        chosen = [scanners[i] for i in needed]
         return pool.submit(
             scan_document, doc.paths, source_id, chosen, policy, details, externals, doc.stamps
         )
