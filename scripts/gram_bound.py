@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""What any n-gram index could give a rule file: the candidates of a *perfect* gram index (the exact
-set of each document's grams, no bloom false positive) with the forest's gram sizes, against the
-forest's own candidates and the files that truly match.
+"""What a gram index could give a rule file at best: the candidates of a *perfect* gram index (the exact
+set of each document's grams, no bloom false positive) with the forest's gram sizes and sspry's plans
+(at most --max-anchors-per-pattern grams per string and tier: 16), against the forest's own candidates
+and the files that truly match.
 
   scripts/gram_bound.py --root FOREST --rules FILE [--processes 2] [--json OUT]
 
@@ -17,9 +18,10 @@ candidates hold every candidate of the perfect index, and evaluating only them l
 
 Each list of files is then scanned with the whole rule file by yara-python (fast mode, `--processes`
 processes): search + verify cannot take less than the search plus YARA over the perfect index's
-candidates, on any n-gram index with these gram sizes. Where that is close to scanning every file, a
-rule set is beyond what a gram prefilter can do on that corpus (Yara-Rules' capabilities/ and
-antidebug_antivm/ over large binaries: the binaries hold every gram of the rules' short strings).
+candidates, whatever the blooms' sizes. Where that is close to scanning every file, a rule set is
+beyond what a gram prefilter can do on that corpus (Yara-Rules' capabilities/ and antidebug_antivm/
+over large binaries: the binaries hold every gram of the rules' short strings). Each document's grams
+are read from its first recorded path.
 """
 
 from __future__ import annotations
