@@ -17,6 +17,9 @@ DEFAULT_ADDR = f"127.0.0.1:{DEFAULT_PORT}"
 ADDR_ENV = "SSPRY_ADDR"
 TOKEN_ENV = "SSPRY_TOKEN"
 SEARCH_TIMEOUT_MIN_S = 180.0
+# the least time a health check is given: the server's event loop answers it, but it waits for the GIL
+# while a search thread is in a C++ call that holds it (yaramod parsing Yara-Rules whole: about 1.4 s)
+HEALTH_MIN_S = 2.0
 BUSY_RETRIES = 6  # a busy server is asked again after 0.5, 1, 2, ... 30 s
 
 
@@ -150,7 +153,8 @@ class Connection:
     def after_silence(self, call) -> None:
         """`call` (allowed longer than the timeout) has gone a timeout without an answer: the server must
         pass a health check (check_alive), or the call is cancelled and the server is offline
-        (OfflineError). So a server that stopped answering is found in twice the timeout, not at the
+        (OfflineError). So a server that stopped answering is found in the timeout plus the check's
+        (at least HEALTH_MIN_S), not at the
         call's deadline (minutes), while a busy one is waited for."""
         try:
             self.check_alive()
@@ -159,11 +163,19 @@ class Connection:
             raise
 
     def check_alive(self) -> None:
-        """OfflineError unless the server answers the standard health check within the timeout. A busy
-        server still answers it at once (its event loop serves it, not a search thread)."""
+        """OfflineError unless the server answers the standard health check within the timeout (at least
+        HEALTH_MIN_S). A busy server still answers it (its event loop serves it, not a search thread)."""
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-        self._unary(health_pb2_grpc.HealthStub(self.channel).Check, health_pb2.HealthCheckRequest())
+        check = health_pb2_grpc.HealthStub(self.channel).Check
+        try:
+            check(
+                health_pb2.HealthCheckRequest(),
+                timeout=max(self.timeout, HEALTH_MIN_S),
+                metadata=self.metadata,
+            )
+        except grpc.RpcError as exc:
+            raise self._error(exc) from None
 
     def info(self) -> sspry_pb2.InfoResponse:
         return self._unary(self.stub.Info, sspry_pb2.InfoRequest())
