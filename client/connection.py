@@ -154,8 +154,7 @@ class Connection:
         """`call` (allowed longer than the timeout) has gone a timeout without an answer: the server must
         pass a health check (check_alive), or the call is cancelled and the server is offline
         (OfflineError). So a server that stopped answering is found in the timeout plus the check's
-        (at least HEALTH_MIN_S), not at the
-        call's deadline (minutes), while a busy one is waited for."""
+        (at least HEALTH_MIN_S), not at the call's deadline (minutes), while a busy one is waited for."""
         try:
             self.check_alive()
         except OfflineError:
