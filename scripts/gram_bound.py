@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ruleset_bench import brute_force
 
 import sspry
-from sspry.query.plan import And, AtLeast, Const, Gram, Node, Not, Or
+from sspry.query.plan import And, AtLeast, Const, Gram, Node, Not, Or, leaves
 from sspry.query.ruleset import plan_rules
 
 CHUNK = 1 << 24  # bytes of a file read at a time: the window arrays stay at 8 bytes per byte of it
@@ -121,16 +121,6 @@ def holds(node: Node, grams: set[bytes], memo: dict[int, bool | None]) -> bool |
     return value
 
 
-def _gram_leaves(node: Node, out: set[bytes]) -> None:
-    if isinstance(node, Gram):
-        out.add(bytes(node))
-    elif isinstance(node, Not):
-        _gram_leaves(node.child, out)
-    elif isinstance(node, And | Or | AtLeast):
-        for child in node.children:
-            _gram_leaves(child, out)
-
-
 def bound(root: Path, rules: Path, processes: int = 2) -> dict:
     text = rules.read_text()
     targets = [r.identifier for r in yara.compile(source=text) if not r.is_private]
@@ -138,9 +128,7 @@ def bound(root: Path, rules: Path, processes: int = 2) -> dict:
         policy = db.policy
         result = db.search(path=str(rules), verify=True)
     plans = {plan.name: plan.upper for plan in plan_rules(text, targets, policy)}
-    wanted: set[bytes] = set()
-    for upper in plans.values():
-        _gram_leaves(upper, wanted)
+    wanted = {bytes(gram) for upper in plans.values() for gram in leaves(upper, Gram)}
     tiers = [
         Tier.of(tier, size, policy.fold_case and tier == 1, wanted)
         for tier, size in enumerate(policy.gram_sizes, start=1)
