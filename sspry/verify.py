@@ -187,18 +187,23 @@ class _Parsed:
         in file order. Only the modules those rules name are imported: YARA parses a file with every
         imported module (pe: about 0.3 ms a small file), and a module a rule names but is not imported
         would fail the compilation, never change a verdict."""
+        found = self._needed(rules)
+        imports = "".join(f'import "{module}"\n' for module in self.modules if module in found)
+        return imports, [(name, text) for name, text in self.texts.items() if name in found]
+
+    def uses_modules(self, rule: str) -> bool:
+        """Whether the rule, or a rule it needs (the global rules included), names a module."""
+        return not self._needed([rule]).isdisjoint(self.modules)
+
+    def _needed(self, rules: Collection[str]) -> set[str]:
+        """`rules`, the global rules, and every rule and module they name, transitively."""
         found, pending = set(), [*rules, *self.always]
         while pending:
             name = pending.pop()
             if name not in found:
                 found.add(name)
                 pending.extend(self.needed_by.get(name, ()))
-        imports = "".join(f'import "{module}"\n' for module in self.modules if module in found)
-        return imports, [(name, text) for name, text in self.texts.items() if name in found]
-
-    def uses_modules(self, rule: str) -> bool:
-        """Whether the rule, or a rule it needs (the global rules included), names a module."""
-        return bool(self.closure([rule])[0])
+        return found
 
 
 def rule_groups(
