@@ -3,6 +3,7 @@ YARA says when it scans the file with every rule."""
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import pytest
 import yara
 
 import sspry
+import sspry.verify
+from sspry.query.results import Candidate, RuleResult
 from sspry.query.rules import load_rules
 from sspry.verify import rule_groups
 from tests.conftest import settle
@@ -84,7 +87,7 @@ def test_files_no_module_rule_is_a_candidate_for_are_scanned_without_the_modules
     wanted = {"pe_rule": {b"a"}, "via_helper": {b"c"}, "plain_rule": {b"a", b"b", b"c"}}
     [group] = rule_groups(wanted, load_rules(rule=text), engine="yara")
     assert group.plain_names == {"plain_rule"} and group.plain is not None
-    assert group.plain_for({"plain_rule"}) and not group.plain_for({"plain_rule", "via_helper"})
+    assert group.plain_covers("plain_rule") and not group.plain_covers("via_helper")
     modules: list[str] = []
     sample = tmp_path / "sample"
     sample.write_bytes(b"other")
@@ -152,6 +155,46 @@ def test_grouped_verification_equals_scanning_with_every_rule(tmp_path, engine) 
     assert matched["needs_helper"] == 1 and matched["broad"] == 60 and matched["t5"] >= 1
     assert matched["refused_by_x"] >= 1 and matched["hexy"] == 6
     assert matched["counted"] == 60 and 0 < matched["late"] < 60
+
+
+def test_while_files_are_scanned_a_search_holds_one_candidate_per_document(tmp_path, monkeypatch) -> None:
+    """Verification holds a rule's candidates as indices into one table of documents until the files
+    are scanned (a Candidate per pair is about 250 bytes: a whole rule set names each document hundreds
+    of times), then gives every rule its Candidates with their verdicts."""
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    for i in range(10):  # the prefilter cannot count: every file is a candidate of every rule
+        (samples / f"f{i}").write_text(f"file {i} holds common-text" + (" common-text" if i % 3 == 0 else ""))
+    settle(samples)
+    text = "\n".join(
+        f'rule r{i} {{ strings: $a = "common-text" condition: #a == {1 + i % 2} }}' for i in range(40)
+    )
+    held: list[int] = []
+    scan = sspry.verify.scan_document
+
+    def counting(*args, **kwargs):
+        gc.collect()
+        held.append(sum(1 for o in gc.get_objects() if isinstance(o, Candidate)))
+        return scan(*args, **kwargs)
+
+    monkeypatch.setattr(sspry.verify, "scan_document", counting)
+    with sspry.Database.create(tmp_path / "db", store_path=True) as db:
+        db.index([str(samples)])
+        result = db.search(rule=text, verify=True, engine="yara")
+    assert len(held) == 10 and max(held) <= 10  # not the 400 (rule, document) pairs
+    whole = result.to_json()
+    # the summary printed after the rules (--json) is not built from them again
+    monkeypatch.setattr(
+        RuleResult, "to_json", lambda self: pytest.fail("a rule's JSON built for the summary")
+    )
+    assert result.summary_json() == {k: v for k, v in whole.items() if k != "rules"}
+    assert result.summary_json()["verification"]["files"] == 10
+    assert sum(len(r.candidates) for r in result.rules) == 400
+    for rule in result.rules:
+        twice = int(rule.name[1:]) % 2
+        matched = {Path(c.paths[0]).name for c in rule.candidates if c.verified}
+        assert matched == {f"f{i}" for i in range(10) if (i % 3 == 0) == twice}, rule.name
+        assert all(c.verified is not None and c.path_count == 1 for c in rule.candidates)
 
 
 @pytest.mark.parametrize("engine", ["yara", "yara-x"])

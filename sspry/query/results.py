@@ -100,8 +100,12 @@ class SearchResult:
         return self.timings_ms.get("total", sum(self.timings_ms.get(s, 0.0) for s in TIMING_STAGES))
 
     def to_json(self) -> dict:
+        return {"rules": [r.to_json() for r in self.rules], **self.summary_json()}
+
+    def summary_json(self) -> dict:
+        """`to_json()` without the rules (for output written rule by rule; never built with them: the
+        rules of a verified bundle come to hundreds of MB of dictionaries)."""
         out = {
-            "rules": [r.to_json() for r in self.rules],
             "documents": self.documents,
             "elapsed_ms": round(self.elapsed_ms, 3),
             "timings_ms": {
@@ -114,12 +118,6 @@ class SearchResult:
             out["offline_servers"] = self.offline
         if self.verification is not None:
             out["verification"] = self.verification
-        return out
-
-    def summary_json(self) -> dict:
-        """`to_json()` without the rules (for output written rule by rule)."""
-        out = self.to_json()
-        del out["rules"]
         return out
 
 
