@@ -40,7 +40,7 @@ import time
 from array import array
 from collections.abc import Collection, Hashable, Mapping
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import yara
 import yaramod
@@ -107,13 +107,6 @@ class VerifyStats:
             "group_scans": self.scans,
             "hashed_files": self.hashed,
         }
-
-
-@dataclass
-class _Document:
-    paths: tuple[str, ...]
-    stamps: tuple[tuple[int, int], ...]
-    rules: set[str] = field(default_factory=set)
 
 
 def _references(rule: yaramod.Rule, names: set[str]) -> set[str]:
